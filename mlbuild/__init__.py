@@ -1,0 +1,3 @@
+"""mlbuild: Make for machine-learning pipelines, deciding by content fingerprints."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,205 @@
+"""The command line: argv to a chain of plain steps, and the only place choosing exit codes.
+
+Exit codes: 0 success; 1 a target failed (or `status` found stale targets);
+2 a mistake in the pipeline file or on the command line; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+from mlbuild.config import STATE_DIR, Pipeline, find_pipeline, load_pipeline, parse_overrides
+from mlbuild.errors import Interrupted, MlbuildError, UsageError
+from mlbuild.graph import Graph, build_graph
+from mlbuild.report import PlainReporter
+from mlbuild.runner import BuildOptions, Outcome, remove_outputs, run_build
+from mlbuild.store import Store, open_store
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one line and exit code 2, via UsageError."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see `mlbuild {self.prog.split()[-1]} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "-f",
+        "--file",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="the pipeline file (default: the nearest pipeline.toml upward)",
+    )
+    common.add_argument(
+        "--set",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="NAME=VALUE",
+        help="override a parameter for this run (TOML-typed; TARGET.NAME for local ones)",
+    )
+    parser = _Parser(
+        prog="mlbuild", description="Make for machine-learning pipelines.", parents=[common]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", parents=[common], help="bring targets up to date")
+    run.add_argument("targets", nargs="*", metavar="TARGET")
+    run.add_argument("-n", "--dry-run", action="store_true", help="say what would run")
+    run.add_argument(
+        "--force",
+        nargs="*",
+        metavar="TARGET",
+        default=None,
+        help="run these targets (all selected if none named) even if fresh",
+    )
+    run.add_argument(
+        "-k",
+        "--keep-going",
+        action="store_true",
+        help="after a failure, build everything that does not depend on it",
+    )
+    run.add_argument("--explain", action="store_true", help="show the reasons for every target")
+    run.add_argument("-q", "--quiet", action="store_true", help="only failures and the summary")
+    run.add_argument("-v", "--verbose", action="store_true", help="also show commands")
+    run.set_defaults(handler=cmd_run)
+
+    status = sub.add_parser("status", parents=[common], help="what would run and why")
+    status.add_argument("targets", nargs="*", metavar="TARGET")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status)
+
+    lister = sub.add_parser("list", parents=[common], help="the targets, in build order")
+    lister.set_defaults(handler=cmd_list)
+
+    clean = sub.add_parser("clean", parents=[common], help="remove targets' declared outputs")
+    clean.add_argument("targets", nargs="*", metavar="TARGET")
+    clean.set_defaults(handler=cmd_clean)
+    return parser
+
+
+def load(args: argparse.Namespace) -> tuple[Pipeline, Graph]:
+    """Find, read and check the pipeline named by `-f` (or the nearest one)."""
+    file = getattr(args, "file", None) or find_pipeline(Path.cwd())
+    pipeline = load_pipeline(file, parse_overrides(getattr(args, "set", None) or []))
+    return pipeline, build_graph(pipeline)
+
+
+def open_state(pipeline: Pipeline, reporter: PlainReporter) -> Store:
+    return open_store(pipeline.root / STATE_DIR, reporter.warn)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    pipeline, graph = load(args)
+    verbosity = -1 if args.quiet else (1 if args.verbose else 0)
+    reporter = PlainReporter(verbosity=verbosity, explain=args.explain)
+    options = BuildOptions(
+        targets=tuple(args.targets),
+        force=None if args.force is None else frozenset(args.force),
+        dry_run=args.dry_run,
+        keep_going=args.keep_going,
+        command_line=args.command_line,
+    )
+    with open_state(pipeline, reporter) as store:
+        result = run_build(graph, store, reporter, options)
+    reporter.summary(result)
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    pipeline, graph = load(args)
+    silent = PlainReporter(verbosity=-1)
+    options = BuildOptions(targets=tuple(args.targets), dry_run=True)
+    with open_state(pipeline, silent) as store:
+        result = run_build(graph, store, silent, options)
+    stale = [r for r in result.results if r.outcome is not Outcome.SKIPPED]
+    if args.json:
+        rows = [
+            {"target": r.name, "fresh": r.outcome is Outcome.SKIPPED, "reasons": list(r.reasons)}
+            for r in result.results
+        ]
+        print(json.dumps({"stale": len(stale), "targets": rows}, indent=2))
+    else:
+        for r in result.results:
+            state = "fresh" if r.outcome is Outcome.SKIPPED else "stale"
+            detail = f": {'; '.join(r.reasons)}" if r.reasons else ""
+            print(f"{state:6} {r.name}{detail}")
+    return EXIT_FAILED if stale else EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    _, graph = load(args)
+    for name in graph.order:
+        target = graph.targets[name]
+        action = target.cmd if target.cmd is not None else f"python {target.python}"
+        needs = f"  (after {', '.join(graph.deps[name])})" if graph.deps[name] else ""
+        print(f"{name}: {target.description or action}{needs}")
+    return EXIT_OK
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    pipeline, graph = load(args)
+    names = list(args.targets) or list(graph.order)
+    graph.select(names)  # unknown names are a usage error
+    root = pipeline.root.resolve()
+    reporter = PlainReporter()
+    with open_state(pipeline, reporter) as store:
+        store.forget(names)
+        for name in names:
+            target = graph.targets[name]
+            for port in target.outputs:
+                real = Path(os.path.realpath(root / port.path))
+                if real != root and root not in real.parents:
+                    raise UsageError(
+                        f"{pipeline.display_file}: targets.{name}.outputs: '{port.path}'"
+                        " resolves outside the project; not removing it"
+                    )
+            existing = [p.path for p in target.outputs if os.path.lexists(root / p.path)]
+            remove_outputs(root, target)
+            for path in existing:
+                print(f"removed {path}")
+    return EXIT_OK
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM is handled like Ctrl-C: stop the running steps, keep what finished."""
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mlbuild` command; returns the exit code."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        words = list(sys.argv[1:] if argv is None else argv)
+        args = build_parser().parse_args(words)
+        args.command_line = " ".join(words)
+        handler: Any = args.handler
+        return int(handler(args))
+    except KeyboardInterrupt:
+        print("mlbuild: interrupted; finished targets are recorded.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Interrupted as exc:
+        print(f"mlbuild: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MlbuildError as exc:
+        print(f"mlbuild: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def run_main() -> NoReturn:
+    """`python -m mlbuild` and the console script: exit with main's code."""
+    sys.exit(main())

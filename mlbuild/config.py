@@ -1,0 +1,399 @@
+"""pipeline.toml to frozen dataclasses: validation, parameters, `--set`, interpolation.
+
+Everything here is pure: the only disk access is reading the pipeline file.
+Every error names the file, the key (`targets.NAME.key`) and what is wrong, so
+the CLI can print it as one line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import posixpath
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli
+
+from mlbuild.errors import PipelineError, UsageError
+
+PIPELINE_FILE = "pipeline.toml"
+STATE_DIR = ".mlbuild"
+
+_TOP_KEYS = ("params", "targets")
+_TARGET_KEYS = (
+    "cmd",
+    "python",
+    "inputs",
+    "outputs",
+    "params",
+    "env",
+    "after",
+    "always_run",
+    "persist",
+    "track",
+    "description",
+)
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_PORT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PYTHON_REF_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+# `{inputs}`, `{inputs.NAME}`, `{inputs.0}`, `{params.NAME}`; `{{`/`}}` escape a brace.
+_PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class Port:
+    """One declared input or output path; `name` is None in the list form."""
+
+    name: str | None
+    path: str  # normalized, relative to the pipeline directory, POSIX separators
+    is_glob: bool = False
+
+
+@dataclass(frozen=True)
+class Target:
+    """One step of the pipeline, fully resolved (parameters and command)."""
+
+    name: str
+    cmd: str | None  # the command template as written
+    command: str | None  # the command after interpolation, run under /bin/sh -c
+    python: str | None  # "module.path:function"
+    inputs: tuple[Port, ...]
+    outputs: tuple[Port, ...]
+    params: Mapping[str, Any]  # name -> value, locals and the globals it reads
+    env: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+    always_run: bool = False
+    persist: bool = False
+    track: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def action(self) -> str:
+        """What the step does, as compared for "command changed"."""
+        return self.cmd if self.cmd is not None else f"python:{self.python}"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A loaded pipeline file: its location, global params and targets in file order."""
+
+    file: Path  # absolute path of pipeline.toml
+    params: Mapping[str, Any]
+    targets: Mapping[str, Target] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        """The project directory: paths are relative to it and steps run in it."""
+        return self.file.parent
+
+    @property
+    def display_file(self) -> str:
+        """The file name as the user should read it in messages."""
+        return display_path(self.file)
+
+
+def display_path(path: Path) -> str:
+    """A path relative to the working directory when it is below it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def find_pipeline(start: Path) -> Path:
+    """The nearest pipeline.toml in `start` or its parents."""
+    for folder in (start, *start.parents):
+        candidate = folder / PIPELINE_FILE
+        if candidate.is_file():
+            return candidate
+    raise UsageError(f"no {PIPELINE_FILE} in {start} or any parent directory (use -f FILE)")
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """A ` (did you mean 'x'?)` suffix, or "" when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_value(raw: str) -> Any:
+    """A `--set` value typed as TOML (`2`, `0.1`, `true`, `[1, 2]`), else a plain string."""
+    try:
+        return tomli.loads(f"v = {raw}")["v"]
+    except tomli.TOMLDecodeError:
+        return raw
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`NAME=VALUE` strings from the command line to a dict of typed values."""
+    result: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"--set {item!r}: expected NAME=VALUE")
+        result[name.strip()] = parse_value(raw.strip())
+    return result
+
+
+def load_pipeline(file: Path, overrides: Mapping[str, Any] | None = None) -> Pipeline:
+    """Read and validate a pipeline file, applying `--set` overrides."""
+    file = file.resolve()
+    shown = display_path(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{shown}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{shown}: cannot read: {exc}") from None
+    try:
+        data = tomli.loads(text)
+    except tomli.TOMLDecodeError as exc:
+        raise PipelineError(_toml_location(shown, exc), _toml_message(exc)) from None
+    return _Loader(file, shown, data, dict(overrides or {})).load()
+
+
+def _toml_location(shown: str, exc: tomli.TOMLDecodeError) -> str:
+    line = getattr(exc, "lineno", None)
+    col = getattr(exc, "colno", None)
+    return f"{shown}:{line}:{col}" if line is not None else shown
+
+
+def _toml_message(exc: tomli.TOMLDecodeError) -> str:
+    msg = getattr(exc, "msg", None) or str(exc)
+    return f"invalid TOML: {msg}"
+
+
+class _Loader:
+    """Validation of one parsed file; a class only to keep the file name at hand."""
+
+    def __init__(self, file: Path, shown: str, data: dict[str, Any], overrides: dict[str, Any]):
+        self.file = file
+        self.shown = shown
+        self.data = data
+        self.overrides = overrides
+
+    def fail(self, key: str | None, message: str) -> PipelineError:
+        return PipelineError(self.shown, message, key)
+
+    def load(self) -> Pipeline:
+        for key in self.data:
+            if key not in _TOP_KEYS:
+                raise self.fail(key, "unknown top-level key" + did_you_mean(key, _TOP_KEYS))
+        params = self.data.get("params", {})
+        if not isinstance(params, dict):
+            raise self.fail("params", "must be a table of name = value")
+        params = dict(params)
+        raw_targets = self.data.get("targets", {})
+        if not isinstance(raw_targets, dict):
+            raise self.fail("targets", "must be a table of [targets.NAME] tables")
+        local_names = {
+            (name, pname)
+            for name, raw in raw_targets.items()
+            if isinstance(raw, dict) and isinstance(raw.get("params"), dict)
+            for pname in raw["params"]
+        }
+        local_overrides = self._split_overrides(params, local_names)
+        targets: dict[str, Target] = {}
+        for name, raw in raw_targets.items():
+            targets[name] = self._target(name, raw, params, local_overrides.get(name, {}))
+        return Pipeline(file=self.file, params=params, targets=targets)
+
+    def _split_overrides(
+        self, params: dict[str, Any], local_names: set[tuple[str, str]]
+    ) -> dict[str, dict[str, Any]]:
+        """Apply global `--set NAME=V` in place; return `--set TARGET.NAME=V` per target."""
+        local: dict[str, dict[str, Any]] = {}
+        for key, value in self.overrides.items():
+            if key in params:
+                params[key] = value
+                continue
+            target, _, pname = key.rpartition(".")
+            if (target, pname) in local_names:
+                local.setdefault(target, {})[pname] = value
+                continue
+            known = sorted(params) + sorted(f"{t}.{p}" for t, p in local_names)
+            raise UsageError(
+                f"--set {key}: no such parameter in {self.shown}" + did_you_mean(key, known)
+            )
+        return local
+
+    def _target(
+        self, name: str, raw: Any, params: Mapping[str, Any], overrides: Mapping[str, Any]
+    ) -> Target:
+        where = f"targets.{name}"
+        if not _NAME_RE.fullmatch(name):
+            raise self.fail(where, "target names use letters, digits, '_', '.' and '-'")
+        if not isinstance(raw, dict):
+            raise self.fail(where, "must be a table")
+        for key in raw:
+            if key not in _TARGET_KEYS:
+                raise self.fail(f"{where}.{key}", "unknown key" + did_you_mean(key, _TARGET_KEYS))
+        cmd = raw.get("cmd")
+        python = raw.get("python")
+        if (cmd is None) == (python is None):
+            raise self.fail(
+                where, "needs exactly one of 'cmd' (shell) or 'python' (module:function)"
+            )
+        if cmd is not None and (not isinstance(cmd, str) or not cmd.strip()):
+            raise self.fail(f"{where}.cmd", "must be a non-empty string")
+        if python is not None and (
+            not isinstance(python, str) or not _PYTHON_REF_RE.fullmatch(python)
+        ):
+            raise self.fail(f"{where}.python", "must look like 'package.module:function'")
+        inputs = self._ports(f"{where}.inputs", raw.get("inputs", []), allow_glob=True)
+        outputs = self._ports(f"{where}.outputs", raw.get("outputs", []), allow_glob=False)
+        target_params = self._params(where, raw.get("params"), params, overrides)
+        command = None
+        if cmd is not None:
+            command = self._interpolate(f"{where}.cmd", cmd, inputs, outputs, target_params)
+        return Target(
+            name=name,
+            cmd=cmd,
+            command=command,
+            python=python,
+            inputs=inputs,
+            outputs=outputs,
+            params=target_params,
+            env=self._strings(f"{where}.env", raw.get("env", [])),
+            after=self._strings(f"{where}.after", raw.get("after", [])),
+            always_run=self._bool(f"{where}.always_run", raw.get("always_run", False)),
+            persist=self._bool(f"{where}.persist", raw.get("persist", False)),
+            track=self._strings(f"{where}.track", raw.get("track", [])),
+            description=str(raw.get("description", "")),
+        )
+
+    def _ports(self, key: str, raw: Any, *, allow_glob: bool) -> tuple[Port, ...]:
+        if isinstance(raw, str):
+            raw = [raw]
+        if isinstance(raw, list):
+            items: list[tuple[str | None, Any]] = [(None, value) for value in raw]
+        elif isinstance(raw, dict):
+            items = list(raw.items())
+        else:
+            raise self.fail(key, "must be a list of paths or a table of name = path")
+        ports: list[Port] = []
+        seen: set[str] = set()
+        for port_name, value in items:
+            where = f"{key}.{port_name}" if port_name is not None else key
+            if port_name is not None and not _PORT_NAME_RE.fullmatch(port_name):
+                raise self.fail(where, "names use letters, digits and '_'")
+            if not isinstance(value, str) or not value.strip():
+                raise self.fail(where, "must be a path string")
+            is_glob = any(ch in _GLOB_CHARS for ch in value)
+            if is_glob and not allow_glob:
+                raise self.fail(where, f"{value!r}: outputs cannot be glob patterns")
+            path = self._project_path(where, value)
+            if path in seen:
+                raise self.fail(where, f"{value!r} is listed twice")
+            seen.add(path)
+            ports.append(Port(port_name, path, is_glob))
+        return tuple(ports)
+
+    def _project_path(self, key: str, value: str) -> str:
+        """Normalize a path and refuse one that leaves the project or touches .mlbuild."""
+        if posixpath.isabs(value) or re.match(r"[A-Za-z]:[\\/]", value):
+            raise self.fail(key, f"{value!r} is absolute; paths are relative to the project")
+        path = posixpath.normpath(value.replace("\\", "/"))
+        if path == ".." or path.startswith("../"):
+            raise self.fail(key, f"{value!r} leaves the project directory")
+        if path == ".":
+            raise self.fail(key, f"{value!r} is the whole project directory")
+        if path == STATE_DIR or path.startswith(STATE_DIR + "/"):
+            raise self.fail(key, f"{value!r} is inside mlbuild's own {STATE_DIR}/")
+        return path
+
+    def _params(
+        self, where: str, raw: Any, params: Mapping[str, Any], overrides: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        if raw is None:
+            return {}
+        if isinstance(raw, dict):
+            return {**raw, **overrides}
+        if isinstance(raw, list):
+            chosen: dict[str, Any] = {}
+            for pname in raw:
+                if not isinstance(pname, str):
+                    raise self.fail(f"{where}.params", "a list of global parameter names")
+                if pname not in params:
+                    raise self.fail(
+                        f"{where}.params",
+                        f"unknown parameter '{pname}'" + did_you_mean(pname, list(params)),
+                    )
+                chosen[pname] = params[pname]
+            return chosen
+        raise self.fail(f"{where}.params", "a table of local values or a list of global names")
+
+    def _strings(self, key: str, raw: Any) -> tuple[str, ...]:
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list) or not all(isinstance(v, str) and v for v in raw):
+            raise self.fail(key, "must be a list of strings")
+        return tuple(raw)
+
+    def _bool(self, key: str, raw: Any) -> bool:
+        if not isinstance(raw, bool):
+            raise self.fail(key, "must be true or false")
+        return raw
+
+    def _interpolate(
+        self,
+        key: str,
+        template: str,
+        inputs: tuple[Port, ...],
+        outputs: tuple[Port, ...],
+        params: Mapping[str, Any],
+    ) -> str:
+        """Fill `{inputs.x}` and friends; paths and values are shell-quoted.
+
+        Glob inputs are left unquoted so that /bin/sh expands them.
+        """
+
+        def port_text(port: Port) -> str:
+            return port.path if port.is_glob else shlex.quote(port.path)
+
+        def replace(match: re.Match[str]) -> str:
+            text = match.group(0)
+            if text in ("{{", "}}"):
+                return text[0]
+            ref = match.group(1).strip()
+            kind, _, item = ref.partition(".")
+            if kind in ("inputs", "outputs"):
+                ports = inputs if kind == "inputs" else outputs
+                if not item:
+                    return " ".join(port_text(p) for p in ports)
+                if item.isdigit() and int(item) < len(ports):
+                    return port_text(ports[int(item)])
+                for port in ports:
+                    if port.name == item:
+                        return port_text(port)
+                names = [p.name for p in ports if p.name]
+                raise self.fail(key, f"{{{ref}}}: no such {kind[:-1]}" + did_you_mean(item, names))
+            if kind == "params" and item:
+                if item not in params:
+                    raise self.fail(
+                        key,
+                        f"{{{ref}}}: the target does not read parameter '{item}'"
+                        + did_you_mean(item, list(params)),
+                    )
+                return shlex.quote(render_value(params[item]))
+            raise self.fail(
+                key, f"{{{ref}}}: expected {{inputs.NAME}}, {{outputs.NAME}} or {{params.NAME}}"
+            )
+
+        return _PLACEHOLDER_RE.sub(replace, template)
+
+
+def render_value(value: Any) -> str:
+    """A parameter as a step sees it in its command line and environment."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(value, sort_keys=True, default=str)

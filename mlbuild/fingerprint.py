@@ -1,0 +1,219 @@
+"""BLAKE3 digests of files, directories and values, behind a racy-safe stat cache.
+
+A file is hashed again only when its stat (size, mtime_ns, inode) differs from
+the one recorded with its digest, or when the recorded stat is *racy*: the
+file's mtime lies within the filesystem's timestamp granularity of the moment
+it was hashed, so a later write in the same clock tick could leave the stat
+unchanged (git's "racy git" problem; Ninja compares against the command start
+time for the same reason). Racy entries are re-hashed once, after which their
+checked time is safely later than their mtime and they are trusted.
+
+Directories are digested as a hash over their sorted listing of
+`kind digest relative-path` lines, a one-level Merkle tree: any added, removed
+or modified entry changes the digest, and the listing itself is kept so that a
+reason can say which entries changed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import stat as _stat
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+# Files at least this large go through blake3's mmap and multi-threaded hashing.
+MMAP_THRESHOLD = 8 * 1024 * 1024
+# Hash in a thread pool when a walk finds at least this many files to (re)hash:
+# blake3 releases the GIL, so small files hash on every core.
+PARALLEL_MIN_FILES = 16
+# Timestamp granularity assumed for racy checks. Linux stamps files from a
+# coarse clock (one tick, <= 10 ms); filesystems with whole-second mtimes
+# (ext3, HFS+, FAT's 2 s) are recognised by a zero sub-second part.
+FINE_WINDOW_NS = 100_000_000
+COARSE_WINDOW_NS = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class StatEntry:
+    """What the stat cache remembers of one file (paths are project-relative)."""
+
+    size: int
+    mtime_ns: int
+    ino: int
+    checked_ns: int  # wall clock just before the bytes were read
+    digest: str
+
+    def matches(self, st: os.stat_result) -> bool:
+        """True when `st` is the stat this digest was taken at, and it was not racy."""
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != (self.size, self.mtime_ns, self.ino):
+            return False
+        window = COARSE_WINDOW_NS if st.st_mtime_ns % 1_000_000_000 == 0 else FINE_WINDOW_NS
+        return st.st_mtime_ns < self.checked_ns - window
+
+
+@dataclass(frozen=True)
+class Digest:
+    """The fingerprint of one path: a file, a directory with its listing, or missing."""
+
+    kind: str  # "file", "dir", "link" or "missing"
+    digest: str
+    listing: tuple[tuple[str, str], ...] = ()  # for directories: (relative path, "kind:digest")
+
+
+MISSING = Digest("missing", "")
+
+
+def hash_bytes(data: bytes) -> str:
+    """Hex BLAKE3 of a byte string."""
+    return blake3.blake3(data).hexdigest()
+
+
+def hash_file(path: Path | str, size: int) -> str:
+    """Hex BLAKE3 of a file's bytes; large files are mmapped and hashed on every core."""
+    if size >= MMAP_THRESHOLD:
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        hasher.update_mmap(path)
+        return hasher.hexdigest()
+    with open(path, "rb") as handle:
+        return blake3.blake3(handle.read()).hexdigest()
+
+
+def _encode_default(value: Any) -> Any:
+    if isinstance(value, _dt.datetime | _dt.date | _dt.time):
+        return {"$" + type(value).__name__: value.isoformat()}
+    raise TypeError(f"cannot fingerprint a value of type {type(value).__name__}")
+
+
+def encode_value(value: Any) -> str:
+    """A canonical text for a parameter value: equal values, equal text; 1 != 1.0 != true."""
+    return json.dumps(
+        value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_encode_default
+    )
+
+
+class Fingerprinter:
+    """Digests paths under `root`, consulting and updating a stat cache.
+
+    `updates` collects the stat entries learned since the last `take_updates`,
+    for the caller to persist with the manifest they belong to.
+    """
+
+    def __init__(self, root: Path, stats: Mapping[str, StatEntry]) -> None:
+        self.root = root
+        self._prefix = str(root) + os.sep
+        self.stats: dict[str, StatEntry] = dict(stats)
+        self.updates: dict[str, StatEntry] = {}
+        self.hashed_bytes = 0
+
+    def take_updates(self) -> dict[str, StatEntry]:
+        """The stat entries learned since the last call, emptied."""
+        updates, self.updates = self.updates, {}
+        return updates
+
+    def forget(self, paths: Iterable[str]) -> None:
+        """Drop cached stats under these paths (before a step rewrites them)."""
+        for path in paths:
+            prefix = path + "/"
+            for key in [k for k in self.stats if k == path or k.startswith(prefix)]:
+                del self.stats[key]
+
+    def digest(self, rel: str) -> Digest:
+        """The fingerprint of a project-relative path, following no symlink."""
+        full = self._prefix + rel
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            return MISSING
+        except NotADirectoryError:
+            return MISSING
+        if _stat.S_ISDIR(st.st_mode):
+            return self._digest_dir(rel, full)
+        if _stat.S_ISLNK(st.st_mode):
+            target = os.readlink(full)
+            if os.path.isdir(full):
+                # A symlinked directory is read through, as a step would read it.
+                return self._digest_dir(rel, full)
+            if os.path.exists(full):
+                return self._file_digests([(rel, os.stat(full))])[rel]
+            return Digest("link", hash_bytes(b"link:" + os.fsencode(target)))
+        return self._file_digests([(rel, st)])[rel]
+
+    def _file_digests(self, files: list[tuple[str, os.stat_result]]) -> dict[str, Digest]:
+        """Digests for regular files, hashing only stat-cache misses (in parallel if many)."""
+        result: dict[str, Digest] = {}
+        todo: list[tuple[str, os.stat_result]] = []
+        for rel, st in files:
+            entry = self.stats.get(rel)
+            if entry is not None and entry.matches(st):
+                result[rel] = Digest("file", entry.digest)
+            else:
+                todo.append((rel, st))
+        if not todo:
+            return result
+        checked_ns = time.time_ns()
+
+        def work(item: tuple[str, os.stat_result]) -> tuple[str, os.stat_result, str]:
+            rel, st = item
+            return rel, st, hash_file(self._prefix + rel, st.st_size)
+
+        if len(todo) >= PARALLEL_MIN_FILES:
+            workers = min(32, (os.cpu_count() or 1) + 2)
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                done = list(pool.map(work, todo))
+        else:
+            done = [work(item) for item in todo]
+        for rel, st, digest in done:
+            # The stat was taken before the read: a write during or after the read
+            # either changes the stat or lands inside the racy window of checked_ns.
+            entry = StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, checked_ns, digest)
+            self.stats[rel] = entry
+            self.updates[rel] = entry
+            self.hashed_bytes += st.st_size
+            result[rel] = Digest("file", digest)
+        return result
+
+    def _digest_dir(self, rel: str, full: str) -> Digest:
+        files: list[tuple[str, os.stat_result]] = []
+        others: list[tuple[str, str]] = []
+        stack = [(full, rel)]
+        while stack:
+            folder, folder_rel = stack.pop()
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    child = f"{folder_rel}/{entry.name}"
+                    if entry.is_dir(follow_symlinks=False):
+                        others.append((child, "dir:"))
+                        stack.append((entry.path, child))
+                    elif entry.is_file(follow_symlinks=False):
+                        files.append((child, entry.stat(follow_symlinks=False)))
+                    elif entry.is_symlink():
+                        link = os.readlink(entry.path)
+                        others.append((child, "link:" + hash_bytes(os.fsencode(link))))
+        digests = self._file_digests(files)
+        start = len(rel) + 1
+        listing = sorted(
+            [(name[start:], "file:" + digests[name].digest) for name, _ in files]
+            + [(name[start:], value) for name, value in others]
+        )
+        text = "".join(f"{value} {name}\n" for name, value in listing)
+        return Digest("dir", hash_bytes(text.encode("utf-8", "surrogateescape")), tuple(listing))
+
+
+def diff_listings(
+    old: Iterable[tuple[str, str]], new: Iterable[tuple[str, str]]
+) -> tuple[list[str], list[str], list[str]]:
+    """Entries (added, removed, modified) between two directory listings."""
+    before = dict(old)
+    after = dict(new)
+    added = sorted(k for k in after if k not in before)
+    removed = sorted(k for k in before if k not in after)
+    modified = sorted(k for k in after if k in before and before[k] != after[k])
+    return added, removed, modified

@@ -1,0 +1,275 @@
+"""One build: select, check, decide, execute, record; what happens is told to a reporter.
+
+Targets are visited in topological order and each one's fingerprint is taken
+only when everything it needs is done, so a consumer sees its producers' new
+outputs: if they came out byte-identical it stays fresh (early cutoff), and
+the set of targets that run is exactly the set whose fingerprints changed.
+
+Invariant: a manifest exists only for a target whose step succeeded and whose
+declared outputs all exist; it is deleted before the step starts, so an
+interrupted or failed step always reruns.
+"""
+
+from __future__ import annotations
+
+import enum
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+from mlbuild.config import STATE_DIR, Target
+from mlbuild.errors import PipelineError
+from mlbuild.executor import ExecResult, LocalExecutor, OutputFn, log_tail
+from mlbuild.fingerprint import Fingerprinter
+from mlbuild.graph import Graph
+from mlbuild.staleness import (
+    Decision,
+    Fingerprint,
+    Observation,
+    decide,
+    expand_port,
+    observe,
+    observe_paths,
+)
+from mlbuild.store import RunRow, Store
+
+
+class Outcome(enum.Enum):
+    """What became of one target in one build."""
+
+    SKIPPED = "skipped"  # fresh
+    RAN = "ran"
+    FAILED = "failed"
+    NOT_RUN = "not run"  # an upstream target failed, or the build stopped first
+    PENDING = "would run"  # dry run: stale, or waiting on a stale upstream
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a target failed, with what the user needs to look into it."""
+
+    target: str
+    command: str
+    message: str
+    log_path: Path | None = None
+    tail: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    name: str
+    outcome: Outcome
+    reasons: tuple[str, ...] = ()
+    duration: float = 0.0
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What the user asked for on the command line."""
+
+    targets: tuple[str, ...] = ()
+    force: frozenset[str] | None = None  # None: nothing; empty: every selected target
+    dry_run: bool = False
+    keep_going: bool = False
+    command_line: str = "run"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    results: tuple[TargetResult, ...]
+    duration: float
+    failures: tuple[Failure, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for r in self.results if r.outcome is outcome)
+
+
+class Reporter(Protocol):
+    """Everything the user is told during a build (see report.py)."""
+
+    def skipped(self, target: str, decision: Decision) -> None: ...
+    def started(self, target: str, decision: Decision, command: str) -> None: ...
+    def output(self, target: str, data: bytes) -> None: ...
+    def finished(self, target: str, duration: float) -> None: ...
+    def failed(self, failure: Failure, duration: float) -> None: ...
+    def not_run(self, target: str, because: str) -> None: ...
+    def would_run(self, target: str, reasons: Sequence[str]) -> None: ...
+    def warn(self, message: str) -> None: ...
+    def summary(self, result: BuildResult) -> None: ...
+
+
+def check_sources(graph: Graph, selected: Sequence[str]) -> None:
+    """Every input must exist or be written by some target; say which one is missing."""
+    root = graph.pipeline.root
+    for name in selected:
+        target = graph.targets[name]
+        for port in target.inputs:
+            if graph.producers_of(port):
+                continue
+            key = f"targets.{name}.inputs" + (f".{port.name}" if port.name else "")
+            if port.is_glob:
+                if not expand_port(port, str(root)):
+                    raise PipelineError(
+                        graph.pipeline.display_file,
+                        f"'{port.path}' matches no file and no target writes one",
+                        key,
+                    )
+            elif not (root / port.path).exists():
+                raise PipelineError(
+                    graph.pipeline.display_file,
+                    f"'{port.path}' does not exist and no target writes it",
+                    key,
+                )
+
+
+def remove_outputs(root: Path, target: Target) -> None:
+    """Delete a target's declared outputs (files, directories or symlinks) under `root`."""
+    for port in target.outputs:
+        path = root / port.path
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+
+
+class Build:
+    """The state of one build in progress."""
+
+    def __init__(
+        self, graph: Graph, store: Store, reporter: Reporter, options: BuildOptions
+    ) -> None:
+        self.graph = graph
+        self.store = store
+        self.reporter = reporter
+        self.options = options
+        self.root = graph.pipeline.root
+        self.executor = LocalExecutor(self.root)
+        self.manifests = store.load_manifests()
+        self.fp = Fingerprinter(self.root, store.load_stats())
+        self.outcomes: dict[str, Outcome] = {}
+        self.results: list[TargetResult] = []
+        self.stopped = False
+
+    def run(self) -> BuildResult:
+        start = time.perf_counter()
+        started_at = time.time()
+        forced = self.options.force
+        selected = self.graph.select((*self.options.targets, *(forced or ())))
+        check_sources(self.graph, selected)
+        try:
+            for name in selected:
+                self._visit(name, forced is not None and (not forced or name in forced))
+        finally:
+            self.store.save_stats(self.fp.take_updates())
+        failures = tuple(r.failure for r in self.results if r.failure is not None)
+        result = BuildResult(tuple(self.results), time.perf_counter() - start, failures)
+        if not self.options.dry_run:
+            status = "ok" if result.ok else "failed"
+            rows = [
+                RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons))
+                for r in self.results
+            ]
+            self.store.record_run(started_at, self.options.command_line, status, rows)
+        return result
+
+    def _visit(self, name: str, forced: bool) -> None:
+        target = self.graph.targets[name]
+        deps = self.graph.deps[name]
+        blocked = [d for d in deps if self.outcomes[d] in (Outcome.FAILED, Outcome.NOT_RUN)]
+        if blocked or self.stopped:
+            because = f"upstream '{blocked[0]}' failed" if blocked else "the build stopped"
+            if blocked and self.outcomes[blocked[0]] is Outcome.NOT_RUN:
+                because = f"upstream '{blocked[0]}' was not run"
+            self._finish(TargetResult(name, Outcome.NOT_RUN, (because,)))
+            self.reporter.not_run(name, because)
+            return
+        now = observe(target, self.fp)
+        before = self._manifest(name)
+        decision = decide(target, now, before, self.store.load_tree, forced=forced)
+        if self.options.dry_run:
+            waiting = [d for d in deps if self.outcomes[d] is Outcome.PENDING]
+            if decision.fresh and not waiting:
+                self._finish(TargetResult(name, Outcome.SKIPPED))
+                self.reporter.skipped(name, decision)
+            else:
+                reasons = decision.reasons + tuple(f"upstream '{d}' would run" for d in waiting)
+                self._finish(TargetResult(name, Outcome.PENDING, reasons))
+                self.reporter.would_run(name, reasons)
+            return
+        if decision.fresh:
+            self._finish(TargetResult(name, Outcome.SKIPPED))
+            self.reporter.skipped(name, decision)
+            return
+        self._execute(target, now, decision)
+
+    def _manifest(self, name: str) -> Fingerprint | None:
+        stored = self.manifests.get(name)
+        return Fingerprint.from_json(stored.data) if stored is not None else None
+
+    def _execute(self, target: Target, now: Observation, decision: Decision) -> None:
+        name = target.name
+        command = target.command or f"python {target.python}"
+        if name in self.manifests:
+            self.store.forget([name])
+            del self.manifests[name]
+        if not target.persist:
+            remove_outputs(self.root, target)
+        for port in target.outputs:
+            (self.root / port.path).parent.mkdir(parents=True, exist_ok=True)
+        self.reporter.started(name, decision, command)
+        log_path = self.root / STATE_DIR / "logs" / f"{name}.log"
+        on_output: OutputFn = lambda data: self.reporter.output(name, data)  # noqa: E731
+        result = self.executor.run(target, log_path, on_output)
+        failure = self._check(target, command, result)
+        if failure is not None:
+            self._finish(
+                TargetResult(name, Outcome.FAILED, decision.reasons, result.duration, failure)
+            )
+            self.reporter.failed(failure, result.duration)
+            self.stopped = not self.options.keep_going
+            return
+        self._record(target, now, result.duration)
+        self._finish(TargetResult(name, Outcome.RAN, decision.reasons, result.duration))
+        self.reporter.finished(name, result.duration)
+
+    def _check(self, target: Target, command: str, result: ExecResult) -> Failure | None:
+        tail = tuple(log_tail(result.log_path))
+        if not result.ok:
+            code = result.returncode
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            return Failure(target.name, command, how, result.log_path, tail)
+        missing = [p.path for p in target.outputs if not (self.root / p.path).exists()]
+        if missing:
+            message = "did not write declared output " + ", ".join(f"'{p}'" for p in missing)
+            return Failure(target.name, command, message, result.log_path, tail)
+        return None
+
+    def _record(self, target: Target, before_run: Observation, duration: float) -> None:
+        """Store the manifest: inputs as observed before the step, outputs as they are now.
+
+        Recording the pre-run input digests means an input edited while the
+        step ran makes the target stale next time instead of silently fresh.
+        """
+        listings = dict(before_run.listings)
+        outputs = observe_paths(self.fp, [p.path for p in target.outputs], listings)
+        fingerprint = replace(before_run.fingerprint, outputs=outputs)
+        self.store.record(
+            target.name, fingerprint.to_json(), duration, self.fp.take_updates(), listings
+        )
+
+    def _finish(self, result: TargetResult) -> None:
+        self.outcomes[result.name] = result.outcome
+        self.results.append(result)
+
+
+def run_build(graph: Graph, store: Store, reporter: Reporter, options: BuildOptions) -> BuildResult:
+    """Bring the selected targets up to date (or, with `dry_run`, say what would run)."""
+    return Build(graph, store, reporter, options).run()
