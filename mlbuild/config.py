@@ -41,8 +41,11 @@ _TARGET_KEYS = (
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _PORT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PYTHON_REF_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-# `{inputs}`, `{inputs.NAME}`, `{inputs.0}`, `{params.NAME}`; `{{`/`}}` escape a brace.
-_PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+# `{inputs}`, `{inputs.NAME}`, `{inputs.0}`, `{params.NAME}`. Any other brace is left
+# to the shell (`${HOME}`, `{a,b}`, awk's `{print $1}`), so commands need no escaping;
+# `{input.x}` and similar near-misses are reported instead of passed through.
+_PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_]\w*)(?:\.([\w.-]*))?\}")
+_PLACEHOLDER_KINDS = ("inputs", "outputs", "params")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -357,11 +360,13 @@ class _Loader:
             return port.path if port.is_glob else shlex.quote(port.path)
 
         def replace(match: re.Match[str]) -> str:
-            text = match.group(0)
-            if text in ("{{", "}}"):
-                return text[0]
-            ref = match.group(1).strip()
-            kind, _, item = ref.partition(".")
+            kind, item = match.group(1), match.group(2)
+            ref = match.group(0)
+            if kind not in _PLACEHOLDER_KINDS:
+                hint = did_you_mean(kind, _PLACEHOLDER_KINDS)
+                if item is not None and hint:
+                    raise self.fail(key, f"{ref}: unknown placeholder" + hint)
+                return ref
             if kind in ("inputs", "outputs"):
                 ports = inputs if kind == "inputs" else outputs
                 if not item:
@@ -372,18 +377,14 @@ class _Loader:
                     if port.name == item:
                         return port_text(port)
                 names = [p.name for p in ports if p.name]
-                raise self.fail(key, f"{{{ref}}}: no such {kind[:-1]}" + did_you_mean(item, names))
-            if kind == "params" and item:
-                if item not in params:
-                    raise self.fail(
-                        key,
-                        f"{{{ref}}}: the target does not read parameter '{item}'"
-                        + did_you_mean(item, list(params)),
-                    )
-                return shlex.quote(render_value(params[item]))
-            raise self.fail(
-                key, f"{{{ref}}}: expected {{inputs.NAME}}, {{outputs.NAME}} or {{params.NAME}}"
-            )
+                raise self.fail(key, f"{ref}: no such {kind[:-1]}" + did_you_mean(item, names))
+            if not item or item not in params:
+                raise self.fail(
+                    key,
+                    f"{ref}: the target does not read parameter '{item}'"
+                    + did_you_mean(item or "", list(params)),
+                )
+            return shlex.quote(render_value(params[item]))
 
         return _PLACEHOLDER_RE.sub(replace, template)
 
