@@ -22,7 +22,6 @@ import os
 import stat as _stat
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,6 +164,9 @@ class Fingerprinter:
             return rel, st, hash_file(self._prefix + rel, st.st_size)
 
         if len(todo) >= PARALLEL_MIN_FILES:
+            # Imported here: it pulls in logging and threading, which a no-op never needs.
+            from concurrent.futures import ThreadPoolExecutor
+
             workers = min(32, (os.cpu_count() or 1) + 2)
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 done = list(pool.map(work, todo))

@@ -44,6 +44,7 @@ class Graph:
     deps: Mapping[str, tuple[str, ...]]  # target -> the targets it needs, in file order
     order: tuple[str, ...]  # every target, dependencies first, ties in file order
     producers: Mapping[str, str]  # output path -> target writing it
+    below: Mapping[str, set[str]]  # directory -> targets writing something inside it
 
     @property
     def targets(self) -> Mapping[str, Target]:
@@ -51,7 +52,7 @@ class Graph:
 
     def producers_of(self, port: Port) -> set[str]:
         """Targets that write `port`'s path, a directory around it, or files inside it."""
-        return _producers_of(port, self.producers, _outputs_below(self.producers))
+        return _producers_of(port, self.producers, self.below)
 
     def select(self, names: Iterable[str]) -> tuple[str, ...]:
         """The named targets and everything they need, in build order (all if none named)."""
@@ -182,7 +183,7 @@ def build_graph(pipeline: Pipeline) -> Graph:
             needs.add(other)
         deps[target.name] = tuple(n for n in names if n in needs)
     order = _topological_order(names, deps, shown)
-    return Graph(pipeline=pipeline, deps=deps, order=order, producers=producers)
+    return Graph(pipeline=pipeline, deps=deps, order=order, producers=producers, below=below)
 
 
 def _port_key(target: Target, port: Port) -> str:

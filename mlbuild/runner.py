@@ -13,16 +13,15 @@ interrupted or failed step always reruns.
 from __future__ import annotations
 
 import enum
-import shutil
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mlbuild.config import STATE_DIR, Target
 from mlbuild.errors import PipelineError
-from mlbuild.executor import ExecResult, LocalExecutor, OutputFn, log_tail
 from mlbuild.fingerprint import Fingerprinter
 from mlbuild.graph import Graph
 from mlbuild.staleness import (
@@ -35,6 +34,11 @@ from mlbuild.staleness import (
     observe_paths,
 )
 from mlbuild.store import RunRow, Store
+
+if TYPE_CHECKING:
+    # The executor (and subprocess with it) is imported only when a step runs:
+    # a no-op build never pays for it.
+    from mlbuild.executor import ExecResult, LocalExecutor
 
 
 class Outcome(enum.Enum):
@@ -109,6 +113,7 @@ class Reporter(Protocol):
 def check_sources(graph: Graph, selected: Sequence[str]) -> None:
     """Every input must exist or be written by some target; say which one is missing."""
     root = graph.pipeline.root
+    prefix = str(root) + os.sep
     for name in selected:
         target = graph.targets[name]
         for port in target.inputs:
@@ -122,7 +127,7 @@ def check_sources(graph: Graph, selected: Sequence[str]) -> None:
                         f"'{port.path}' matches no file and no target writes one",
                         key,
                     )
-            elif not (root / port.path).exists():
+            elif not os.path.lexists(prefix + port.path):
                 raise PipelineError(
                     graph.pipeline.display_file,
                     f"'{port.path}' does not exist and no target writes it",
@@ -137,6 +142,8 @@ def remove_outputs(root: Path, target: Target) -> None:
         if path.is_symlink() or path.is_file():
             path.unlink()
         elif path.is_dir():
+            import shutil  # only when something is rebuilt; see the executor import
+
             shutil.rmtree(path)
 
 
@@ -151,7 +158,7 @@ class Build:
         self.reporter = reporter
         self.options = options
         self.root = graph.pipeline.root
-        self.executor = LocalExecutor(self.root)
+        self._executor: LocalExecutor | None = None
         self.manifests = store.load_manifests()
         self.fp = Fingerprinter(self.root, store.load_stats())
         self.outcomes: dict[str, Outcome] = {}
@@ -226,8 +233,7 @@ class Build:
             (self.root / port.path).parent.mkdir(parents=True, exist_ok=True)
         self.reporter.started(name, decision, command)
         log_path = self.root / STATE_DIR / "logs" / f"{name}.log"
-        on_output: OutputFn = lambda data: self.reporter.output(name, data)  # noqa: E731
-        result = self.executor.run(target, log_path, on_output)
+        result = self.executor.run(target, log_path, lambda data: self.reporter.output(name, data))
         failure = self._check(target, command, result)
         if failure is not None:
             self._finish(
@@ -240,7 +246,17 @@ class Build:
         self._finish(TargetResult(name, Outcome.RAN, decision.reasons, result.duration))
         self.reporter.finished(name, result.duration)
 
+    @property
+    def executor(self) -> LocalExecutor:
+        if self._executor is None:
+            from mlbuild.executor import LocalExecutor
+
+            self._executor = LocalExecutor(self.root)
+        return self._executor
+
     def _check(self, target: Target, command: str, result: ExecResult) -> Failure | None:
+        from mlbuild.executor import log_tail
+
         tail = tuple(log_tail(result.log_path))
         if not result.ok:
             code = result.returncode
