@@ -76,6 +76,16 @@ class Target:
     track: tuple[str, ...] = ()
     description: str = ""
 
+    def call_names(self) -> list[str]:
+        """The keyword arguments a Python target's function receives, in order."""
+        names: list[str] = []
+        for kind, ports in (("inputs", self.inputs), ("outputs", self.outputs)):
+            if ports and ports[0].name is None:
+                names.append(kind)
+            else:
+                names.extend(p.name for p in ports if p.name is not None)
+        return names + list(self.params)
+
     @property
     def action(self) -> str:
         """What the step does, as compared for "command changed"."""
@@ -254,7 +264,7 @@ class _Loader:
         command = None
         if cmd is not None:
             command = self._interpolate(f"{where}.cmd", cmd, inputs, outputs, target_params)
-        return Target(
+        target = Target(
             name=name,
             cmd=cmd,
             command=command,
@@ -269,6 +279,16 @@ class _Loader:
             track=self._strings(f"{where}.track", raw.get("track", [])),
             description=str(raw.get("description", "")),
         )
+        if python is not None:
+            names = target.call_names()
+            clash = sorted({n for n in names if names.count(n) > 1})
+            if clash:
+                raise self.fail(
+                    where,
+                    f"'{clash[0]}' names two of its inputs, outputs and params;"
+                    " a Python function receives them as keyword arguments",
+                )
+        return target
 
     def _ports(self, key: str, raw: Any, *, allow_glob: bool) -> tuple[Port, ...]:
         if isinstance(raw, str):

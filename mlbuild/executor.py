@@ -8,6 +8,7 @@ as it arrives, to a callback that shows it to the user.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlbuild.config import Target, render_value
+from mlbuild.fingerprint import expand_port
 
 OutputFn = Callable[[bytes], None]
 TERM_GRACE_SECONDS = 5.0
@@ -47,12 +49,25 @@ def step_environment(target: Target) -> dict[str, str]:
     return env
 
 
-def step_argv(target: Target) -> list[str]:
+def step_argv(target: Target, root: Path) -> list[str]:
     """The process a target runs: `/bin/sh -c COMMAND` or the Python worker."""
     if target.command is not None:
         return ["/bin/sh", "-c", target.command]
-    assert target.python is not None
-    return [sys.executable, "-m", "mlbuild.worker", target.name]
+    return [sys.executable, "-m", "mlbuild.worker", worker_call(target, root)]
+
+
+def worker_call(target: Target, root: Path) -> str:
+    """The JSON the worker reads: function, project root, paths and params by name."""
+    paths: dict[str, str | list[str]] = {}
+    for kind, ports in (("inputs", target.inputs), ("outputs", target.outputs)):
+        if ports and ports[0].name is None:
+            paths[kind] = [p for port in ports for p in expand_port(port, str(root))]
+            continue
+        for port in ports:
+            assert port.name is not None
+            paths[port.name] = expand_port(port, str(root)) if port.is_glob else port.path
+    call = {"ref": target.python, "root": str(root), "paths": paths, "params": target.params}
+    return json.dumps(call, default=str)
 
 
 class LocalExecutor:
@@ -70,7 +85,7 @@ class LocalExecutor:
         start = time.perf_counter()
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                step_argv(target),
+                step_argv(target, self.root),
                 cwd=self.root,
                 env=env,
                 stdin=subprocess.DEVNULL,

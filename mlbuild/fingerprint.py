@@ -17,6 +17,7 @@ reason can say which entries changed.
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
 import os
 import stat as _stat
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import blake3
+
+from mlbuild.config import Port
 
 # Files at least this large go through blake3's mmap and multi-threaded hashing.
 MMAP_THRESHOLD = 8 * 1024 * 1024
@@ -68,6 +71,14 @@ class Digest:
 
 
 MISSING = Digest("missing", "")
+
+
+def expand_port(port: Port, root: str) -> list[str]:
+    """An input's paths: itself, or a glob pattern's sorted matches."""
+    if not port.is_glob:
+        return [port.path]
+    matches = glob.glob(port.path, root_dir=root, recursive=True)
+    return sorted(os.path.normpath(m).replace(os.sep, "/") for m in matches)
 
 
 def hash_bytes(data: bytes) -> str:

@@ -20,16 +20,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
 from mlbuild.config import STATE_DIR, Target
 from mlbuild.errors import PipelineError
-from mlbuild.fingerprint import Fingerprinter
+from mlbuild.fingerprint import Fingerprinter, expand_port
 from mlbuild.graph import Graph
 from mlbuild.staleness import (
     Decision,
     Fingerprint,
     Observation,
     decide,
-    expand_port,
     observe,
     observe_paths,
 )
@@ -147,6 +147,19 @@ def remove_outputs(root: Path, target: Target) -> None:
             shutil.rmtree(path)
 
 
+def check_code(graph: Graph, selected: Sequence[str], scanner: CodeScanner) -> None:
+    """Python targets: the module exists, parses, and its function takes the declared names."""
+    for name in selected:
+        target = graph.targets[name]
+        if target.python is not None:
+            try:
+                check_function(scanner, target, target.call_names())
+            except CodeError as exc:
+                raise PipelineError(
+                    graph.pipeline.display_file, str(exc), f"targets.{name}.python"
+                ) from None
+
+
 class Build:
     """The state of one build in progress."""
 
@@ -161,6 +174,9 @@ class Build:
         self._executor: LocalExecutor | None = None
         self.manifests = store.load_manifests()
         self.fp = Fingerprinter(self.root, store.load_stats())
+        parsed = {raw: Parsed.from_json(data) for raw, data in store.load_parsed().items()}
+        self.code = CodeScanner(self.fp, parsed)
+        self.packages: dict[str, str | None] = {}
         self.outcomes: dict[str, Outcome] = {}
         self.results: list[TargetResult] = []
         self.stopped = False
@@ -171,11 +187,13 @@ class Build:
         forced = self.options.force
         selected = self.graph.select((*self.options.targets, *(forced or ())))
         check_sources(self.graph, selected)
+        check_code(self.graph, selected, self.code)
         try:
             for name in selected:
                 self._visit(name, forced is not None and (not forced or name in forced))
         finally:
             self.store.save_stats(self.fp.take_updates())
+            self.store.save_parsed({r: p.to_json() for r, p in self.code.new_parsed.items()})
         failures = tuple(r.failure for r in self.results if r.failure is not None)
         result = BuildResult(tuple(self.results), time.perf_counter() - start, failures)
         if not self.options.dry_run:
@@ -198,7 +216,7 @@ class Build:
             self._finish(TargetResult(name, Outcome.NOT_RUN, (because,)))
             self.reporter.not_run(name, because)
             return
-        now = observe(target, self.fp)
+        now = self._observe(target)
         before = self._manifest(name)
         decision = decide(target, now, before, self.store.load_tree, forced=forced)
         if self.options.dry_run:
@@ -216,6 +234,17 @@ class Build:
             self.reporter.skipped(name, decision)
             return
         self._execute(target, now, decision)
+
+    def _observe(self, target: Target) -> Observation:
+        try:
+            code = self.code.fingerprint(target)
+        except CodeError as exc:
+            key = f"targets.{target.name}.python"
+            raise PipelineError(self.graph.pipeline.display_file, str(exc), key) from None
+        missing = [n for n in target.track if n not in self.packages]
+        self.packages.update(package_versions(tuple(missing)))
+        packages = {n: self.packages[n] for n in target.track}
+        return observe(target, self.fp, code=code, packages=packages)
 
     def _manifest(self, name: str) -> Fingerprint | None:
         stored = self.manifests.get(name)

@@ -14,15 +14,21 @@ compared on their own, so a changed parameter reads as `param epochs changed
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlbuild.config import Port, Target
-from mlbuild.fingerprint import Digest, Fingerprinter, diff_listings, encode_value
+from mlbuild.code import CodeFingerprint
+from mlbuild.config import Target
+from mlbuild.fingerprint import (
+    Digest,
+    Fingerprinter,
+    diff_listings,
+    encode_value,
+    expand_port,
+)
 
 MANIFEST_VERSION = 1
 _MAX_LISTED = 3  # entries named per directory in a reason before "and N more"
@@ -79,6 +85,7 @@ class Observation:
 
     fingerprint: Fingerprint
     listings: Mapping[str, tuple[tuple[str, str], ...]]  # "dir:digest" -> listing
+    imported_by: Mapping[str, str] = field(default_factory=dict)  # code file -> importer
 
 
 @dataclass(frozen=True)
@@ -88,14 +95,6 @@ class Decision:
     fresh: bool
     reasons: tuple[str, ...] = ()
     compared: str = ""  # what was found equal, for --explain on fresh targets
-
-
-def expand_port(port: Port, root: str) -> list[str]:
-    """An input's paths: itself, or a glob pattern's sorted matches."""
-    if not port.is_glob:
-        return [port.path]
-    matches = glob.glob(port.path, root_dir=root, recursive=True)
-    return sorted(os.path.normpath(m).replace(os.sep, "/") for m in matches)
 
 
 def expand_inputs(target: Target, root: str) -> list[str]:
@@ -125,24 +124,23 @@ def observe(
     target: Target,
     fp: Fingerprinter,
     *,
-    code: Mapping[str, str] | None = None,
+    code: CodeFingerprint | None = None,
     packages: Mapping[str, str | None] | None = None,
-    with_outputs: bool = True,
 ) -> Observation:
     """Fingerprint a target as it stands now (inputs hashed through the stat cache)."""
     listings: dict[str, tuple[tuple[str, str], ...]] = {}
     inputs = observe_paths(fp, expand_inputs(target, str(fp.root)), listings)
-    outputs = observe_paths(fp, [p.path for p in target.outputs], listings) if with_outputs else {}
+    outputs = observe_paths(fp, [p.path for p in target.outputs], listings)
     fingerprint = Fingerprint(
         action=target.action,
         params={name: encode_value(value) for name, value in target.params.items()},
         env={name: os.environ.get(name) for name in target.env},
         inputs=inputs,
         outputs=outputs,
-        code=dict(code or {}),
+        code=dict(code.files) if code else {},
         packages=dict(packages or {}),
     )
-    return Observation(fingerprint, listings)
+    return Observation(fingerprint, listings, code.imported_by if code else {})
 
 
 ListingLoader = Callable[[str], "list[tuple[str, str]] | None"]
@@ -167,7 +165,7 @@ def decide(
     cur = now.fingerprint
     if cur.action != before.action:
         reasons.append("command changed" if target.cmd is not None else "function changed")
-    reasons += _code_reasons(cur.code, before.code)
+    reasons += _code_reasons(cur.code, before.code, now.imported_by)
     reasons += _param_reasons(cur.params, before.params)
     for name in sorted(set(cur.env) | set(before.env)):
         if cur.env.get(name) != before.env.get(name):
@@ -195,9 +193,20 @@ def decide(
     )
 
 
-def _code_reasons(cur: Mapping[str, str], before: Mapping[str, str]) -> list[str]:
-    changed = [p for p in sorted(set(cur) | set(before)) if cur.get(p) != before.get(p)]
-    return [f"code changed: {path}" for path in changed]
+def _code_reasons(
+    cur: Mapping[str, str], before: Mapping[str, str], imported_by: Mapping[str, str]
+) -> list[str]:
+    reasons: list[str] = []
+    for path in sorted(set(cur) | set(before)):
+        if cur.get(path) == before.get(path):
+            continue
+        if path not in cur:
+            reasons.append(f"code removed: {path} (no longer imported)")
+        elif path in imported_by:
+            reasons.append(f"code changed: {path} (imported by {imported_by[path]})")
+        else:
+            reasons.append(f"code changed: {path}")
+    return reasons
 
 
 def _param_reasons(cur: Mapping[str, str], before: Mapping[str, str]) -> list[str]:

@@ -7,6 +7,8 @@ machine loses at most the last transactions, never the database):
 - `stats(path, size, mtime_ns, ino, checked_ns, digest)`: the stat cache.
 - `manifests(target, data, finished_at, duration)`: one row per target, `data`
   is the JSON of its last successful build (opaque here; see staleness.py).
+- `parsed(raw, data)`: what code.py learned from a Python file with that raw
+  digest (its AST digest and imports), so unchanged files are never parsed again.
 - `trees(digest, listing)`: zlib-compressed listings of input/output directories,
   so that a reason can name the entries that changed.
 - `runs` and `run_targets`: history, one row per run and per target in it.
@@ -30,7 +32,7 @@ from pathlib import Path
 from mlbuild.errors import StateError
 from mlbuild.fingerprint import StatEntry
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 DB_NAME = "state.db"
 WarnFn = Callable[[str], None]
 
@@ -43,6 +45,7 @@ CREATE TABLE IF NOT EXISTS stats (
 CREATE TABLE IF NOT EXISTS manifests (
     target TEXT PRIMARY KEY, data TEXT NOT NULL, finished_at REAL NOT NULL, duration REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS parsed (raw TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS trees (digest TEXT PRIMARY KEY, listing BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY, started_at REAL NOT NULL, finished_at REAL NOT NULL,
@@ -97,6 +100,16 @@ class Store:
     def load_manifests(self) -> dict[str, StoredManifest]:
         rows = self.conn.execute("SELECT target, data, finished_at, duration FROM manifests")
         return {row[0]: StoredManifest(*row[1:]) for row in rows}
+
+    def load_parsed(self) -> dict[str, str]:
+        return dict(self.conn.execute("SELECT raw, data FROM parsed"))
+
+    def save_parsed(self, parsed: Mapping[str, str]) -> None:
+        if parsed:
+            with self._transaction() as conn:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO parsed (raw, data) VALUES (?, ?)", parsed.items()
+                )
 
     def load_tree(self, digest: str) -> list[tuple[str, str]] | None:
         row = self.conn.execute("SELECT listing FROM trees WHERE digest = ?", (digest,)).fetchone()

@@ -1,0 +1,331 @@
+"""Code fingerprints: a step's Python module and the project-local modules it imports.
+
+ZenML hashes only a step function's own source, so an edited helper module is
+missed; DVC sees no code unless it is listed. Here a Python target's code is
+its function's module plus every module of the project it imports,
+transitively, found by static analysis of `import` statements (relative ones
+included) against the directories Python would search. Modules outside the
+project (standard library, site-packages) are not followed: `track` covers
+installed distributions.
+
+Each file counts by the digest of its normalized AST: comments, blank lines,
+formatting and docstrings do not change it, any change to code does. Parsing
+is skipped for files whose bytes are unchanged: the stat cache gives the raw
+digest, and `parsed` maps a raw digest to its AST digest and imports (kept in
+the state database between runs).
+
+Shell targets get the same for scripts named in their command: `python x.py`,
+`python -m pkg.mod`, `bash x.sh`, or any word that names a file of the project
+ending in a script suffix.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import posixpath
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mlbuild.config import Target
+from mlbuild.fingerprint import Fingerprinter, hash_bytes
+
+SCRIPT_SUFFIXES = (".py", ".sh", ".bash", ".zsh", ".R", ".r", ".jl", ".pl", ".rb")
+_PYTHONS = ("python", "python3", "python3.11", "python3.12", "python3.13", "ipython")
+
+
+class CodeError(Exception):
+    """A step module that cannot be used: missing, syntax error, bad signature."""
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What a Python file contributes: its AST digest and the imports it makes.
+
+    `imports` holds (level, module, names) of each import statement, unresolved,
+    so that the same bytes can be resolved under any module name.
+    """
+
+    digest: str
+    imports: tuple[tuple[int, str, tuple[str, ...]], ...]
+
+    def to_json(self) -> str:
+        return json.dumps([self.digest, [list(i) for i in self.imports]])
+
+    @staticmethod
+    def from_json(text: str) -> Parsed:
+        digest, imports = json.loads(text)
+        return Parsed(digest, tuple((lvl, mod, tuple(names)) for lvl, mod, names in imports))
+
+
+@dataclass(frozen=True)
+class CodeFingerprint:
+    """A target's code files (path -> digest) and, for reasons, who imported each."""
+
+    files: Mapping[str, str]
+    imported_by: Mapping[str, str] = field(default_factory=dict)
+
+
+def parse_python(source: bytes, filename: str) -> tuple[ast.Module, Parsed]:
+    """Parse and digest a module; raises SyntaxError."""
+    tree = ast.parse(source, filename=filename)
+    imports: list[tuple[int, str, tuple[str, ...]]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imports.extend((0, alias.name, ()) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names = tuple(alias.name for alias in node.names)
+            imports.append((node.level, node.module or "", names))
+    _strip_docstrings(tree)
+    dumped = ast.dump(tree, annotate_fields=False, include_attributes=False)
+    return tree, Parsed(hash_bytes(dumped.encode()), tuple(imports))
+
+
+def _strip_docstrings(tree: ast.Module) -> None:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if (
+                body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                body[0] = ast.Pass()
+
+
+class CodeScanner:
+    """Finds and digests the code of targets; memoized for one build."""
+
+    def __init__(self, fp: Fingerprinter, parsed: Mapping[str, Parsed]) -> None:
+        self.fp = fp
+        self.root = str(fp.root)
+        self.parsed: dict[str, Parsed] = dict(parsed)
+        self.new_parsed: dict[str, Parsed] = {}  # raw digest -> Parsed, to persist
+        self._resolved: dict[tuple[str, str], str | None] = {}
+        self._closures: dict[tuple[str, str, str], CodeFingerprint] = {}
+
+    def fingerprint(self, target: Target) -> CodeFingerprint:
+        """The code a target runs. Raises CodeError for a Python target's broken module."""
+        if target.python is not None:
+            module = target.python.partition(":")[0]
+            rel = self.resolve(module, "")
+            if rel is None:
+                return CodeFingerprint({})
+            return self._closure(rel, module, "", strict=True)
+        files: dict[str, str] = {}
+        imported_by: dict[str, str] = {}
+        for rel, module, search in self.scripts_of(target.command or ""):
+            if rel.endswith(".py"):
+                found = self._closure(rel, module, search, strict=False)
+                files.update(found.files)
+                imported_by.update(found.imported_by)
+            else:
+                files[rel] = self.fp.digest(rel).digest
+        return CodeFingerprint(files, imported_by)
+
+    def scripts_of(self, command: str) -> list[tuple[str, str, str]]:
+        """(file, module name, search dir) of each script a shell command names."""
+        try:
+            words = shlex.split(command, comments=True)
+        except ValueError:
+            words = command.split()
+        found: list[tuple[str, str, str]] = []
+        for i, word in enumerate(words):
+            if word == "-m" and i > 0 and posixpath.basename(words[i - 1]) in _PYTHONS:
+                if i + 1 < len(words):
+                    rel = self.resolve(words[i + 1], "")
+                    if rel is not None:
+                        found.append((rel, words[i + 1], ""))
+                continue
+            if not word.endswith(SCRIPT_SUFFIXES) or word.startswith("-"):
+                continue
+            rel = posixpath.normpath(word)
+            if rel.startswith("../") or posixpath.isabs(rel):
+                continue
+            if os.path.isfile(os.path.join(self.root, rel)):
+                found.append((rel, "__main__", posixpath.dirname(rel)))
+        return found
+
+    def resolve(self, module: str, search: str) -> str | None:
+        """The project file of module `module` in search dir `search` ("" = the root)."""
+        key = (module, search)
+        if key not in self._resolved:
+            base = posixpath.join(search, *module.split("."))
+            found = None
+            for candidate in (base + ".py", base + "/__init__.py"):
+                if os.path.isfile(os.path.join(self.root, candidate)):
+                    found = posixpath.normpath(candidate)
+                    break
+            self._resolved[key] = found
+        return self._resolved[key]
+
+    def parse(self, rel: str) -> Parsed:
+        """The Parsed form of a project file, through the stat cache and the parse cache."""
+        raw = self.fp.digest(rel).digest
+        cached = self.parsed.get(raw)
+        if cached is not None:
+            return cached
+        with open(os.path.join(self.root, rel), "rb") as handle:
+            _, parsed = parse_python(handle.read(), rel)
+        self.parsed[raw] = parsed
+        self.new_parsed[raw] = parsed
+        return parsed
+
+    def _closure(self, rel: str, module: str, search: str, *, strict: bool) -> CodeFingerprint:
+        key = (rel, module, search)
+        if key in self._closures:
+            return self._closures[key]
+        files: dict[str, str] = {}
+        imported_by: dict[str, str] = {}
+        queue = [(rel, module)]
+        while queue:
+            path, name = queue.pop()
+            if path in files:
+                continue
+            try:
+                parsed = self.parse(path)
+            except SyntaxError as exc:
+                if strict:
+                    raise CodeError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
+                files[path] = self.fp.digest(path).digest
+                continue
+            files[path] = parsed.digest
+            is_package = path.endswith("/__init__.py")
+            for dep_name in _imported_modules(name, is_package, parsed.imports):
+                for dep in self._files_of(dep_name, search):
+                    if dep not in files:
+                        imported_by.setdefault(dep, path)
+                        queue.append((dep, dep_name))
+        result = CodeFingerprint(files, imported_by)
+        self._closures[key] = result
+        return result
+
+    def _files_of(self, module: str, search: str) -> list[str]:
+        """Project files executed by importing `module`: its packages' `__init__`s and itself."""
+        found: list[str] = []
+        parts = module.split(".")
+        for n in range(1, len(parts) + 1):
+            for where in dict.fromkeys((search, "")):
+                rel = self.resolve(".".join(parts[:n]), where)
+                if rel is not None:
+                    found.append(rel)
+                    break
+        return found
+
+
+def _imported_modules(
+    name: str, is_package: bool, imports: tuple[tuple[int, str, tuple[str, ...]], ...]
+) -> list[str]:
+    """Absolute module names a module imports; `from a import b` also tries `a.b`."""
+    package = name if is_package else name.rpartition(".")[0]
+    result: list[str] = []
+    for level, module, names in imports:
+        if level:
+            base_parts = package.split(".") if package else []
+            if level - 1 > len(base_parts):
+                continue
+            base = ".".join(base_parts[: len(base_parts) - (level - 1)])
+            module = f"{base}.{module}".strip(".") if module else base
+        if not module:
+            continue
+        result.append(module)
+        result.extend(f"{module}.{n}" for n in names if n != "*")
+    return result
+
+
+def check_function(scanner: CodeScanner, target: Target, accepted: list[str]) -> None:
+    """Check a Python target's `module:function` before anything runs.
+
+    Only the project's own files are read, never imported (a step module may
+    import TensorFlow). A module outside the project is checked by the worker.
+    """
+    assert target.python is not None
+    module, _, function = target.python.partition(":")
+    rel = scanner.resolve(module, "")
+    if rel is None:
+        if _installed(module):
+            return
+        raise CodeError(f"no module '{module}' in the project or the environment")
+    with open(os.path.join(scanner.root, rel), "rb") as handle:
+        try:
+            tree, _ = parse_python(handle.read(), rel)
+        except SyntaxError as exc:
+            raise CodeError(f"{rel}:{exc.lineno}: syntax error: {exc.msg}") from None
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == function:
+            problem = _signature_problem(node.args, accepted)
+            if problem:
+                raise CodeError(f"{rel}: {function}() {problem}")
+            return
+        if isinstance(node, ast.AsyncFunctionDef) and node.name == function:
+            raise CodeError(f"{rel}: {function}() is async; step functions must be plain functions")
+    if not _may_define(tree, function):
+        raise CodeError(f"{rel} has no function '{function}'")
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module.partition(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _signature_problem(args: ast.arguments, accepted: list[str]) -> str | None:
+    positional = [a.arg for a in args.args]
+    keyword = [a.arg for a in args.kwonlyargs]
+    names = set(positional) | set(keyword)
+    if args.kwarg is None:
+        unknown = [n for n in accepted if n not in names]
+        if unknown:
+            return "does not accept " + ", ".join(unknown) + " (declared in pipeline.toml)"
+    n_required_positional = len(positional) - len(args.defaults)
+    required = positional[:n_required_positional] + [
+        a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True) if d is None
+    ]
+    missing = [n for n in required if n not in accepted]
+    if args.posonlyargs:
+        missing += [a.arg for a in args.posonlyargs]
+    if missing:
+        return "requires " + ", ".join(missing) + ", which the target does not declare"
+    return None
+
+
+def _may_define(tree: ast.Module, name: str) -> bool:
+    """Whether a module's top level defines or imports `name` (or might, dynamically)."""
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            if node.name in (name, "__getattr__"):
+                return True
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            for alias in node.names:
+                if alias.name == "*" or (alias.asname or alias.name).split(".")[0] == name:
+                    return True
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                if any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(t)):
+                    return True
+        elif not isinstance(node, ast.Expr):
+            # if/try/with blocks at top level: too dynamic to rule anything out.
+            return True
+    return False
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Installed versions of distributions, from their metadata (nothing is imported)."""
+    if not names:
+        return {}
+    from importlib import metadata  # costs ~10 ms: only for targets that track packages
+
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
