@@ -93,7 +93,8 @@ def _strip_docstrings(tree: ast.Module) -> None:
                 and isinstance(body[0].value, ast.Constant)
                 and isinstance(body[0].value.value, str)
             ):
-                body[0] = ast.Pass()
+                # A body of only a docstring keeps a `pass` so the tree stays valid.
+                body[:1] = [] if len(body) > 1 else [ast.Pass()]
 
 
 class CodeScanner:
@@ -194,8 +195,8 @@ class CodeScanner:
                 continue
             files[path] = parsed.digest
             is_package = path.endswith("/__init__.py")
-            for dep_name in _imported_modules(name, is_package, parsed.imports):
-                for dep in self._files_of(dep_name, search):
+            for imported in _imported_modules(name, is_package, parsed.imports):
+                for dep, dep_name in self._files_of(imported, search):
                     if dep not in files:
                         imported_by.setdefault(dep, path)
                         queue.append((dep, dep_name))
@@ -203,15 +204,16 @@ class CodeScanner:
         self._closures[key] = result
         return result
 
-    def _files_of(self, module: str, search: str) -> list[str]:
-        """Project files executed by importing `module`: its packages' `__init__`s and itself."""
-        found: list[str] = []
+    def _files_of(self, module: str, search: str) -> list[tuple[str, str]]:
+        """(file, module name) of what importing `module` executes: packages, then itself."""
+        found: list[tuple[str, str]] = []
         parts = module.split(".")
         for n in range(1, len(parts) + 1):
+            name = ".".join(parts[:n])
             for where in dict.fromkeys((search, "")):
-                rel = self.resolve(".".join(parts[:n]), where)
+                rel = self.resolve(name, where)
                 if rel is not None:
-                    found.append(rel)
+                    found.append((rel, name))
                     break
         return found
 

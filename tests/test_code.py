@@ -1,0 +1,196 @@
+"""Code-aware invalidation: what counts as a code change, for functions and scripts."""
+
+from __future__ import annotations
+
+from tests.conftest import Project
+
+PIPELINE = """
+[params]
+epochs = 1
+
+[targets.prepare]
+python = "steps.prepare:prepare"
+inputs = { raw = "data/raw.txt" }
+outputs = { clean = "build/clean.txt" }
+
+[targets.train]
+python = "steps.train:train"
+inputs = { clean = "build/clean.txt" }
+outputs = { model = "build/model.txt" }
+params = ["epochs"]
+
+[targets.evaluate]
+python = "steps.train:evaluate"
+inputs = { model = "build/model.txt" }
+outputs = { metrics = "build/metrics.txt" }
+
+[targets.report]
+cmd = "python scripts/report.py {inputs.metrics} {outputs.report}"
+inputs = { metrics = "build/metrics.txt" }
+outputs = { report = "build/report.txt" }
+"""
+
+STEPS = {
+    "steps/__init__.py": "",
+    "steps/prepare.py": '''
+        """Prepare the data."""
+
+
+        def prepare(raw, clean):
+            clean.write_text(raw.read_text().strip().upper() + "\\n")
+        ''',
+    "steps/train.py": """
+        from steps.model import fit
+
+
+        def train(clean, model, epochs):
+            model.write_text(fit(clean.read_text(), epochs))
+
+
+        def evaluate(model, metrics):
+            metrics.write_text(str(len(model.read_text())) + "\\n")
+        """,
+    "steps/model.py": """
+        from .maths import scale
+
+
+        def fit(text, epochs):
+            return text * scale(epochs)
+        """,
+    "steps/maths.py": """
+        def scale(n):
+            return n
+        """,
+    "scripts/report.py": """
+        import sys
+
+        from fmt import render
+
+        src, dst = sys.argv[1:]
+        open(dst, "w").write(render(open(src).read()))
+        """,
+    "scripts/fmt.py": """
+        def render(text):
+            return "accuracy: " + text
+        """,
+}
+
+
+def make(project: Project) -> None:
+    project.pipeline(PIPELINE)
+    project.write("data/raw.txt", "digits\n")
+    for path, text in STEPS.items():
+        project.write(path, text)
+    first = project.run()
+    assert first.code == 0, first.err
+    assert first.started() == ["prepare", "train", "evaluate", "report"]
+
+
+def test_comment_docstring_and_formatting_edits_rerun_nothing(project: Project) -> None:
+    make(project)
+    project.write(
+        "steps/maths.py",
+        """
+        # A comment, a blank line and different formatting.
+
+
+        def scale( n ):
+            '''Now with a docstring.'''
+            return (n)
+        """,
+    )
+    project.write(
+        "scripts/fmt.py", 'def render(text):  # same code\n    return "accuracy: " + text\n'
+    )
+    result = project.run()
+    assert result.code == 0
+    assert result.started() == []
+
+
+def test_edit_in_function_module_reruns_its_targets_only(project: Project) -> None:
+    make(project)
+    text = STEPS["steps/train.py"].replace("str(len(", "str(1 + len(")
+    project.write("steps/train.py", text)
+    result = project.run()
+    # evaluate's function changed; train lives in the same module, so it reruns too
+    # (it is the module that counts), but its output is identical.
+    assert result.started() == ["train", "evaluate", "report"]
+    assert "Step `evaluate` has started: code changed: steps/train.py." in result.out
+
+
+def test_helper_two_imports_away_reruns_its_importers(project: Project) -> None:
+    make(project)
+    project.write("steps/maths.py", "def scale(n):\n    return n + 1\n")
+    result = project.run()
+    assert result.started() == ["train", "evaluate", "report"]
+    assert (
+        "Step `train` has started: code changed: steps/maths.py (imported by steps/model.py)."
+        in result.out
+    )
+    assert "Step `prepare` is up to date (skipped)." in result.out
+
+
+def test_script_in_a_command_is_tracked_with_its_imports(project: Project) -> None:
+    make(project)
+    project.write("scripts/fmt.py", 'def render(text):\n    return "acc: " + text\n')
+    result = project.run()
+    assert result.started() == ["report"]
+    assert "code changed: scripts/fmt.py (imported by scripts/report.py)" in result.out
+    assert project.read("build/report.txt").startswith("acc: ")
+
+
+def test_shell_script_is_tracked_as_bytes(project: Project) -> None:
+    project.pipeline(
+        """
+        [targets.s]
+        cmd = "sh tools/make.sh {outputs.o}"
+        outputs = { o = "o.txt" }
+        """
+    )
+    project.write("tools/make.sh", "echo one > $1\n")
+    project.run()
+    project.write("tools/make.sh", "echo two > $1\n")
+    result = project.run()
+    assert "Step `s` has started: code changed: tools/make.sh." in result.out
+    assert project.read("o.txt") == "two\n"
+
+
+def test_python_dash_m_module_is_tracked(project: Project) -> None:
+    project.pipeline(
+        """
+        [targets.s]
+        cmd = "python -m tools.gen {outputs.o}"
+        outputs = { o = "o.txt" }
+        """
+    )
+    project.write("tools/__init__.py", "")
+    project.write("tools/gen.py", "import sys\nopen(sys.argv[1], 'w').write('1')\n")
+    assert project.run().code == 0
+    project.write("tools/gen.py", "import sys\nopen(sys.argv[1], 'w').write('2')\n")
+    result = project.run()
+    assert "code changed: tools/gen.py" in result.out
+    assert project.read("o.txt") == "2"
+
+
+def test_tracked_package_version_counts(project: Project) -> None:
+    project.pipeline(
+        """
+        [targets.t]
+        cmd = "echo x > {outputs.o}"
+        outputs = { o = "o.txt" }
+        track = ["pytest", "surely-not-installed-dist"]
+        """
+    )
+    assert project.run().code == 0
+    db = project.root / ".mlbuild/state.db"
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        (data,) = conn.execute("SELECT data FROM manifests WHERE target='t'").fetchone()
+        data = data.replace('"surely-not-installed-dist":null', '"surely-not-installed-dist":"0.1"')
+        conn.execute("UPDATE manifests SET data=? WHERE target='t'", (data,))
+    result = project.run()
+    assert (
+        "Step `t` has started: package surely-not-installed-dist changed 0.1 -> absent."
+        in result.out
+    )
