@@ -1,0 +1,23 @@
+"""Evaluate step: test accuracy and loss of the trained model, as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def evaluate(data: Path, model: Path, metrics: Path) -> None:
+    """Write {"accuracy": ..., "loss": ..., "test_images": ...} to `metrics`."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
+    import tensorflow as tf
+
+    with np.load(data) as arrays:
+        x_test, y_test = arrays["x_test"], arrays["y_test"]
+    net = tf.keras.models.load_model(model)
+    loss, accuracy = net.evaluate(x_test, y_test, verbose=0)
+    result = {"accuracy": float(accuracy), "loss": float(loss), "test_images": len(x_test)}
+    metrics.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"evaluator: test accuracy {accuracy:.4f}, loss {loss:.4f}")
