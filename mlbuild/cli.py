@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="after a failure, build everything that does not depend on it",
     )
     run.add_argument("--explain", action="store_true", help="show the reasons for every target")
+    run.add_argument(
+        "--no-cache", action="store_true", help="do not restore outputs from the cache this run"
+    )
     run.add_argument("-q", "--quiet", action="store_true", help="only failures and the summary")
     run.add_argument("-v", "--verbose", action="store_true", help="also show commands")
     run.set_defaults(handler=cmd_run)
@@ -85,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     lister = sub.add_parser("list", parents=[common], help="the targets, in build order")
     lister.set_defaults(handler=cmd_list)
+
+    gc = sub.add_parser("gc", parents=[common], help="prune the output cache")
+    gc.add_argument("--max-size", metavar="SIZE", help="keep the newest entries up to SIZE (10GB)")
+    gc.add_argument("--keep-runs", type=int, metavar="N", help="keep N older entries per target")
+    gc.set_defaults(handler=cmd_gc)
+
+    cache = sub.add_parser("cache", parents=[common], help="inspect the output cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
+    verify = cache_sub.add_parser("verify", parents=[common], help="find corrupted objects")
+    verify.set_defaults(handler=cmd_cache_verify)
 
     clean = sub.add_parser("clean", parents=[common], help="remove targets' declared outputs")
     clean.add_argument("targets", nargs="*", metavar="TARGET")
@@ -112,6 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         force=None if args.force is None else frozenset(args.force),
         dry_run=args.dry_run,
         keep_going=args.keep_going,
+        no_cache=args.no_cache,
         command_line=args.command_line,
     )
     with open_state(pipeline, reporter) as store:
@@ -149,6 +163,58 @@ def cmd_list(args: argparse.Namespace) -> int:
         needs = f"  (after {', '.join(graph.deps[name])})" if graph.deps[name] else ""
         print(f"{name}: {target.description or action}{needs}")
     return EXIT_OK
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from mlbuild.cache import Cache, collect_garbage, parse_size
+    from mlbuild.staleness import Fingerprint
+
+    pipeline, _ = load(args)
+    try:
+        max_size = parse_size(args.max_size) if args.max_size else None
+    except ValueError as exc:
+        raise UsageError(f"--max-size: {exc}") from None
+    reporter = PlainReporter()
+    with open_state(pipeline, reporter) as store:
+        current: dict[str, dict[str, str]] = {}
+        for target, stored in store.load_manifests().items():
+            fingerprint = Fingerprint.from_json(stored.data)
+            if fingerprint is not None:
+                current[target] = dict(fingerprint.outputs)
+    cache = Cache(pipeline.root / STATE_DIR / "cache")
+    report = collect_garbage(cache, current, max_size=max_size, keep_runs=args.keep_runs)
+    print(
+        f"mlbuild gc: removed {report.entries_removed} entries and {report.objects_removed}"
+        f" objects, freed {_size(report.bytes_freed)}; kept {report.entries_kept} entries"
+        f" ({_size(report.bytes_kept)})."
+    )
+    if max_size is None and args.keep_runs is None:
+        print("  (every entry kept: use --max-size or --keep-runs to drop older ones)")
+    return EXIT_OK
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from mlbuild.cache import Cache, verify_objects
+
+    pipeline, _ = load(args)
+    checked, corrupt = verify_objects(Cache(pipeline.root / STATE_DIR / "cache"))
+    for digest in corrupt:
+        print(f"corrupted object {digest} removed (its entries will be dropped when used)")
+    print(f"mlbuild cache verify: {checked} objects checked, {len(corrupt)} corrupted.")
+    return EXIT_FAILED if corrupt else EXIT_OK
+
+
+def _size(n: int) -> str:
+    """Bytes in decimal units, as `--max-size` reads them."""
+    if n < 1000:
+        return f"{n} B"
+    value = float(n)
+    units = ["kB", "MB", "GB", "TB"]
+    for unit in units:
+        value /= 1000
+        if value < 1000 or unit == units[-1]:
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def cmd_clean(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ _TARGET_KEYS = (
     "after",
     "always_run",
     "persist",
+    "cache",
     "track",
     "description",
 )
@@ -73,6 +74,7 @@ class Target:
     after: tuple[str, ...] = ()
     always_run: bool = False
     persist: bool = False
+    cache: bool = True  # store outputs in the output cache and restore them from it
     track: tuple[str, ...] = ()
     description: str = ""
 
@@ -276,6 +278,7 @@ class _Loader:
             after=self._strings(f"{where}.after", raw.get("after", [])),
             always_run=self._bool(f"{where}.always_run", raw.get("always_run", False)),
             persist=self._bool(f"{where}.persist", raw.get("persist", False)),
+            cache=self._bool(f"{where}.cache", raw.get("cache", True)),
             track=self._strings(f"{where}.track", raw.get("track", [])),
             description=str(raw.get("description", "")),
         )

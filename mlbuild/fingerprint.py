@@ -135,6 +135,11 @@ class Fingerprinter:
             for key in [k for k in self.stats if k == path or k.startswith(prefix)]:
                 del self.stats[key]
 
+    def remember(self, rel: str, entry: StatEntry) -> None:
+        """Record a digest learned elsewhere (a verified restore from the cache)."""
+        self.stats[rel] = entry
+        self.updates[rel] = entry
+
     def digest(self, rel: str) -> Digest:
         """The fingerprint of a project-relative path, following no symlink."""
         full = self._prefix + rel

@@ -7,6 +7,7 @@ passed through as it arrives (and is always in `.mlbuild/logs/`).
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from typing import TextIO
 
@@ -59,6 +60,10 @@ class PlainReporter:
     def finished(self, target: str, duration: float) -> None:
         self._say(f"Step `{target}` has finished in {duration:.3f}s.")
 
+    def restored(self, target: str, duration: float, original_run: float) -> None:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(original_run))
+        self._say(f"Step `{target}` restored from cache in {duration:.3f}s (run {when}).")
+
     def failed(self, failure: Failure, duration: float) -> None:
         lines = [f"Step `{failure.target}` failed after {duration:.3f}s: {failure.message}."]
         lines.append(f"  command: {failure.command}")
@@ -82,13 +87,7 @@ class PlainReporter:
 
     def summary(self, result: BuildResult) -> None:
         parts = []
-        for outcome in (
-            Outcome.RAN,
-            Outcome.SKIPPED,
-            Outcome.PENDING,
-            Outcome.FAILED,
-            Outcome.NOT_RUN,
-        ):
+        for outcome in Outcome:
             count = result.count(outcome)
             if count:
                 parts.append(f"{count} {outcome.value}")

@@ -36,8 +36,9 @@ from mlbuild.staleness import (
 from mlbuild.store import RunRow, Store
 
 if TYPE_CHECKING:
-    # The executor (and subprocess with it) is imported only when a step runs:
-    # a no-op build never pays for it.
+    # The executor and the cache (subprocess, shutil, tempfile with them) are
+    # imported only when a target is stale: a no-op build never pays for them.
+    from mlbuild.cache import Cache
     from mlbuild.executor import ExecResult, LocalExecutor
 
 
@@ -46,6 +47,7 @@ class Outcome(enum.Enum):
 
     SKIPPED = "skipped"  # fresh
     RAN = "ran"
+    RESTORED = "restored"  # stale, and its outputs for this key came from the cache
     FAILED = "failed"
     NOT_RUN = "not run"  # an upstream target failed, or the build stopped first
     PENDING = "would run"  # dry run: stale, or waiting on a stale upstream
@@ -79,6 +81,7 @@ class BuildOptions:
     force: frozenset[str] | None = None  # None: nothing; empty: every selected target
     dry_run: bool = False
     keep_going: bool = False
+    no_cache: bool = False  # do not restore from the output cache (still store)
     command_line: str = "run"
 
 
@@ -103,6 +106,7 @@ class Reporter(Protocol):
     def started(self, target: str, decision: Decision, command: str) -> None: ...
     def output(self, target: str, data: bytes) -> None: ...
     def finished(self, target: str, duration: float) -> None: ...
+    def restored(self, target: str, duration: float, original_run: float) -> None: ...
     def failed(self, failure: Failure, duration: float) -> None: ...
     def not_run(self, target: str, because: str) -> None: ...
     def would_run(self, target: str, reasons: Sequence[str]) -> None: ...
@@ -172,6 +176,8 @@ class Build:
         self.options = options
         self.root = graph.pipeline.root
         self._executor: LocalExecutor | None = None
+        self._cache: Cache | None = None
+        self.cache_broken = False  # set after a failed write: no more caching this run
         self.manifests = store.load_manifests()
         self.fp = Fingerprinter(self.root, store.load_stats())
         parsed = {raw: Parsed.from_json(data) for raw, data in store.load_parsed().items()}
@@ -258,6 +264,8 @@ class Build:
             del self.manifests[name]
         if not target.persist:
             remove_outputs(self.root, target)
+        if self._restore(target, now, decision):
+            return
         for port in target.outputs:
             (self.root / port.path).parent.mkdir(parents=True, exist_ok=True)
         self.reporter.started(name, decision, command)
@@ -271,9 +279,65 @@ class Build:
             self.reporter.failed(failure, result.duration)
             self.stopped = not self.options.keep_going
             return
-        self._record(target, now, result.duration)
+        done = self._record(target, now, result.duration)
         self._finish(TargetResult(name, Outcome.RAN, decision.reasons, result.duration))
         self.reporter.finished(name, result.duration)
+        self._store_outputs(target, done, result.duration)
+
+    def _cacheable(self, target: Target) -> bool:
+        return target.cache and not target.always_run and not self.cache_broken
+
+    def _restore(self, target: Target, now: Observation, decision: Decision) -> bool:
+        """Put the outputs of an earlier run with the same key in place; False if none."""
+        if not self._cacheable(target) or self.options.no_cache or "forced" in decision.reasons:
+            return False
+        from mlbuild.cache import CacheError, cache_key
+
+        start = time.perf_counter()
+        key = cache_key(target.name, now.fingerprint, [p.path for p in target.outputs])
+        entry = self.cache.lookup(key)
+        if entry is None:
+            return False
+        try:
+            outputs = self.cache.restore(entry, self.root, self.fp)
+        except (CacheError, OSError) as exc:
+            self.reporter.warn(f"cache entry of `{target.name}` not used: {exc}; running it")
+            self.cache.drop(key)
+            remove_outputs(self.root, target)
+            return False
+        fingerprint = replace(now.fingerprint, outputs=outputs)
+        self.store.record(
+            target.name,
+            fingerprint.to_json(),
+            entry.duration,
+            self.fp.take_updates(),
+            now.listings,
+        )
+        duration = time.perf_counter() - start
+        self._finish(TargetResult(target.name, Outcome.RESTORED, decision.reasons, duration))
+        self.reporter.restored(target.name, duration, entry.created)
+        return True
+
+    def _store_outputs(self, target: Target, done: Observation, duration: float) -> None:
+        if not self._cacheable(target):
+            return
+        from mlbuild.cache import CacheError, cache_key
+
+        paths = [p.path for p in target.outputs]
+        key = cache_key(target.name, done.fingerprint, paths)
+        try:
+            self.cache.save(key, target.name, self.root, done, duration)
+        except CacheError as exc:
+            self.cache_broken = True
+            self.reporter.warn(f"{exc}; the build goes on without caching outputs")
+
+    @property
+    def cache(self) -> Cache:
+        if self._cache is None:
+            from mlbuild.cache import Cache
+
+            self._cache = Cache(self.root / STATE_DIR / "cache")
+        return self._cache
 
     @property
     def executor(self) -> LocalExecutor:
@@ -297,7 +361,7 @@ class Build:
             return Failure(target.name, command, message, result.log_path, tail)
         return None
 
-    def _record(self, target: Target, before_run: Observation, duration: float) -> None:
+    def _record(self, target: Target, before_run: Observation, duration: float) -> Observation:
         """Store the manifest: inputs as observed before the step, outputs as they are now.
 
         Recording the pre-run input digests means an input edited while the
@@ -309,6 +373,7 @@ class Build:
         self.store.record(
             target.name, fingerprint.to_json(), duration, self.fp.take_updates(), listings
         )
+        return Observation(fingerprint, listings, before_run.imported_by)
 
     def _finish(self, result: TargetResult) -> None:
         self.outcomes[result.name] = result.outcome

@@ -189,7 +189,7 @@ def test_tracked_package_version_counts(project: Project) -> None:
         (data,) = conn.execute("SELECT data FROM manifests WHERE target='t'").fetchone()
         data = data.replace('"surely-not-installed-dist":null', '"surely-not-installed-dist":"0.1"')
         conn.execute("UPDATE manifests SET data=? WHERE target='t'", (data,))
-    result = project.run()
+    result = project.run("run", "--no-cache")
     assert (
         "Step `t` has started: package surely-not-installed-dist changed 0.1 -> absent."
         in result.out

@@ -100,8 +100,12 @@ def test_set_overrides_without_editing_the_file(project: Project) -> None:
     assert project.read("build/greet.txt") == "hello\n"
     strings = project.run("run", "--set", "greeting=bonjour", "--set", "repeat=1")
     assert 'param greeting changed "hello" -> "bonjour"' in strings.out
-    # Back to the file's values: the recorded manifest is for repeat=1, so greet reruns.
-    assert project.run().started() == ["greet", "report"]
+    # Back to the file's values: greet is stale (its manifest is for repeat=1), and its
+    # outputs for repeat=2 come back from the output cache instead of running again.
+    back = project.run()
+    assert back.started() == []
+    assert "Step `greet` restored from cache in " in back.out
+    assert project.read("build/greet.txt") == "hello\nhello\n"
 
 
 def test_command_change_and_output_tampering(project: Project) -> None:
@@ -111,12 +115,18 @@ def test_command_change_and_output_tampering(project: Project) -> None:
     result = project.run()
     assert "Step `first_line` has started: command changed." in result.out
     (project.root / "build/report.txt").write_text("tampered\n")
-    result = project.run()
+    result = project.run("run", "--no-cache")
     assert result.started() == ["report"]
     assert "output modified: build/report.txt" in result.out
     (project.root / "build/greet.txt").unlink()
-    result = project.run()
+    result = project.run("run", "--no-cache")
     assert "Step `greet` has started: output missing: build/greet.txt." in result.out
+    # With the cache, a tampered output is put back without running anything.
+    (project.root / "build/report.txt").write_text("tampered again\n")
+    result = project.run()
+    assert result.started() == []
+    assert "Step `report` restored from cache" in result.out
+    assert project.read("build/report.txt") == "ONE\nTWO\nhello\nhello\n"
 
 
 def test_selection_builds_only_what_the_target_needs(project: Project) -> None:
@@ -299,7 +309,7 @@ def test_clean_removes_declared_outputs_only(project: Project) -> None:
     result = project.run("clean", "greet")
     assert result.out == "removed build/greet.txt\n"
     assert (project.root / "build/report.txt").exists()
-    assert project.run().started() == ["greet"]
+    assert project.run("run", "--no-cache").started() == ["greet"]
     project.run("clean")
     assert sorted(p.name for p in (project.root / "build").iterdir()) == ["keep.txt"]
 
@@ -316,7 +326,7 @@ def test_state_db_is_versioned_and_corruption_starts_over(project: Project) -> N
     for suffix in ("-wal", "-shm"):
         (project.root / f".mlbuild/state.db{suffix}").unlink(missing_ok=True)
     db.write_bytes(b"this is not a database" * 100)
-    result = project.run()
+    result = project.run("run", "--no-cache")
     assert result.code == 0
     assert "was moved to state.db.bad-" in result.err
     assert result.started() == ["upper", "first_line", "greet", "report"]

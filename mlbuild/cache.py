@@ -1,0 +1,433 @@
+"""The local output cache: content-addressed objects and run-cache entries.
+
+Layout, under `.mlbuild/cache/`:
+
+- `objects/<d[:2]>/<d[2:]>`: the bytes of one output file, named by its BLAKE3
+  digest `d`. Written as a temp file in the same directory, then renamed, so
+  an object is never half-written. Objects are copies, never hard links into
+  the workspace: a user editing a restored output cannot corrupt the cache.
+- `runs/<k[:2]>/<k[2:]>.json`: one entry per target key `k` (a digest over the
+  target's name, action, code, params, env, packages, input digests and output
+  paths). It lists each output's recorded fingerprint and, for a directory,
+  its tree: `[relative path, "file:<digest>" | "dir:" | "link:<hash>", mode,
+  link target]`. Written last, by rename, as the commit point.
+
+Restoring copies each object to a temp file beside the output (a
+copy-on-write clone where the filesystem supports `copy_file_range` reflinks),
+hashes the copy, and renames it into place only if the digest matches; a
+mismatch means a corrupted object, which is deleted with its entry, and the
+target simply runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat as _stat
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlbuild.fingerprint import Fingerprinter, StatEntry, hash_bytes, hash_file
+from mlbuild.staleness import Fingerprint, Observation
+
+ENTRY_VERSION = 1
+_HEX = frozenset("0123456789abcdef")
+
+
+class CacheError(Exception):
+    """The cache cannot be used for this operation (unwritable, full disk, bad entry)."""
+
+
+class CorruptObject(CacheError):
+    """An object's bytes do not match its digest."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A run-cache entry: the outputs a target produced for one key."""
+
+    key: str
+    target: str
+    created: float
+    duration: float
+    outputs: Mapping[str, Any]  # path -> {"fingerprint": ..., "tree": [...] for dirs}
+    size: int
+
+    def objects(self) -> set[str]:
+        """Digests of every object the entry needs."""
+        found: set[str] = set()
+        for out in self.outputs.values():
+            fp = out["fingerprint"]
+            if fp.startswith("file:"):
+                found.add(fp[5:])
+            for _, value, _, _ in out.get("tree", ()):
+                if value.startswith("file:"):
+                    found.add(value[5:])
+        return found
+
+
+def cache_key(target_name: str, fingerprint: Fingerprint, output_paths: Iterable[str]) -> str:
+    """The run-cache key: everything the outputs depend on, and where they go."""
+    data = json.loads(fingerprint.to_json())
+    data.pop("outputs", None)
+    data["target"] = target_name
+    data["output_paths"] = sorted(output_paths)
+    return hash_bytes(json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
+
+
+def is_digest(text: str) -> bool:
+    """A 64-character lowercase hex digest (anything else is never used as a path)."""
+    return len(text) == 64 and set(text) <= _HEX
+
+
+def _copy(src: str, dst_fd: int) -> None:
+    """Copy a file's bytes into an open descriptor, in the kernel where possible.
+
+    `copy_file_range` clones extents (copy-on-write) on filesystems that
+    support reflinks (Btrfs, XFS) and copies in the kernel elsewhere; a plain
+    read/write loop covers the rest (other filesystems, other systems).
+    """
+    with open(src, "rb") as source:
+        src_fd = source.fileno()
+        size = os.fstat(src_fd).st_size
+        copied = 0
+        try:
+            while copied < size:
+                n = os.copy_file_range(src_fd, dst_fd, size - copied)
+                if n == 0:
+                    break
+                copied += n
+            return
+        except (OSError, AttributeError):
+            os.lseek(src_fd, copied, os.SEEK_SET)
+            os.lseek(dst_fd, copied, os.SEEK_SET)
+        while chunk := os.read(src_fd, 1 << 20):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(dst_fd, view) :]
+
+
+class Cache:
+    """Objects and entries under `root` (`.mlbuild/cache`)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.objects_dir = root / "objects"
+        self.runs_dir = root / "runs"
+
+    def object_path(self, digest: str) -> Path:
+        return self.objects_dir / digest[:2] / digest[2:]
+
+    def entry_path(self, key: str) -> Path:
+        return self.runs_dir / key[:2] / f"{key[2:]}.json"
+
+    # -- saving -------------------------------------------------------------
+
+    def save(
+        self, key: str, target: str, project: Path, observation: Observation, duration: float
+    ) -> Entry:
+        """Store a target's outputs and then its entry. Raises CacheError on any OSError."""
+        try:
+            return self._save(key, target, project, observation, duration)
+        except OSError as exc:
+            raise CacheError(f"cannot write the cache in {self.root}: {exc.strerror}") from exc
+
+    def _save(
+        self, key: str, target: str, project: Path, observation: Observation, duration: float
+    ) -> Entry:
+        outputs: dict[str, Any] = {}
+        size = 0
+        for path, fingerprint in observation.fingerprint.outputs.items():
+            full = project / path
+            if fingerprint.startswith("file:"):
+                st = full.stat()
+                self._put(str(full), fingerprint[5:])
+                outputs[path] = {"fingerprint": fingerprint, "mode": _stat.S_IMODE(st.st_mode)}
+                size += st.st_size
+            elif fingerprint.startswith("dir:"):
+                tree: list[list[Any]] = []
+                for rel, value in observation.listings[fingerprint]:
+                    child = full / rel
+                    st = child.lstat()
+                    link = os.readlink(child) if value.startswith("link:") else ""
+                    if value.startswith("file:"):
+                        self._put(str(child), value[5:])
+                        size += st.st_size
+                    tree.append([rel, value, _stat.S_IMODE(st.st_mode), link])
+                outputs[path] = {"fingerprint": fingerprint, "tree": tree}
+            else:
+                raise CacheError(f"output {path} cannot be cached ({fingerprint.split(':')[0]})")
+        entry = Entry(key, target, time.time(), duration, outputs, size)
+        payload = {
+            "version": ENTRY_VERSION,
+            "key": key,
+            "target": target,
+            "created": entry.created,
+            "duration": duration,
+            "size": size,
+            "outputs": outputs,
+        }
+        self._write_atomic(self.entry_path(key), json.dumps(payload).encode())
+        return entry
+
+    def _put(self, src: str, digest: str) -> None:
+        dest = self.object_path(digest)
+        if dest.exists():
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        try:
+            try:
+                _copy(src, fd)
+                os.fchmod(fd, 0o444)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _write_atomic(self, dest: Path, data: bytes) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # -- looking up and restoring --------------------------------------------
+
+    def lookup(self, key: str) -> Entry | None:
+        """The entry for `key`, or None (missing, unreadable or of another version)."""
+        try:
+            data = json.loads(self.entry_path(key).read_bytes())
+        except (OSError, ValueError):
+            return None
+        if data.get("version") != ENTRY_VERSION or data.get("key") != key:
+            return None
+        return Entry(
+            key, data["target"], data["created"], data["duration"], data["outputs"], data["size"]
+        )
+
+    def drop(self, key: str) -> None:
+        self.entry_path(key).unlink(missing_ok=True)
+
+    def restore(self, entry: Entry, project: Path, fp: Fingerprinter) -> dict[str, str]:
+        """Put an entry's outputs in place, verified; return their fingerprints.
+
+        Raises CorruptObject (the bad object is deleted) or CacheError (a
+        missing object, an unusable entry); outputs are then left removed.
+        """
+        missing = [
+            d for d in entry.objects() if not is_digest(d) or not self.object_path(d).exists()
+        ]
+        if missing:
+            raise CacheError(f"object {missing[0][:12]} is missing")
+        restored: dict[str, str] = {}
+        for path, out in entry.outputs.items():
+            if not _inside(project, path):
+                raise CacheError(f"entry names a path outside the project: {path}")
+            full = project / path
+            full.parent.mkdir(parents=True, exist_ok=True)
+            fingerprint = out["fingerprint"]
+            if fingerprint.startswith("file:"):
+                self._restore_file(fingerprint[5:], full, out.get("mode", 0o644), fp, path)
+            else:
+                self._restore_dir(out["tree"], full, fp, path)
+            restored[path] = fingerprint
+        return restored
+
+    def _restore_file(
+        self, digest: str, dest: Path, mode: int, fp: Fingerprinter, rel: str
+    ) -> None:
+        source = str(self.object_path(digest))
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.mlbuild-")
+        try:
+            checked_ns = time.time_ns()
+            try:
+                _copy(source, fd)
+                os.fchmod(fd, mode & 0o7777 | 0o200)
+            finally:
+                os.close(fd)
+            st = os.stat(tmp)
+            actual = hash_file(tmp, st.st_size)
+            if actual != digest:
+                self.object_path(digest).unlink(missing_ok=True)
+                raise CorruptObject(
+                    f"object {digest[:12]} is corrupted (its bytes hash to {actual[:12]})"
+                )
+            os.replace(tmp, dest)
+            fp.remember(rel, StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, checked_ns, digest))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _restore_dir(self, tree: list[list[Any]], dest: Path, fp: Fingerprinter, rel: str) -> None:
+        staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.mlbuild-"))
+        try:
+            for child, value, _mode, link in tree:
+                if not _inside(staging, child):
+                    raise CacheError(f"entry names a path outside its directory: {child}")
+                target = staging / child
+                if value == "dir:":
+                    target.mkdir(parents=True, exist_ok=True)
+                elif value.startswith("link:"):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.symlink_to(link)
+            for child, value, mode, _ in tree:
+                if value.startswith("file:"):
+                    target = staging / child
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    self._restore_file(value[5:], target, mode, fp, f"{rel}/{child}")
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(staging, dest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    # -- maintenance --------------------------------------------------------
+
+    def entries(self) -> Iterator[tuple[Path, Entry]]:
+        """Every readable entry, with its file."""
+        if not self.runs_dir.is_dir():
+            return
+        for folder in sorted(self.runs_dir.iterdir()):
+            for path in sorted(folder.glob("*.json")):
+                entry = self.lookup(folder.name + path.stem)
+                if entry is not None:
+                    yield path, entry
+
+    def object_files(self) -> Iterator[tuple[str, Path]]:
+        """(digest, path) of every object on disk."""
+        if not self.objects_dir.is_dir():
+            return
+        for folder in self.objects_dir.iterdir():
+            if folder.is_dir():
+                for path in folder.iterdir():
+                    if not path.name.startswith(".tmp-"):
+                        yield folder.name + path.name, path
+
+
+def _inside(root: Path, rel: str) -> bool:
+    """A relative path that stays below `root` once normalized."""
+    if os.path.isabs(rel):
+        return False
+    norm = os.path.normpath(rel)
+    return norm != ".." and not norm.startswith(".." + os.sep) and norm != "."
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What `mlbuild gc` removed and kept."""
+
+    entries_removed: int
+    objects_removed: int
+    bytes_freed: int
+    entries_kept: int
+    bytes_kept: int
+
+
+def collect_garbage(
+    cache: Cache,
+    current: Mapping[str, Mapping[str, str]],
+    *,
+    max_size: int | None = None,
+    keep_runs: int | None = None,
+) -> GcReport:
+    """Delete entries and objects that are neither current nor among the newest kept.
+
+    `current` maps each target to the output fingerprints of its manifest: the
+    entries producing exactly those are always kept. Of the others, the newest
+    are kept up to `max_size` bytes of objects in all and `keep_runs` entries
+    per target; with neither limit every entry is kept and only objects no
+    entry references (and leftover temp files) are removed.
+    """
+    entries = list(cache.entries())
+    sizes = {digest: path.stat().st_size for digest, path in cache.object_files()}
+    kept: list[Entry] = []
+    others: list[tuple[Path, Entry]] = []
+    for path, entry in entries:
+        outputs = {p: o["fingerprint"] for p, o in entry.outputs.items()}
+        if current.get(entry.target) == outputs:
+            kept.append(entry)
+        else:
+            others.append((path, entry))
+    others.sort(key=lambda item: item[1].created, reverse=True)
+    kept_objects = set().union(*(e.objects() for e in kept)) if kept else set()
+    per_target: dict[str, int] = {}
+    removed_entries = 0
+    for path, entry in others:
+        count = per_target.get(entry.target, 0)
+        objects = entry.objects()
+        grown = kept_objects | objects
+        too_many = keep_runs is not None and count >= keep_runs
+        too_big = max_size is not None and sum(sizes.get(d, 0) for d in grown) > max_size
+        if too_many or too_big:
+            path.unlink(missing_ok=True)
+            removed_entries += 1
+            continue
+        per_target[entry.target] = count + 1
+        kept.append(entry)
+        kept_objects = grown
+    objects_removed = bytes_freed = 0
+    for digest, path in cache.object_files():
+        if digest not in kept_objects:
+            bytes_freed += sizes.get(digest, 0)
+            path.unlink(missing_ok=True)
+            objects_removed += 1
+    _remove_stale_temp_files(cache.root)
+    bytes_kept = sum(sizes.get(d, 0) for d in kept_objects)
+    return GcReport(removed_entries, objects_removed, bytes_freed, len(kept), bytes_kept)
+
+
+def _remove_stale_temp_files(root: Path, older_than: float = 3600.0) -> None:
+    """Temp files of writers that died (an hour old: no live writer takes that long)."""
+    limit = time.time() - older_than
+    for tmp in root.glob("*/*/.tmp-*"):
+        try:
+            if tmp.stat().st_mtime < limit:
+                tmp.unlink()
+        except OSError:
+            continue
+
+
+def verify_objects(cache: Cache) -> tuple[int, list[str]]:
+    """Hash every object; delete and return the digests of corrupted ones."""
+    checked = 0
+    corrupt: list[str] = []
+    for digest, path in cache.object_files():
+        checked += 1
+        if hash_file(path, path.stat().st_size) != digest:
+            path.unlink(missing_ok=True)
+            corrupt.append(digest)
+    return checked, corrupt
+
+
+def parse_size(text: str) -> int:
+    """`10GB`, `500M`, `1.5GiB`, `2048` to bytes (decimal units, binary with `i`)."""
+    units = {
+        "": 1,
+        "k": 10**3,
+        "m": 10**6,
+        "g": 10**9,
+        "t": 10**12,
+        "ki": 2**10,
+        "mi": 2**20,
+        "gi": 2**30,
+        "ti": 2**40,
+    }
+    raw = text.strip().lower().removesuffix("b")
+    number = raw.rstrip("kmgti")
+    unit = raw[len(number) :]
+    if unit not in units:
+        raise ValueError(f"unknown size unit in {text!r}")
+    return int(float(number) * units[unit])
