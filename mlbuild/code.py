@@ -118,7 +118,10 @@ class CodeScanner:
             return self._closure(rel, module, "", strict=True)
         files: dict[str, str] = {}
         imported_by: dict[str, str] = {}
+        outputs = [p.path for p in target.outputs]
         for rel, module, search in self.scripts_of(target.command or ""):
+            if any(rel == out or rel.startswith(out + "/") for out in outputs):
+                continue  # a script the step writes is its output, not its code
             if rel.endswith(".py"):
                 found = self._closure(rel, module, search, strict=False)
                 files.update(found.files)
