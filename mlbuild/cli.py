@@ -18,9 +18,12 @@ from typing import Any, NoReturn
 
 from mlbuild.config import STATE_DIR, Pipeline, find_pipeline, load_pipeline, parse_overrides
 from mlbuild.errors import Interrupted, MlbuildError, UsageError
+from mlbuild.executor import reap_orphans
 from mlbuild.graph import Graph, build_graph
+from mlbuild.lock import WorkspaceLock
 from mlbuild.report import PlainReporter
-from mlbuild.runner import BuildOptions, Outcome, remove_outputs, run_build
+from mlbuild.results import BuildOptions, Outcome
+from mlbuild.runner import remove_outputs, run_build
 from mlbuild.store import Store, open_store
 
 EXIT_OK = 0
@@ -66,6 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TARGET",
         default=None,
         help="run these targets (all selected if none named) even if fresh",
+    )
+    run.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="run up to N steps at once (default: the number of CPUs)",
+    )
+    run.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="fail at once if another mlbuild is running in this workspace",
     )
     run.add_argument(
         "-k",
@@ -118,18 +134,25 @@ def open_state(pipeline: Pipeline, reporter: PlainReporter) -> Store:
 
 def cmd_run(args: argparse.Namespace) -> int:
     pipeline, graph = load(args)
+    if args.jobs < 1:
+        raise UsageError(f"-j {args.jobs}: needs at least 1")
     verbosity = -1 if args.quiet else (1 if args.verbose else 0)
-    reporter = PlainReporter(verbosity=verbosity, explain=args.explain)
+    reporter = PlainReporter(verbosity=verbosity, explain=args.explain, prefix=args.jobs > 1)
     options = BuildOptions(
         targets=tuple(args.targets),
         force=None if args.force is None else frozenset(args.force),
         dry_run=args.dry_run,
         keep_going=args.keep_going,
         no_cache=args.no_cache,
+        jobs=args.jobs,
         command_line=args.command_line,
     )
-    with open_state(pipeline, reporter) as store:
-        result = run_build(graph, store, reporter, options)
+    state_dir = pipeline.root / STATE_DIR
+    with WorkspaceLock(state_dir, args.command_line, wait=not args.no_wait, notify=reporter.warn):
+        for name in reap_orphans(pipeline.root):
+            reporter.warn(f"stopped step `{name}` left running by an mlbuild that was killed")
+        with open_state(pipeline, reporter) as store:
+            result = run_build(graph, store, reporter, options)
     reporter.summary(result)
     return EXIT_OK if result.ok else EXIT_FAILED
 
@@ -137,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     pipeline, graph = load(args)
     silent = PlainReporter(verbosity=-1)
-    options = BuildOptions(targets=tuple(args.targets), dry_run=True)
+    options = BuildOptions(targets=tuple(args.targets), dry_run=True, read_only=True)
     with open_state(pipeline, silent) as store:
         result = run_build(graph, store, silent, options)
     stale = [r for r in result.results if r.outcome is not Outcome.SKIPPED]

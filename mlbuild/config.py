@@ -24,7 +24,7 @@ from mlbuild.errors import PipelineError, UsageError
 PIPELINE_FILE = "pipeline.toml"
 STATE_DIR = ".mlbuild"
 
-_TOP_KEYS = ("params", "targets")
+_TOP_KEYS = ("params", "pools", "targets")
 _TARGET_KEYS = (
     "cmd",
     "python",
@@ -36,6 +36,7 @@ _TARGET_KEYS = (
     "always_run",
     "persist",
     "cache",
+    "pool",
     "track",
     "description",
 )
@@ -75,6 +76,7 @@ class Target:
     always_run: bool = False
     persist: bool = False
     cache: bool = True  # store outputs in the output cache and restore them from it
+    pool: str | None = None  # a [pools] name limiting how many such steps run at once
     track: tuple[str, ...] = ()
     description: str = ""
 
@@ -101,6 +103,7 @@ class Pipeline:
     file: Path  # absolute path of pipeline.toml
     params: Mapping[str, Any]
     targets: Mapping[str, Target] = field(default_factory=dict)
+    pools: Mapping[str, int] = field(default_factory=dict)  # name -> concurrent steps
 
     @property
     def root(self) -> Path:
@@ -213,10 +216,22 @@ class _Loader:
             for pname in raw["params"]
         }
         local_overrides = self._split_overrides(params, local_names)
+        pools = self.data.get("pools", {})
+        if not isinstance(pools, dict):
+            raise self.fail("pools", "must be a table of name = number of concurrent steps")
+        for pool, depth in pools.items():
+            if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+                raise self.fail(f"pools.{pool}", "must be a whole number of at least 1")
         targets: dict[str, Target] = {}
         for name, raw in raw_targets.items():
-            targets[name] = self._target(name, raw, params, local_overrides.get(name, {}))
-        return Pipeline(file=self.file, params=params, targets=targets)
+            target = self._target(name, raw, params, local_overrides.get(name, {}))
+            if target.pool is not None and target.pool not in pools:
+                raise self.fail(
+                    f"targets.{name}.pool",
+                    f"unknown pool '{target.pool}'" + did_you_mean(target.pool, list(pools)),
+                )
+            targets[name] = target
+        return Pipeline(file=self.file, params=params, targets=targets, pools=pools)
 
     def _split_overrides(
         self, params: dict[str, Any], local_names: set[tuple[str, str]]
@@ -279,6 +294,7 @@ class _Loader:
             always_run=self._bool(f"{where}.always_run", raw.get("always_run", False)),
             persist=self._bool(f"{where}.persist", raw.get("persist", False)),
             cache=self._bool(f"{where}.cache", raw.get("cache", True)),
+            pool=self._optional_string(f"{where}.pool", raw.get("pool")),
             track=self._strings(f"{where}.track", raw.get("track", [])),
             description=str(raw.get("description", "")),
         )
@@ -360,6 +376,11 @@ class _Loader:
         if not isinstance(raw, list) or not all(isinstance(v, str) and v for v in raw):
             raise self.fail(key, "must be a list of strings")
         return tuple(raw)
+
+    def _optional_string(self, key: str, raw: Any) -> str | None:
+        if raw is not None and (not isinstance(raw, str) or not raw):
+            raise self.fail(key, "must be a string")
+        return raw
 
     def _bool(self, key: str, raw: Any) -> bool:
         if not isinstance(raw, bool):

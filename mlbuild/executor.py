@@ -1,28 +1,35 @@
-"""Running one target: a shell command or a Python worker, output captured to a log, timed.
+"""Running steps: shell commands or Python workers, many at once, output to logs, timed.
 
-Each step runs in the pipeline's directory, in a process group of its own, so
-that an interrupt reaches everything it started (a training script's data
-loader workers included). Its output goes to `.mlbuild/logs/<target>.log` and,
-as it arrives, to a callback that shows it to the user.
+Each step runs in the pipeline's directory in a process group (a session) of
+its own, so that an interrupt reaches everything it started (a training
+script's data loader workers included). One thread multiplexes the output
+pipes of all running steps with `selectors`, as Ninja does with ppoll: no
+threads, no locks, and Ctrl-C lands in the main thread.
+
+While a step runs, `.mlbuild/running/<target>` names its process group, so
+that if mlbuild itself is killed (-9) the next run can stop leftover steps
+before starting them again (`reap_orphans`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import selectors
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from mlbuild.config import Target, render_value
+from mlbuild.config import STATE_DIR, Target, render_value
 from mlbuild.fingerprint import expand_port
 
-OutputFn = Callable[[bytes], None]
 TERM_GRACE_SECONDS = 5.0
 _TAIL_LINES = 15
 
@@ -38,6 +45,32 @@ class ExecResult:
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+
+@dataclass(frozen=True)
+class Output:
+    """Bytes a running step wrote (stdout and stderr together)."""
+
+    target: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Done:
+    """A step's process exited."""
+
+    target: str
+    result: ExecResult
+
+
+@dataclass
+class _Running:
+    proc: subprocess.Popen[bytes]
+    log: IO[bytes]
+    log_path: Path
+    start: float
+    marker: Path
+    pipe_open: bool = True
 
 
 def step_environment(target: Target) -> dict[str, str]:
@@ -71,59 +104,136 @@ def worker_call(target: Target, root: Path) -> str:
 
 
 class LocalExecutor:
-    """Runs steps as child processes of this machine."""
+    """Runs steps as child processes of this machine and reports their output and exit."""
 
-    def __init__(self, root: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path) -> None:
         self.root = root
-        self.extra_env = extra_env or {}
+        self.running_dir = root / STATE_DIR / "running"
+        self.selector = selectors.DefaultSelector()
+        self.steps: dict[str, _Running] = {}
 
-    def run(self, target: Target, log_path: Path, on_output: OutputFn) -> ExecResult:
-        """Run the step to completion; on KeyboardInterrupt its process group is stopped."""
+    def start(self, target: Target, log_path: Path) -> None:
+        """Spawn the step; its events come from `wait`."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = step_environment(target)
-        env.update(self.extra_env)
-        start = time.perf_counter()
-        with open(log_path, "wb") as log:
+        self.running_dir.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "wb")  # noqa: SIM115 - closed in _reap
+        try:
             proc = subprocess.Popen(
                 step_argv(target, self.root),
                 cwd=self.root,
-                env=env,
+                env=step_environment(target),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            assert proc.stdout is not None
+        except BaseException:
+            log.close()
+            raise
+        assert proc.stdout is not None
+        marker = self.running_dir / target.name
+        marker.write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
+        self.steps[target.name] = _Running(proc, log, log_path, time.perf_counter(), marker)
+        os.set_blocking(proc.stdout.fileno(), False)
+        self.selector.register(proc.stdout, selectors.EVENT_READ, target.name)
+
+    @property
+    def running(self) -> list[str]:
+        return list(self.steps)
+
+    def wait(self, timeout: float | None = None) -> Iterator[Output | Done]:
+        """Events of running steps: output as it arrives, then each step's end."""
+        for key, _ in self.selector.select(timeout):
+            name: str = key.data
+            step = self.steps[name]
+            stream = key.fileobj
+            assert not isinstance(stream, int)
             try:
-                fd = proc.stdout.fileno()
-                while chunk := os.read(fd, 65536):
-                    log.write(chunk)
-                    on_output(chunk)
-                returncode = proc.wait()
-            except BaseException:
-                stop_process_group(proc)
-                raise
-            finally:
-                proc.stdout.close()
-        return ExecResult(returncode, time.perf_counter() - start, log_path)
+                chunk = os.read(stream.fileno(), 65536)
+            except BlockingIOError:
+                continue
+            if chunk:
+                step.log.write(chunk)
+                yield Output(name, chunk)
+                continue
+            self.selector.unregister(stream)
+            step.pipe_open = False
+            # The pipe closed; the process exits now or soon (a step that closes
+            # its output early is waited for here).
+            yield Done(name, self._reap(name, step.proc.wait()))
+
+    def _reap(self, name: str, returncode: int) -> ExecResult:
+        step = self.steps.pop(name)
+        step.log.close()
+        if step.proc.stdout is not None:
+            step.proc.stdout.close()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(step.proc.pid, signal.SIGKILL)  # leftover children of the step
+        step.marker.unlink(missing_ok=True)
+        return ExecResult(returncode, time.perf_counter() - step.start, step.log_path)
+
+    def stop_all(self, grace: float = TERM_GRACE_SECONDS) -> list[str]:
+        """SIGTERM every running step's group, SIGKILL what is left after `grace` seconds.
+
+        A KeyboardInterrupt during the grace period (a second Ctrl-C) kills at once.
+        Returns the names of the steps stopped; none of them is recorded.
+        """
+        names = list(self.steps)
+        for step in self.steps.values():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(step.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        try:
+            for step in self.steps.values():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    step.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            for name in list(self.steps):
+                step = self.steps[name]
+                if step.pipe_open:
+                    self.selector.unregister(step.proc.stdout)  # type: ignore[arg-type]
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(step.proc.pid, signal.SIGKILL)
+                self._reap(name, step.proc.wait())
+        return names
 
 
-def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the step's whole group, then SIGKILL what is left after a grace period."""
-    for sig, wait in ((signal.SIGTERM, TERM_GRACE_SECONDS), (signal.SIGKILL, None)):
+def _start_time(pid: int) -> str:
+    """The process start time (clock ticks since boot), to tell a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return "?"
+
+
+def reap_orphans(root: Path) -> list[str]:
+    """Kill the process groups of steps left running by an mlbuild that was killed.
+
+    Called with the workspace lock held, so no live mlbuild owns these steps.
+    """
+    running_dir = root / STATE_DIR / "running"
+    try:
+        markers = list(running_dir.iterdir())
+    except FileNotFoundError:
+        return []
+    killed: list[str] = []
+    for marker in markers:
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            # The leader is gone; make sure its children are too.
-            os.killpg(proc.pid, signal.SIGKILL)
-            return
-        except subprocess.TimeoutExpired:
+            pid_text, started = marker.read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            marker.unlink(missing_ok=True)
             continue
-        except ProcessLookupError:
-            return
+        now = _start_time(pid)
+        # Same start time: the step's leader lives on. No such process: its
+        # children may, in the group that keeps its id. Otherwise the pid was reused.
+        if now in (started, "?"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+                killed.append(marker.name)
+        marker.unlink(missing_ok=True)
+    return killed
 
 
 def log_tail(log_path: Path, lines: int = _TAIL_LINES) -> list[str]:

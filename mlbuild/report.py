@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from mlbuild.runner import BuildResult, Failure, Outcome
+from mlbuild.results import BuildResult, Failure, Outcome
 from mlbuild.staleness import Decision
 
 
@@ -25,11 +25,16 @@ class PlainReporter:
         *,
         verbosity: int = 0,
         explain: bool = False,
+        prefix: bool = False,
     ) -> None:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.verbosity = verbosity
         self.explain = explain
+        # With several steps running at once, their output is shown line by line,
+        # each line prefixed with its target; partial lines wait for their end.
+        self.prefix = prefix
+        self.partial: dict[str, bytes] = {}
 
     def _say(self, line: str) -> None:
         if self.verbosity >= 0:
@@ -48,16 +53,31 @@ class PlainReporter:
             self._say(f"  $ {command}")
 
     def output(self, target: str, data: bytes) -> None:
-        if self.verbosity >= 0:
-            self.out.flush()
-            buffer = getattr(self.out, "buffer", None)
-            if buffer is not None:
-                buffer.write(data)
-                buffer.flush()
-            else:
-                self.out.write(data.decode("utf-8", "replace"))
+        if self.verbosity < 0:
+            return
+        if self.prefix:
+            lines = (self.partial.pop(target, b"") + data).split(b"\n")
+            if lines[-1]:
+                self.partial[target] = lines[-1]
+            data = b"".join(f"[{target}] ".encode() + line + b"\n" for line in lines[:-1])
+        self._write_bytes(data)
+
+    def _write_bytes(self, data: bytes) -> None:
+        self.out.flush()
+        buffer = getattr(self.out, "buffer", None)
+        if buffer is not None:
+            buffer.write(data)
+            buffer.flush()
+        else:
+            self.out.write(data.decode("utf-8", "replace"))
+
+    def _flush_partial(self, target: str) -> None:
+        rest = self.partial.pop(target, b"")
+        if rest and self.verbosity >= 0:
+            self._write_bytes(f"[{target}] ".encode() + rest + b"\n")
 
     def finished(self, target: str, duration: float) -> None:
+        self._flush_partial(target)
         self._say(f"Step `{target}` has finished in {duration:.3f}s.")
 
     def restored(self, target: str, duration: float, original_run: float) -> None:
@@ -65,6 +85,7 @@ class PlainReporter:
         self._say(f"Step `{target}` restored from cache in {duration:.3f}s (run {when}).")
 
     def failed(self, failure: Failure, duration: float) -> None:
+        self._flush_partial(failure.target)
         lines = [f"Step `{failure.target}` failed after {duration:.3f}s: {failure.message}."]
         lines.append(f"  command: {failure.command}")
         if failure.tail:

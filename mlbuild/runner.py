@@ -1,38 +1,43 @@
-"""One build: select, check, decide, execute, record; what happens is told to a reporter.
+"""One build: select, check, decide, restore or execute, record; told to a reporter.
 
-Targets are visited in topological order and each one's fingerprint is taken
-only when everything it needs is done, so a consumer sees its producers' new
-outputs: if they came out byte-identical it stays fresh (early cutoff), and
-the set of targets that run is exactly the set whose fingerprints changed.
+A target is checked only when everything it needs has finished, so a consumer
+sees its producers' new outputs: if they came out byte-identical it stays
+fresh (early cutoff), and the set of targets that run is exactly the set whose
+fingerprints changed. Deciding, restoring and recording happen in this one
+thread; only the steps themselves run concurrently (up to `-j`, in pools).
 
-Invariant: a manifest exists only for a target whose step succeeded and whose
-declared outputs all exist; it is deleted before the step starts, so an
-interrupted or failed step always reruns.
+Invariants: a manifest exists only for a target whose step succeeded and
+whose declared outputs all exist; it is deleted before the step starts, so a
+failed or interrupted step always reruns. The manifest records the input
+digests taken *before* the step started, so an input edited while the step
+ran makes it stale next time.
 """
 
 from __future__ import annotations
 
-import enum
+import contextlib
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
 from mlbuild.config import STATE_DIR, Target
 from mlbuild.errors import PipelineError
 from mlbuild.fingerprint import Fingerprinter, expand_port
 from mlbuild.graph import Graph
-from mlbuild.staleness import (
-    Decision,
-    Fingerprint,
-    Observation,
-    decide,
-    observe,
-    observe_paths,
+from mlbuild.results import (
+    BuildOptions,
+    BuildResult,
+    Failure,
+    Outcome,
+    Reporter,
+    TargetResult,
 )
+from mlbuild.scheduler import Scheduler
+from mlbuild.staleness import Decision, Fingerprint, Observation, decide, observe, observe_paths
 from mlbuild.store import RunRow, Store
 
 if TYPE_CHECKING:
@@ -42,113 +47,22 @@ if TYPE_CHECKING:
     from mlbuild.executor import ExecResult, LocalExecutor
 
 
-class Outcome(enum.Enum):
-    """What became of one target in one build."""
-
-    SKIPPED = "skipped"  # fresh
-    RAN = "ran"
-    RESTORED = "restored"  # stale, and its outputs for this key came from the cache
-    FAILED = "failed"
-    NOT_RUN = "not run"  # an upstream target failed, or the build stopped first
-    PENDING = "would run"  # dry run: stale, or waiting on a stale upstream
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a target failed, with what the user needs to look into it."""
-
-    target: str
-    command: str
-    message: str
-    log_path: Path | None = None
-    tail: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class TargetResult:
-    name: str
-    outcome: Outcome
-    reasons: tuple[str, ...] = ()
-    duration: float = 0.0
-    failure: Failure | None = None
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """What the user asked for on the command line."""
-
-    targets: tuple[str, ...] = ()
-    force: frozenset[str] | None = None  # None: nothing; empty: every selected target
-    dry_run: bool = False
-    keep_going: bool = False
-    no_cache: bool = False  # do not restore from the output cache (still store)
-    command_line: str = "run"
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    results: tuple[TargetResult, ...]
-    duration: float
-    failures: tuple[Failure, ...] = field(default=())
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    def count(self, outcome: Outcome) -> int:
-        return sum(1 for r in self.results if r.outcome is outcome)
-
-
-class Reporter(Protocol):
-    """Everything the user is told during a build (see report.py)."""
-
-    def skipped(self, target: str, decision: Decision) -> None: ...
-    def started(self, target: str, decision: Decision, command: str) -> None: ...
-    def output(self, target: str, data: bytes) -> None: ...
-    def finished(self, target: str, duration: float) -> None: ...
-    def restored(self, target: str, duration: float, original_run: float) -> None: ...
-    def failed(self, failure: Failure, duration: float) -> None: ...
-    def not_run(self, target: str, because: str) -> None: ...
-    def would_run(self, target: str, reasons: Sequence[str]) -> None: ...
-    def warn(self, message: str) -> None: ...
-    def summary(self, result: BuildResult) -> None: ...
-
-
 def check_sources(graph: Graph, selected: Sequence[str]) -> None:
     """Every input must exist or be written by some target; say which one is missing."""
     root = graph.pipeline.root
     prefix = str(root) + os.sep
     for name in selected:
-        target = graph.targets[name]
-        for port in target.inputs:
+        for port in graph.targets[name].inputs:
             if graph.producers_of(port):
                 continue
             key = f"targets.{name}.inputs" + (f".{port.name}" if port.name else "")
-            if port.is_glob:
-                if not expand_port(port, str(root)):
-                    raise PipelineError(
-                        graph.pipeline.display_file,
-                        f"'{port.path}' matches no file and no target writes one",
-                        key,
-                    )
-            elif not os.path.lexists(prefix + port.path):
-                raise PipelineError(
-                    graph.pipeline.display_file,
-                    f"'{port.path}' does not exist and no target writes it",
-                    key,
-                )
-
-
-def remove_outputs(root: Path, target: Target) -> None:
-    """Delete a target's declared outputs (files, directories or symlinks) under `root`."""
-    for port in target.outputs:
-        path = root / port.path
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            import shutil  # only when something is rebuilt; see the executor import
-
-            shutil.rmtree(path)
+            if port.is_glob and not expand_port(port, str(root)):
+                problem = "matches no file and no target writes one"
+            elif not port.is_glob and not os.path.lexists(prefix + port.path):
+                problem = "does not exist and no target writes it"
+            else:
+                continue
+            raise PipelineError(graph.pipeline.display_file, f"'{port.path}' {problem}", key)
 
 
 def check_code(graph: Graph, selected: Sequence[str], scanner: CodeScanner) -> None:
@@ -164,6 +78,18 @@ def check_code(graph: Graph, selected: Sequence[str], scanner: CodeScanner) -> N
                 ) from None
 
 
+def remove_outputs(root: Path, target: Target) -> None:
+    """Delete a target's declared outputs (files, directories or symlinks) under `root`."""
+    for port in target.outputs:
+        path = root / port.path
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            import shutil  # only when something is rebuilt; see the executor import
+
+            shutil.rmtree(path)
+
+
 class Build:
     """The state of one build in progress."""
 
@@ -175,9 +101,6 @@ class Build:
         self.reporter = reporter
         self.options = options
         self.root = graph.pipeline.root
-        self._executor: LocalExecutor | None = None
-        self._cache: Cache | None = None
-        self.cache_broken = False  # set after a failed write: no more caching this run
         self.manifests = store.load_manifests()
         self.fp = Fingerprinter(self.root, store.load_stats())
         parsed = {raw: Parsed.from_json(data) for raw, data in store.load_parsed().items()}
@@ -186,6 +109,11 @@ class Build:
         self.outcomes: dict[str, Outcome] = {}
         self.results: list[TargetResult] = []
         self.stopped = False
+        self.cache_broken = False  # set after a failed write: no more caching this run
+        self._executor: LocalExecutor | None = None
+        self._cache: Cache | None = None
+        # Per running step: its observation before it started, and why it runs.
+        self._running: dict[str, tuple[Observation, Decision]] = {}
 
     def run(self) -> BuildResult:
         start = time.perf_counter()
@@ -194,36 +122,80 @@ class Build:
         selected = self.graph.select((*self.options.targets, *(forced or ())))
         check_sources(self.graph, selected)
         check_code(self.graph, selected, self.code)
+        pool_of = {name: self.graph.targets[name].pool for name in selected}
+        sched = Scheduler(
+            selected, self.graph.deps, self.options.jobs, self.graph.pipeline.pools, pool_of
+        )
+        status = "interrupted"
         try:
-            for name in selected:
-                self._visit(name, forced is not None and (not forced or name in forced))
+            self._loop(sched, forced)
+            status = "ok" if not any(r.failure for r in self.results) else "failed"
         finally:
-            self.store.save_stats(self.fp.take_updates())
-            self.store.save_parsed({r: p.to_json() for r, p in self.code.new_parsed.items()})
+            if self._executor is not None and self._executor.running:
+                # A second Ctrl-C lands here: stop_all has killed everything by then.
+                with contextlib.suppress(KeyboardInterrupt):
+                    self._interrupt()
+            if not self.options.read_only:
+                self.store.save_stats(self.fp.take_updates())
+                self.store.save_parsed({r: p.to_json() for r, p in self.code.new_parsed.items()})
+                if not self.options.dry_run:
+                    rows = [
+                        RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons))
+                        for r in self.results
+                    ]
+                    self.store.record_run(started_at, self.options.command_line, status, rows)
         failures = tuple(r.failure for r in self.results if r.failure is not None)
-        result = BuildResult(tuple(self.results), time.perf_counter() - start, failures)
-        if not self.options.dry_run:
-            status = "ok" if result.ok else "failed"
-            rows = [
-                RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons))
-                for r in self.results
-            ]
-            self.store.record_run(started_at, self.options.command_line, status, rows)
-        return result
+        return BuildResult(tuple(self.results), time.perf_counter() - start, failures)
 
-    def _visit(self, name: str, forced: bool) -> None:
+    def _loop(self, sched: Scheduler, forced: frozenset[str] | None) -> None:
+        """Check what is ready, start what may start, wait for steps; until all is done."""
+        while True:
+            while (name := sched.next_to_check()) is not None:
+                is_forced = forced is not None and (not forced or name in forced)
+                if self._visit(name, is_forced):
+                    sched.want_run(name)
+                else:
+                    sched.finished(name)
+            if self.stopped:
+                for name in sched.drain_runnable():
+                    self._not_run(name, "the build stopped after a failure")
+                    sched.finished(name)
+            for name in sched.startable():
+                self._start(name)
+            if self._executor is None or not self._executor.running:
+                if sched.idle:
+                    return
+                continue
+            from mlbuild.executor import Done
+
+            for event in self._executor.wait():
+                if isinstance(event, Done):
+                    self._complete(event.target, event.result)
+                    sched.finished(event.target)
+                else:
+                    self.reporter.output(event.target, event.data)
+
+    def _interrupt(self) -> None:
+        """Stop running steps (Ctrl-C, SIGTERM); they leave no manifest and rerun next time."""
+        assert self._executor is not None
+        for name in self._executor.stop_all():
+            self._finish(TargetResult(name, Outcome.NOT_RUN, ("interrupted",)))
+
+    def _visit(self, name: str, forced: bool) -> bool:
+        """Decide one target whose dependencies are done; True if its step must run."""
         target = self.graph.targets[name]
         deps = self.graph.deps[name]
         blocked = [d for d in deps if self.outcomes[d] in (Outcome.FAILED, Outcome.NOT_RUN)]
         if blocked or self.stopped:
-            because = f"upstream '{blocked[0]}' failed" if blocked else "the build stopped"
-            if blocked and self.outcomes[blocked[0]] is Outcome.NOT_RUN:
-                because = f"upstream '{blocked[0]}' was not run"
-            self._finish(TargetResult(name, Outcome.NOT_RUN, (because,)))
-            self.reporter.not_run(name, because)
-            return
+            because = "the build stopped after a failure"
+            if blocked:
+                verb = "failed" if self.outcomes[blocked[0]] is Outcome.FAILED else "was not run"
+                because = f"upstream '{blocked[0]}' {verb}"
+            self._not_run(name, because)
+            return False
         now = self._observe(target)
-        before = self._manifest(name)
+        stored = self.manifests.get(name)
+        before = Fingerprint.from_json(stored.data) if stored is not None else None
         decision = decide(target, now, before, self.store.load_tree, forced=forced)
         if self.options.dry_run:
             waiting = [d for d in deps if self.outcomes[d] is Outcome.PENDING]
@@ -234,12 +206,20 @@ class Build:
                 reasons = decision.reasons + tuple(f"upstream '{d}' would run" for d in waiting)
                 self._finish(TargetResult(name, Outcome.PENDING, reasons))
                 self.reporter.would_run(name, reasons)
-            return
+            return False
         if decision.fresh:
             self._finish(TargetResult(name, Outcome.SKIPPED))
             self.reporter.skipped(name, decision)
-            return
-        self._execute(target, now, decision)
+            return False
+        if name in self.manifests:
+            self.store.forget([name])
+            del self.manifests[name]
+        if not target.persist:
+            remove_outputs(self.root, target)
+        if self._restore(target, now, decision):
+            return False
+        self._running[name] = (now, decision)
+        return True
 
     def _observe(self, target: Target) -> Observation:
         try:
@@ -252,37 +232,54 @@ class Build:
         packages = {n: self.packages[n] for n in target.track}
         return observe(target, self.fp, code=code, packages=packages)
 
-    def _manifest(self, name: str) -> Fingerprint | None:
-        stored = self.manifests.get(name)
-        return Fingerprint.from_json(stored.data) if stored is not None else None
-
-    def _execute(self, target: Target, now: Observation, decision: Decision) -> None:
-        name = target.name
-        command = target.command or f"python {target.python}"
-        if name in self.manifests:
-            self.store.forget([name])
-            del self.manifests[name]
-        if not target.persist:
-            remove_outputs(self.root, target)
-        if self._restore(target, now, decision):
-            return
+    def _start(self, name: str) -> None:
+        target = self.graph.targets[name]
         for port in target.outputs:
             (self.root / port.path).parent.mkdir(parents=True, exist_ok=True)
-        self.reporter.started(name, decision, command)
-        log_path = self.root / STATE_DIR / "logs" / f"{name}.log"
-        result = self.executor.run(target, log_path, lambda data: self.reporter.output(name, data))
-        failure = self._check(target, command, result)
+        self.reporter.started(name, self._running[name][1], _command(target))
+        self.executor.start(target, self.root / STATE_DIR / "logs" / f"{name}.log")
+
+    def _complete(self, name: str, result: ExecResult) -> None:
+        """A step exited: check its outputs, record it, store its outputs in the cache."""
+        target = self.graph.targets[name]
+        before, decision = self._running.pop(name)
+        failure = self._check(target, result)
         if failure is not None:
             self._finish(
                 TargetResult(name, Outcome.FAILED, decision.reasons, result.duration, failure)
             )
             self.reporter.failed(failure, result.duration)
-            self.stopped = not self.options.keep_going
+            self.stopped = self.stopped or not self.options.keep_going
             return
-        done = self._record(target, now, result.duration)
+        done = self._record(target, before, result.duration)
         self._finish(TargetResult(name, Outcome.RAN, decision.reasons, result.duration))
         self.reporter.finished(name, result.duration)
         self._store_outputs(target, done, result.duration)
+
+    def _check(self, target: Target, result: ExecResult) -> Failure | None:
+        from mlbuild.executor import log_tail
+
+        command = _command(target)
+        tail = tuple(log_tail(result.log_path))
+        if not result.ok:
+            code = result.returncode
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            return Failure(target.name, command, how, result.log_path, tail)
+        missing = [p.path for p in target.outputs if not (self.root / p.path).exists()]
+        if missing:
+            message = "did not write declared output " + ", ".join(f"'{p}'" for p in missing)
+            return Failure(target.name, command, message, result.log_path, tail)
+        return None
+
+    def _record(self, target: Target, before_run: Observation, duration: float) -> Observation:
+        """Store the manifest: inputs as observed before the step, outputs as they are now."""
+        listings = dict(before_run.listings)
+        outputs = observe_paths(self.fp, [p.path for p in target.outputs], listings)
+        fingerprint = replace(before_run.fingerprint, outputs=outputs)
+        self.store.record(
+            target.name, fingerprint.to_json(), duration, self.fp.take_updates(), listings
+        )
+        return Observation(fingerprint, listings, before_run.imported_by)
 
     def _cacheable(self, target: Target) -> bool:
         return target.cache and not target.always_run and not self.cache_broken
@@ -307,11 +304,7 @@ class Build:
             return False
         fingerprint = replace(now.fingerprint, outputs=outputs)
         self.store.record(
-            target.name,
-            fingerprint.to_json(),
-            entry.duration,
-            self.fp.take_updates(),
-            now.listings,
+            target.name, fingerprint.to_json(), entry.duration, self.fp.take_updates(), now.listings
         )
         duration = time.perf_counter() - start
         self._finish(TargetResult(target.name, Outcome.RESTORED, decision.reasons, duration))
@@ -323,8 +316,7 @@ class Build:
             return
         from mlbuild.cache import CacheError, cache_key
 
-        paths = [p.path for p in target.outputs]
-        key = cache_key(target.name, done.fingerprint, paths)
+        key = cache_key(target.name, done.fingerprint, [p.path for p in target.outputs])
         try:
             self.cache.save(key, target.name, self.root, done, duration)
         except CacheError as exc:
@@ -347,37 +339,17 @@ class Build:
             self._executor = LocalExecutor(self.root)
         return self._executor
 
-    def _check(self, target: Target, command: str, result: ExecResult) -> Failure | None:
-        from mlbuild.executor import log_tail
-
-        tail = tuple(log_tail(result.log_path))
-        if not result.ok:
-            code = result.returncode
-            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            return Failure(target.name, command, how, result.log_path, tail)
-        missing = [p.path for p in target.outputs if not (self.root / p.path).exists()]
-        if missing:
-            message = "did not write declared output " + ", ".join(f"'{p}'" for p in missing)
-            return Failure(target.name, command, message, result.log_path, tail)
-        return None
-
-    def _record(self, target: Target, before_run: Observation, duration: float) -> Observation:
-        """Store the manifest: inputs as observed before the step, outputs as they are now.
-
-        Recording the pre-run input digests means an input edited while the
-        step ran makes the target stale next time instead of silently fresh.
-        """
-        listings = dict(before_run.listings)
-        outputs = observe_paths(self.fp, [p.path for p in target.outputs], listings)
-        fingerprint = replace(before_run.fingerprint, outputs=outputs)
-        self.store.record(
-            target.name, fingerprint.to_json(), duration, self.fp.take_updates(), listings
-        )
-        return Observation(fingerprint, listings, before_run.imported_by)
+    def _not_run(self, name: str, because: str) -> None:
+        self._finish(TargetResult(name, Outcome.NOT_RUN, (because,)))
+        self.reporter.not_run(name, because)
 
     def _finish(self, result: TargetResult) -> None:
         self.outcomes[result.name] = result.outcome
         self.results.append(result)
+
+
+def _command(target: Target) -> str:
+    return target.command if target.command is not None else f"python {target.python}"
 
 
 def run_build(graph: Graph, store: Store, reporter: Reporter, options: BuildOptions) -> BuildResult:

@@ -1,0 +1,72 @@
+"""The workspace lock: one `mlbuild run` at a time per `.mlbuild/`.
+
+An advisory `flock` on `.mlbuild/lock`. The kernel releases it when its
+holder exits or is killed (-9 included), so a lock left by a dead process is
+simply free: there is nothing stale to detect or delete. The file holds the
+holder's pid and command line, to tell a waiting user who holds it.
+Read-only commands (`status`, `list`, `dag`) never take it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mlbuild.errors import MlbuildError
+
+POLL_SECONDS = 0.1
+
+
+class LockBusy(MlbuildError):
+    """Another mlbuild holds the workspace and the user asked not to wait."""
+
+
+class WorkspaceLock:
+    """Hold with `with WorkspaceLock(...)`; released on exit (or by the kernel on death)."""
+
+    def __init__(
+        self, state_dir: Path, command: str, *, wait: bool, notify: Callable[[str], None]
+    ) -> None:
+        self.path = state_dir / "lock"
+        self.command = command
+        self.wait = wait
+        self.notify = notify
+        self.fd = -1
+
+    def __enter__(self) -> WorkspaceLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        told = False
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = self._holder()
+                if not self.wait:
+                    os.close(self.fd)
+                    raise LockBusy(
+                        f"another mlbuild is running in this workspace ({holder})"
+                    ) from None
+                if not told:
+                    self.notify(f"waiting for another mlbuild in this workspace ({holder})")
+                    told = True
+                time.sleep(POLL_SECONDS)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()} {self.command}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing releases the flock
+
+    def _holder(self) -> str:
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            return "holder unknown"
+        pid, _, command = text.partition(" ")
+        return f"pid {pid}: mlbuild {command}" if pid else "holder unknown"

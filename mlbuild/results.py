@@ -1,0 +1,89 @@
+"""What a build reports: options, per-target outcomes, failures, and the Reporter protocol.
+
+Shared by the runner (which produces them), the report (which shows them) and
+the CLI (which turns them into exit codes), so none of those imports another.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from mlbuild.staleness import Decision
+
+
+class Outcome(enum.Enum):
+    """What became of one target in one build."""
+
+    SKIPPED = "skipped"  # fresh
+    RAN = "ran"
+    RESTORED = "restored"  # stale, and its outputs for this key came from the cache
+    FAILED = "failed"
+    NOT_RUN = "not run"  # an upstream target failed, or the build stopped first
+    PENDING = "would run"  # dry run: stale, or waiting on a stale upstream
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a target failed, with what the user needs to look into it."""
+
+    target: str
+    command: str
+    message: str
+    log_path: Path | None = None
+    tail: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    name: str
+    outcome: Outcome
+    reasons: tuple[str, ...] = ()
+    duration: float = 0.0
+    failure: Failure | None = None
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What the user asked for on the command line."""
+
+    targets: tuple[str, ...] = ()
+    force: frozenset[str] | None = None  # None: nothing; empty: every selected target
+    dry_run: bool = False
+    keep_going: bool = False
+    no_cache: bool = False  # do not restore from the output cache (still store)
+    jobs: int = 1  # steps running at once
+    read_only: bool = False  # write nothing to the state (status: never blocks a run)
+    command_line: str = "run"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    results: tuple[TargetResult, ...]
+    duration: float
+    failures: tuple[Failure, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for r in self.results if r.outcome is outcome)
+
+
+class Reporter(Protocol):
+    """Everything the user is told during a build (see report.py)."""
+
+    def skipped(self, target: str, decision: Decision) -> None: ...
+    def started(self, target: str, decision: Decision, command: str) -> None: ...
+    def output(self, target: str, data: bytes) -> None: ...
+    def finished(self, target: str, duration: float) -> None: ...
+    def restored(self, target: str, duration: float, original_run: float) -> None: ...
+    def failed(self, failure: Failure, duration: float) -> None: ...
+    def not_run(self, target: str, because: str) -> None: ...
+    def would_run(self, target: str, reasons: Sequence[str]) -> None: ...
+    def warn(self, message: str) -> None: ...
+    def summary(self, result: BuildResult) -> None: ...
