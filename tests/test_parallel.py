@@ -1,0 +1,341 @@
+"""Parallel builds, failures, interrupts, crashes and the workspace lock, with real processes."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Project
+
+
+def spans(project: Project, names: list[str]) -> dict[str, tuple[float, float]]:
+    """(start, end) wall times each step wrote to times/<name>."""
+    result = {}
+    for name in names:
+        start, end = (project.root / "times" / name).read_text().split()
+        result[name] = (float(start), float(end))
+    return result
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+TIMED = 'mkdir -p times; s=$(date +%s.%N); sleep {secs}; echo "$s $(date +%s.%N)" > times/{name}'
+
+
+def timed_target(name: str, secs: float, extra: str = "") -> str:
+    cmd = TIMED.format(secs=secs, name=name)
+    return (
+        f"[targets.{name}]\ncmd = '{cmd}; touch {{outputs.o}}'\n"
+        f'outputs = {{ o = "out/{name}" }}\n{extra}\n'
+    )
+
+
+def test_independent_targets_run_concurrently(project: Project) -> None:
+    project.pipeline(timed_target("a", 0.4) + timed_target("b", 0.4))
+    result = project.run("run", "-j", "2")
+    assert result.code == 0, result.err
+    times = spans(project, ["a", "b"])
+    assert overlap(times["a"], times["b"])
+    serial = project.run("run", "-j", "1", "--force")
+    assert serial.code == 0
+    times = spans(project, ["a", "b"])
+    assert not overlap(times["a"], times["b"])
+
+
+def test_pool_limits_concurrency_of_its_members(project: Project) -> None:
+    project.pipeline(
+        "[pools]\ngpu = 1\n\n"
+        + timed_target("train1", 0.4, 'pool = "gpu"')
+        + timed_target("train2", 0.4, 'pool = "gpu"')
+        + timed_target("prep", 0.4)
+    )
+    result = project.run("run", "-j", "3")
+    assert result.code == 0, result.err
+    times = spans(project, ["train1", "train2", "prep"])
+    assert not overlap(times["train1"], times["train2"])
+    assert overlap(times["prep"], times["train1"]) or overlap(times["prep"], times["train2"])
+
+
+def test_output_of_concurrent_targets_is_prefixed_and_logged(project: Project) -> None:
+    project.pipeline(
+        """
+        [targets.a]
+        cmd = "echo alpha one; sleep 0.2; echo alpha two; touch {outputs}"
+        outputs = ["a.out"]
+
+        [targets.b]
+        cmd = "echo beta one; sleep 0.1; printf 'beta partial'; touch {outputs}"
+        outputs = ["b.out"]
+        """
+    )
+    result = project.run("run", "-j", "2")
+    assert "[a] alpha one\n" in result.out
+    assert "[a] alpha two\n" in result.out
+    assert "[b] beta partial\n" in result.out
+    assert project.read(".mlbuild/logs/a.log") == "alpha one\nalpha two\n"
+
+
+FAILING = """
+[targets.bad]
+cmd = "sleep 0.1; exit 4"
+outputs = ["bad.out"]
+
+[targets.after_bad]
+cmd = "touch {outputs}"
+inputs = ["bad.out"]
+outputs = ["after.out"]
+
+[targets.slow_ok]
+cmd = "sleep 0.5; touch {outputs}"
+outputs = ["slow.out"]
+
+[targets.later]
+cmd = "touch {outputs}"
+inputs = ["slow.out"]
+outputs = ["later.out"]
+"""
+
+
+def test_keep_going_builds_everything_not_downstream_of_a_failure(project: Project) -> None:
+    project.pipeline(FAILING)
+    result = project.run("run", "-k", "-j", "2")
+    assert result.code == 1
+    assert (project.root / "later.out").exists()
+    assert "Step `after_bad` was not run: upstream 'bad' failed." in result.out
+    assert "Failed: bad." in result.err
+    assert "1 not run" in result.err
+
+
+def test_without_keep_going_running_steps_finish_but_nothing_new_starts(
+    project: Project,
+) -> None:
+    project.pipeline(FAILING)
+    result = project.run("run", "-j", "2")
+    assert result.code == 1
+    # slow_ok was running when bad failed: it finishes and is recorded...
+    assert (project.root / "slow.out").exists()
+    assert "Step `slow_ok` has finished" in result.out
+    # ...but later, which became ready after the failure, never starts.
+    assert not (project.root / "later.out").exists()
+    assert "Step `later` was not run: the build stopped after a failure." in result.out
+    status = project.run("status", "slow_ok")
+    assert status.code == 0
+
+
+def mlbuild(cwd: Path, *args: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlbuild", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.02)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (not yet reaped by its parent) counts as gone.
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+INTERRUPTIBLE = """
+[targets.quick]
+cmd = "touch {outputs}"
+outputs = ["quick.out"]
+
+[targets.long]
+cmd = '''echo $$ > long.pid; (sleep 60; echo child) & echo $! > child.pid
+%s sleep 60; touch {outputs}'''
+inputs = ["quick.out"]
+outputs = ["long.out"]
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_steps_and_keeps_finished_work(project: Project, sig: int) -> None:
+    project.pipeline(INTERRUPTIBLE % "")
+    proc = mlbuild(project.root, "run")
+    wait_for(lambda: (project.root / "child.pid").exists())
+    time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert "interrupted" in err
+    for pidfile in ("long.pid", "child.pid"):
+        pid = int(project.read(pidfile))
+        wait_for(lambda pid=pid: not alive(pid), timeout=5)  # type: ignore[misc]
+    status = project.run("status")
+    assert "fresh  quick" in status.out
+    assert "stale  long: never built" in status.out
+
+
+def test_second_interrupt_kills_at_once(project: Project) -> None:
+    project.pipeline(INTERRUPTIBLE % "trap '' TERM;")
+    proc = mlbuild(project.root, "run")
+    wait_for(lambda: (project.root / "child.pid").exists())
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    assert proc.poll() is None  # waiting out the grace period: the step ignores SIGTERM
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert time.monotonic() - start < 3
+    pid = int(project.read("long.pid"))
+    wait_for(lambda: not alive(pid), timeout=5)
+
+
+def test_second_run_waits_for_the_lock_or_fails_with_no_wait(project: Project) -> None:
+    project.pipeline(
+        """
+        [targets.hold]
+        cmd = "touch started; while [ ! -e release ]; do sleep 0.02; done; touch {outputs}"
+        outputs = ["hold.out"]
+        """
+    )
+    first = mlbuild(project.root, "run")
+    wait_for(lambda: (project.root / "started").exists())
+    busy = project.run("run", "--no-wait")
+    assert busy.code == 1
+    assert f"another mlbuild is running in this workspace (pid {first.pid}: mlbuild run)" in (
+        busy.err
+    )
+    start = time.monotonic()
+    assert project.run("status").code == 1  # read-only: never blocks
+    assert project.run("list").code == 0
+    assert time.monotonic() - start < 5
+    second = mlbuild(project.root, "run")
+    time.sleep(0.5)
+    assert second.poll() is None
+    (project.root / "release").touch()
+    first.communicate(timeout=20)
+    out, err = second.communicate(timeout=20)
+    assert "waiting for another mlbuild in this workspace" in err
+    assert second.returncode == 0
+    assert "Step `hold` is up to date (skipped)." in out
+
+
+def test_lock_of_a_killed_mlbuild_is_taken_over(project: Project) -> None:
+    project.pipeline(INTERRUPTIBLE % "")
+    proc = mlbuild(project.root, "run")
+    wait_for(lambda: (project.root / "child.pid").exists())
+    proc.kill()
+    proc.communicate()
+    orphan = int(project.read("long.pid"))
+    assert alive(orphan)  # the step outlived mlbuild...
+    project.pipeline((INTERRUPTIBLE % "").replace("sleep 60", "true"))
+    result = project.run("run", "--no-wait")
+    assert result.code == 0, result.err
+    assert "stopped step `long` left running by an mlbuild that was killed" in result.err
+    assert not alive(orphan)  # ...until the next run stopped it
+
+
+def test_input_modified_while_running_makes_the_target_stale(project: Project) -> None:
+    project.pipeline(
+        """
+        [targets.slow]
+        cmd = "cp {inputs.i} {outputs.o}; touch copied; sleep 0.5"
+        inputs = { i = "in.txt" }
+        outputs = { o = "out.txt" }
+        """
+    )
+    project.write("in.txt", "version 1\n")
+    proc = mlbuild(project.root, "run")
+    wait_for(lambda: (project.root / "copied").exists())
+    project.write("in.txt", "version 2\n")
+    proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    result = project.run()
+    assert "Step `slow` has started: input changed: in.txt." in result.out
+    assert project.read("out.txt") == "version 2\n"
+
+
+CRASH_TARGETS = 20
+
+
+def crash_pipeline(seed: int) -> str:
+    """20 targets in a random DAG; each writes its output in two halves with a pause."""
+    rng = random.Random(seed)
+    parts = []
+    for i in range(CRASH_TARGETS):
+        deps = sorted(rng.sample(range(i), k=min(i, rng.randint(0, 2))))
+        inputs = [f"out/t{d}.txt" for d in deps] or ["src.txt"]
+        pause = rng.choice([0.01, 0.03, 0.06, 0.1])
+        cmd = (
+            f"cat {{inputs}} | head -c 200 > {{outputs.o}}; sleep {pause}; "
+            f"echo t{i} >> {{outputs.o}}"
+        )
+        parts.append(
+            f'[targets.t{i}]\ncmd = "{cmd}"\ninputs = {inputs!r}\n'
+            f'outputs = {{ o = "out/t{i}.txt" }}\n'.replace("'", '"')
+        )
+    return "\n".join(parts)
+
+
+def outputs_of(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((root / "out").glob("*.txt"))}
+
+
+def test_kill_dash_nine_at_random_moments_never_corrupts(tmp_path: Path) -> None:
+    text = textwrap.dedent(crash_pipeline(seed=7))
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    (clean / "pipeline.toml").write_text(text)
+    (clean / "src.txt").write_text("source\n")
+    out, err = mlbuild(clean, "run", "-j", "2").communicate()
+    expected = outputs_of(clean)
+    assert len(expected) == CRASH_TARGETS, err
+
+    work = tmp_path / "work"
+    shutil.copytree(clean, work, ignore=shutil.ignore_patterns(".mlbuild", "out"))
+    rng = random.Random(11)
+    for round_ in range(50):
+        if round_ % 10 == 0:
+            # Start over now and then, so kills land in early targets too.
+            shutil.rmtree(work / ".mlbuild", ignore_errors=True)
+            shutil.rmtree(work / "out", ignore_errors=True)
+        (work / "src.txt").write_text(f"source {round_ % 3}\n")
+        proc = mlbuild(work, "run", "-j", "2", "--no-cache")
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.kill()
+        proc.communicate()
+        db = work / ".mlbuild/state.db"
+        if db.exists():  # a kill during interpreter startup comes before any state
+            with sqlite3.connect(db) as conn:
+                assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    (work / "src.txt").write_text("source\n")
+    final = mlbuild(work, "run", "-j", "2")
+    out, err = final.communicate(timeout=120)
+    assert final.returncode == 0, err
+    assert outputs_of(work) == expected
+    again = mlbuild(work, "run", "-j", "2")
+    out, _ = again.communicate(timeout=60)
+    assert out.count("is up to date (skipped)") == CRASH_TARGETS
