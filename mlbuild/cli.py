@@ -95,7 +95,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-q", "--quiet", action="store_true", help="only failures and the summary")
     run.add_argument("-v", "--verbose", action="store_true", help="also show commands")
+    run.add_argument(
+        "--watch", action="store_true", help="then rebuild on every change (`mlbuild watch`)"
+    )
     run.set_defaults(handler=cmd_run)
+
+    watch = sub.add_parser(
+        "watch", parents=[common], help="build, then rebuild what every change affects"
+    )
+    watch.add_argument("targets", nargs="*", metavar="TARGET")
+    watch.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="run up to N steps at once (default: the number of CPUs)",
+    )
+    watch.add_argument(
+        "--debounce",
+        type=float,
+        default=150.0,
+        metavar="MS",
+        help="quiet period after the last change before a rebuild starts (default: 150)",
+    )
+    watch.add_argument(
+        "--poll", action="store_true", help="poll instead of inotify (network filesystems)"
+    )
+    watch.add_argument("--explain", action="store_true", help="show the reasons for every target")
+    watch.add_argument(
+        "--no-cache", action="store_true", help="do not restore outputs from the cache"
+    )
+    watch.add_argument("-q", "--quiet", action="store_true", help="only failures and summaries")
+    watch.add_argument(
+        "-v", "--verbose", action="store_true", help="also show commands and ignored changes"
+    )
+    watch.set_defaults(handler=cmd_watch)
 
     status = sub.add_parser("status", parents=[common], help="what would run and why")
     status.add_argument("targets", nargs="*", metavar="TARGET")
@@ -133,6 +168,8 @@ def open_state(pipeline: Pipeline, reporter: PlainReporter) -> Store:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.watch:
+        return cmd_watch(args)
     pipeline, graph = load(args)
     if args.jobs < 1:
         raise UsageError(f"-j {args.jobs}: needs at least 1")
@@ -155,6 +192,40 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = run_build(graph, store, reporter, options)
     reporter.summary(result)
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """`mlbuild watch` and `mlbuild run --watch`; Ctrl-C is how it ends, so that exits 0."""
+    from mlbuild.watch import Watcher, WatchOptions  # watchdog is imported only when watching
+
+    if getattr(args, "dry_run", False):
+        raise UsageError("--watch and --dry-run do not go together")
+    if args.jobs < 1:
+        raise UsageError(f"-j {args.jobs}: needs at least 1")
+    debounce_ms: float = getattr(args, "debounce", 150.0)
+    if debounce_ms < 0:
+        raise UsageError(f"--debounce {debounce_ms:g}: needs 0 or more milliseconds")
+    verbosity = -1 if args.quiet else (1 if args.verbose else 0)
+    reporter = PlainReporter(verbosity=verbosity, explain=args.explain, prefix=args.jobs > 1)
+    force = getattr(args, "force", None)  # `run --watch --force`: the first build only
+    watcher = Watcher(
+        getattr(args, "file", None) or find_pipeline(Path.cwd()),
+        reporter,
+        sys.stdout,
+        sys.stderr,
+        targets=args.targets,
+        overrides=parse_overrides(getattr(args, "set", None) or []),
+        options=WatchOptions(
+            debounce=debounce_ms / 1000, poll=getattr(args, "poll", False), verbosity=verbosity
+        ),
+        build=BuildOptions(
+            force=None if force is None else frozenset(force),
+            no_cache=args.no_cache,
+            jobs=args.jobs,
+            command_line=args.command_line,
+        ),
+    )
+    return watcher.run()
 
 
 def cmd_status(args: argparse.Namespace) -> int:

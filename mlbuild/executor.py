@@ -82,14 +82,19 @@ def step_environment(target: Target) -> dict[str, str]:
     return env
 
 
-def step_argv(target: Target, root: Path) -> list[str]:
+def step_argv(target: Target, root: Path, timing: Path) -> list[str]:
     """The process a target runs: `/bin/sh -c COMMAND` or the Python worker."""
     if target.command is not None:
         return ["/bin/sh", "-c", target.command]
-    return [sys.executable, "-m", "mlbuild.worker", worker_call(target, root)]
+    return [sys.executable, "-m", "mlbuild.worker", worker_call(target, root, timing)]
 
 
-def worker_call(target: Target, root: Path) -> str:
+def timing_path(log_path: Path) -> Path:
+    """Where a Python step's worker writes how long the import and the call took."""
+    return log_path.with_suffix(".timing.json")
+
+
+def worker_call(target: Target, root: Path, timing: Path) -> str:
     """The JSON the worker reads: function, project root, paths and params by name."""
     paths: dict[str, str | list[str]] = {}
     for kind, ports in (("inputs", target.inputs), ("outputs", target.outputs)):
@@ -99,7 +104,13 @@ def worker_call(target: Target, root: Path) -> str:
         for port in ports:
             assert port.name is not None
             paths[port.name] = expand_port(port, str(root)) if port.is_glob else port.path
-    call = {"ref": target.python, "root": str(root), "paths": paths, "params": target.params}
+    call = {
+        "ref": target.python,
+        "root": str(root),
+        "paths": paths,
+        "params": target.params,
+        "timing": str(timing),
+    }
     return json.dumps(call, default=str)
 
 
@@ -116,10 +127,11 @@ class LocalExecutor:
         """Spawn the step; its events come from `wait`."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.running_dir.mkdir(parents=True, exist_ok=True)
+        timing_path(log_path).unlink(missing_ok=True)
         log = open(log_path, "wb")  # noqa: SIM115 - closed in _reap
         try:
             proc = subprocess.Popen(
-                step_argv(target, self.root),
+                step_argv(target, self.root, timing_path(log_path)),
                 cwd=self.root,
                 env=step_environment(target),
                 stdin=subprocess.DEVNULL,

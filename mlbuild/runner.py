@@ -193,6 +193,7 @@ class Build:
                 because = f"upstream '{blocked[0]}' {verb}"
             self._not_run(name, because)
             return False
+        checking = time.perf_counter()
         now = self._observe(target)
         stored = self.manifests.get(name)
         before = Fingerprint.from_json(stored.data) if stored is not None else None
@@ -208,7 +209,9 @@ class Build:
                 self.reporter.would_run(name, reasons)
             return False
         if decision.fresh:
-            self._finish(TargetResult(name, Outcome.SKIPPED))
+            # A skipped target's duration is what checking it cost.
+            cost = time.perf_counter() - checking
+            self._finish(TargetResult(name, Outcome.SKIPPED, duration=cost))
             self.reporter.skipped(name, decision)
             return False
         if name in self.manifests:

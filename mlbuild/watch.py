@@ -1,0 +1,539 @@
+"""Watch mode: filesystem events -> debounced sets of changed paths -> the ordinary runner.
+
+Nothing here decides staleness. A change only chooses which targets the
+runner looks at; the content check decides what runs, so a `touch`, or a save
+or atomic rename that leaves the bytes equal, runs nothing.
+
+Two threads: watchdog's observer thread only drops irrelevant paths (outputs,
+`.mlbuild/`, editor temp files) and hands the rest to a `Debouncer`; the
+thread that calls `Watcher.run` does everything else (reload, code scan, watch
+bookkeeping, builds). Changes that arrive while a build runs wait in the
+debouncer and become the next cycle.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import posixpath
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TextIO
+
+from watchdog import events as ev
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.polling import PollingObserver
+
+from mlbuild.code import CodeError, CodeScanner, Parsed
+from mlbuild.config import STATE_DIR, Pipeline, Port, load_pipeline
+from mlbuild.errors import MlbuildError
+from mlbuild.fingerprint import Fingerprinter
+from mlbuild.graph import Graph, build_graph
+from mlbuild.lock import WorkspaceLock
+from mlbuild.results import BuildOptions, BuildResult, Outcome, Reporter
+from mlbuild.runner import run_build
+from mlbuild.store import Store, open_store
+
+DEFAULT_DEBOUNCE = 0.15  # seconds of quiet after the last event before a cycle starts
+DEFAULT_POLL_INTERVAL = 1.0  # seconds between directory scans when polling
+
+# Only events that can change content. Opening or reading a file (the build
+# itself reads its inputs) must never start a cycle; with this filter inotify
+# is not even asked for IN_OPEN or IN_ACCESS.
+_EVENT_TYPES: list[type[ev.FileSystemEvent]] = [
+    *(ev.FileCreatedEvent, ev.FileModifiedEvent, ev.FileClosedEvent, ev.FileDeletedEvent),
+    *(ev.FileMovedEvent, ev.DirCreatedEvent, ev.DirDeletedEvent, ev.DirMovedEvent),
+]
+_IGNORED_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".ipynb_checkpoints", ".mypy_cache"}
+_IGNORED_NAMES = {"4913", ".DS_Store"}  # 4913: the file vim probes a directory with
+_IGNORED_PREFIXES = (".#", ".goutputstream-", ".~lock.")
+_IGNORED_SUFFIXES = (
+    *(".swp", ".swo", ".swx", ".swpx", "~", ".tmp", ".temp", ".part", ".crdownload"),
+    *(".pyc", ".pyo", "___jb_tmp___", "___jb_old___"),
+)
+_LIMIT_ERRNOS = (errno.ENOSPC, errno.EMFILE)  # inotify watch / instance limit
+
+
+def is_ignored(rel: str) -> bool:
+    """Editor swap, backup and temp files, bytecode and VCS folders: never a reason to build."""
+    parts = rel.split("/")
+    name = parts[-1]
+    if any(part in _IGNORED_DIRS for part in parts) or name in _IGNORED_NAMES:
+        return True
+    if name.startswith("#") and name.endswith("#"):  # emacs auto-save
+        return True
+    return name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES)
+
+
+def _ancestors(rel: str) -> Iterator[str]:
+    while "/" in rel:
+        rel = rel.rpartition("/")[0]
+        yield rel
+
+
+def _static_base(pattern: str) -> str:
+    """The directories of a glob pattern before its first wildcard."""
+    parts: list[str] = []
+    for part in pattern.split("/")[:-1]:
+        if any(ch in part for ch in "*?["):
+            break
+        parts.append(part)
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    """How to watch: the quiet period, polling instead of inotify, verbosity (-1 quiet)."""
+
+    debounce: float = DEFAULT_DEBOUNCE
+    poll: bool = False
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    verbosity: int = 0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Coalesced changes: each path once, and when the newest event of them came."""
+
+    paths: frozenset[str]
+    last_event: float
+
+
+class Debouncer:
+    """Collects changed paths until `quiet` seconds pass without a new one.
+
+    A pure trailing debounce with no maximum wait: a file that is still being
+    written (a download, a long export) keeps postponing the cycle, so a step
+    never starts on half-written data because the writer is slow. The clock is
+    injectable so that the timing can be tested without sleeping.
+    """
+
+    def __init__(self, quiet: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.quiet = quiet
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._paths: set[str] = set()
+        self._last = 0.0
+        self._closed = False
+
+    def add(self, paths: Iterable[str]) -> None:
+        """Record changed paths (called from the observer thread)."""
+        with self._cond:
+            was_empty = not self._paths
+            self._paths.update(paths)
+            if self._paths:
+                self._last = self.clock()
+                if was_empty:  # a waiter with a deadline recomputes it when it wakes
+                    self._cond.notify_all()
+
+    def due_in(self) -> float | None:
+        """Seconds until the pending paths form a batch (<= 0: now); None when none pend."""
+        with self._cond:
+            return self._last + self.quiet - self.clock() if self._paths else None
+
+    def take(self) -> Batch:
+        """The pending paths as one batch, emptying the collection."""
+        with self._cond:
+            batch = Batch(frozenset(self._paths), self._last)
+            self._paths.clear()
+            return batch
+
+    def wait(self) -> Batch | None:
+        """Block until a batch is due, or return None once `close` was called."""
+        with self._cond:
+            while not self._closed:
+                delay = self.due_in()
+                if delay is not None and delay <= 0:
+                    return self.take()
+                self._cond.wait(delay)
+            return None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What the observer thread needs to drop paths; replaced whole when the pipeline changes."""
+
+    outputs: frozenset[str]  # declared outputs: they and everything inside them are dropped
+    output_dirs: frozenset[str]  # directories holding outputs and no source: their own events
+    known: frozenset[str]  # declared inputs and code files: never mistaken for temp files
+
+    def keeps(self, rel: str) -> bool:
+        """False for paths no build should ever follow: state, outputs, temp files."""
+        if rel == STATE_DIR or rel.startswith(STATE_DIR + "/"):
+            return False
+        if rel in self.output_dirs or rel in self.outputs:
+            return False
+        if any(a in self.outputs for a in _ancestors(rel)):
+            return False
+        return rel in self.known or not is_ignored(rel)
+
+
+def scope_of(graph: Graph, code: Mapping[str, frozenset[str]]) -> Scope:
+    known = {p.path for t in graph.targets.values() for p in t.inputs if not p.is_glob}
+    known.update(*code.values())
+    holding_sources = {a for path in known for a in _ancestors(path)}
+    output_dirs = frozenset(graph.below).difference(holding_sources)
+    return Scope(frozenset(graph.producers), output_dirs, frozenset(known))
+
+
+def _sources(graph: Graph, name: str) -> Iterator[tuple[str, Port]]:
+    """(static base, port) of a target's inputs that no target writes."""
+    for port in graph.targets[name].inputs:
+        base = _static_base(port.path) if port.is_glob else port.path
+        if not any(p in graph.producers for p in (base, *_ancestors(base))):
+            yield base, port
+
+
+def plan_watches(
+    graph: Graph, selected: Iterable[str], code: Mapping[str, frozenset[str]]
+) -> dict[str, bool]:
+    """Directories to watch ("" is the root) -> recursive, for the selection's sources and code.
+
+    A file is watched through its directory (so an atomic rename over it is
+    seen), a directory input recursively and through its parent, a glob
+    through its static base. Inputs that are some target's output are never
+    watched. A directory that does not exist yet is stood in for by its
+    nearest existing ancestor, so that its creation is seen.
+    """
+    root = str(graph.pipeline.root)
+    wanted: dict[str, bool] = {"": False}  # the pipeline file's directory
+
+    def add(rel: str, recursive: bool) -> None:
+        while rel and not os.path.isdir(os.path.join(root, rel)):
+            rel, recursive = posixpath.dirname(rel), False
+        wanted[rel] = wanted.get(rel, False) or recursive
+
+    for name in selected:
+        for base, port in _sources(graph, name):
+            if port.is_glob:
+                rest = port.path[len(base) :].lstrip("/")
+                add(base, "**" in rest or "/" in rest)
+            elif os.path.isdir(os.path.join(root, port.path)):
+                add(port.path, True)
+            add(posixpath.dirname(port.path), False)
+        for file in code.get(name, ()):
+            add(posixpath.dirname(file), False)
+    tops = [d for d, recursive in wanted.items() if recursive]
+    covered = {d for d in wanted for t in tops if t != d and (not t or d.startswith(t + "/"))}
+    return {d: r for d, r in wanted.items() if d not in covered}
+
+
+def affected_targets(
+    graph: Graph, selected: Iterable[str], code: Mapping[str, frozenset[str]], paths: Iterable[str]
+) -> dict[str, set[str]]:
+    """Changed path -> the selected targets reading it (paths reading nothing are left out).
+
+    A target reads a path when the graph says so (`graph.affected`), when it is
+    one of its code files, or when the path is a directory above one of its
+    code files or source inputs (created, deleted or moved as a whole). Only
+    sources count there: the runner creating `build/` for an output is no change.
+    """
+    chosen = set(selected)
+    hits: dict[str, set[str]] = {}
+    for path in paths:
+        found = graph.affected([path]) & chosen
+        for name in chosen - found:
+            files = code.get(name, frozenset())
+            bases = [base for base, _ in _sources(graph, name)]
+            if path in files or any(f.startswith(path + "/") for f in (*files, *bases)):
+                found.add(name)
+        if found:
+            hits[path] = found
+    return hits
+
+
+class _Events(ev.FileSystemEventHandler):
+    """Forwards the paths of every event (both ends of a move) to a callback."""
+
+    def __init__(self, sink: Callable[[list[str]], None]) -> None:
+        self.sink = sink
+
+    def on_any_event(self, event: ev.FileSystemEvent) -> None:
+        paths = [os.fsdecode(event.src_path)]
+        if event.dest_path:
+            paths.append(os.fsdecode(event.dest_path))
+        self.sink(paths)
+
+
+class Watcher:
+    """An initial build, then one build per debounced batch of changes, until stopped.
+
+    Each cycle builds the targets the changed paths affect plus everything
+    downstream of them (run_build adds what they need). That is exact: a
+    target's fingerprint changes only through its inputs and code (watched
+    here), its upstream outputs (covered by the downstream closure) or its
+    pipeline entry (a reload checks the whole selection). Checking the whole
+    selection every time would give the same results but print a line for
+    every fresh target and cost a full check per save in a large pipeline.
+    Builds always keep going past a failure, so what a failure leaves stale is
+    exactly the failed targets and their downstream, which the save that fixes
+    them brings back; a build that stops on an error (a vanished input, a
+    syntax error) hands its targets on to the next cycle.
+    """
+
+    def __init__(
+        self,
+        file: Path,
+        reporter: Reporter,
+        out: TextIO,
+        err: TextIO,
+        *,
+        targets: Sequence[str] = (),
+        overrides: Mapping[str, Any] | None = None,
+        options: WatchOptions | None = None,
+        build: BuildOptions | None = None,
+    ) -> None:
+        self.file = file.resolve()
+        self.reporter, self.out, self.err = reporter, out, err
+        self.targets = tuple(targets)
+        self.overrides = dict(overrides or {})
+        self.options = options or WatchOptions()
+        self.build_options = build or BuildOptions(command_line="watch")
+        self.debouncer = Debouncer(self.options.debounce)
+        self.graph, self.selection = self._load()  # MlbuildError here: nothing to fall back on
+        self.pipeline_text = _read(self.file)
+        self.code: dict[str, frozenset[str]] = {}
+        self.scope = scope_of(self.graph, self.code)
+        self.carry: set[str] = set()  # targets of a build that stopped on an error
+        self._fp = Fingerprinter(self.graph.pipeline.root, {})  # stat cache of code files
+        self._parsed: dict[str, Parsed] = {}
+        self._observer: BaseObserver | None = None
+        self._watches: dict[tuple[str, bool], tuple[ObservedWatch, int]] = {}
+        self._handler = _Events(self._on_paths)
+
+    def run(self) -> int:
+        """Watch until `stop` or Ctrl-C; returns 0, the normal end of watch mode."""
+        try:
+            self._use_observer(None)
+            self._refresh()
+            self._build(self.targets, initial=True)
+            kind = type(self._observer).__name__.removesuffix("Observer").lower()
+            if isinstance(self._observer, PollingObserver):
+                kind = f"polling every {self.options.poll_interval:g}s"
+            debounce = f"{self.options.debounce * 1000:.0f} ms debounce"
+            self._say(
+                f"watching {len(self._watches)} directories ({kind}, {debounce});"
+                " waiting for changes."
+            )
+            while (batch := self.debouncer.wait()) is not None:
+                self._cycle(batch)
+        except KeyboardInterrupt:
+            self._say("stopped.")
+        finally:
+            self.debouncer.close()
+            if self._observer is not None:
+                self._observer.stop()
+                self._observer.join()
+        return 0
+
+    def stop(self) -> None:
+        """End `run` after the current cycle (from another thread)."""
+        self.debouncer.close()
+
+    def _on_paths(self, paths: list[str]) -> None:
+        """Observer thread: keep the relevant project paths of one event."""
+        prefix, scope = str(self.graph.pipeline.root) + os.sep, self.scope
+        rels = [p[len(prefix) :].replace(os.sep, "/") for p in paths if p.startswith(prefix)]
+        if kept := [rel for rel in rels if scope.keeps(rel)]:
+            self.debouncer.add(kept)
+
+    def _cycle(self, batch: Batch) -> None:
+        paths = set(batch.paths)
+        pipeline_rel = self.graph.pipeline.file.name
+        reloaded = pipeline_rel in paths and self._reload()
+        self._refresh()
+        hits = affected_targets(self.graph, self.selection, self.code, paths)
+        if not hits and not reloaded:
+            if self.options.verbosity > 0:
+                self._say(f"{_shown(paths)} changed; no selected target reads it.")
+            return
+        wanted = self.graph.downstream(set().union(*hits.values()) | self.carry)
+        names = self.selection if reloaded else tuple(n for n in self.selection if n in wanted)
+        changed = {*hits, *([pipeline_rel] if reloaded else [])}
+        self._say(f"{_shown(changed)} changed; checking {', '.join(names)}.")
+        result = self._build(names)
+        if result is None:
+            self._say("the build stopped on that error; save a fix to retry; waiting for changes.")
+        else:
+            after = time.monotonic() - batch.last_event
+            self._say(f"{_ran(result)}; done {after:.3f}s after the change; waiting for changes.")
+
+    def _reload(self) -> bool:
+        """Load the edited pipeline file; on a mistake say so and keep the last good one."""
+        text = _read(self.file)
+        if text == self.pipeline_text:
+            return False  # saved without a change
+        self.pipeline_text = text
+        try:
+            self.graph, self.selection = self._load()
+        except MlbuildError as exc:
+            self._error(exc)
+            self._say(
+                f"keeping the last good pipeline until {self.file.name} loads again;"
+                " waiting for changes."
+            )
+            return False
+        return True
+
+    def _load(self) -> tuple[Graph, tuple[str, ...]]:
+        graph = build_graph(load_pipeline(self.file, self.overrides))
+        return graph, graph.select(self.targets)
+
+    def _refresh(self) -> None:
+        """Rescan the selection's code files, then bring the watches in line with them.
+
+        This runs before each build, so a write lands either before the build
+        reads the file or after the watch on its directory exists.
+        """
+        scanner = CodeScanner(self._fp, self._parsed)
+        code: dict[str, frozenset[str]] = {}
+        for name in self.selection:
+            target = self.graph.targets[name]
+            files: set[str] = set()
+            if target.python is not None:  # the module may not exist yet: its creation counts
+                base = target.python.partition(":")[0].replace(".", "/")
+                files.update((base + ".py", base + "/__init__.py"))
+            try:
+                files.update(scanner.fingerprint(target).files)
+            except (CodeError, OSError):
+                files.update(self.code.get(name, ()))  # a broken module keeps its last closure
+            code[name] = frozenset(files)
+        self.code = code
+        self._parsed.update(scanner.new_parsed)
+        self._fp.take_updates()
+        self.scope = scope_of(self.graph, code)
+        self._sync_watches(plan_watches(self.graph, self.selection, code))
+
+    def _use_observer(self, limit: OSError | None) -> None:
+        """Start inotify (or the platform's native observer), or polling when asked or forced."""
+        if self._observer is not None:
+            self._observer.unschedule_all()
+            self._observer.stop()
+            self._observer.join()
+            self._watches.clear()
+        if limit is not None:
+            self.err.write(_limit_message(limit, self.options.poll_interval))
+            self.err.flush()
+        elif not self.options.poll:
+            try:
+                self._observer = Observer()
+                self._observer.start()
+                return
+            except OSError as exc:  # EMFILE: no inotify instance left
+                if exc.errno not in _LIMIT_ERRNOS:
+                    raise
+                return self._use_observer(exc)
+        self._observer = PollingObserver(timeout=self.options.poll_interval)
+        self._observer.start()
+
+    def _sync_watches(self, plan: Mapping[str, bool]) -> None:
+        """Schedule what the plan adds; unschedule what it drops or what was replaced on disk."""
+        assert self._observer is not None
+        root = self.graph.pipeline.root
+        for key, (watch, inode) in list(self._watches.items()):
+            if plan.get(key[0]) != key[1] or _inode(root / key[0]) != inode:
+                self._observer.unschedule(watch)
+                del self._watches[key]
+        for rel, recursive in plan.items():
+            if (rel, recursive) in self._watches or (now := _inode(root / rel)) is None:
+                continue
+            try:
+                watch = self._observer.schedule(
+                    self._handler, str(root / rel), recursive=recursive, event_filter=_EVENT_TYPES
+                )
+            except OSError as exc:
+                if exc.errno in _LIMIT_ERRNOS and not isinstance(self._observer, PollingObserver):
+                    self._use_observer(exc)
+                    return self._sync_watches(plan)
+                self.reporter.warn(f"cannot watch {rel or '.'}: {exc.strerror or exc}")
+                continue
+            self._watches[(rel, recursive)] = (watch, now)
+
+    def _build(self, names: Sequence[str], *, initial: bool = False) -> BuildResult | None:
+        """One ordinary build; a user error is printed and the watcher goes on."""
+        force = self.build_options.force if initial else None
+        options = replace(self.build_options, targets=tuple(names), keep_going=True, force=force)
+        try:
+            with self._locked_state(self.graph.pipeline) as store:
+                result = run_build(self.graph, store, self.reporter, options)
+        except (MlbuildError, OSError) as exc:
+            self._error(exc)
+            self.carry.update(names or self.selection)
+            return None
+        self.carry.clear()
+        self.reporter.summary(result)
+        return result
+
+    @contextmanager
+    def _locked_state(self, pipeline: Pipeline) -> Iterator[Store]:
+        """The state for one cycle's build, under the workspace lock as `mlbuild run` takes it.
+
+        The lock is held per cycle, not for the whole session, so that a `run`
+        in another terminal can go between two cycles (a cycle waits for it).
+        """
+        from mlbuild.executor import reap_orphans
+
+        state_dir = pipeline.root / STATE_DIR
+        command = self.build_options.command_line
+        with WorkspaceLock(state_dir, command, wait=True, notify=self.reporter.warn):
+            for name in reap_orphans(pipeline.root):
+                self.reporter.warn(f"stopped step `{name}` left running by a killed mlbuild")
+            with open_store(state_dir, self.reporter.warn) as store:
+                yield store
+
+    def _say(self, text: str) -> None:
+        if self.options.verbosity >= 0:
+            self.out.write(f"mlbuild watch: {text}\n")
+            self.out.flush()
+
+    def _error(self, exc: Exception) -> None:
+        self.err.write(f"mlbuild: error: {exc}\n")
+        self.err.flush()
+
+
+def _limit_message(exc: OSError, interval: float) -> str:
+    which = "max_user_watches" if exc.errno == errno.ENOSPC else "max_user_instances"
+    value = (_read(Path("/proc/sys/fs/inotify", which)) or b"?").decode().strip()
+    return (
+        f"mlbuild watch: the inotify limit is reached (fs.inotify.{which} = {value}); polling"
+        f" every {interval:g}s instead. To raise it: sudo sysctl fs.inotify.{which}=524288\n"
+    )
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _shown(paths: Iterable[str], limit: int = 5) -> str:
+    ordered = sorted(paths)
+    more = f" (+{len(ordered) - limit} more)" if len(ordered) > limit else ""
+    return ", ".join(ordered[:limit]) + more
+
+
+def _ran(result: BuildResult) -> str:
+    """`ran a, b; failed c`: what a cycle did, in the words of the outcomes."""
+    parts = []
+    for outcome in (Outcome.RAN, Outcome.RESTORED, Outcome.FAILED):
+        if names := [r.name for r in result.results if r.outcome is outcome]:
+            parts.append(f"{outcome.value} {', '.join(names)}")
+    return "; ".join(parts) or "nothing ran"

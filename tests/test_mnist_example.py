@@ -1,0 +1,54 @@
+"""The origin demo end to end, with real TensorFlow: skip, retrain, restore."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tests.conftest import Project
+
+# Needs the `examples` extra (TensorFlow), which the `test` extra pulls in.
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ran_functions(project: Project) -> set[str]:
+    """Steps whose function executed in the last run (the worker's timing files)."""
+    logs = project.root / ".mlbuild/logs"
+    return {p.name.removesuffix(".timing.json") for p in logs.glob("*.timing.json")}
+
+
+def test_mnist_demo_skips_data_steps_and_restores_the_trainer(project: Project) -> None:
+    shutil.copy(REPO / "pipeline.toml", project.root / "pipeline.toml")
+    shutil.copytree(
+        REPO / "examples/mnist/steps",
+        project.root / "examples/mnist/steps",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    first = project.run("run", "-j", "1")
+    assert first.code == 0, first.err
+    assert first.started() == ["importer", "normalizer", "trainer", "evaluator"]
+    assert "using scikit-learn's handwritten digits" in first.out or "using MNIST" in first.out
+    model = (project.root / "build/mnist/model.keras").read_bytes()
+
+    second = project.run("run", "-j", "1", "--set", "epochs=2")
+    assert second.code == 0, second.err
+    assert "Step `importer` is up to date (skipped)." in second.out
+    assert "Step `normalizer` is up to date (skipped)." in second.out
+    assert "Step `trainer` has started: param epochs changed 1 -> 2." in second.out
+    assert second.started() == ["trainer", "evaluator"]
+
+    for timing in (project.root / ".mlbuild/logs").glob("*.timing.json"):
+        timing.unlink()
+    third = project.run("run", "-j", "1")
+    assert third.code == 0, third.err
+    assert third.started() == []
+    assert "Step `trainer` restored from cache in " in third.out
+    assert "Step `evaluator` restored from cache in " in third.out
+    assert ran_functions(project) == set()  # no step function executed
+    assert (project.root / "build/mnist/model.keras").read_bytes() == model
+
+    metrics = json.loads((project.root / "build/mnist/metrics.json").read_text())
+    assert metrics["test_images"] > 100
+    assert 0.1 < metrics["accuracy"] <= 1.0  # above chance (10 classes)
+    assert metrics["loss"] > 0
