@@ -119,6 +119,13 @@ class Cache:
         self.root = root
         self.objects_dir = root / "objects"
         self.runs_dir = root / "runs"
+        self._made: set[Path] = set()
+
+    def _mkdir(self, path: Path) -> None:
+        """mkdir -p, once per directory per build (a build may store hundreds of outputs)."""
+        if path not in self._made:
+            path.mkdir(parents=True, exist_ok=True)
+            self._made.add(path)
 
     def object_path(self, digest: str) -> Path:
         return self.objects_dir / digest[:2] / digest[2:]
@@ -179,7 +186,7 @@ class Cache:
         dest = self.object_path(digest)
         if dest.exists():
             return
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdir(dest.parent)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         try:
             try:
@@ -193,7 +200,7 @@ class Cache:
             raise
 
     def _write_atomic(self, dest: Path, data: bytes) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdir(dest.parent)
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as handle:

@@ -73,9 +73,9 @@ class _Running:
     pipe_open: bool = True
 
 
-def step_environment(target: Target) -> dict[str, str]:
+def step_environment(target: Target, base: dict[str, str] | None = None) -> dict[str, str]:
     """The step's environment: the user's, plus MLBUILD_TARGET and MLBUILD_PARAM_<NAME>."""
-    env = dict(os.environ)
+    env = dict(os.environ if base is None else base)
     env["MLBUILD_TARGET"] = target.name
     for name, value in target.params.items():
         env["MLBUILD_PARAM_" + re.sub(r"\W", "_", name).upper()] = render_value(value)
@@ -122,18 +122,26 @@ class LocalExecutor:
         self.running_dir = root / STATE_DIR / "running"
         self.selector = selectors.DefaultSelector()
         self.steps: dict[str, _Running] = {}
+        self.base_env = dict(os.environ)  # copied once: a build starts hundreds of steps
+        self.made_dirs: set[Path] = set()
+
+    def _mkdir(self, path: Path) -> None:
+        if path not in self.made_dirs:
+            path.mkdir(parents=True, exist_ok=True)
+            self.made_dirs.add(path)
 
     def start(self, target: Target, log_path: Path) -> None:
         """Spawn the step; its events come from `wait`."""
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.running_dir.mkdir(parents=True, exist_ok=True)
-        timing_path(log_path).unlink(missing_ok=True)
+        self._mkdir(log_path.parent)
+        self._mkdir(self.running_dir)
+        if target.python is not None:
+            timing_path(log_path).unlink(missing_ok=True)
         log = open(log_path, "wb")  # noqa: SIM115 - closed in _reap
         try:
             proc = subprocess.Popen(
                 step_argv(target, self.root, timing_path(log_path)),
                 cwd=self.root,
-                env=step_environment(target),
+                env=step_environment(target, self.base_env),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -144,7 +152,9 @@ class LocalExecutor:
             raise
         assert proc.stdout is not None
         marker = self.running_dir / target.name
-        marker.write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, f"{proc.pid}\n".encode())
+        os.close(fd)
         self.steps[target.name] = _Running(proc, log, log_path, time.perf_counter(), marker)
         os.set_blocking(proc.stdout.fileno(), False)
         self.selector.register(proc.stdout, selectors.EVENT_READ, target.name)
@@ -210,19 +220,37 @@ class LocalExecutor:
         return names
 
 
-def _start_time(pid: int) -> str:
-    """The process start time (clock ticks since boot), to tell a reused pid apart."""
+def _group_members(pgid: int) -> list[int]:
+    """Pids of the live processes in process group `pgid` (from /proc; Linux)."""
+    members: list[int] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _runs_target(pid: int, name: str) -> bool:
+    """Whether a process was started by mlbuild for target `name` (from its environment)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return handle.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return "?"
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            return f"MLBUILD_TARGET={name}".encode() in handle.read().split(b"\0")
+    except OSError:
+        return False
 
 
 def reap_orphans(root: Path) -> list[str]:
     """Kill the process groups of steps left running by an mlbuild that was killed.
 
     Called with the workspace lock held, so no live mlbuild owns these steps.
+    A group is killed only if one of its processes still carries the step's
+    `MLBUILD_TARGET` in its environment, so a reused process id is left alone.
     """
     running_dir = root / STATE_DIR / "running"
     try:
@@ -232,17 +260,13 @@ def reap_orphans(root: Path) -> list[str]:
     killed: list[str] = []
     for marker in markers:
         try:
-            pid_text, started = marker.read_text().split()
-            pid = int(pid_text)
+            pgid = int(marker.read_text())
         except (OSError, ValueError):
             marker.unlink(missing_ok=True)
             continue
-        now = _start_time(pid)
-        # Same start time: the step's leader lives on. No such process: its
-        # children may, in the group that keeps its id. Otherwise the pid was reused.
-        if now in (started, "?"):
+        if any(_runs_target(pid, marker.name) for pid in _group_members(pgid)):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+                os.killpg(pgid, signal.SIGKILL)
                 killed.append(marker.name)
         marker.unlink(missing_ok=True)
     return killed

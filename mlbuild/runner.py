@@ -114,6 +114,7 @@ class Build:
         self._cache: Cache | None = None
         # Per running step: its observation before it started, and why it runs.
         self._running: dict[str, tuple[Observation, Decision]] = {}
+        self.made_dirs: set[Path] = set()  # output parents created in this build
 
     def run(self) -> BuildResult:
         start = time.perf_counter()
@@ -238,7 +239,10 @@ class Build:
     def _start(self, name: str) -> None:
         target = self.graph.targets[name]
         for port in target.outputs:
-            (self.root / port.path).parent.mkdir(parents=True, exist_ok=True)
+            parent = (self.root / port.path).parent
+            if parent not in self.made_dirs:
+                parent.mkdir(parents=True, exist_ok=True)
+                self.made_dirs.add(parent)
         self.reporter.started(name, self._running[name][1], _command(target))
         self.executor.start(target, self.root / STATE_DIR / "logs" / f"{name}.log")
 
@@ -262,17 +266,16 @@ class Build:
     def _check(self, target: Target, result: ExecResult) -> Failure | None:
         from mlbuild.executor import log_tail
 
-        command = _command(target)
-        tail = tuple(log_tail(result.log_path))
         if not result.ok:
             code = result.returncode
-            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            return Failure(target.name, command, how, result.log_path, tail)
-        missing = [p.path for p in target.outputs if not (self.root / p.path).exists()]
-        if missing:
+            message = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        else:
+            missing = [p.path for p in target.outputs if not (self.root / p.path).exists()]
+            if not missing:
+                return None
             message = "did not write declared output " + ", ".join(f"'{p}'" for p in missing)
-            return Failure(target.name, command, message, result.log_path, tail)
-        return None
+        tail = tuple(log_tail(result.log_path))
+        return Failure(target.name, _command(target), message, result.log_path, tail)
 
     def _record(self, target: Target, before_run: Observation, duration: float) -> Observation:
         """Store the manifest: inputs as observed before the step, outputs as they are now."""
