@@ -104,7 +104,7 @@ class Build:
         self.manifests = store.load_manifests()
         self.fp = Fingerprinter(self.root, store.load_stats())
         parsed = {raw: Parsed.from_json(data) for raw, data in store.load_parsed().items()}
-        self.code = CodeScanner(self.fp, parsed)
+        self.code = CodeScanner(self.fp, {raw: p for raw, p in parsed.items() if p is not None})
         self.packages: dict[str, str | None] = {}
         self.outcomes: dict[str, Outcome] = {}
         self.results: list[TargetResult] = []
