@@ -18,7 +18,6 @@ from typing import Any, NoReturn
 
 from mlbuild.config import STATE_DIR, Pipeline, find_pipeline, load_pipeline, parse_overrides
 from mlbuild.errors import Interrupted, MlbuildError, UsageError
-from mlbuild.executor import reap_orphans
 from mlbuild.graph import Graph, build_graph
 from mlbuild.lock import WorkspaceLock
 from mlbuild.report import PlainReporter
@@ -186,8 +185,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     state_dir = pipeline.root / STATE_DIR
     with WorkspaceLock(state_dir, args.command_line, wait=not args.no_wait, notify=reporter.warn):
-        for name in reap_orphans(pipeline.root):
-            reporter.warn(f"stopped step `{name}` left running by an mlbuild that was killed")
+        if os.path.isdir(state_dir / "running") and os.listdir(state_dir / "running"):
+            # Steps of an mlbuild that was killed; the executor (and subprocess)
+            # is imported only then, keeping it off the no-op path.
+            from mlbuild.executor import reap_orphans
+
+            for name in reap_orphans(pipeline.root):
+                reporter.warn(f"stopped step `{name}` left running by an mlbuild that was killed")
         with open_state(pipeline, reporter) as store:
             result = run_build(graph, store, reporter, options)
     reporter.summary(result)
