@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake as one line and exit code 2, via UsageError."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see `mlbuild {self.prog.split()[-1]} --help`)")
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,7 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         words = list(sys.argv[1:] if argv is None else argv)
-        args = build_parser().parse_args(words)
+        args, unknown = build_parser().parse_known_args(words)
+        if unknown:
+            # argparse reports these from the top-level parser; point at the subcommand.
+            raise UsageError(
+                f"unrecognized arguments: {' '.join(unknown)} (see `mlbuild {args.command} --help`)"
+            )
         args.command_line = " ".join(words)
         handler: Any = args.handler
         return int(handler(args))
@@ -360,8 +365,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mlbuild: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except MlbuildError as exc:
-        print(f"mlbuild: error: {exc}", file=sys.stderr)
+        print(f"mlbuild: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
+
+
+def one_line(text: str) -> str:
+    """Control characters (a newline in a quoted TOML key) escaped: errors are one line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
 
 
 def run_main() -> NoReturn:

@@ -1,0 +1,417 @@
+"""Property tests: random pipelines of real shell steps under random edits.
+
+Each example builds a random DAG of `/bin/sh` targets over a few source files,
+then applies random edits (source bytes, touch, global param, `--set`, command
+text, deleted or modified outputs), running `mlbuild run` through the real CLI
+after each batch, sometimes with `--no-cache` or `-j N`. After every run:
+
+(a) every output equals, byte for byte, the output of a clean build of the
+    same pipeline.toml and sources in a fresh directory, and the output the
+    test's own model of each command computes;
+(b) the targets that ran are exactly those an independent model predicts: a
+    target runs iff it has no record, or its command template, its parameter
+    values, its input bytes or its output bytes differ from what it last
+    consumed and produced. The model never looks at mlbuild's state.
+    Of those stale targets, the ones whose (command, params, input bytes) the
+    model saw run before are restored from the output cache instead of run,
+    unless `--no-cache` is given.
+
+Which targets ran is read twice: each step appends its name to $RUNLOG (a file
+outside the project, inherited through the environment), and the CLI prints
+"Step `X` has started"; the two must agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from mlbuild.cli import main
+
+SOURCES = ("src/s0.txt", "src/s1.txt", "src/s2.txt")
+PARAMS = ("p0", "p1", "p2")
+KINDS = ("cat", "head", "wc", "tr")
+# Few letters, vowels and newlines: edits often leave `head -c 3`, `wc -l` and
+# `tr -d aeiou` outputs unchanged, which is what exercises early cutoff.
+CONTENT = st.text(alphabet="abeio\n", max_size=10).map(lambda s: s.encode("ascii"))
+PARAM_VALUE = st.integers(min_value=0, max_value=5)
+
+STARTED = re.compile(r"^Step `([^`]+)` has started")
+RESTORED = re.compile(r"^Step `([^`]+)` restored from cache")
+SKIPPED = re.compile(r"^Step `([^`]+)` is up to date \(skipped\)")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One shell target: what it reads, which global params it reads, what it computes."""
+
+    name: str
+    inputs: tuple[str, ...]
+    params: tuple[str, ...]
+    kind: str
+    variant: int = 0  # bumped by a command edit; shows up as a shell comment
+
+    @property
+    def output(self) -> str:
+        return f"out/{self.name}.txt"
+
+    def template(self) -> str:
+        """The `cmd` as written in pipeline.toml."""
+        if self.kind == "cat":
+            echoes = "".join(f"; echo {{params.{p}}}" for p in self.params)
+            body = f"(cat {{inputs}}{echoes}) > {{outputs}}"
+        elif self.kind == "head":
+            body = "cat {inputs} | head -c 3 > {outputs}"
+        elif self.kind == "wc":
+            body = "cat {inputs} | wc -l | tr -d ' ' > {outputs}"
+        else:
+            body = "cat {inputs} | tr -d aeiou > {outputs}"
+        return f'echo {self.name} >> "$RUNLOG"; {body} # v{self.variant}'
+
+    def compute(self, inputs: Sequence[bytes], params: Mapping[str, int]) -> bytes:
+        """What the command writes, computed in Python: the model of the step."""
+        data = b"".join(inputs)
+        if self.kind == "cat":
+            return data + b"".join(f"{params[p]}\n".encode() for p in self.params)
+        if self.kind == "head":
+            return data[:3]
+        if self.kind == "wc":
+            lines = data.count(b"\n")
+            return f"{lines}\n".encode()
+        return bytes(b for b in data if b not in b"aeiou")
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One change between runs; the meaning of `index`, `value` and `data` depends on `kind`."""
+
+    kind: str
+    index: int = 0
+    value: int = 0
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    targets: tuple[TargetSpec, ...]
+    sources: Mapping[str, bytes]
+    params: Mapping[str, int]
+    steps: tuple[tuple[Edit, ...], ...]  # each batch of edits is followed by a run
+
+
+@st.composite
+def edits(draw: st.DrawFn, n_targets: int) -> Edit:
+    target = st.integers(min_value=0, max_value=n_targets - 1)
+    source = st.integers(min_value=0, max_value=len(SOURCES) - 1)
+    param = st.integers(min_value=0, max_value=len(PARAMS) - 1)
+    kind = draw(
+        st.sampled_from(
+            [
+                "source",
+                "touch",
+                "param",
+                "set",
+                "no_cache",
+                "jobs",
+                "command",
+                "delete_output",
+                "modify_output",
+            ]
+        )
+    )
+    if kind == "source":
+        return Edit(kind, draw(source), data=draw(CONTENT))
+    if kind == "touch":
+        return Edit(kind, draw(source), value=draw(st.integers(0, 1)))
+    if kind in ("param", "set"):
+        return Edit(kind, draw(param), value=draw(PARAM_VALUE))
+    if kind == "command":
+        # value: 0 keeps the kind (only the text changes), else a new kind.
+        return Edit(kind, draw(target), value=draw(st.integers(0, len(KINDS))))
+    if kind == "jobs":
+        return Edit(kind, value=draw(st.sampled_from([1, 3, 8])))
+    if kind in ("delete_output", "no_cache"):
+        return Edit(kind, draw(target))
+    return Edit(kind, draw(target), data=draw(CONTENT))
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    n = draw(st.integers(min_value=2, max_value=8))
+    targets: list[TargetSpec] = []
+    for i in range(n):
+        earlier = [t.output for t in targets]
+        # Prefer earlier outputs so that DAGs are deep, not a fan of sources.
+        pool = earlier * 2 + list(SOURCES)
+        chosen = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=3, unique=True))
+        reads = draw(st.lists(st.sampled_from(PARAMS), max_size=2, unique=True))
+        kind = draw(st.sampled_from(KINDS))
+        targets.append(TargetSpec(f"t{i}", tuple(chosen), tuple(reads), kind))
+    sources = {path: draw(CONTENT) for path in SOURCES}
+    params = {name: draw(PARAM_VALUE) for name in PARAMS}
+    steps = draw(st.lists(st.lists(edits(n), min_size=1, max_size=2), min_size=1, max_size=5))
+    return Scenario(tuple(targets), sources, params, tuple(tuple(s) for s in steps))
+
+
+def pipeline_toml(targets: Sequence[TargetSpec], params: Mapping[str, int]) -> str:
+    lines = ["[params]"]
+    lines += [f"{name} = {value}" for name, value in params.items()]
+    for t in targets:
+        lines += [
+            "",
+            f"[targets.{t.name}]",
+            f"cmd = {toml_string(t.template())}",
+            f"inputs = [{', '.join(toml_string(p) for p in t.inputs)}]",
+            f"outputs = [{toml_string(t.output)}]",
+        ]
+        if t.params:
+            lines.append(f"params = [{', '.join(toml_string(p) for p in t.params)}]")
+    return "\n".join(lines) + "\n"
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string (the templates are ASCII without control characters)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """Set one environment variable (inherited by the steps) for the block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+@dataclass(frozen=True)
+class RunResult:
+    code: int
+    stdout: str
+    stderr: str
+    logged: tuple[str, ...]  # target names the steps appended to $RUNLOG
+
+
+def mlbuild_run(project: Path, runlog: Path, extra: Sequence[str] = ()) -> RunResult:
+    """`mlbuild run -f project/pipeline.toml [extra]`."""
+    return mlbuild_cli(["run", "-f", str(project / "pipeline.toml"), *extra], runlog)
+
+
+def mlbuild_cli(argv: Sequence[str], runlog: Path) -> RunResult:
+    """The CLI entry point in-process, as the console script calls it, with $RUNLOG set."""
+    runlog.write_text("")
+    out, err = io.StringIO(), io.StringIO()
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with (
+            environment("RUNLOG", str(runlog)),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            code = main(list(argv))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return RunResult(code, out.getvalue(), err.getvalue(), tuple(runlog.read_text().split()))
+
+
+def matching(pattern: re.Pattern[str], text: str) -> list[str]:
+    return [m.group(1) for line in text.splitlines() if (m := pattern.match(line))]
+
+
+def read_outputs(project: Path) -> dict[str, bytes]:
+    out = project / "out"
+    if not out.is_dir():
+        return {}
+    return {f"out/{p.name}": p.read_bytes() for p in sorted(out.iterdir())}
+
+
+Key = tuple[str, str, tuple[int, ...], tuple[bytes | None, ...]]
+
+
+@dataclass
+class Model:
+    """The test's own account of the project: files on disk and what each target last used."""
+
+    targets: list[TargetSpec]
+    params: dict[str, int]
+    files: dict[str, bytes]  # sources and outputs as they are on disk
+    # target -> (template, param values, input bytes, output bytes) of its last successful run
+    records: dict[str, tuple[str, tuple[int, ...], tuple[bytes | None, ...], bytes | None]] = field(
+        default_factory=dict
+    )
+    # (target, template, param values, input bytes) of every step that ran: what an output
+    # cache could restore instead of running the step again
+    seen: set[Key] = field(default_factory=set)
+
+    def run(self, overrides: Mapping[str, int]) -> tuple[set[str], set[str]]:
+        """Apply one build to the model: the targets that are stale (and must be brought up
+        to date), and those of them whose consumption was seen before (a cache hit)."""
+        params = {**self.params, **overrides}
+        stale: set[str] = set()
+        hits: set[str] = set()
+        for t in self.targets:  # inputs only name earlier targets: file order is topological
+            values = tuple(params[p] for p in t.params)
+            inputs = tuple(self.files.get(path) for path in t.inputs)
+            now = (t.template(), values, inputs, self.files.get(t.output))
+            if self.records.get(t.name) == now:
+                continue
+            assert all(data is not None for data in inputs), "an input was never produced"
+            output = t.compute([data or b"" for data in inputs], params)
+            self.files[t.output] = output
+            self.records[t.name] = (now[0], values, inputs, output)
+            stale.add(t.name)
+            key = (t.name, now[0], values, inputs)
+            if key in self.seen:
+                hits.add(t.name)
+            self.seen.add(key)
+        return stale, hits
+
+    def outputs(self) -> dict[str, bytes]:
+        return {t.output: self.files[t.output] for t in self.targets if t.output in self.files}
+
+
+def write_project(project: Path, model: Model) -> None:
+    (project / "src").mkdir(parents=True, exist_ok=True)
+    for path in SOURCES:
+        (project / path).write_bytes(model.files[path])
+    (project / "pipeline.toml").write_text(pipeline_toml(model.targets, model.params))
+
+
+@dataclass
+class NextRun:
+    """Command-line options the edits ask of the next run only."""
+
+    overrides: dict[str, int] = field(default_factory=dict)
+    no_cache: bool = False
+    jobs: int | None = None  # -j N; None: the default (the number of CPUs)
+
+    def sets(self) -> list[str]:
+        return [w for name, value in self.overrides.items() for w in ("--set", f"{name}={value}")]
+
+
+def apply_edit(project: Path, model: Model, edit: Edit, next_run: NextRun) -> None:
+    """Make the change on disk and in the model alike."""
+    if edit.kind == "source":
+        path = SOURCES[edit.index]
+        (project / path).write_bytes(edit.data)
+        model.files[path] = edit.data
+    elif edit.kind == "touch":
+        path = SOURCES[edit.index]
+        if edit.value:
+            (project / path).write_bytes(model.files[path])  # rewrite the same bytes
+        else:
+            earlier = time.time_ns() - 5_000_000_000  # like a checkout restoring a time
+            os.utime(project / path, ns=(earlier, earlier))
+    elif edit.kind == "param":
+        model.params[PARAMS[edit.index]] = edit.value
+        write_project(project, model)
+    elif edit.kind == "set":
+        next_run.overrides[PARAMS[edit.index]] = edit.value
+    elif edit.kind == "no_cache":
+        next_run.no_cache = True
+    elif edit.kind == "jobs":
+        next_run.jobs = edit.value
+    elif edit.kind == "command":
+        old = model.targets[edit.index]
+        kind = KINDS[edit.value - 1] if edit.value else old.kind
+        model.targets[edit.index] = replace(old, kind=kind, variant=old.variant + 1)
+        write_project(project, model)
+    elif edit.kind == "delete_output":
+        output = model.targets[edit.index].output
+        (project / output).unlink(missing_ok=True)
+        model.files.pop(output, None)
+    else:
+        output = model.targets[edit.index].output
+        (project / output).parent.mkdir(parents=True, exist_ok=True)
+        (project / output).write_bytes(edit.data)
+        model.files[output] = edit.data
+
+
+def clean_build(project: Path, scratch: Path, runlog: Path, extra: Sequence[str]) -> RunResult:
+    """Build the same pipeline.toml and sources from scratch in a fresh directory."""
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    (scratch / "src").mkdir(parents=True)
+    shutil.copyfile(project / "pipeline.toml", scratch / "pipeline.toml")
+    for path in SOURCES:
+        shutil.copyfile(project / path, scratch / path)
+    return mlbuild_run(scratch, runlog, extra)
+
+
+def check_run(
+    project: Path, scratch: Path, runlog: Path, model: Model, next_run: NextRun, when: str
+) -> None:
+    extra = next_run.sets()
+    stale, hits = model.run(next_run.overrides)
+    options = ["--no-cache"] if next_run.no_cache else []
+    options += ["-j", str(next_run.jobs)] if next_run.jobs else []
+    result = mlbuild_run(project, runlog, [*extra, *options])
+    context = f"{when} {next_run}\n--- pipeline.toml ---\n"
+    context += pipeline_toml(model.targets, model.params)
+    context += f"--- stdout ---\n{result.stdout}--- stderr ---\n{result.stderr}"
+    assert result.code == 0, context
+    assert len(result.logged) == len(set(result.logged)), context
+    executed = set(result.logged)
+    assert executed == set(matching(STARTED, result.stdout)), context
+    everything = {t.name for t in model.targets}
+    assert set(matching(SKIPPED, result.stdout)) == everything - stale, context
+    restored = set() if next_run.no_cache else hits
+    assert set(matching(RESTORED, result.stdout)) == restored, context
+    assert executed == stale - restored, context
+    if restored:
+        event("a stale target was restored from the cache")
+
+    for t in model.targets:
+        upstream = {u.name for u in model.targets if u.output in t.inputs}
+        if upstream & stale and t.name not in stale:
+            event("early cutoff: an upstream target ran, its consumer did not")
+
+    # Right after a successful run, `status` with the same settings finds nothing stale.
+    status = mlbuild_cli(["status", "-f", str(project / "pipeline.toml"), *extra], runlog)
+    assert status.code == 0, context + f"--- status ---\n{status.stdout}{status.stderr}"
+    assert status.logged == ()
+
+    assert read_outputs(project) == model.outputs(), context
+    fresh = clean_build(project, scratch, runlog, extra)
+    assert fresh.code == 0, fresh.stderr
+    assert set(fresh.logged) == {t.name for t in model.targets}
+    assert read_outputs(project) == read_outputs(scratch), context
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(scenario=scenarios())
+def test_incremental_runs_match_clean_builds_and_the_model(scenario: Scenario) -> None:
+    with tempfile.TemporaryDirectory(prefix="mlbuild-prop-") as tmp:
+        base = Path(tmp)
+        project, scratch, runlog = base / "project", base / "scratch", base / "runlog"
+        model = Model(list(scenario.targets), dict(scenario.params), dict(scenario.sources))
+        write_project(project, model)
+        check_run(project, scratch, runlog, model, NextRun(), "first build")
+        for number, batch in enumerate(scenario.steps, 1):
+            next_run = NextRun()
+            for edit in batch:
+                apply_edit(project, model, edit, next_run)
+            check_run(project, scratch, runlog, model, next_run, f"run {number} after {batch}")
+        # Nothing changed since the last run: a run without options only brings back
+        # what the last run's `--set` values changed.
+        check_run(project, scratch, runlog, model, NextRun(), "final run")
