@@ -33,9 +33,12 @@ from mlbuild.config import Port
 
 # Files at least this large go through blake3's mmap and multi-threaded hashing.
 MMAP_THRESHOLD = 8 * 1024 * 1024
-# Hash in a thread pool when a walk finds at least this many files to (re)hash:
-# blake3 releases the GIL, so small files hash on every core.
+# Hash in threads when a walk finds at least this many files to (re)hash:
+# reads and blake3 release the GIL, so small files hash on every core. Files
+# are dealt round-robin to one more thread than CPUs (a thread waiting on a read
+# leaves its core to another), each thread reusing one read buffer.
 PARALLEL_MIN_FILES = 16
+READ_CHUNK = 1 << 20
 # Timestamp granularity assumed for racy checks. Linux stamps files from a
 # coarse clock (one tick, <= 10 ms); filesystems with whole-second mtimes
 # (ext3, HFS+, FAT's 2 s) are recognised by a zero sub-second part.
@@ -86,14 +89,29 @@ def hash_bytes(data: bytes) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def hash_file(path: Path | str, size: int) -> str:
-    """Hex BLAKE3 of a file's bytes; large files are mmapped and hashed on every core."""
+def hash_file(path: Path | str, size: int, buffer: bytearray | None = None) -> str:
+    """Hex BLAKE3 of a file's bytes; large files are mmapped and hashed on every core.
+
+    Smaller files are read into `buffer` (reused across files: a fresh bytes
+    object per file costs an allocation and page faults for every file).
+    """
     if size >= MMAP_THRESHOLD:
         hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         hasher.update_mmap(path)
         return hasher.hexdigest()
-    with open(path, "rb") as handle:
-        return blake3.blake3(handle.read()).hexdigest()
+    buffer = buffer if buffer is not None else bytearray(READ_CHUNK)
+    view = memoryview(buffer)
+    hasher = blake3.blake3()
+    with open(path, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            hasher.update(view[:n])
+    return hasher.hexdigest()
+
+
+def _hash_files(paths: list[tuple[str, int]]) -> list[str]:
+    """Digests of several files in one thread, with one read buffer."""
+    buffer = bytearray(READ_CHUNK)
+    return [hash_file(path, size, buffer) for path, size in paths]
 
 
 def _encode_default(value: Any) -> Any:
@@ -174,21 +192,20 @@ class Fingerprinter:
         if not todo:
             return result
         checked_ns = time.time_ns()
-
-        def work(item: tuple[str, os.stat_result]) -> tuple[str, os.stat_result, str]:
-            rel, st = item
-            return rel, st, hash_file(self._prefix + rel, st.st_size)
-
+        jobs = [(self._prefix + rel, st.st_size) for rel, st in todo]
         if len(todo) >= PARALLEL_MIN_FILES:
             # Imported here: it pulls in logging and threading, which a no-op never needs.
             from concurrent.futures import ThreadPoolExecutor
 
-            workers = min(32, (os.cpu_count() or 1) + 2)
+            workers = min(16, (os.cpu_count() or 1) + 1)
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                done = list(pool.map(work, todo))
+                parts = list(pool.map(_hash_files, [jobs[i::workers] for i in range(workers)]))
+            digests = [""] * len(jobs)
+            for i, part in enumerate(parts):
+                digests[i::workers] = part
         else:
-            done = [work(item) for item in todo]
-        for rel, st, digest in done:
+            digests = _hash_files(jobs)
+        for (rel, st), digest in zip(todo, digests, strict=True):
             # The stat was taken before the read: a write during or after the read
             # either changes the stat or lands inside the racy window of checked_ns.
             entry = StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, checked_ns, digest)

@@ -12,10 +12,13 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from mlbuild.config import STATE_DIR
 from mlbuild.errors import MlbuildError
+from mlbuild.store import Store, open_store
 
 POLL_SECONDS = 0.1
 
@@ -70,3 +73,25 @@ class WorkspaceLock:
             return "holder unknown"
         pid, _, command = text.partition(" ")
         return f"pid {pid}: mlbuild {command}" if pid else "holder unknown"
+
+
+@contextmanager
+def hold_workspace(
+    root: Path, command: str, *, wait: bool, warn: Callable[[str], None]
+) -> Iterator[Store]:
+    """Everything a build needs before it starts: the lock, no orphans, the open state.
+
+    Steps left running by an mlbuild that was killed (-9) are stopped first;
+    the executor (and subprocess with it) is imported only when there are any,
+    keeping it off the no-op path.
+    """
+    state_dir = root / STATE_DIR
+    with WorkspaceLock(state_dir, command, wait=wait, notify=warn):
+        running = state_dir / "running"
+        if running.is_dir() and any(running.iterdir()):
+            from mlbuild.executor import reap_orphans
+
+            for name in reap_orphans(root):
+                warn(f"stopped step `{name}` left running by an mlbuild that was killed")
+        with open_store(state_dir, warn) as store:
+            yield store

@@ -31,13 +31,13 @@ from watchdog.observers.polling import PollingObserver
 
 from mlbuild.code import CodeError, CodeScanner, Parsed
 from mlbuild.config import STATE_DIR, Pipeline, Port, load_pipeline
-from mlbuild.errors import MlbuildError
+from mlbuild.errors import Interrupted, MlbuildError
 from mlbuild.fingerprint import Fingerprinter
 from mlbuild.graph import Graph, build_graph
-from mlbuild.lock import WorkspaceLock
+from mlbuild.lock import hold_workspace
 from mlbuild.results import BuildOptions, BuildResult, Outcome, Reporter
 from mlbuild.runner import run_build
-from mlbuild.store import Store, open_store
+from mlbuild.store import Store
 
 DEFAULT_DEBOUNCE = 0.15  # seconds of quiet after the last event before a cycle starts
 DEFAULT_POLL_INTERVAL = 1.0  # seconds between directory scans when polling
@@ -169,21 +169,19 @@ class Scope:
 
     def keeps(self, rel: str) -> bool:
         """False for paths no build should ever follow: state, outputs, temp files."""
-        if rel == STATE_DIR or rel.startswith(STATE_DIR + "/"):
+        if rel == STATE_DIR or rel.startswith(STATE_DIR + "/") or rel in self.output_dirs:
             return False
-        if rel in self.output_dirs or rel in self.outputs:
-            return False
-        if any(a in self.outputs for a in _ancestors(rel)):
+        if rel in self.outputs or any(a in self.outputs for a in _ancestors(rel)):
             return False
         return rel in self.known or not is_ignored(rel)
 
 
 def scope_of(graph: Graph, code: Mapping[str, frozenset[str]]) -> Scope:
-    known = {p.path for t in graph.targets.values() for p in t.inputs if not p.is_glob}
-    known.update(*code.values())
-    holding_sources = {a for path in known for a in _ancestors(path)}
-    output_dirs = frozenset(graph.below).difference(holding_sources)
-    return Scope(frozenset(graph.producers), output_dirs, frozenset(known))
+    sources = [(base, port) for name in graph.targets for base, port in _sources(graph, name)]
+    known = {port.path for _, port in sources if not port.is_glob}.union(*code.values())
+    inside = known | {base + "/*" for base, port in sources if port.is_glob}
+    output_dirs = set(graph.below).difference(a for path in inside for a in _ancestors(path))
+    return Scope(frozenset(graph.producers), frozenset(output_dirs), frozenset(known))
 
 
 def _sources(graph: Graph, name: str) -> Iterator[tuple[str, Port]]:
@@ -327,7 +325,7 @@ class Watcher:
             )
             while (batch := self.debouncer.wait()) is not None:
                 self._cycle(batch)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):
             self._say("stopped.")
         finally:
             self.debouncer.close()
@@ -351,13 +349,14 @@ class Watcher:
         paths = set(batch.paths)
         pipeline_rel = self.graph.pipeline.file.name
         reloaded = pipeline_rel in paths and self._reload()
-        self._refresh()
+        self._refresh(paths)
         hits = affected_targets(self.graph, self.selection, self.code, paths)
         if not hits and not reloaded:
             if self.options.verbosity > 0:
                 self._say(f"{_shown(paths)} changed; no selected target reads it.")
             return
-        wanted = self.graph.downstream(set().union(*hits.values()) | self.carry)
+        carried = self.carry.intersection(self.selection)  # a reload may have removed some
+        wanted = self.graph.downstream(set().union(*hits.values()) | carried)
         names = self.selection if reloaded else tuple(n for n in self.selection if n in wanted)
         changed = {*hits, *([pipeline_rel] if reloaded else [])}
         self._say(f"{_shown(changed)} changed; checking {', '.join(names)}.")
@@ -389,7 +388,7 @@ class Watcher:
         graph = build_graph(load_pipeline(self.file, self.overrides))
         return graph, graph.select(self.targets)
 
-    def _refresh(self) -> None:
+    def _refresh(self, changed: Iterable[str] = ()) -> None:
         """Rescan the selection's code files, then bring the watches in line with them.
 
         This runs before each build, so a write lands either before the build
@@ -412,7 +411,7 @@ class Watcher:
         self._parsed.update(scanner.new_parsed)
         self._fp.take_updates()
         self.scope = scope_of(self.graph, code)
-        self._sync_watches(plan_watches(self.graph, self.selection, code))
+        self._sync_watches(plan_watches(self.graph, self.selection, code), changed)
 
     def _use_observer(self, limit: OSError | None) -> None:
         """Start inotify (or the platform's native observer), or polling when asked or forced."""
@@ -422,7 +421,13 @@ class Watcher:
             self._observer.join()
             self._watches.clear()
         if limit is not None:
-            self.err.write(_limit_message(limit, self.options.poll_interval))
+            which = "max_user_watches" if limit.errno == errno.ENOSPC else "max_user_instances"
+            value = (_read(Path("/proc/sys/fs/inotify", which)) or b"?").decode().strip()
+            self.err.write(
+                f"mlbuild watch: the inotify limit is reached (fs.inotify.{which} = {value});"
+                f" polling every {self.options.poll_interval:g}s instead. To raise it:"
+                f" sudo sysctl fs.inotify.{which}=524288\n"
+            )
             self.err.flush()
         elif not self.options.poll:
             try:
@@ -436,12 +441,18 @@ class Watcher:
         self._observer = PollingObserver(timeout=self.options.poll_interval)
         self._observer.start()
 
-    def _sync_watches(self, plan: Mapping[str, bool]) -> None:
-        """Schedule what the plan adds; unschedule what it drops or what was replaced on disk."""
+    def _sync_watches(self, plan: Mapping[str, bool], changed: Iterable[str]) -> None:
+        """Schedule what the plan adds; unschedule what it drops or what was replaced.
+
+        A watched directory that was itself created, deleted or moved (or one
+        above it) is watched afresh: its old watch died with the old inode, and
+        the inode number alone cannot tell, as the filesystem may reuse it.
+        """
         assert self._observer is not None
         root = self.graph.pipeline.root
         for key, (watch, inode) in list(self._watches.items()):
-            if plan.get(key[0]) != key[1] or _inode(root / key[0]) != inode:
+            moved = any(key[0] == p or key[0].startswith(p + "/") for p in changed)
+            if moved or plan.get(key[0]) != key[1] or _inode(root / key[0]) != inode:
                 self._observer.unschedule(watch)
                 del self._watches[key]
         for rel, recursive in plan.items():
@@ -454,7 +465,7 @@ class Watcher:
             except OSError as exc:
                 if exc.errno in _LIMIT_ERRNOS and not isinstance(self._observer, PollingObserver):
                     self._use_observer(exc)
-                    return self._sync_watches(plan)
+                    return self._sync_watches(plan, ())
                 self.reporter.warn(f"cannot watch {rel or '.'}: {exc.strerror or exc}")
                 continue
             self._watches[(rel, recursive)] = (watch, now)
@@ -467,6 +478,8 @@ class Watcher:
             with self._locked_state(self.graph.pipeline) as store:
                 result = run_build(self.graph, store, self.reporter, options)
         except (MlbuildError, OSError) as exc:
+            if isinstance(exc, Interrupted):
+                raise
             self._error(exc)
             self.carry.update(names or self.selection)
             return None
@@ -481,15 +494,10 @@ class Watcher:
         The lock is held per cycle, not for the whole session, so that a `run`
         in another terminal can go between two cycles (a cycle waits for it).
         """
-        from mlbuild.executor import reap_orphans
-
-        state_dir = pipeline.root / STATE_DIR
-        command = self.build_options.command_line
-        with WorkspaceLock(state_dir, command, wait=True, notify=self.reporter.warn):
-            for name in reap_orphans(pipeline.root):
-                self.reporter.warn(f"stopped step `{name}` left running by a killed mlbuild")
-            with open_store(state_dir, self.reporter.warn) as store:
-                yield store
+        with hold_workspace(
+            pipeline.root, self.build_options.command_line, wait=True, warn=self.reporter.warn
+        ) as store:
+            yield store
 
     def _say(self, text: str) -> None:
         if self.options.verbosity >= 0:
@@ -499,15 +507,6 @@ class Watcher:
     def _error(self, exc: Exception) -> None:
         self.err.write(f"mlbuild: error: {exc}\n")
         self.err.flush()
-
-
-def _limit_message(exc: OSError, interval: float) -> str:
-    which = "max_user_watches" if exc.errno == errno.ENOSPC else "max_user_instances"
-    value = (_read(Path("/proc/sys/fs/inotify", which)) or b"?").decode().strip()
-    return (
-        f"mlbuild watch: the inotify limit is reached (fs.inotify.{which} = {value}); polling"
-        f" every {interval:g}s instead. To raise it: sudo sysctl fs.inotify.{which}=524288\n"
-    )
 
 
 def _inode(path: Path) -> int | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -52,9 +53,52 @@ def _write_timing(call: dict[str, Any], import_seconds: float, call_seconds: flo
         Path(path).write_text(json.dumps(timing))
 
 
+def _import_project_code_from_source(root: str) -> None:
+    """Make modules under the project root compile from their source, never a `.pyc`.
+
+    Python reuses a cached `.pyc` while the source's mtime (whole seconds) and
+    size are unchanged, so an edit of the same length within the second of the
+    last run would run the old code, though mlbuild saw the new code and
+    reran the step for it. Installed packages (site-packages, even inside the
+    project) keep their bytecode caches: they are many and not edited.
+    """
+    from importlib.machinery import (
+        BYTECODE_SUFFIXES,
+        EXTENSION_SUFFIXES,
+        SOURCE_SUFFIXES,
+        ExtensionFileLoader,
+        FileFinder,
+        SourceFileLoader,
+        SourcelessFileLoader,
+    )
+
+    class SourceOnlyLoader(SourceFileLoader):
+        def get_code(self, fullname: str) -> Any:
+            path = self.get_filename(fullname)
+            return self.source_to_code(self.get_data(path), path)
+
+    project = os.path.realpath(root)
+    finder_for = FileFinder.path_hook(
+        (ExtensionFileLoader, EXTENSION_SUFFIXES),
+        (SourceOnlyLoader, SOURCE_SUFFIXES),
+        (SourcelessFileLoader, BYTECODE_SUFFIXES),
+    )
+
+    def hook(path: str) -> Any:
+        real = os.path.realpath(path or ".")
+        inside = real == project or real.startswith(project + os.sep)
+        if not inside or "site-packages" in real or "dist-packages" in real:
+            raise ImportError("not project code")
+        return finder_for(path)
+
+    sys.path_hooks.insert(0, hook)
+    sys.path_importer_cache.clear()
+
+
 def main(argv: list[str]) -> int:
     call = json.loads(argv[0])
     sys.path.insert(0, call["root"])
+    _import_project_code_from_source(call["root"])
     module_name, _, function_name = call["ref"].partition(":")
     started = time.perf_counter()
     try:
@@ -106,7 +150,6 @@ def exit_fast(code: int) -> None:
     counting), which for a returned function's locals is before this point.
     """
     import atexit
-    import os
 
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

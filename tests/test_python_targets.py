@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import py_compile
+
+import pytest
 
 from tests.conftest import Project
 
@@ -187,3 +191,28 @@ def test_nothing_built_is_lost_by_a_bad_reference(project: Project) -> None:
         """
     )
     assert project.run().started() == []
+
+
+def test_equal_size_edit_within_the_same_second_runs_the_new_code(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With bytecode caching on, Python would reuse steps/__pycache__ (it checks a
+    # source's mtime in whole seconds and its size): the worker must not.
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    project.pipeline(
+        """
+        [targets.t]
+        python = "steps.t:run"
+        outputs = { o = "o.txt" }
+        """
+    )
+    helper = project.write("steps/t.py", "def run(o):\n    o.write_text('1')\n")
+    assert project.run().code == 0
+    # A cached .pyc of the first version, as any earlier import would have left it.
+    py_compile.compile(str(helper), doraise=True)
+    stat = helper.stat()
+    helper.write_text("def run(o):\n    o.write_text('2')\n")
+    os.utime(helper, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same second, same size
+    result = project.run()
+    assert "code changed: steps/t.py" in result.out
+    assert project.read("o.txt") == "2"
