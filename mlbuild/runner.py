@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
 from mlbuild.config import STATE_DIR, Target
@@ -43,6 +43,8 @@ from mlbuild.store import RunRow, Store
 if TYPE_CHECKING:
     # The executor and the cache (subprocess, shutil, tempfile with them) are
     # imported only when a target is stale: a no-op build never pays for them.
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from mlbuild.cache import Cache
     from mlbuild.executor import ExecResult, LocalExecutor
 
@@ -110,6 +112,8 @@ class Build:
         self.results: list[TargetResult] = []
         self.stopped = False
         self.cache_broken = False  # set after a failed write: no more caching this run
+        self._saver: ThreadPoolExecutor | None = None  # background cache writes
+        self._saves: list[Future[Any]] = []
         self._executor: LocalExecutor | None = None
         self._cache: Cache | None = None
         # Per running step: its observation before it started, and why it runs.
@@ -132,6 +136,7 @@ class Build:
             self._loop(sched, forced)
             status = "ok" if not any(r.failure for r in self.results) else "failed"
         finally:
+            self._collect_saves(wait=True)
             if self._executor is not None and self._executor.running:
                 # A second Ctrl-C lands here: stop_all has killed everything by then.
                 with contextlib.suppress(KeyboardInterrupt):
@@ -318,16 +323,43 @@ class Build:
         return True
 
     def _store_outputs(self, target: Target, done: Observation, duration: float) -> None:
+        """Copy a finished target's outputs into the cache, in a background thread.
+
+        The copy (file I/O that releases the GIL) overlaps with the next steps;
+        the digests were taken here, and a restore verifies every byte anyway.
+        """
         if not self._cacheable(target):
             return
-        from mlbuild.cache import CacheError, cache_key
+        from mlbuild.cache import cache_key
 
+        if self._saver is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbuild-cache")
         key = cache_key(target.name, done.fingerprint, [p.path for p in target.outputs])
-        try:
-            self.cache.save(key, target.name, self.root, done, duration)
-        except CacheError as exc:
-            self.cache_broken = True
-            self.reporter.warn(f"{exc}; the build goes on without caching outputs")
+        save = self._saver.submit(self.cache.save, key, target.name, self.root, done, duration)
+        self._saves.append(save)
+        self._collect_saves(wait=False)
+
+    def _collect_saves(self, *, wait: bool) -> None:
+        """Report failed cache writes (once: the first failure turns caching off)."""
+        from mlbuild.cache import CacheError
+
+        pending: list[Future[Any]] = []
+        for save in self._saves:
+            if not (wait or save.done()):
+                pending.append(save)
+                continue
+            try:
+                save.result()
+            except CacheError as exc:
+                if not self.cache_broken:
+                    self.reporter.warn(f"{exc}; the build goes on without caching outputs")
+                self.cache_broken = True
+        self._saves = pending
+        if wait and self._saver is not None:
+            self._saver.shutdown()
+            self._saver = None
 
     @property
     def cache(self) -> Cache:
