@@ -7,11 +7,12 @@ Exit codes: 0 success; 1 a target failed (or `status` found stale targets);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -19,11 +20,11 @@ from typing import Any, NoReturn
 from mlbuild.config import STATE_DIR, Pipeline, find_pipeline, load_pipeline, parse_overrides
 from mlbuild.errors import Interrupted, MlbuildError, UsageError
 from mlbuild.graph import Graph, build_graph
-from mlbuild.lock import WorkspaceLock
+from mlbuild.lock import hold_workspace
 from mlbuild.report import PlainReporter
-from mlbuild.results import BuildOptions, Outcome
+from mlbuild.results import BuildOptions, BuildPlan, CliReporter, Outcome, Reporter
 from mlbuild.runner import remove_outputs, run_build
-from mlbuild.store import Store, open_store
+from mlbuild.store import Store, open_existing_store, open_store
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -93,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cache", action="store_true", help="do not restore outputs from the cache this run"
     )
     run.add_argument("-q", "--quiet", action="store_true", help="only failures and the summary")
-    run.add_argument("-v", "--verbose", action="store_true", help="also show commands")
+    run.add_argument(
+        "-v", "--verbose", action="store_true", help="also show commands and every reason"
+    )
+    run.add_argument("--plain", action="store_true", help="one line per event, even on a terminal")
     run.add_argument(
         "--watch", action="store_true", help="then rebuild on every change (`mlbuild watch`)"
     )
@@ -139,6 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     lister = sub.add_parser("list", parents=[common], help="the targets, in build order")
     lister.set_defaults(handler=cmd_list)
 
+    dag = sub.add_parser("dag", parents=[common], help="the graph: text, DOT or Mermaid")
+    dag.add_argument("targets", nargs="*", metavar="TARGET")
+    dag_form = dag.add_mutually_exclusive_group()
+    dag_form.add_argument("--dot", action="store_true", help="Graphviz DOT (`dot -Tsvg`)")
+    dag_form.add_argument("--mermaid", action="store_true", help="a Mermaid flowchart")
+    dag.add_argument("--status", action="store_true", help="mark fresh and stale targets")
+    dag.set_defaults(handler=cmd_dag)
+
+    log = sub.add_parser("log", parents=[common], help="past runs, or one target's history")
+    log.add_argument("target", nargs="?", metavar="TARGET")
+    log.add_argument("-n", type=int, default=10, metavar="N", help="the last N (default: 10)")
+    log.set_defaults(handler=cmd_log)
+
+    show = sub.add_parser("show", parents=[common], help="a target's last manifest")
+    show.add_argument("target", metavar="TARGET")
+    show.add_argument("--json", action="store_true", help="machine-readable, whole digests")
+    show.set_defaults(handler=cmd_show)
+
     gc = sub.add_parser("gc", parents=[common], help="prune the output cache")
     gc.add_argument("--max-size", metavar="SIZE", help="keep the newest entries up to SIZE (10GB)")
     gc.add_argument("--keep-runs", type=int, metavar="N", help="keep N older entries per target")
@@ -162,7 +184,7 @@ def load(args: argparse.Namespace) -> tuple[Pipeline, Graph]:
     return pipeline, build_graph(pipeline)
 
 
-def open_state(pipeline: Pipeline, reporter: PlainReporter) -> Store:
+def open_state(pipeline: Pipeline, reporter: Reporter) -> Store:
     return open_store(pipeline.root / STATE_DIR, reporter.warn)
 
 
@@ -172,8 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     pipeline, graph = load(args)
     if args.jobs < 1:
         raise UsageError(f"-j {args.jobs}: needs at least 1")
-    verbosity = -1 if args.quiet else (1 if args.verbose else 0)
-    reporter = PlainReporter(verbosity=verbosity, explain=args.explain, prefix=args.jobs > 1)
+    reporter = make_reporter(args)
     options = BuildOptions(
         targets=tuple(args.targets),
         force=None if args.force is None else frozenset(args.force),
@@ -183,19 +204,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         command_line=args.command_line,
     )
-    state_dir = pipeline.root / STATE_DIR
-    with WorkspaceLock(state_dir, args.command_line, wait=not args.no_wait, notify=reporter.warn):
-        if os.path.isdir(state_dir / "running") and os.listdir(state_dir / "running"):
-            # Steps of an mlbuild that was killed; the executor (and subprocess)
-            # is imported only then, keeping it off the no-op path.
-            from mlbuild.executor import reap_orphans
-
-            for name in reap_orphans(pipeline.root):
-                reporter.warn(f"stopped step `{name}` left running by an mlbuild that was killed")
-        with open_state(pipeline, reporter) as store:
+    try:
+        with hold_workspace(
+            pipeline.root, args.command_line, wait=not args.no_wait, warn=reporter.warn
+        ) as store:
+            selected = graph.select((*options.targets, *(options.force or ())))
+            deps = {name: graph.deps[name] for name in selected}
+            reporter.planned(BuildPlan(selected, deps, options.jobs, store.load_durations()))
             result = run_build(graph, store, reporter, options)
-    reporter.summary(result)
+            # Read after the build: a restored target's duration is now its original run's.
+            recorded = {} if options.dry_run else store.load_durations()
+        reporter.summary(result, recorded)
+    finally:
+        reporter.close()  # gives the terminal back after Ctrl-C too
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def make_reporter(args: argparse.Namespace) -> CliReporter:
+    """The live view on a terminal; the plain log when piped, with `--plain` or with `-q`."""
+    prefix = args.jobs > 1
+    terminal = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+    if terminal and not (args.quiet or args.plain):
+        from mlbuild.progress import LiveReporter  # rich itself only once something is drawn
+
+        return LiveReporter(verbose=args.verbose, explain=args.explain, prefix=prefix)
+    verbosity = -1 if args.quiet else (1 if args.verbose else 0)
+    return PlainReporter(verbosity=verbosity, explain=args.explain or args.verbose, prefix=prefix)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -251,6 +285,76 @@ def cmd_status(args: argparse.Namespace) -> int:
             detail = f": {'; '.join(r.reasons)}" if r.reasons else ""
             print(f"{state:6} {r.name}{detail}")
     return EXIT_FAILED if stale else EXIT_OK
+
+
+def cmd_dag(args: argparse.Namespace) -> int:
+    from mlbuild.dag import render_dot, render_mermaid, render_text
+
+    pipeline, graph = load(args)
+    names = graph.select(args.targets)
+    status = None
+    if args.status:
+        silent = PlainReporter(verbosity=-1)
+        options = BuildOptions(targets=tuple(args.targets), dry_run=True, read_only=True)
+        with open_state(pipeline, silent) as store:
+            status = {r.name: r for r in run_build(graph, store, silent, options).results}
+    render = render_dot if args.dot else render_mermaid if args.mermaid else render_text
+    sys.stdout.write(render(graph, names, status))
+    return EXIT_OK
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from mlbuild.history import render_runs, render_target_runs
+
+    if args.n < 1:
+        raise UsageError(f"-n {args.n}: needs at least 1")
+    with _history(args, args.target) as store:
+        if store is None:
+            text = "No runs recorded yet.\n"
+        elif args.target is None:
+            text = render_runs(store.load_runs(args.n))
+        else:
+            text = render_target_runs(args.target, store.load_target_runs(args.target, args.n))
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """A target's last manifest; exit 1 when it has none (never built, or its last run failed)."""
+    from mlbuild.config import display_path
+    from mlbuild.history import manifest_json, render_manifest
+
+    name = args.target
+    with _history(args, name) as store:
+        stored = store.load_manifest(name) if store is not None else None
+        if store is None or stored is None:
+            print(
+                f"`{name}` has no manifest: it was never built, or its last run failed"
+                f" (see `mlbuild log {name}`)."
+            )
+            return EXIT_FAILED
+        built_by = next(iter(store.load_target_runs(name, 1, ("ran", "restored"))), None)
+        log = store.path.parent / "logs" / f"{name}.log"
+        shown = Path(display_path(log)) if log.exists() else None
+        render = manifest_json if args.json else render_manifest
+        sys.stdout.write(render(name, stored, built_by, shown))
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _history(args: argparse.Namespace, target: str | None) -> Iterator[Store | None]:
+    """The state to read history from (None if nothing was ever built); checks `target`.
+
+    A target the pipeline no longer has is fine while the state remembers it.
+    """
+    pipeline, graph = load(args)
+    store = open_existing_store(pipeline.root / STATE_DIR, PlainReporter().warn)
+    with contextlib.nullcontext() if store is None else store:
+        if target is None or target in graph.targets:
+            pass
+        elif store is None or target not in store.known_targets():
+            graph.select([target])  # a usage error, with "did you mean"
+        yield store
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -1,18 +1,79 @@
-"""Everything the user reads during a build: one plain line per event, in ZenML's voice.
+"""Everything the user reads during a build: one plain line per event, and the summary.
 
 Lines go to stdout, failures and warnings to stderr. Steps' own output is
-passed through as it arrives (and is always in `.mlbuild/logs/`).
+passed through as it arrives (and is always in `.mlbuild/logs/`). This is
+the view when output is not a terminal, with `--plain`, and with `-q`; the
+live view on a terminal (progress.py) shares the summary defined here.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TextIO
 
-from mlbuild.results import BuildResult, Failure, Outcome
+from mlbuild.results import BuildPlan, BuildResult, Failure, Outcome
 from mlbuild.staleness import Decision
+
+MIN_SAVED = 0.01  # less saved than this goes unsaid: "saved 0.002s" is noise
+
+
+def format_duration(seconds: float) -> str:
+    """`0.042s`, `3.2s`, `1m 05s`, `2h 03m`: exact when short, readable when long."""
+    if seconds < 1:
+        return f"{seconds:.3f}s"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        minutes, rest = divmod(round(seconds), 60)
+        return f"{minutes}m {rest:02d}s"
+    hours, rest = divmod(round(seconds) // 60, 60)
+    return f"{hours}h {rest:02d}m"
+
+
+def time_saved(result: BuildResult, recorded: Mapping[str, float]) -> tuple[float, str] | None:
+    """What skipping and restoring saved, and how (`skipping`, `restoring` or both).
+
+    A skipped target saved what its step took when it last ran; a restored one
+    saved its original run's duration less the time the restore took (checking
+    a target is paid by every target, so it is not subtracted). `recorded` is
+    `Store.load_durations()` read after the build, where a restored target's
+    duration is that of the run whose outputs were restored. None when no
+    skipped or restored target has a recorded duration.
+    """
+    saved = 0.0
+    how: list[str] = []
+    for r in result.results:
+        if r.outcome not in (Outcome.SKIPPED, Outcome.RESTORED) or r.name not in recorded:
+            continue
+        spent = r.duration if r.outcome is Outcome.RESTORED else 0.0
+        saved += max(0.0, recorded[r.name] - spent)
+        verb = "skipping" if r.outcome is Outcome.SKIPPED else "restoring"
+        if verb not in how:
+            how.append(verb)
+    if not how:
+        return None
+    return saved, " and ".join(sorted(how, reverse=True))
+
+
+def summary_line(result: BuildResult, recorded: Mapping[str, float] | None = None) -> str:
+    """`mlbuild: 2 skipped, 1 ran in 3.104s (saved 1m 12s by skipping).`
+
+    Counts per outcome, the build's wall time, and with `recorded` durations
+    the time saved by skipping and restoring.
+    """
+    parts = []
+    for outcome in Outcome:
+        count = result.count(outcome)
+        if count:
+            parts.append(f"{count} {outcome.value}")
+    text = ", ".join(parts) if parts else "nothing to do"
+    saved = time_saved(result, recorded) if recorded is not None else None
+    note = ""
+    if saved is not None and saved[0] >= MIN_SAVED:
+        note = f" (saved {format_duration(saved[0])} by {saved[1]})"
+    return f"mlbuild: {text} in {result.duration:.3f}s{note}."
 
 
 class PlainReporter:
@@ -106,14 +167,14 @@ class PlainReporter:
         self.err.write(f"mlbuild: warning: {message}\n")
         self.err.flush()
 
-    def summary(self, result: BuildResult) -> None:
-        parts = []
-        for outcome in Outcome:
-            count = result.count(outcome)
-            if count:
-                parts.append(f"{count} {outcome.value}")
-        text = ", ".join(parts) if parts else "nothing to do"
-        line = f"mlbuild: {text} in {result.duration:.3f}s."
+    def planned(self, plan: BuildPlan) -> None:
+        """The plain log needs no plan: each line stands alone."""
+
+    def close(self) -> None:
+        """Nothing to take down: every line is already written."""
+
+    def summary(self, result: BuildResult, recorded: Mapping[str, float] | None = None) -> None:
+        line = summary_line(result, recorded)
         if result.failures:
             names = ", ".join(f.target for f in result.failures)
             self.err.write(f"{line} Failed: {names}.\n")

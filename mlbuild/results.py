@@ -7,7 +7,7 @@ the CLI (which turns them into exit codes), so none of those imports another.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -74,6 +74,21 @@ class BuildResult:
         return sum(1 for r in self.results if r.outcome is outcome)
 
 
+@dataclass(frozen=True)
+class BuildPlan:
+    """What a build is about to decide, for progress and estimates; the CLI reads it up front.
+
+    Built from the graph and the state before the build starts, so that the
+    runner needs no knowledge of how progress is drawn.
+    """
+
+    targets: tuple[str, ...]  # the selected targets, in build order
+    deps: Mapping[str, tuple[str, ...]]  # target -> the targets it needs
+    jobs: int = 1
+    # target -> how long its step took when it last really ran (Store.load_durations)
+    durations: Mapping[str, float] = field(default_factory=dict)
+
+
 class Reporter(Protocol):
     """Everything the user is told during a build (see report.py)."""
 
@@ -87,3 +102,15 @@ class Reporter(Protocol):
     def would_run(self, target: str, reasons: Sequence[str]) -> None: ...
     def warn(self, message: str) -> None: ...
     def summary(self, result: BuildResult) -> None: ...
+
+
+class CliReporter(Reporter, Protocol):
+    """A reporter as `mlbuild run` drives it: told the plan first, closed whatever happens.
+
+    `recorded` holds the durations read from the state after the build (a
+    restored target's is its original run's), for the time-saved figure.
+    """
+
+    def planned(self, plan: BuildPlan) -> None: ...
+    def summary(self, result: BuildResult, recorded: Mapping[str, float] | None = None) -> None: ...
+    def close(self) -> None: ...

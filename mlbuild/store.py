@@ -28,6 +28,7 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from mlbuild.errors import StateError
 from mlbuild.fingerprint import StatEntry
@@ -77,6 +78,32 @@ class RunRow:
     reason: str
 
 
+# History rows are NamedTuples rather than frozen dataclasses: they are read only by
+# `mlbuild log` and `show`, and a dataclass costs about a millisecond to define at
+# import, on the no-op path of every `mlbuild run`.
+
+
+class RunRecord(NamedTuple):
+    """One run of the history, with its targets' outcomes in the order they were decided."""
+
+    id: int
+    started_at: float
+    finished_at: float
+    command: str
+    status: str
+    targets: tuple[RunRow, ...]
+
+
+class TargetRun(NamedTuple):
+    """One target's outcome in one run, with when that run started."""
+
+    run_id: int
+    started_at: float
+    status: str
+    duration: float
+    reason: str
+
+
 class Store:
     """An open state database. Use `open_store`; close with `close` (or a `with` block)."""
 
@@ -100,6 +127,65 @@ class Store:
     def load_manifests(self) -> dict[str, StoredManifest]:
         rows = self.conn.execute("SELECT target, data, finished_at, duration FROM manifests")
         return {row[0]: StoredManifest(*row[1:]) for row in rows}
+
+    def load_manifest(self, target: str) -> StoredManifest | None:
+        row = self.conn.execute(
+            "SELECT data, finished_at, duration FROM manifests WHERE target = ?", (target,)
+        ).fetchone()
+        return StoredManifest(*row) if row is not None else None
+
+    def load_durations(self) -> dict[str, float]:
+        """How long each built target's step took when it last really ran.
+
+        The manifest's duration is the step's own run time: a restored target's
+        manifest holds the duration of the run that produced the cached outputs,
+        and a skipped target keeps its manifest, so this is what skipping or
+        restoring saved (unlike `run_targets`, where a skip records its check cost).
+        """
+        return dict(self.conn.execute("SELECT target, duration FROM manifests"))
+
+    def load_runs(self, limit: int) -> list[RunRecord]:
+        """The last `limit` runs, newest first, each with its targets."""
+        runs = self.conn.execute(
+            "SELECT id, started_at, finished_at, command, status FROM runs"
+            " ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        if not runs:
+            return []
+        rows: dict[int, list[RunRow]] = {run[0]: [] for run in runs}
+        for run_id, target, status, duration, reason in self.conn.execute(
+            "SELECT run_id, target, status, duration, reason FROM run_targets"
+            " WHERE run_id >= ? ORDER BY run_id, rowid",
+            (runs[-1][0],),
+        ):
+            if run_id in rows:
+                rows[run_id].append(RunRow(target, status, duration, reason))
+        return [
+            RunRecord(run_id, started, finished, command, status, tuple(rows[run_id]))
+            for run_id, started, finished, command, status in runs
+        ]
+
+    def load_target_runs(
+        self, target: str, limit: int, statuses: Iterable[str] | None = None
+    ) -> list[TargetRun]:
+        """The last `limit` runs that decided `target` (with one of `statuses`), newest first."""
+        wanted = list(statuses) if statuses is not None else []
+        only = f" AND t.status IN ({', '.join('?' * len(wanted))})" if wanted else ""
+        rows = self.conn.execute(
+            "SELECT r.id, r.started_at, t.status, t.duration, t.reason"
+            " FROM run_targets t JOIN runs r ON r.id = t.run_id"
+            f" WHERE t.target = ?{only} ORDER BY r.id DESC LIMIT ?",
+            (target, *wanted, limit),
+        )
+        return [TargetRun(*row) for row in rows]
+
+    def known_targets(self) -> set[str]:
+        """Every target name the state has a manifest or any history for."""
+        rows = self.conn.execute(
+            "SELECT target FROM manifests UNION SELECT DISTINCT target FROM run_targets"
+        )
+        return {row[0] for row in rows}
 
     def load_parsed(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT raw, data FROM parsed"))
@@ -233,6 +319,13 @@ def open_store(state_dir: Path, warn: WarnFn) -> Store:
     conn = _connect(path)
     _create(conn)
     return Store(path, conn)
+
+
+def open_existing_store(state_dir: Path, warn: WarnFn) -> Store | None:
+    """The state database if a build ever created one, else None (creating nothing)."""
+    if not (state_dir / DB_NAME).exists():
+        return None
+    return open_store(state_dir, warn)
 
 
 def _connect(path: Path) -> sqlite3.Connection:

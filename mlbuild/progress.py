@@ -1,0 +1,311 @@
+"""The live view of a build on a terminal: targets done of total, running steps, time left.
+
+Above a live area that rich redraws in place, the log scrolls with the same
+lines as the plain reporter (report.py) for what happened: finished, restored,
+failed, not run, and the steps' own output. Fresh targets are only counted, and
+why a step runs is shown beside it while it runs; `-v` adds both to the log,
+with each step's command. The live area, erased when the build ends, holds a
+bar of targets decided out of those selected, the elapsed time, an estimate of
+the time left from the durations the same targets took last time, and each
+running step with its elapsed time.
+
+rich is imported only when something is drawn: when a step starts or a line
+is printed. A no-op build prints just its summary, as plain text, and pays
+nothing for rich (its import costs about as much as deciding 200 targets).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TextIO
+
+from mlbuild.report import format_duration, summary_line
+from mlbuild.results import BuildPlan, BuildResult, Failure
+from mlbuild.staleness import Decision
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+    from rich.live import Live
+
+MAX_ROWS = 8  # running steps listed in the live area; more are counted
+_MAX_PARTIAL = 64 * 1024  # a step's unfinished line is shown once it grows this long
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Seconds until the build ends; a lower bound when `complete` is False."""
+
+    seconds: float
+    complete: bool  # False: some remaining target has no recorded duration
+
+    def describe(self) -> str:
+        if not self.complete:
+            return f"at least {format_duration(self.seconds)} left" if self.seconds >= 1 else ""
+        if self.seconds < 1:
+            return "under 1s left"
+        return f"about {format_duration(self.seconds)} left"
+
+
+def estimate_remaining(
+    plan: BuildPlan, done: set[str], running: Mapping[str, float]
+) -> Estimate | None:
+    """Time until the build ends, by the durations the remaining targets took last time.
+
+    `running` maps each running target to its elapsed time. Targets not yet
+    decided are counted as if they will run: the runner decides a target as
+    soon as everything it needs is done, so an undecided target waits on a
+    running one and runs unless that one's outputs come out unchanged. The
+    estimate is the longest chain of remaining durations through the graph,
+    but no less than the remaining work shared over `-j` slots. None when
+    nothing remains.
+    """
+    finish: dict[str, float] = {}
+    work = 0.0
+    complete = True
+    for name in plan.targets:
+        if name in done:
+            continue
+        last = plan.durations.get(name)
+        if last is None:
+            complete = False
+        if name in running:
+            left = max(0.0, last - running[name]) if last is not None else 0.0
+            begin = 0.0
+        else:
+            left = last or 0.0
+            begin = max((finish.get(dep, 0.0) for dep in plan.deps.get(name, ())), default=0.0)
+        finish[name] = begin + left
+        work += left
+    if not finish:
+        return None
+    return Estimate(max(max(finish.values()), work / max(1, plan.jobs)), complete)
+
+
+class LiveReporter:
+    """The terminal's view of a build (see the module docstring); `mlbuild run` on a TTY.
+
+    `console` replaces the rich console made on first use (tests pass one
+    that records); `clock` gives monotonic seconds for elapsed times.
+    """
+
+    def __init__(
+        self,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        *,
+        verbose: bool = False,
+        explain: bool = False,
+        prefix: bool = False,
+        console: Console | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        auto_refresh: bool = True,
+    ) -> None:
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.verbose = verbose
+        self.explain = explain or verbose
+        self.prefix = prefix
+        self.clock = clock
+        self.auto_refresh = auto_refresh
+        self.plan = BuildPlan((), {})
+        self.began = clock()
+        self.done: set[str] = set()
+        self.running: dict[str, tuple[float, str]] = {}  # target -> (start, why it runs)
+        self.partial: dict[str, bytes] = {}
+        self._console = console
+        self._live: Live | None = None
+        # The live area is redrawn from rich's refresh thread while events arrive here.
+        self._lock = threading.Lock()
+
+    # -- the Reporter protocol ------------------------------------------------
+
+    def planned(self, plan: BuildPlan) -> None:
+        with self._lock:
+            self.plan = plan
+            self.began = self.clock()
+
+    def skipped(self, target: str, decision: Decision) -> None:
+        self._decided(target)
+        if self.explain:
+            self._print(f"Step `{target}` is up to date (skipped): {decision.compared}.", "dim")
+
+    def started(self, target: str, decision: Decision, command: str) -> None:
+        with self._lock:
+            self.running[target] = (self.clock(), "; ".join(decision.reasons))
+        if self.verbose:
+            self._print(f"Step `{target}` has started: {'; '.join(decision.reasons)}.")
+            self._print(f"  $ {command}", "dim")
+        self._start_live()
+
+    def output(self, target: str, data: bytes) -> None:
+        lines = (self.partial.pop(target, b"") + data).split(b"\n")
+        rest = lines.pop()
+        if len(rest) > _MAX_PARTIAL:
+            lines.append(rest)
+        elif rest:
+            self.partial[target] = rest
+        if lines:
+            self._print_output(target, lines)
+
+    def finished(self, target: str, duration: float) -> None:
+        self._flush_partial(target)
+        self._decided(target)
+        self._print(f"Step `{target}` has finished in {duration:.3f}s.", "green")
+
+    def restored(self, target: str, duration: float, original_run: float) -> None:
+        self._decided(target)
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(original_run))
+        self._print(f"Step `{target}` restored from cache in {duration:.3f}s (run {when}).", "cyan")
+
+    def failed(self, failure: Failure, duration: float) -> None:
+        self._flush_partial(failure.target)
+        self._decided(failure.target)
+        lines = [f"Step `{failure.target}` failed after {duration:.3f}s: {failure.message}."]
+        lines.append(f"  command: {failure.command}")
+        if failure.tail:
+            lines.append("  last lines of its output:")
+            lines.extend(f"    {line}" for line in failure.tail)
+        if failure.log_path is not None:
+            lines.append(f"  full log: {failure.log_path}")
+        self._error("\n".join(lines))
+
+    def not_run(self, target: str, because: str) -> None:
+        self._decided(target)
+        self._print(f"Step `{target}` was not run: {because}.", "yellow")
+
+    def would_run(self, target: str, reasons: Sequence[str]) -> None:
+        self._decided(target)
+        self._print(f"Step `{target}` would run: {'; '.join(reasons)}.")
+
+    def warn(self, message: str) -> None:
+        self._error(f"mlbuild: warning: {message}", style="yellow")
+
+    def summary(self, result: BuildResult, recorded: Mapping[str, float] | None = None) -> None:
+        self.close()
+        line = summary_line(result, recorded)
+        if result.failures:
+            names = ", ".join(f.target for f in result.failures)
+            self._error(f"{line} Failed: {names}.", style="bold red")
+        elif self._console is None:
+            self.out.write(line + "\n")  # nothing was drawn: rich stays unimported
+            self.out.flush()
+        else:
+            self._print(line, "bold")
+
+    def close(self) -> None:
+        """Erase the live area and give the terminal back (also after Ctrl-C)."""
+        if self._live is not None:
+            live, self._live = self._live, None
+            live.stop()
+
+    # -- the live area --------------------------------------------------------
+
+    def view(self) -> RenderableType:
+        """The live area as of now: the bar, counts and times, then the running steps."""
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        with self._lock:
+            now = self.clock()
+            plan = self.plan
+            done = set(self.done)
+            running = dict(self.running)
+        total = len(plan.targets) or len(done) + len(running)
+        elapsed = {name: now - start for name, (start, _) in running.items()}
+        estimate = estimate_remaining(plan, done, elapsed)
+        facts = [f"{len(done)}/{total} targets", f"{_ticking(now - self.began)} elapsed"]
+        if estimate is not None and estimate.describe():
+            facts.append(estimate.describe())
+        head = Table.grid(padding=(0, 1))
+        head.add_row(
+            ProgressBar(total=max(total, 1), completed=len(done), width=30), Text(" · ".join(facts))
+        )
+        rows = Table.grid(padding=(0, 2))
+        rows.add_column(no_wrap=True)
+        rows.add_column(no_wrap=True, justify="right")
+        rows.add_column(no_wrap=True, overflow="ellipsis", style="dim")
+        ordered = sorted(running.items(), key=lambda item: item[1][0])
+        for name, (_, why) in ordered[:MAX_ROWS]:
+            last = plan.durations.get(name)
+            took = _ticking(elapsed[name])
+            if last is not None:
+                took += f" of ~{format_duration(last)}"
+            rows.add_row(f"  {name}", took, why)
+        if len(ordered) > MAX_ROWS:
+            rows.add_row(f"  and {len(ordered) - MAX_ROWS} more running", "", "")
+        return Group(head, rows)
+
+    def _start_live(self) -> None:
+        if self._live is not None:
+            return
+        from rich.live import Live
+
+        self._live = Live(
+            console=self.console,
+            get_renderable=self.view,
+            transient=True,
+            auto_refresh=self.auto_refresh,
+            refresh_per_second=4,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self._live.start()
+
+    # -- printing above the live area -----------------------------------------
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(file=self.out, highlight=False)
+        return self._console
+
+    def _decided(self, target: str) -> None:
+        with self._lock:
+            self.running.pop(target, None)
+            self.done.add(target)
+
+    def _print(self, text: str, style: str = "") -> None:
+        from rich.text import Text
+
+        self.console.print(Text(text, style=style), soft_wrap=True)
+
+    def _print_output(self, target: str, lines: list[bytes]) -> None:
+        """Complete lines of a step's output, in one print: each print redraws the live area."""
+        from rich.text import Text
+
+        shown = Text()
+        for i, line in enumerate(lines):
+            # A progress bar redraws its line with carriage returns: keep its last state.
+            text = line.decode("utf-8", "replace").rstrip("\r").rsplit("\r", 1)[-1]
+            if i:
+                shown.append("\n")
+            if self.prefix:
+                shown.append(f"[{target}] ", style="dim")
+            shown.append_text(Text.from_ansi(text))
+        self.console.print(shown, soft_wrap=True)
+
+    def _flush_partial(self, target: str) -> None:
+        rest = self.partial.pop(target, b"")
+        if rest:
+            self._print_output(target, [rest])
+
+    def _error(self, text: str, style: str = "red") -> None:
+        """Failures and warnings: above the live area when stderr is this terminal too."""
+        if self.err.isatty():
+            self._print(text, style)
+        else:
+            self.err.write(text + "\n")
+            self.err.flush()
+
+
+def _ticking(seconds: float) -> str:
+    """A running clock: tenths under a minute (milliseconds would flicker), else as summaries."""
+    return f"{seconds:.1f}s" if seconds < 60 else format_duration(seconds)
