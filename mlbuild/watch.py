@@ -35,7 +35,7 @@ from mlbuild.errors import Interrupted, MlbuildError
 from mlbuild.fingerprint import Fingerprinter
 from mlbuild.graph import Graph, build_graph
 from mlbuild.lock import hold_workspace
-from mlbuild.results import BuildOptions, BuildResult, Outcome, Reporter
+from mlbuild.results import BuildOptions, BuildResult, CliReporter, Outcome
 from mlbuild.runner import run_build
 from mlbuild.store import Store
 
@@ -282,7 +282,7 @@ class Watcher:
     def __init__(
         self,
         file: Path,
-        reporter: Reporter,
+        reporter: CliReporter,
         out: TextIO,
         err: TextIO,
         *,
@@ -477,6 +477,7 @@ class Watcher:
         try:
             with self._locked_state(self.graph.pipeline) as store:
                 result = run_build(self.graph, store, self.reporter, options)
+                recorded = store.load_durations()
         except (MlbuildError, OSError) as exc:
             if isinstance(exc, Interrupted):
                 raise
@@ -484,7 +485,7 @@ class Watcher:
             self.carry.update(names or self.selection)
             return None
         self.carry.clear()
-        self.reporter.summary(result)
+        self.reporter.summary(result, recorded)
         return result
 
     @contextmanager
