@@ -59,24 +59,22 @@ def _table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(header), sep, *(line(r) for r in body)])
 
 
-def times_table(rows: list[Row], tools: list[str], results: Results) -> str:
+def times_table(rows: list[Row], tools: list[str], results: Results, repeat: int) -> str:
     header = ["pipeline", "scenario", *tools]
     body = []
     for row in rows:
         cells = results.get((row.pipeline, row.scenario), {})
-        body.append(
-            [row.pipeline, row.label]
-            + [_cell(cells.get(t)) for t in tools]
-        )
+        body.append([row.pipeline, row.label] + [_cell(cells.get(t), repeat) for t in tools])
     return _table(header, body)
 
 
-def _cell(m: Measurement | None) -> str:
+def _cell(m: Measurement | None, repeat: int) -> str:
     if m is None:
         return "-"
     if m.error is not None:
         return "FAILED"
-    return fmt_ms(m.median)
+    text = fmt_ms(m.median)
+    return text if len(m.samples) >= repeat else f"{text} (n={len(m.samples)})"
 
 
 def ratio_table(rows: list[Row], peers: list[str], results: Results, *, inverse: bool) -> str:

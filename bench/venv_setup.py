@@ -98,7 +98,9 @@ def ensure_venv(venv: Path, repo: Path, *, log: bool = True) -> VenvInfo:
         stamp["mlbuild"] = digest
         _write_stamp(venv, stamp)
     if not _has_mlbuild(venv):
-        return VenvInfo(venv, False, "mlbuild installed but neither bin/mlbuild nor the module works")
+        return VenvInfo(
+            venv, False, "mlbuild installed but neither bin/mlbuild nor the module works"
+        )
     return VenvInfo(venv, True, "")
 
 
