@@ -29,10 +29,14 @@ import re
 import shlex
 import sys
 from collections.abc import Mapping
-from dataclasses import astuple, dataclass, field
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from mlbuild.config import Target
 from mlbuild.fingerprint import Fingerprinter, hash_bytes
+
+# Default for mapping fields of the value types below: shared, so read-only.
+EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 SCRIPT_SUFFIXES = (".py", ".sh", ".bash", ".zsh", ".R", ".r", ".jl", ".pl", ".rb")
 _PYTHONS = ("python", "python3", "python3.11", "python3.12", "python3.13", "ipython")
@@ -45,8 +49,7 @@ class CodeError(Exception):
 PARSED_VERSION = 2  # bump when Parsed changes: older cache rows are parsed again
 
 
-@dataclass(frozen=True)
-class Signature:
+class Signature(NamedTuple):
     """A top-level function's parameters, enough to check the names a target passes."""
 
     positional: tuple[str, ...]
@@ -89,8 +92,7 @@ class Signature:
         return None
 
 
-@dataclass(frozen=True)
-class Parsed:
+class Parsed(NamedTuple):
     """What a Python file contributes: its AST digest, imports and top-level functions.
 
     `imports` holds (level, module, names) of each import statement, unresolved,
@@ -101,7 +103,7 @@ class Parsed:
 
     digest: str
     imports: tuple[tuple[int, str, tuple[str, ...]], ...]
-    functions: Mapping[str, Signature] = field(default_factory=dict)
+    functions: Mapping[str, Signature] = EMPTY
     defines: frozenset[str] | None = None
 
     def to_json(self) -> str:
@@ -110,7 +112,7 @@ class Parsed:
                 "version": PARSED_VERSION,
                 "digest": self.digest,
                 "imports": [list(i) for i in self.imports],
-                "functions": {name: list(astuple(sig)) for name, sig in self.functions.items()},
+                "functions": {name: list(sig) for name, sig in self.functions.items()},
                 "defines": None if self.defines is None else sorted(self.defines),
             }
         )
@@ -134,12 +136,11 @@ class Parsed:
         )
 
 
-@dataclass(frozen=True)
-class CodeFingerprint:
+class CodeFingerprint(NamedTuple):
     """A target's code files (path -> digest) and, for reasons, who imported each."""
 
     files: Mapping[str, str]
-    imported_by: Mapping[str, str] = field(default_factory=dict)
+    imported_by: Mapping[str, str] = EMPTY
 
 
 def parse_python(source: bytes, filename: str) -> Parsed:

@@ -23,9 +23,8 @@ import os
 import stat as _stat
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import blake3
 
@@ -46,8 +45,7 @@ FINE_WINDOW_NS = 100_000_000
 COARSE_WINDOW_NS = 2_000_000_000
 
 
-@dataclass(frozen=True)
-class StatEntry:
+class StatEntry(NamedTuple):
     """What the stat cache remembers of one file (paths are project-relative)."""
 
     size: int
@@ -64,8 +62,7 @@ class StatEntry:
         return st.st_mtime_ns < self.checked_ns - window
 
 
-@dataclass(frozen=True)
-class Digest:
+class Digest(NamedTuple):
     """The fingerprint of one path: a file, a directory with its listing, or missing."""
 
     kind: str  # "file", "dir", "link" or "missing"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import posixpath
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from mlbuild.config import Pipeline, Port, Target, did_you_mean
 from mlbuild.errors import PipelineError, UsageError
@@ -36,8 +36,7 @@ def _glob_base(pattern: str) -> str:
     return "/".join(parts)
 
 
-@dataclass(frozen=True)
-class Graph:
+class Graph(NamedTuple):
     """Dependencies between the targets of one pipeline, in a stable topological order."""
 
     pipeline: Pipeline

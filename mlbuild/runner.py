@@ -19,7 +19,6 @@ import contextlib
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -286,7 +285,7 @@ class Build:
         """Store the manifest: inputs as observed before the step, outputs as they are now."""
         listings = dict(before_run.listings)
         outputs = observe_paths(self.fp, [p.path for p in target.outputs], listings)
-        fingerprint = replace(before_run.fingerprint, outputs=outputs)
+        fingerprint = before_run.fingerprint._replace(outputs=outputs)
         self.store.record(
             target.name, fingerprint.to_json(), duration, self.fp.take_updates(), listings
         )
@@ -313,7 +312,7 @@ class Build:
             self.cache.drop(key)
             remove_outputs(self.root, target)
             return False
-        fingerprint = replace(now.fingerprint, outputs=outputs)
+        fingerprint = now.fingerprint._replace(outputs=outputs)
         self.store.record(
             target.name, fingerprint.to_json(), entry.duration, self.fp.take_updates(), now.listings
         )

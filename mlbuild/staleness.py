@@ -17,10 +17,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from mlbuild.code import CodeFingerprint
+from mlbuild.code import EMPTY, CodeFingerprint
 from mlbuild.config import Target
 from mlbuild.fingerprint import (
     Digest,
@@ -34,17 +33,16 @@ MANIFEST_VERSION = 1
 _MAX_LISTED = 3  # entries named per directory in a reason before "and N more"
 
 
-@dataclass(frozen=True)
-class Fingerprint:
+class Fingerprint(NamedTuple):
     """Everything a target's result depends on, as comparable text."""
 
     action: str
     params: Mapping[str, str]  # name -> canonical encoding
     env: Mapping[str, str | None]
     inputs: Mapping[str, str]  # path -> "kind:digest" (globs expanded to their matches)
-    outputs: Mapping[str, str] = field(default_factory=dict)
-    code: Mapping[str, str] = field(default_factory=dict)  # code file -> digest
-    packages: Mapping[str, str | None] = field(default_factory=dict)
+    outputs: Mapping[str, str] = EMPTY
+    code: Mapping[str, str] = EMPTY  # code file -> digest
+    packages: Mapping[str, str | None] = EMPTY
 
     def to_json(self) -> str:
         return json.dumps(
@@ -79,17 +77,15 @@ class Fingerprint:
         )
 
 
-@dataclass(frozen=True)
-class Observation:
+class Observation(NamedTuple):
     """A target's fingerprint as of now, with the directory listings behind it."""
 
     fingerprint: Fingerprint
     listings: Mapping[str, tuple[tuple[str, str], ...]]  # "dir:digest" -> listing
-    imported_by: Mapping[str, str] = field(default_factory=dict)  # code file -> importer
+    imported_by: Mapping[str, str] = EMPTY  # code file -> importer
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """Whether a target must run, and why (reasons are empty when fresh)."""
 
     fresh: bool

@@ -26,7 +26,6 @@ import sqlite3
 import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -59,8 +58,7 @@ CREATE TABLE IF NOT EXISTS run_targets (
 """
 
 
-@dataclass(frozen=True)
-class StoredManifest:
+class StoredManifest(NamedTuple):
     """A manifest row: the opaque JSON plus when the target finished and how long it took."""
 
     data: str
@@ -68,8 +66,7 @@ class StoredManifest:
     duration: float
 
 
-@dataclass(frozen=True)
-class RunRow:
+class RunRow(NamedTuple):
     """One target's outcome in one run, for the history."""
 
     target: str
