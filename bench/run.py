@@ -23,7 +23,13 @@ sys.path.insert(0, str(BENCH))
 import pipelines as pl  # noqa: E402
 import report  # noqa: E402
 from report import Measurement, Results, Row  # noqa: E402
-from venv_setup import PEER_PINS, VenvInfo, ensure_venv, mlbuild_command  # noqa: E402
+from venv_setup import (  # noqa: E402
+    EDITABLE_ARGS,
+    PEER_PINS,
+    VenvInfo,
+    ensure_venv,
+    mlbuild_command,
+)
 
 VENV = BENCH / ".venv"
 WORK = BENCH / ".work"
@@ -35,7 +41,11 @@ CHANGE_PAUSE = 0.05
 
 SEQUENTIAL_NOTE = (
     "All tools run one job at a time: make -j1, ninja -j1, snakemake --cores 1, "
-    "doit (serial by default), dvc repro (serial), mlbuild with its default settings."
+    "doit (serial by default), dvc repro (serial), mlbuild -j 1."
+)
+NOISE_NOTE = (
+    "On this VM, Python CLI runs of 150-300 ms land in ~50 ms steps (e.g. 164, 215, 265 ms; "
+    "CPU time shows the same steps), so a median there can move by one step between bench runs."
 )
 PEERS_NOTE = (
     "Peers as a user would write them, one explicit rule/task/stage per target: the Makefile "
@@ -72,6 +82,9 @@ class Tool:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
+    # Every tool may write its bytecode caches, as on a user's machine; with this
+    # set, an editable mlbuild would recompile its modules on every run.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     env["DVC_NO_ANALYTICS"] = "1"
     env["PATH"] = f"{VENV / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -118,7 +131,7 @@ def _version(argv: list[str]) -> str:
 def discover_tools(info: VenvInfo, wanted: list[str]) -> tuple[list[Tool], dict[str, str]]:
     vbin = info.bin
     argvs = {
-        "mlbuild": [*mlbuild_command(info.root), "run"],
+        "mlbuild": [*mlbuild_command(info.root), "run", "-j", "1"],
         "make": [shutil.which("make") or "make", "-j1"],
         "ninja": [shutil.which("ninja") or "ninja", "-j1"],
         "doit": [str(vbin / "doit")],
@@ -383,7 +396,8 @@ def machine_lines(tools: list[Tool]) -> list[str]:
         f"- CPU: {cpu}; CPU count: {os.cpu_count()}",
         f"- Python: {platform.python_version()} ({sys.executable})",
         "- tools: " + "; ".join(f"{t.name}: {t.version}" for t in tools),
-        f"- bench venv pins: {', '.join(PEER_PINS)}, plus `pip install -e {REPO}`",
+        f"- bench venv pins: {', '.join(PEER_PINS)}, plus "
+        f"`pip install {' '.join(EDITABLE_ARGS)} -e {REPO}` (a .pth path entry, no import hook)",
     ]
 
 
@@ -502,6 +516,7 @@ def render(
         "new bytes in one input before each repeat (written 50 ms after the previous run ended, "
         "since mtimes here move in ~4 ms ticks); each run is checked to rebuild exactly the "
         "outputs that depend on it, and no-op runs to touch no output.",
+        f"- {NOISE_NOTE}",
         f"- {PEERS_NOTE}",
         f"- {DVC_NOTE}",
         "",
