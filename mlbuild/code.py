@@ -39,6 +39,10 @@ from mlbuild.fingerprint import Fingerprinter, hash_bytes
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 SCRIPT_SUFFIXES = (".py", ".sh", ".bash", ".zsh", ".R", ".r", ".jl", ".pl", ".rb")
+# A cheap test before tokenizing: a word ending in a script suffix, or `-m`.
+_MAY_NAME_SCRIPT = re.compile(
+    r"\.(?:" + "|".join(re.escape(x[1:]) for x in SCRIPT_SUFFIXES) + r")\b|(?:^|\s)-m\s"
+)
 _PYTHONS = ("python", "python3", "python3.11", "python3.12", "python3.13", "ipython")
 
 
@@ -213,6 +217,8 @@ class CodeScanner:
 
     def scripts_of(self, command: str) -> list[tuple[str, str, str]]:
         """(file, module name, search dir) of each script a shell command names."""
+        if not _MAY_NAME_SCRIPT.search(command):
+            return []  # most commands name no script: skip tokenizing them
         try:
             words = shlex.split(command, comments=True)
         except ValueError:
