@@ -27,11 +27,14 @@ import shutil
 import stat as _stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# parse_size lives in config (resource sizes); re-exported here for `mlbuild gc --max-size`.
+from mlbuild.config import STATE_DIR
+from mlbuild.config import parse_size as parse_size
 from mlbuild.fingerprint import Fingerprinter, StatEntry, hash_bytes, hash_file
 from mlbuild.staleness import Fingerprint, Observation
 
@@ -69,6 +72,107 @@ class Entry:
                 if value.startswith("file:"):
                     found.add(value[5:])
         return found
+
+
+def entry_payload(entry: Entry) -> dict[str, Any]:
+    """The JSON form of an entry, as written to `runs/` (and, extended, to a remote's `ac/`)."""
+    return {
+        "version": ENTRY_VERSION,
+        "key": entry.key,
+        "target": entry.target,
+        "created": entry.created,
+        "duration": entry.duration,
+        "size": entry.size,
+        "outputs": entry.outputs,
+    }
+
+
+def parse_entry(data: Any, key: str) -> Entry | None:
+    """An entry from its JSON form, or None when it is not one of this version for `key`."""
+    if not isinstance(data, dict) or data.get("version") != ENTRY_VERSION:
+        return None
+    if data.get("key") != key:
+        return None
+    try:
+        return Entry(
+            key, data["target"], data["created"], data["duration"], data["outputs"], data["size"]
+        )
+    except KeyError:
+        return None
+
+
+def check_entry(entry: Entry) -> str | None:
+    """What makes an entry unsafe or malformed, or None; for entries from elsewhere.
+
+    A remote cache is written by other machines, so nothing in an entry is
+    used before this passes: every digest is hex (digests become paths), every
+    output path is relative and stays inside the project (and out of
+    `.mlbuild/`), every directory child stays inside its directory and never
+    lies below a symlink or a file of the same tree (restoring it would write
+    through the link), a symlink's target matches its recorded digest, modes
+    are plain permission bits.
+    """
+    if not is_digest(entry.key):
+        return "its key is not a digest"
+    if not isinstance(entry.outputs, Mapping) or not entry.outputs:
+        return "it lists no outputs"
+    for path, out in entry.outputs.items():
+        if not isinstance(path, str) or not _inside(Path("."), path):
+            return f"output path {str(path)[:80]!r} is not inside the project"
+        if path == STATE_DIR or path.startswith(STATE_DIR + "/") or "\\" in path:
+            return f"output path {path[:80]!r} is not inside the project"
+        if not isinstance(out, Mapping) or not isinstance(out.get("fingerprint"), str):
+            return f"output {path} has no fingerprint"
+        fingerprint = out["fingerprint"]
+        if fingerprint.startswith("file:"):
+            problem = _check_file(fingerprint[5:], out.get("mode", 0o644))
+        elif fingerprint.startswith("dir:") and is_digest(fingerprint[4:]):
+            problem = _check_tree(out.get("tree"))
+        else:
+            problem = f"fingerprint {fingerprint[:80]!r} is not a file or directory digest"
+        if problem is not None:
+            return f"output {path}: {problem}"
+    return None
+
+
+def _check_file(digest: Any, mode: Any) -> str | None:
+    if not isinstance(digest, str) or not is_digest(digest):
+        return "a file digest is not hex"
+    if not isinstance(mode, int) or isinstance(mode, bool) or not 0 <= mode <= 0o777:
+        return f"mode {mode!r} is not plain permission bits"
+    return None
+
+
+def _check_tree(tree: Any) -> str | None:
+    if not isinstance(tree, list):
+        return "its directory tree is missing"
+    blocked: set[str] = set()  # children that are not directories: nothing may lie below them
+    children: list[str] = []
+    for item in tree:
+        if not isinstance(item, list) or len(item) != 4:
+            return "a directory entry is malformed"
+        child, value, mode, link = item
+        if not (isinstance(child, str) and isinstance(value, str) and _inside(Path("."), child)):
+            return f"directory entry {str(child)[:80]!r} leaves its directory"
+        norm = os.path.normpath(child)
+        if value.startswith("file:"):
+            problem = _check_file(value[5:], mode)
+            if problem is not None:
+                return problem
+        elif value.startswith("link:"):
+            if not isinstance(link, str) or hash_bytes(os.fsencode(link)) != value[5:]:
+                return f"symlink {child[:80]!r} does not match its digest"
+        elif value != "dir:":
+            return f"directory entry {child[:80]!r} has an unknown kind"
+        if value != "dir:":
+            blocked.add(norm)
+        children.append(norm)
+    for norm in children:
+        parts = norm.split(os.sep)
+        for i in range(1, len(parts)):
+            if os.sep.join(parts[:i]) in blocked:
+                return f"directory entry {norm[:80]!r} lies below a file or symlink"
+    return None
 
 
 def cache_key(target_name: str, fingerprint: Fingerprint, output_paths: Iterable[str]) -> str:
@@ -147,40 +251,47 @@ class Cache:
     def _save(
         self, key: str, target: str, project: Path, observation: Observation, duration: float
     ) -> Entry:
-        outputs: dict[str, Any] = {}
-        size = 0
-        for path, fingerprint in observation.fingerprint.outputs.items():
-            full = project / path
-            if fingerprint.startswith("file:"):
-                st = full.stat()
-                self._put(str(full), fingerprint[5:])
-                outputs[path] = {"fingerprint": fingerprint, "mode": _stat.S_IMODE(st.st_mode)}
-                size += st.st_size
-            elif fingerprint.startswith("dir:"):
-                tree: list[list[Any]] = []
-                for rel, value in observation.listings[fingerprint]:
-                    child = full / rel
-                    st = child.lstat()
-                    link = os.readlink(child) if value.startswith("link:") else ""
-                    if value.startswith("file:"):
-                        self._put(str(child), value[5:])
-                        size += st.st_size
-                    tree.append([rel, value, _stat.S_IMODE(st.st_mode), link])
-                outputs[path] = {"fingerprint": fingerprint, "tree": tree}
-            else:
-                raise CacheError(f"output {path} cannot be cached ({fingerprint.split(':')[0]})")
+        fingerprints = observation.fingerprint.outputs
+        outputs, files = describe_outputs(project, fingerprints, observation.listings)
+        for digest, (src, _) in files.items():
+            self._put(src, digest)
+        size = sum(n for _, n in files.values())
         entry = Entry(key, target, time.time(), duration, outputs, size)
-        payload = {
-            "version": ENTRY_VERSION,
-            "key": key,
-            "target": target,
-            "created": entry.created,
-            "duration": duration,
-            "size": size,
-            "outputs": outputs,
-        }
-        self._write_atomic(self.entry_path(key), json.dumps(payload).encode())
+        self.write_entry(entry)
         return entry
+
+    def write_entry(self, entry: Entry) -> None:
+        """Write an entry (its objects must be in place already): the commit point."""
+        data = json.dumps(entry_payload(entry)).encode()
+        self._write_atomic(self.entry_path(entry.key), data)
+
+    def receive(self, digest: str, fill: Callable[[str], None]) -> None:
+        """Add an object whose bytes `fill(temp_path)` writes (a download), verified.
+
+        The temp file sits beside the object and is renamed into place only if
+        its bytes hash to `digest`; otherwise it is deleted and CorruptObject
+        raised. An object already present is left alone.
+        """
+        if not is_digest(digest):
+            raise CacheError(f"not a digest: {digest[:70]!r}")
+        dest = self.object_path(digest)
+        if dest.exists():
+            return
+        self._mkdir(dest.parent)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        os.close(fd)
+        try:
+            fill(tmp)
+            actual = hash_file(tmp, os.path.getsize(tmp))
+            if actual != digest:
+                raise CorruptObject(
+                    f"blob {digest[:12]} is corrupted (its bytes hash to {actual[:12]})"
+                )
+            os.chmod(tmp, 0o444)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def _put(self, src: str, digest: str) -> None:
         dest = self.object_path(digest)
@@ -218,11 +329,7 @@ class Cache:
             data = json.loads(self.entry_path(key).read_bytes())
         except (OSError, ValueError):
             return None
-        if data.get("version") != ENTRY_VERSION or data.get("key") != key:
-            return None
-        return Entry(
-            key, data["target"], data["created"], data["duration"], data["outputs"], data["size"]
-        )
+        return parse_entry(data, key)
 
     def drop(self, key: str) -> None:
         self.entry_path(key).unlink(missing_ok=True)
@@ -324,6 +431,40 @@ class Cache:
                         yield folder.name + path.name, path
 
 
+def describe_outputs(
+    project: Path, fingerprints: Mapping[str, str], listings: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, tuple[str, int]]]:
+    """An entry's `outputs` for observed outputs, and the files behind them.
+
+    Returns (outputs, files): `outputs` maps each path to its fingerprint and
+    mode, or for a directory its tree `[relative path, "file:<digest>" |
+    "dir:" | "link:<hash>", mode, link target]`; `files` maps each digest to
+    (one absolute path holding those bytes, size). Raises CacheError for an
+    output that is neither a file nor a directory.
+    """
+    outputs: dict[str, Any] = {}
+    files: dict[str, tuple[str, int]] = {}
+    for path, fingerprint in fingerprints.items():
+        full = project / path
+        if fingerprint.startswith("file:"):
+            st = full.stat()
+            files[fingerprint[5:]] = (str(full), st.st_size)
+            outputs[path] = {"fingerprint": fingerprint, "mode": _stat.S_IMODE(st.st_mode)}
+        elif fingerprint.startswith("dir:"):
+            tree: list[list[Any]] = []
+            for rel, value in listings[fingerprint]:
+                child = full / rel
+                st = child.lstat()
+                link = os.readlink(child) if value.startswith("link:") else ""
+                if value.startswith("file:"):
+                    files[value[5:]] = (str(child), st.st_size)
+                tree.append([rel, value, _stat.S_IMODE(st.st_mode), link])
+            outputs[path] = {"fingerprint": fingerprint, "tree": tree}
+        else:
+            raise CacheError(f"output {path} cannot be cached ({fingerprint.split(':')[0]})")
+    return outputs, files
+
+
 def _inside(root: Path, rel: str) -> bool:
     """A relative path that stays below `root` once normalized."""
     if os.path.isabs(rel):
@@ -417,24 +558,3 @@ def verify_objects(cache: Cache) -> tuple[int, list[str]]:
             path.unlink(missing_ok=True)
             corrupt.append(digest)
     return checked, corrupt
-
-
-def parse_size(text: str) -> int:
-    """`10GB`, `500M`, `1.5GiB`, `2048` to bytes (decimal units, binary with `i`)."""
-    units = {
-        "": 1,
-        "k": 10**3,
-        "m": 10**6,
-        "g": 10**9,
-        "t": 10**12,
-        "ki": 2**10,
-        "mi": 2**20,
-        "gi": 2**30,
-        "ti": 2**40,
-    }
-    raw = text.strip().lower().removesuffix("b")
-    number = raw.rstrip("kmgti")
-    unit = raw[len(number) :]
-    if unit not in units:
-        raise ValueError(f"unknown size unit in {text!r}")
-    return int(float(number) * units[unit])

@@ -17,7 +17,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from mlbuild.config import STATE_DIR, Pipeline, find_pipeline, load_pipeline, parse_overrides
+from mlbuild.config import (
+    EXECUTOR_KINDS,
+    STATE_DIR,
+    Pipeline,
+    find_pipeline,
+    load_pipeline,
+    parse_overrides,
+)
 from mlbuild.errors import Interrupted, MlbuildError, UsageError
 from mlbuild.graph import Graph, build_graph
 from mlbuild.lock import hold_workspace
@@ -101,7 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--watch", action="store_true", help="then rebuild on every change (`mlbuild watch`)"
     )
+    run.add_argument(
+        "--executor", choices=EXECUTOR_KINDS, help="where steps run (default: [executor] kind)"
+    )
+    run.add_argument("--address", metavar="ADDR", help="the Ray cluster (default: RAY_ADDRESS)")
+    run.add_argument(
+        "--remote-read-only",
+        action="store_true",
+        help="read the remote cache but upload nothing to it",
+    )
     run.set_defaults(handler=cmd_run)
+
+    push = sub.add_parser("push", parents=[common], help="upload current outputs to the remote")
+    push.add_argument("targets", nargs="*", metavar="TARGET")
+    push.set_defaults(handler=cmd_push)
+    pull = sub.add_parser("pull", parents=[common], help="restore stale targets from the remote")
+    pull.add_argument("targets", nargs="*", metavar="TARGET")
+    pull.set_defaults(handler=cmd_pull)
 
     watch = sub.add_parser(
         "watch", parents=[common], help="build, then rebuild what every change affects"
@@ -203,6 +226,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         no_cache=args.no_cache,
         jobs=args.jobs,
         command_line=args.command_line,
+        executor=args.executor,
+        address=args.address,
+        remote_read_only=args.remote_read_only,
     )
     try:
         with hold_workspace(
@@ -264,6 +290,58 @@ def cmd_watch(args: argparse.Namespace) -> int:
         ),
     )
     return watcher.run()
+
+
+def _require_remote(pipeline: Pipeline, command: str) -> None:
+    if pipeline.cache.remote is None:
+        raise UsageError(
+            f"{pipeline.display_file}: cache.remote: not set; `mlbuild {command}` needs a remote"
+        )
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Restore stale targets from the caches (local, then remote), running none; 1 if any left."""
+    pipeline, graph = load(args)
+    _require_remote(pipeline, "pull")
+    reporter = PlainReporter()
+    options = BuildOptions(
+        targets=tuple(args.targets),
+        restore_only=True,
+        remote_read_only=True,
+        command_line=args.command_line,
+    )
+    with hold_workspace(pipeline.root, args.command_line, wait=True, warn=reporter.warn) as store:
+        result = run_build(graph, store, reporter, options)
+    reporter.summary(result)
+    return EXIT_FAILED if result.count_of(Outcome.NOT_RUN) or not result.ok else EXIT_OK
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Upload the outputs of up-to-date targets to the remote; 1 if any could not be."""
+    from mlbuild.remote import RemoteCache, local_cache, push_targets
+
+    pipeline, graph = load(args)
+    _require_remote(pipeline, "push")
+    if not pipeline.cache.remote_write:
+        raise UsageError(f"{pipeline.display_file}: cache.remote_write is false: pushing is off")
+    reporter = PlainReporter()
+    remote = RemoteCache(pipeline.cache, local_cache(pipeline), reporter.warn)
+    with hold_workspace(pipeline.root, args.command_line, wait=True, warn=reporter.warn) as store:
+        silent = PlainReporter(verbosity=-1)
+        options = BuildOptions(targets=tuple(args.targets), dry_run=True, read_only=True)
+        checked = run_build(graph, store, silent, options).results
+        fresh = [r.name for r in checked if r.outcome is Outcome.SKIPPED]
+        try:
+            pushed = push_targets(pipeline, store, fresh, remote)
+        finally:
+            remote.finish()
+    for r in checked:
+        if r.outcome is not Outcome.SKIPPED:
+            print(f"`{r.name}` not pushed: not up to date (`mlbuild run` it first)")
+    for p in pushed:
+        print(f"`{p.target}` {p.note}")
+    left = len(checked) - sum(1 for p in pushed if p.ok)
+    return EXIT_FAILED if left or remote.disabled else EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -21,7 +21,6 @@ ending in a script suffix.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import posixpath
@@ -29,14 +28,13 @@ import re
 import shlex
 import sys
 from collections.abc import Mapping
-from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from mlbuild.config import Target
+from mlbuild.config import EMPTY, Target
+
+if TYPE_CHECKING:
+    import ast  # at run time imported where a file is parsed: a no-op parses nothing
 from mlbuild.fingerprint import Fingerprinter, hash_bytes
-
-# Default for mapping fields of the value types below: shared, so read-only.
-EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 SCRIPT_SUFFIXES = (".py", ".sh", ".bash", ".zsh", ".R", ".r", ".jl", ".pl", ".rb")
 # A cheap test before tokenizing: a word ending in a script suffix, or `-m`.
@@ -66,6 +64,8 @@ class Signature(NamedTuple):
 
     @staticmethod
     def of(node: ast.FunctionDef | ast.AsyncFunctionDef) -> Signature:
+        import ast
+
         args = node.args
         positional = tuple(a.arg for a in args.args)
         return Signature(
@@ -149,6 +149,8 @@ class CodeFingerprint(NamedTuple):
 
 def parse_python(source: bytes, filename: str) -> Parsed:
     """Parse and digest a module; raises SyntaxError."""
+    import ast
+
     tree = ast.parse(source, filename=filename)
     imports: list[tuple[int, str, tuple[str, ...]]] = []
     for node in ast.walk(tree):
@@ -169,6 +171,8 @@ def parse_python(source: bytes, filename: str) -> Parsed:
 
 
 def _strip_docstrings(tree: ast.Module) -> None:
+    import ast
+
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
             body = node.body
@@ -366,6 +370,8 @@ def _installed(module: str) -> bool:
 
 def _top_level_names(tree: ast.Module) -> frozenset[str] | None:
     """Names a module's top level defines or imports; None if it might define any name."""
+    import ast
+
     names: set[str] = set()
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):

@@ -1,4 +1,4 @@
-"""pipeline.toml to frozen dataclasses: validation, parameters, `--set`, interpolation.
+"""pipeline.toml to immutable values: validation, parameters, `--set`, interpolation.
 
 Everything here is pure: the only disk access is reading the pipeline file.
 Every error names the file, the key (`targets.NAME.key`) and what is wrong, so
@@ -13,18 +13,25 @@ import posixpath
 import re
 import shlex
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import tomli
 
 from mlbuild.errors import PipelineError, UsageError
 
+# Default for mapping fields of the value types here: shared, so read-only.
+EMPTY: Mapping[str, Any] = MappingProxyType({})
 PIPELINE_FILE = "pipeline.toml"
 STATE_DIR = ".mlbuild"
 
-_TOP_KEYS = ("params", "pools", "targets")
+_TOP_KEYS = ("params", "pools", "targets", "cache", "executor")
+_CACHE_KEYS = ("remote", "remote_write", "remote_options")
+_EXECUTOR_KEYS = ("kind", "address", "files")
+EXECUTOR_KINDS = ("local", "ray")
+FILE_MODES = ("auto", "shared", "cas")
+_RESOURCE_KEYS = ("cpus", "gpus", "memory", "custom")
 _TARGET_KEYS = (
     "cmd",
     "python",
@@ -39,6 +46,8 @@ _TARGET_KEYS = (
     "pool",
     "track",
     "description",
+    "resources",
+    "retries",
 )
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _PORT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -51,8 +60,7 @@ _PLACEHOLDER_KINDS = ("inputs", "outputs", "params")
 _GLOB_CHARS = frozenset("*?[")
 
 
-@dataclass(frozen=True)
-class Port:
+class Port(NamedTuple):
     """One declared input or output path; `name` is None in the list form."""
 
     name: str | None
@@ -60,8 +68,32 @@ class Port:
     is_glob: bool = False
 
 
-@dataclass(frozen=True)
-class Target:
+class Resources(NamedTuple):
+    """What one step needs of a Ray node (`resources = { cpus = 2, gpus = 1, ... }`)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory: int | None = None  # bytes
+    custom: Mapping[str, float] = EMPTY
+
+
+class CacheSettings(NamedTuple):
+    """`[cache]`: the optional shared remote cache (see remote.py)."""
+
+    remote: str | None = None  # an fsspec URL or a local path (made absolute)
+    remote_write: bool = True  # upload what ran; false: only read what others wrote
+    remote_options: Mapping[str, Any] = EMPTY  # fsspec storage options
+
+
+class ExecutorSettings(NamedTuple):
+    """`[executor]`: where stale steps run (`local`, or `ray` on a cluster)."""
+
+    kind: str = "local"
+    address: str | None = None  # the Ray cluster's address; None: RAY_ADDRESS or a local one
+    files: str = "auto"  # how files reach Ray workers: auto, shared (in place) or cas
+
+
+class Target(NamedTuple):
     """One step of the pipeline, fully resolved (parameters and command)."""
 
     name: str
@@ -79,6 +111,8 @@ class Target:
     pool: str | None = None  # a [pools] name limiting how many such steps run at once
     track: tuple[str, ...] = ()
     description: str = ""
+    resources: Resources | None = None  # for the Ray executor; None: one CPU
+    retries: int = 0  # reruns after a lost worker or node (Ray executor)
 
     def call_names(self) -> list[str]:
         """The keyword arguments a Python target's function receives, in order."""
@@ -96,14 +130,15 @@ class Target:
         return self.cmd if self.cmd is not None else f"python:{self.python}"
 
 
-@dataclass(frozen=True)
-class Pipeline:
+class Pipeline(NamedTuple):
     """A loaded pipeline file: its location, global params and targets in file order."""
 
     file: Path  # absolute path of pipeline.toml
     params: Mapping[str, Any]
-    targets: Mapping[str, Target] = field(default_factory=dict)
-    pools: Mapping[str, int] = field(default_factory=dict)  # name -> concurrent steps
+    targets: Mapping[str, Target] = EMPTY
+    pools: Mapping[str, int] = EMPTY  # name -> concurrent steps
+    cache: CacheSettings = CacheSettings()
+    executor: ExecutorSettings = ExecutorSettings()
 
     @property
     def root(self) -> Path:
@@ -231,7 +266,47 @@ class _Loader:
                     f"unknown pool '{target.pool}'" + did_you_mean(target.pool, list(pools)),
                 )
             targets[name] = target
-        return Pipeline(file=self.file, params=params, targets=targets, pools=pools)
+        return Pipeline(
+            file=self.file,
+            params=params,
+            targets=targets,
+            pools=pools,
+            cache=self._cache_settings(),
+            executor=self._executor_settings(),
+        )
+
+    def _table(self, key: str, known: tuple[str, ...]) -> dict[str, Any]:
+        raw = self.data.get(key, {})
+        if not isinstance(raw, dict):
+            raise self.fail(key, "must be a table")
+        for name in raw:
+            if name not in known:
+                raise self.fail(f"{key}.{name}", "unknown key" + did_you_mean(name, known))
+        return raw
+
+    def _cache_settings(self) -> CacheSettings:
+        raw = self._table("cache", _CACHE_KEYS)
+        remote = self._optional_string("cache.remote", raw.get("remote"))
+        if remote is not None and "://" not in remote:
+            # A plain path names a directory (local or NFS); relative to the pipeline file.
+            remote = str((self.file.parent / Path(remote).expanduser()).resolve())
+        options = raw.get("remote_options", {})
+        if not isinstance(options, dict):
+            raise self.fail("cache.remote_options", "must be a table of fsspec storage options")
+        return CacheSettings(
+            remote, self._bool("cache.remote_write", raw.get("remote_write", True)), options
+        )
+
+    def _executor_settings(self) -> ExecutorSettings:
+        raw = self._table("executor", _EXECUTOR_KEYS)
+        kind = raw.get("kind", "local")
+        if kind not in EXECUTOR_KINDS:
+            raise self.fail("executor.kind", f"must be one of {', '.join(EXECUTOR_KINDS)}")
+        files = raw.get("files", "auto")
+        if files not in FILE_MODES:
+            raise self.fail("executor.files", f"must be one of {', '.join(FILE_MODES)}")
+        address = self._optional_string("executor.address", raw.get("address"))
+        return ExecutorSettings(kind, address, files)
 
     def _split_overrides(
         self, params: dict[str, Any], local_names: set[tuple[str, str]]
@@ -297,6 +372,8 @@ class _Loader:
             pool=self._optional_string(f"{where}.pool", raw.get("pool")),
             track=self._strings(f"{where}.track", raw.get("track", [])),
             description=str(raw.get("description", "")),
+            resources=self._resources(f"{where}.resources", raw.get("resources")),
+            retries=self._count(f"{where}.retries", raw.get("retries", 0)),
         )
         if python is not None:
             names = target.call_names()
@@ -382,6 +459,42 @@ class _Loader:
             raise self.fail(key, "must be a string")
         return raw
 
+    def _resources(self, key: str, raw: Any) -> Resources | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise self.fail(key, 'must be a table like { cpus = 2, gpus = 1, memory = "8GB" }')
+        for name in raw:
+            if name not in _RESOURCE_KEYS:
+                raise self.fail(f"{key}.{name}", "unknown key" + did_you_mean(name, _RESOURCE_KEYS))
+        memory = raw.get("memory")
+        if memory is not None:
+            try:
+                memory = parse_size(memory) if isinstance(memory, str) else memory
+            except ValueError as exc:
+                raise self.fail(f"{key}.memory", str(exc)) from None
+            if not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0:
+                raise self.fail(f"{key}.memory", 'must be a size like "8GB" or a byte count')
+        custom = raw.get("custom", {})
+        if not isinstance(custom, dict):
+            raise self.fail(f"{key}.custom", "must be a table of resource name = amount")
+        return Resources(
+            cpus=self._amount(f"{key}.cpus", raw.get("cpus", 1)),
+            gpus=self._amount(f"{key}.gpus", raw.get("gpus", 0)),
+            memory=memory,
+            custom={n: self._amount(f"{key}.custom.{n}", v) for n, v in custom.items()},
+        )
+
+    def _amount(self, key: str, raw: Any) -> float:
+        if not isinstance(raw, int | float) or isinstance(raw, bool) or raw < 0:
+            raise self.fail(key, "must be a number of 0 or more")
+        return float(raw)
+
+    def _count(self, key: str, raw: Any) -> int:
+        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+            raise self.fail(key, "must be a whole number of 0 or more")
+        return raw
+
     def _bool(self, key: str, raw: Any) -> bool:
         if not isinstance(raw, bool):
             raise self.fail(key, "must be true or false")
@@ -431,6 +544,30 @@ class _Loader:
             return shlex.quote(render_value(params[item]))
 
         return _PLACEHOLDER_RE.sub(replace, template)
+
+
+def parse_size(text: str) -> int:
+    """`10GB`, `500M`, `1.5GiB`, `2048` to bytes (decimal units, binary with `i`)."""
+    units = {
+        "": 1,
+        "k": 10**3,
+        "m": 10**6,
+        "g": 10**9,
+        "t": 10**12,
+        "ki": 2**10,
+        "mi": 2**20,
+        "gi": 2**30,
+        "ti": 2**40,
+    }
+    raw = text.strip().lower().removesuffix("b")
+    number = raw.rstrip("kmgti")
+    unit = raw[len(number) :]
+    if unit not in units:
+        raise ValueError(f"unknown size unit in {text!r}")
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise ValueError(f"not a size: {text!r}") from None
 
 
 def render_value(value: Any) -> str:

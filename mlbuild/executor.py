@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from mlbuild.config import STATE_DIR, Target, render_value
 from mlbuild.fingerprint import expand_port
@@ -41,10 +41,11 @@ class ExecResult:
     returncode: int
     duration: float
     log_path: Path
+    message: str = ""  # why the step failed when not by its own exit (a lost Ray worker)
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0
+        return self.returncode == 0 and not self.message
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,16 @@ class Done:
 
     target: str
     result: ExecResult
+
+
+class Executor(Protocol):
+    """Runs steps somewhere and reports their output and exit (LocalExecutor, RayExecutor)."""
+
+    def start(self, target: Target, log_path: Path) -> None: ...
+    def wait(self, timeout: float | None = None) -> Iterator[Output | Done]: ...
+    @property
+    def running(self) -> list[str]: ...
+    def stop_all(self, grace: float = TERM_GRACE_SECONDS) -> list[str]: ...
 
 
 @dataclass

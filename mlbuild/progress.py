@@ -156,10 +156,13 @@ class LiveReporter:
         self._decided(target)
         self._print(f"Step `{target}` has finished in {duration:.3f}s.", "green")
 
-    def restored(self, target: str, duration: float, original_run: float) -> None:
+    def restored(
+        self, target: str, duration: float, original_run: float, *, source: str = "cache"
+    ) -> None:
         self._decided(target)
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(original_run))
-        self._print(f"Step `{target}` restored from cache in {duration:.3f}s (run {when}).", "cyan")
+        line = f"Step `{target}` restored from {source} in {duration:.3f}s (run {when})."
+        self._print(line, "cyan")
 
     def failed(self, failure: Failure, duration: float) -> None:
         self._flush_partial(failure.target)

@@ -65,7 +65,7 @@ def summary_line(result: BuildResult, recorded: Mapping[str, float] | None = Non
     """
     parts = []
     for outcome in Outcome:
-        count = result.count(outcome)
+        count = result.count_of(outcome)
         if count:
             parts.append(f"{count} {outcome.value}")
     text = ", ".join(parts) if parts else "nothing to do"
@@ -141,9 +141,11 @@ class PlainReporter:
         self._flush_partial(target)
         self._say(f"Step `{target}` has finished in {duration:.3f}s.")
 
-    def restored(self, target: str, duration: float, original_run: float) -> None:
+    def restored(
+        self, target: str, duration: float, original_run: float, *, source: str = "cache"
+    ) -> None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(original_run))
-        self._say(f"Step `{target}` restored from cache in {duration:.3f}s (run {when}).")
+        self._say(f"Step `{target}` restored from {source} in {duration:.3f}s (run {when}).")
 
     def failed(self, failure: Failure, duration: float) -> None:
         self._flush_partial(failure.target)

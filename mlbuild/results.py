@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
+from mlbuild.config import EMPTY
 from mlbuild.staleness import Decision
 
 
@@ -26,8 +26,7 @@ class Outcome(enum.Enum):
     PENDING = "would run"  # dry run: stale, or waiting on a stale upstream
 
 
-@dataclass(frozen=True)
-class Failure:
+class Failure(NamedTuple):
     """Why a target failed, with what the user needs to look into it."""
 
     target: str
@@ -37,8 +36,7 @@ class Failure:
     tail: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class TargetResult:
+class TargetResult(NamedTuple):
     name: str
     outcome: Outcome
     reasons: tuple[str, ...] = ()
@@ -46,8 +44,7 @@ class TargetResult:
     failure: Failure | None = None
 
 
-@dataclass(frozen=True)
-class BuildOptions:
+class BuildOptions(NamedTuple):
     """What the user asked for on the command line."""
 
     targets: tuple[str, ...] = ()
@@ -58,24 +55,26 @@ class BuildOptions:
     jobs: int = 1  # steps running at once
     read_only: bool = False  # write nothing to the state (status: never blocks a run)
     command_line: str = "run"
+    executor: str | None = None  # `--executor`: overrides [executor] kind
+    address: str | None = None  # `--address`: the Ray cluster
+    remote_read_only: bool = False  # `--remote-read-only`: never upload to the remote cache
+    restore_only: bool = False  # `mlbuild pull`: restore stale targets from a cache, run none
 
 
-@dataclass(frozen=True)
-class BuildResult:
+class BuildResult(NamedTuple):
     results: tuple[TargetResult, ...]
     duration: float
-    failures: tuple[Failure, ...] = field(default=())
+    failures: tuple[Failure, ...] = ()
 
     @property
     def ok(self) -> bool:
         return not self.failures
 
-    def count(self, outcome: Outcome) -> int:
+    def count_of(self, outcome: Outcome) -> int:
         return sum(1 for r in self.results if r.outcome is outcome)
 
 
-@dataclass(frozen=True)
-class BuildPlan:
+class BuildPlan(NamedTuple):
     """What a build is about to decide, for progress and estimates; the CLI reads it up front.
 
     Built from the graph and the state before the build starts, so that the
@@ -86,7 +85,7 @@ class BuildPlan:
     deps: Mapping[str, tuple[str, ...]]  # target -> the targets it needs
     jobs: int = 1
     # target -> how long its step took when it last really ran (Store.load_durations)
-    durations: Mapping[str, float] = field(default_factory=dict)
+    durations: Mapping[str, float] = EMPTY
 
 
 class Reporter(Protocol):
@@ -96,7 +95,9 @@ class Reporter(Protocol):
     def started(self, target: str, decision: Decision, command: str) -> None: ...
     def output(self, target: str, data: bytes) -> None: ...
     def finished(self, target: str, duration: float) -> None: ...
-    def restored(self, target: str, duration: float, original_run: float) -> None: ...
+    def restored(
+        self, target: str, duration: float, original_run: float, *, source: str = "cache"
+    ) -> None: ...
     def failed(self, failure: Failure, duration: float) -> None: ...
     def not_run(self, target: str, because: str) -> None: ...
     def would_run(self, target: str, reasons: Sequence[str]) -> None: ...

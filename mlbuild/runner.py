@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from mlbuild.cache import Cache
-    from mlbuild.executor import ExecResult, LocalExecutor
+    from mlbuild.executor import ExecResult, Executor
+    from mlbuild.remote import RemoteCache
 
 
 def check_sources(graph: Graph, selected: Sequence[str]) -> None:
@@ -113,8 +114,9 @@ class Build:
         self.cache_broken = False  # set after a failed write: no more caching this run
         self._saver: ThreadPoolExecutor | None = None  # background cache writes
         self._saves: list[Future[Any]] = []
-        self._executor: LocalExecutor | None = None
+        self._executor: Executor | None = None
         self._cache: Cache | None = None
+        self._remote: RemoteCache | None = None  # opened on the first stale target
         # Per running step: its observation before it started, and why it runs.
         self._running: dict[str, tuple[Observation, Decision]] = {}
         self.made_dirs: set[Path] = set()  # output parents created in this build
@@ -140,6 +142,8 @@ class Build:
                 # A second Ctrl-C lands here: stop_all has killed everything by then.
                 with contextlib.suppress(KeyboardInterrupt):
                     self._interrupt()
+            if self._remote is not None:
+                self._remote.finish(wait=status != "interrupted")  # background uploads
             if not self.options.read_only:
                 self.store.save_stats(self.fp.take_updates())
                 self.store.save_parsed({r: p.to_json() for r, p in self.code.new_parsed.items()})
@@ -219,6 +223,10 @@ class Build:
             self._finish(TargetResult(name, Outcome.SKIPPED, duration=cost))
             self.reporter.skipped(name, decision)
             return False
+        if self.options.restore_only:  # `mlbuild pull`: restore or leave alone, never run
+            if not self._restore(target, now, decision):
+                self._not_run(name, "not in the cache")
+            return False
         if name in self.manifests:
             self.store.forget([name])
             del self.manifests[name]
@@ -270,7 +278,9 @@ class Build:
     def _check(self, target: Target, result: ExecResult) -> Failure | None:
         from mlbuild.executor import log_tail
 
-        if not result.ok:
+        if result.message:  # the executor's own account (a Ray worker that died)
+            message = result.message
+        elif not result.ok:
             code = result.returncode
             message = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         else:
@@ -303,6 +313,11 @@ class Build:
         start = time.perf_counter()
         key = cache_key(target.name, now.fingerprint, [p.path for p in target.outputs])
         entry = self.cache.lookup(key)
+        source = "cache"
+        if entry is None and self.remote is not None:
+            # A local miss: the remote's entry, fetched into the local cache, verified.
+            entry = self.remote.fetch(target.name, key, [p.path for p in target.outputs])
+            source = "remote cache"
         if entry is None:
             return False
         try:
@@ -318,7 +333,7 @@ class Build:
         )
         duration = time.perf_counter() - start
         self._finish(TargetResult(target.name, Outcome.RESTORED, decision.reasons, duration))
-        self.reporter.restored(target.name, duration, entry.created)
+        self.reporter.restored(target.name, duration, entry.created, source=source)
         return True
 
     def _store_outputs(self, target: Target, done: Observation, duration: float) -> None:
@@ -342,6 +357,8 @@ class Build:
 
     def _collect_saves(self, *, wait: bool) -> None:
         """Report failed cache writes (once: the first failure turns caching off)."""
+        if not self._saves and self._saver is None:
+            return
         from mlbuild.cache import CacheError
 
         pending: list[Future[Any]] = []
@@ -350,11 +367,14 @@ class Build:
                 pending.append(save)
                 continue
             try:
-                save.result()
+                entry = save.result()
             except CacheError as exc:
                 if not self.cache_broken:
                     self.reporter.warn(f"{exc}; the build goes on without caching outputs")
                 self.cache_broken = True
+                continue
+            if self.remote is not None:
+                self.remote.upload_later(entry.target, entry)  # in the background too
         self._saves = pending
         if wait and self._saver is not None:
             self._saver.shutdown()
@@ -369,11 +389,34 @@ class Build:
         return self._cache
 
     @property
-    def executor(self) -> LocalExecutor:
-        if self._executor is None:
-            from mlbuild.executor import LocalExecutor
+    def remote(self) -> RemoteCache | None:
+        """The shared remote cache (`[cache] remote`), or None; see remote.py."""
+        settings = self.graph.pipeline.cache
+        if self._remote is None and settings.remote is not None and not self.options.dry_run:
+            from mlbuild.remote import RemoteCache
 
-            self._executor = LocalExecutor(self.root)
+            write = settings.remote_write and not self.options.remote_read_only
+            self._remote = RemoteCache(settings, self.cache, self.reporter.warn, write=write)
+        return self._remote
+
+    @property
+    def executor(self) -> Executor:
+        if self._executor is None:
+            settings = self.graph.pipeline.executor
+            if (self.options.executor or settings.kind) == "ray":
+                from mlbuild.ray_executor import RayExecutor
+
+                self._executor = RayExecutor(
+                    self.root,
+                    settings._replace(address=self.options.address or settings.address),
+                    self.remote,
+                    self.fp,
+                    lambda name: self._running[name][0],
+                )
+            else:
+                from mlbuild.executor import LocalExecutor
+
+                self._executor = LocalExecutor(self.root)
         return self._executor
 
     def _not_run(self, name: str, because: str) -> None:

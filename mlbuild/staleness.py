@@ -19,8 +19,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from mlbuild.code import EMPTY, CodeFingerprint
-from mlbuild.config import Target
+from mlbuild.code import CodeFingerprint
+from mlbuild.config import EMPTY, Target
 from mlbuild.fingerprint import (
     Digest,
     Fingerprinter,

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -473,7 +473,7 @@ class Watcher:
     def _build(self, names: Sequence[str], *, initial: bool = False) -> BuildResult | None:
         """One ordinary build; a user error is printed and the watcher goes on."""
         force = self.build_options.force if initial else None
-        options = replace(self.build_options, targets=tuple(names), keep_going=True, force=force)
+        options = self.build_options._replace(targets=tuple(names), keep_going=True, force=force)
         try:
             with self._locked_state(self.graph.pipeline) as store:
                 result = run_build(self.graph, store, self.reporter, options)

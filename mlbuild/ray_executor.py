@@ -1,0 +1,616 @@
+"""Running steps on a Ray cluster: each stale target one Ray task; files in place or by digest.
+
+`mlbuild run --executor ray [--address ADDR]` (or `[executor] kind = "ray"`)
+submits every stale target as a Ray task asking for the target's
+`resources` (`cpus`, `gpus`, `memory`, `custom`); Ray places it on a node
+that has them. A request that no node of the cluster could ever satisfy
+fails that target before submission, naming what is missing, instead of
+waiting forever in Ray's queue. The task runs the step exactly as the local
+executor does (`/bin/sh -c` or the `mlbuild.worker` process, in its own
+process group), so Python targets work the same way.
+
+How files travel, chosen once per build (`[executor] files`, default `auto`):
+
+- `shared`: the workers see the project directory at the same path (one
+  machine, NFS): the step runs in place and writes its outputs and log
+  there; the driver tails the log while it runs.
+- `cas`: the workers see nothing of the project. The driver uploads the
+  target's inputs and code files to the remote cache's CAS (a remote cache
+  is required, and must be writable); the task builds a private sandbox in
+  the node's temp directory, fetches each file by digest (verified), runs
+  the step there, uploads the outputs' blobs and returns only their digests
+  and the log; the driver then fetches the blobs into the local cache
+  (verified) and restores the outputs into the workspace. A step sees
+  exactly its declared inputs and code: anything undeclared is missing.
+- `auto`: one probe task per alive node checks for a token file the driver
+  wrote under `.mlbuild/`: `shared` when every node sees it, else `cas`.
+
+A worker that dies or a node that is lost fails its target with a message
+saying so; with `retries = N` the task is retried up to N times first (so
+is a failed transfer). Nothing is recorded for a failed target: the
+manifest comes from the runner after success only, and remote records are
+written by the driver's upload after that. On Ctrl-C tasks are cancelled
+(the step's process group gets SIGTERM, then SIGKILL), then force-killed.
+The step's own process dies with its Ray worker (PR_SET_PDEATHSIG, through
+util-linux's `setpriv` where present).
+
+Ray is imported only when this executor is chosen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import stat as _stat
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlbuild.cache import CacheError, Entry, check_entry, describe_outputs
+from mlbuild.config import STATE_DIR, ExecutorSettings, Target
+from mlbuild.errors import MlbuildError, UsageError
+from mlbuild.executor import (
+    TERM_GRACE_SECONDS,
+    Done,
+    ExecResult,
+    Output,
+    step_argv,
+    step_environment,
+)
+from mlbuild.fingerprint import Fingerprinter
+from mlbuild.remote import BadRecord, Remote, RemoteCache, RemoteError
+from mlbuild.staleness import Observation, observe_paths
+
+POLL_SECONDS = 0.2  # how often the driver looks at finished tasks and growing logs
+_LOG_LIMIT = 8 << 20  # bytes of a sandboxed step's log sent back to the driver
+
+
+class TransferFailed(Exception):
+    """A task could not move its files through the remote cache (retried like a lost worker)."""
+
+
+@dataclass
+class _Task:
+    target: Target
+    log_path: Path
+    start: float
+    mode: str  # "shared" or "cas"
+    ref: Any = None
+    log_offset: int = 0
+
+
+@dataclass
+class _Cluster:
+    """What the driver knows of the cluster: each alive node's id and total resources."""
+
+    nodes: dict[str, Mapping[str, float]] = field(default_factory=dict)
+
+
+def _request(target: Target) -> dict[str, float]:
+    """A target's resource request in Ray's names (CPU, GPU, memory, custom)."""
+    res = target.resources
+    if res is None:
+        return {"CPU": 1.0}
+    request = {"CPU": res.cpus, "GPU": res.gpus, **res.custom}
+    if res.memory is not None:
+        request["memory"] = float(res.memory)
+    return {name: amount for name, amount in request.items() if amount > 0}
+
+
+def infeasible(
+    request: Mapping[str, float], nodes: Mapping[str, Mapping[str, float]]
+) -> str | None:
+    """Why no node could ever run `request`, or None when one can."""
+    for totals in nodes.values():
+        if all(totals.get(name, 0.0) >= amount for name, amount in request.items()):
+            return None
+    if not nodes:
+        return "the Ray cluster has no alive node"
+    for name, amount in request.items():
+        most = max(totals.get(name, 0.0) for totals in nodes.values())
+        if most < amount:
+            have = f"at most {most:g}" if most else "none"
+            return (
+                f"needs {name} {amount:g} but no node of the Ray cluster has that much"
+                f" ({have} on {len(nodes)} node{'s' if len(nodes) != 1 else ''})"
+            )
+    wanted = ", ".join(f"{n} {a:g}" for n, a in sorted(request.items()))
+    return f"needs {wanted} on one node, and no node of the Ray cluster has all of it"
+
+
+class RayExecutor:
+    """Runs steps as Ray tasks; the same interface as executor.LocalExecutor."""
+
+    def __init__(
+        self,
+        root: Path,
+        settings: ExecutorSettings,
+        remote: RemoteCache | None,
+        fp: Fingerprinter,
+        observation: Callable[[str], Observation],
+    ) -> None:
+        self.root = root
+        self.settings = settings
+        self.remote = remote
+        self.fp = fp
+        self.observation = observation
+        self.tasks: dict[str, _Task] = {}
+        self.immediate: list[Done] = []  # targets failed before submission
+        self.mode: str | None = None if settings.files == "auto" else settings.files
+        self.cluster: _Cluster | None = None
+        self._ray: Any = None
+        self._remote_fn: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- connecting -----------------------------------------------------------
+
+    def _connect(self) -> Any:
+        if self._ray is not None:
+            return self._ray
+        try:
+            import ray
+        except ImportError:
+            raise UsageError("--executor ray needs Ray: pip install 'mlbuild[ray]'") from None
+        if not ray.is_initialized():
+            try:
+                ray.init(
+                    address=self.settings.address,
+                    namespace="mlbuild",
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,  # each step's output goes to its log and the reporter
+                    include_dashboard=False,
+                )
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = self.settings.address or "RAY_ADDRESS or a new local instance"
+                raise MlbuildError(f"cannot connect to the Ray cluster ({where}): {exc}") from None
+        self._ray = ray
+        self._remote_fn = ray.remote(run_step)
+        self.cluster = self._nodes()
+        return ray
+
+    def _nodes(self) -> _Cluster:
+        ray = self._ray
+        nodes: dict[str, Mapping[str, float]] = {}
+        for node in ray.nodes():
+            if node.get("Alive"):
+                nodes[str(node["NodeID"])] = dict(node.get("Resources", {}))
+        return _Cluster(nodes)
+
+    def _decide_mode(self) -> str:
+        """`auto`: probe every alive node for the project directory; `shared` if all see it."""
+        if self.mode is not None:
+            return self.mode
+        ray = self._ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        token = uuid.uuid4().hex
+        probe_dir = self.root / STATE_DIR / "ray"
+        probe_dir.mkdir(parents=True, exist_ok=True)
+        probe = probe_dir / "probe"
+        probe.write_text(token)
+        probe_fn = ray.remote(sees_token)
+        assert self.cluster is not None
+        refs = [
+            probe_fn.options(
+                num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+            ).remote(str(probe), token)
+            for node in self.cluster.nodes
+        ]
+        try:
+            seen = ray.get(refs, timeout=60)
+        except Exception:  # a node that cannot answer in a minute is not to be relied on
+            seen = []
+        self.mode = "shared" if seen and all(seen) else "cas"
+        return self.mode
+
+    # -- starting ---------------------------------------------------------------
+
+    def start(self, target: Target, log_path: Path) -> None:
+        """Submit the step as a Ray task (or fail it at once if it can never be placed)."""
+        self._connect()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_bytes(b"")
+        start = time.perf_counter()
+        request = _request(target)
+        assert self.cluster is not None
+        problem = infeasible(request, self.cluster.nodes)
+        if problem is not None:
+            self.cluster = self._nodes()  # nodes may have joined since
+            problem = infeasible(request, self.cluster.nodes)
+        mode = "shared"
+        if problem is None:
+            mode = self._decide_mode()
+            if mode == "cas":
+                problem = self._cas_problem()
+        if problem is not None:
+            self.immediate.append(Done(target.name, ExecResult(-1, 0.0, log_path, problem)))
+            return
+        task = _Task(target, log_path, start, mode)
+        try:
+            spec = self._spec(task)
+        except (RemoteError, CacheError, BadRecord, OSError) as exc:
+            message = f"uploading its inputs to the remote cache failed: {exc}"
+            self.immediate.append(Done(target.name, ExecResult(-1, 0.0, log_path, message)))
+            return
+        options: dict[str, Any] = {
+            "num_cpus": request.get("CPU", 0.0),
+            "num_gpus": request.get("GPU", 0.0),
+            "max_retries": target.retries,
+            "retry_exceptions": [TransferFailed],
+        }
+        if "memory" in request:
+            options["memory"] = int(request["memory"])
+        custom = {n: a for n, a in request.items() if n not in ("CPU", "GPU", "memory")}
+        if custom:
+            options["resources"] = custom
+        task.ref = self._remote_fn.options(**options).remote(spec)
+        self.tasks[target.name] = task
+
+    def _cas_problem(self) -> str | None:
+        if self.remote is None:
+            return (
+                "the Ray workers do not see the project directory, and files can only travel"
+                " through a remote cache: set [cache] remote"
+            )
+        if not self.remote.write:
+            return (
+                "the Ray workers do not see the project directory:"
+                " the remote cache must be writable (not --remote-read-only)"
+            )
+        if self.remote.remote() is None:
+            return (
+                "the Ray workers do not see the project directory and the remote cache is unusable"
+            )
+        return None
+
+    def _spec(self, task: _Task) -> dict[str, Any]:
+        """What the task needs: the target, how to reach files, the driver's declared env."""
+        target = task.target
+        env = {name: os.environ[name] for name in target.env if name in os.environ}
+        spec: dict[str, Any] = {"target": target, "mode": task.mode, "env": env}
+        if task.mode == "shared":
+            spec["root"] = str(self.root)
+            spec["log"] = str(task.log_path)
+            return spec
+        assert self.remote is not None
+        remote = self.remote.remote()
+        assert remote is not None
+        files, dirs, links, uploads = self._sandbox_files(target)
+        remote.put_blobs(uploads, self.io)
+        spec.update(
+            remote=self.remote.url,
+            options=dict(self.remote.settings.remote_options),
+            files=files,
+            dirs=dirs,
+            links=links,
+            sizes={d: n for d, (_, n) in uploads.items()},
+        )
+        return spec
+
+    @property
+    def io(self) -> ThreadPoolExecutor:
+        if self.remote is not None:
+            return self.remote.io
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(4)
+        return self._pool
+
+    def _sandbox_files(
+        self, target: Target
+    ) -> tuple[list[Any], list[str], list[Any], dict[str, tuple[str, int]]]:
+        """Inputs and code of a target: files [rel, digest, mode], dirs, links, and uploads."""
+        observation = self.observation(target.name)
+        files: list[Any] = []
+        dirs: list[str] = []
+        links: list[Any] = []
+        uploads: dict[str, tuple[str, int]] = {}
+
+        def add_file(rel: str, digest: str) -> None:
+            st = os.stat(self.root / rel)
+            files.append([rel, digest, _stat.S_IMODE(st.st_mode)])
+            uploads[digest] = (str(self.root / rel), st.st_size)
+
+        for path, value in observation.fingerprint.inputs.items():
+            kind, _, digest = value.partition(":")
+            if kind == "file":
+                add_file(path, digest)
+            elif kind == "link":
+                links.append([path, os.readlink(self.root / path)])
+            elif kind == "dir":
+                dirs.append(path)
+                for rel, child in observation.listings[value]:
+                    full = f"{path}/{rel}"
+                    if child.startswith("file:"):
+                        add_file(full, child[5:])
+                    elif child == "dir:":
+                        dirs.append(full)
+                    else:
+                        links.append([full, os.readlink(self.root / full)])
+        code = set(observation.fingerprint.code)
+        for rel in list(code):  # the packages a module lives in run when it is imported
+            parent = os.path.dirname(rel)
+            while parent:
+                init = f"{parent}/__init__.py"
+                if init not in code and os.path.isfile(self.root / init):
+                    code.add(init)
+                parent = os.path.dirname(parent)
+        for rel in sorted(code):
+            found = self.fp.digest(rel)
+            if found.kind == "file":
+                add_file(rel, found.digest)
+        return files, dirs, links, uploads
+
+    # -- waiting ------------------------------------------------------------------
+
+    @property
+    def running(self) -> list[str]:
+        return [*self.tasks, *(done.target for done in self.immediate)]
+
+    def wait(self, timeout: float | None = None) -> Iterator[Output | Done]:
+        """Events of running tasks: output (shared mode: the growing log), then each end."""
+        while self.immediate:
+            yield self.immediate.pop(0)
+        if not self.tasks:
+            return
+        ray = self._ray
+        refs = {task.ref: name for name, task in self.tasks.items()}
+        wait_for = POLL_SECONDS if timeout is None else min(timeout, POLL_SECONDS)
+        # Wake for the first task to end (or to show logs), then take every other that did.
+        ready, rest = ray.wait(list(refs), num_returns=1, timeout=wait_for)
+        if ready and rest:
+            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        for name, task in list(self.tasks.items()):
+            if task.mode == "shared":
+                data = self._tail(task)
+                if data:
+                    yield Output(name, data)
+        for ref in ready:
+            name = refs[ref]
+            task = self.tasks.pop(name)
+            yield from self._finish(task)
+
+    def _tail(self, task: _Task) -> bytes:
+        try:
+            with open(task.log_path, "rb") as handle:
+                handle.seek(task.log_offset)
+                data = handle.read()
+        except OSError:
+            return b""
+        task.log_offset += len(data)
+        return data
+
+    def _finish(self, task: _Task) -> Iterator[Output | Done]:
+        name = task.target.name
+        ray = self._ray
+        try:
+            result: dict[str, Any] = ray.get(task.ref)
+        except Exception as exc:
+            message = _failure_message(exc, task.target.retries)
+            with open(task.log_path, "ab") as log:
+                log.write(f"mlbuild: {message}\n".encode())
+            duration = time.perf_counter() - task.start
+            yield Done(name, ExecResult(-1, duration, task.log_path, message))
+            return
+        if task.mode == "shared":
+            data = self._tail(task)
+        else:
+            data = result["log"]
+            task.log_path.write_bytes(data)
+        if data:
+            yield Output(name, data)
+        message = ""
+        if task.mode == "cas" and result["returncode"] == 0:
+            message = self._restore(task.target, result)
+        duration = time.perf_counter() - task.start
+        yield Done(name, ExecResult(result["returncode"], duration, task.log_path, message))
+
+    def _restore(self, target: Target, result: Mapping[str, Any]) -> str:
+        """Fetch a sandboxed step's outputs (verified) into the workspace; a problem or ""."""
+        assert self.remote is not None
+        remote = self.remote.remote()
+        if remote is None:
+            return "its outputs are in the remote cache, which became unreachable"
+        declared = {p.path for p in target.outputs}
+        outputs = {p: o for p, o in result["outputs"].items() if p in declared}
+        if not outputs:
+            return ""  # nothing to fetch; the runner reports the missing outputs
+        entry = Entry("0" * 64, target.name, time.time(), result["duration"], outputs, 0)
+        problem = check_entry(entry)
+        if problem is not None:
+            return f"the Ray worker returned unusable outputs: {problem}"
+        sizes = result["blobs"]
+        cache = self.remote.cache
+        try:
+            missing = [d for d in sorted(entry.objects()) if not cache.object_path(d).exists()]
+
+            def fetch(digest: str) -> None:
+                cache.receive(digest, lambda tmp: remote.get_blob(digest, tmp, sizes.get(digest)))
+
+            list(self.io.map(fetch, missing))
+            cache.restore(entry, self.root, self.fp)
+        except (RemoteError, BadRecord, CacheError, OSError) as exc:
+            return f"fetching its outputs from the remote cache failed: {exc}"
+        return ""
+
+    def stop_all(self, grace: float = TERM_GRACE_SECONDS) -> list[str]:
+        """Cancel every task: the step gets SIGTERM, and after `grace` seconds Ray kills it."""
+        names = [*self.tasks, *(done.target for done in self.immediate)]
+        self.immediate.clear()
+        if not self.tasks:
+            return names
+        ray = self._ray
+        refs = [task.ref for task in self.tasks.values()]
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=False)  # KeyboardInterrupt in the task: it stops its step
+        try:
+            ray.wait(refs, num_returns=len(refs), timeout=grace)
+        finally:
+            for ref in refs:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+            self.tasks.clear()
+        return names
+
+
+def _failure_message(exc: BaseException, retries: int) -> str:
+    from ray import exceptions as rex
+
+    tries = f" (after {retries} retr{'y' if retries == 1 else 'ies'})" if retries else ""
+    if isinstance(exc, rex.TaskCancelledError):
+        return "its Ray task was cancelled"
+    if isinstance(exc, rex.WorkerCrashedError):
+        return f"the Ray worker running it died{tries}"
+    if isinstance(exc, rex.NodeDiedError | rex.ObjectLostError | rex.OwnerDiedError):
+        return f"its Ray node was lost{tries}"
+    if isinstance(exc, rex.RayTaskError):
+        cause = exc.cause if exc.cause is not None else exc
+        if isinstance(cause, TransferFailed):
+            return f"moving its files through the remote cache failed{tries}: {cause}"
+        return f"its Ray task failed{tries}: {type(cause).__name__}: {cause}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"Ray failed to run it: {type(exc).__name__}: {first}"
+
+
+# -- on the worker ----------------------------------------------------------------
+
+
+def sees_token(path: str, token: str) -> bool:
+    """The probe task: does this node see the driver's project directory?"""
+    try:
+        with open(path) as handle:
+            return handle.read() == token
+    except OSError:
+        return False
+
+
+def run_step(spec: dict[str, Any]) -> dict[str, Any]:
+    """The Ray task: run one step in place or in a sandbox; its exit code, log and outputs."""
+    target: Target = spec["target"]
+    if spec["mode"] == "shared":
+        root = Path(spec["root"])
+        with open(spec["log"], "ab") as log:
+            code, duration = _run(target, root, spec["env"], log, Path(spec["log"]))
+        return {"returncode": code, "duration": duration}
+    remote = Remote(spec["remote"], spec["options"])
+    # The node's temp directory: <work>/project is the sandbox, the log sits beside it.
+    work = Path(tempfile.mkdtemp(prefix=f"mlbuild-{target.name}-"))
+    sandbox = work / "project"
+    sandbox.mkdir()
+    pool = ThreadPoolExecutor(8)
+    try:
+        _materialize(remote, sandbox, spec, pool)
+        for port in target.outputs:
+            (sandbox / port.path).parent.mkdir(parents=True, exist_ok=True)
+        log_path = work / "step.log"
+        with open(log_path, "wb") as log:
+            code, duration = _run(target, sandbox, spec["env"], log, log_path)
+        data = log_path.read_bytes()
+        if len(data) > _LOG_LIMIT:
+            data = b"[... cut by mlbuild ...]\n" + data[-_LOG_LIMIT:]
+        outputs: dict[str, Any] = {}
+        blobs: dict[str, int] = {}
+        if code == 0:
+            outputs, blobs = _upload_outputs(remote, sandbox, target, pool)
+        return {
+            "returncode": code,
+            "duration": duration,
+            "log": data,
+            "outputs": outputs,
+            "blobs": blobs,
+            "sandbox": str(sandbox),
+        }
+    finally:
+        pool.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _materialize(
+    remote: Remote, sandbox: Path, spec: Mapping[str, Any], pool: ThreadPoolExecutor
+) -> None:
+    """The sandbox: declared input directories, files fetched by digest (verified), links."""
+    for rel in spec["dirs"]:
+        (sandbox / rel).mkdir(parents=True, exist_ok=True)
+    items = []
+    for rel, digest, mode in spec["files"]:
+        dest = sandbox / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        items.append((digest, str(dest), mode))
+    try:
+        remote.fetch_verified(items, pool, spec["sizes"])
+    except (RemoteError, BadRecord, CacheError, OSError) as exc:
+        raise TransferFailed(f"fetching inputs: {exc}") from None
+    for rel, link in spec["links"]:
+        dest = sandbox / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.symlink_to(link)
+
+
+def _upload_outputs(
+    remote: Remote, sandbox: Path, target: Target, pool: ThreadPoolExecutor
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Digest the outputs the step wrote and upload their blobs; (entry outputs, sizes)."""
+    fp = Fingerprinter(sandbox, {})
+    listings: dict[str, tuple[tuple[str, str], ...]] = {}
+    present = [p.path for p in target.outputs if os.path.lexists(sandbox / p.path)]
+    fingerprints = observe_paths(fp, present, listings)
+    try:
+        outputs, files = describe_outputs(sandbox, fingerprints, listings)
+        remote.put_blobs(files, pool)
+    except (RemoteError, BadRecord, CacheError, OSError) as exc:
+        raise TransferFailed(f"uploading outputs: {exc}") from None
+    return outputs, {d: n for d, (_, n) in files.items()}
+
+
+def _run(
+    target: Target, root: Path, env: Mapping[str, str], log: Any, log_path: Path
+) -> tuple[int, float]:
+    """Run the step's process in `root`, output to `log`; stop its group if interrupted."""
+    environment = step_environment(target)
+    environment.update(env)
+    environment["MLBUILD_RAY_NODE"] = _node_id()
+    argv = step_argv(target, root, log_path.with_suffix(".timing.json"))
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:  # the step dies with this worker, whatever kills it
+        argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        argv,
+        cwd=root,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        code = proc.wait()
+    except BaseException:  # ray.cancel: KeyboardInterrupt here
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=TERM_GRACE_SECONDS)
+        raise
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # leftover children of the step
+    return code, time.perf_counter() - start
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:  # outside a Ray worker (tests calling run_step directly)
+        return ""
