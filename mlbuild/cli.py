@@ -46,7 +46,41 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Ignored:
+    """Stands in for the parser of a subcommand not being run: takes options, keeps none."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: self
+
+
+def _subcommand(sub: Any, command: str | None, name: str, **kwargs: Any) -> Any:
+    """A subparser with its options only if `name` is the command being run.
+
+    argparse spends most of mlbuild's start-up (gettext lookups for every option
+    of every subcommand); a no-op `mlbuild run` only needs `run`'s options.
+    Unneeded subcommands are still listed by `mlbuild --help`.
+    """
+    if command in (None, name):
+        return sub.add_parser(name, **kwargs)
+    sub.add_parser(name, help=kwargs.get("help"), add_help=False)
+    return _Ignored()
+
+
+def command_word(words: Sequence[str]) -> str | None:
+    """The subcommand in argv (skipping global options and their values), if any."""
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in ("-f", "--file", "--set"):
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only that subcommand gets its options (see _subcommand)."""
     common = _Parser(add_help=False)
     common.add_argument(
         "-f",
@@ -67,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", parents=[common], help="bring targets up to date")
+    run = _subcommand(sub, command, "run", parents=[common], help="bring targets up to date")
     run.add_argument("targets", nargs="*", metavar="TARGET")
     run.add_argument("-n", "--dry-run", action="store_true", help="say what would run")
     run.add_argument(
@@ -119,15 +153,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=cmd_run)
 
-    push = sub.add_parser("push", parents=[common], help="upload current outputs to the remote")
+    push = _subcommand(
+        sub, command, "push", parents=[common], help="upload current outputs to the remote"
+    )
     push.add_argument("targets", nargs="*", metavar="TARGET")
     push.set_defaults(handler=cmd_push)
-    pull = sub.add_parser("pull", parents=[common], help="restore stale targets from the remote")
+    pull = _subcommand(
+        sub, command, "pull", parents=[common], help="restore stale targets from the remote"
+    )
     pull.add_argument("targets", nargs="*", metavar="TARGET")
     pull.set_defaults(handler=cmd_pull)
 
-    watch = sub.add_parser(
-        "watch", parents=[common], help="build, then rebuild what every change affects"
+    watch = _subcommand(
+        sub,
+        command,
+        "watch",
+        parents=[common],
+        help="build, then rebuild what every change affects",
     )
     watch.add_argument("targets", nargs="*", metavar="TARGET")
     watch.add_argument(
@@ -158,15 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.set_defaults(handler=cmd_watch)
 
-    status = sub.add_parser("status", parents=[common], help="what would run and why")
+    status = _subcommand(sub, command, "status", parents=[common], help="what would run and why")
     status.add_argument("targets", nargs="*", metavar="TARGET")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status)
 
-    lister = sub.add_parser("list", parents=[common], help="the targets, in build order")
+    lister = _subcommand(sub, command, "list", parents=[common], help="the targets, in build order")
     lister.set_defaults(handler=cmd_list)
 
-    dag = sub.add_parser("dag", parents=[common], help="the graph: text, DOT or Mermaid")
+    dag = _subcommand(sub, command, "dag", parents=[common], help="the graph: text, DOT or Mermaid")
     dag.add_argument("targets", nargs="*", metavar="TARGET")
     dag_form = dag.add_mutually_exclusive_group()
     dag_form.add_argument("--dot", action="store_true", help="Graphviz DOT (`dot -Tsvg`)")
@@ -174,27 +216,31 @@ def build_parser() -> argparse.ArgumentParser:
     dag.add_argument("--status", action="store_true", help="mark fresh and stale targets")
     dag.set_defaults(handler=cmd_dag)
 
-    log = sub.add_parser("log", parents=[common], help="past runs, or one target's history")
+    log = _subcommand(
+        sub, command, "log", parents=[common], help="past runs, or one target's history"
+    )
     log.add_argument("target", nargs="?", metavar="TARGET")
     log.add_argument("-n", type=int, default=10, metavar="N", help="the last N (default: 10)")
     log.set_defaults(handler=cmd_log)
 
-    show = sub.add_parser("show", parents=[common], help="a target's last manifest")
+    show = _subcommand(sub, command, "show", parents=[common], help="a target's last manifest")
     show.add_argument("target", metavar="TARGET")
     show.add_argument("--json", action="store_true", help="machine-readable, whole digests")
     show.set_defaults(handler=cmd_show)
 
-    gc = sub.add_parser("gc", parents=[common], help="prune the output cache")
+    gc = _subcommand(sub, command, "gc", parents=[common], help="prune the output cache")
     gc.add_argument("--max-size", metavar="SIZE", help="keep the newest entries up to SIZE (10GB)")
     gc.add_argument("--keep-runs", type=int, metavar="N", help="keep N older entries per target")
     gc.set_defaults(handler=cmd_gc)
 
-    cache = sub.add_parser("cache", parents=[common], help="inspect the output cache")
+    cache = _subcommand(sub, command, "cache", parents=[common], help="inspect the output cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
     verify = cache_sub.add_parser("verify", parents=[common], help="find corrupted objects")
     verify.set_defaults(handler=cmd_cache_verify)
 
-    clean = sub.add_parser("clean", parents=[common], help="remove targets' declared outputs")
+    clean = _subcommand(
+        sub, command, "clean", parents=[common], help="remove targets' declared outputs"
+    )
     clean.add_argument("targets", nargs="*", metavar="TARGET")
     clean.set_defaults(handler=cmd_clean)
     return parser
@@ -531,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         words = list(sys.argv[1:] if argv is None else argv)
-        args, unknown = build_parser().parse_known_args(words)
+        args, unknown = build_parser(command_word(words)).parse_known_args(words)
         if unknown:
             # argparse reports these from the top-level parser; point at the subcommand.
             raise UsageError(
