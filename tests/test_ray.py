@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -300,3 +301,22 @@ def test_resources_are_parsed_and_ignored_by_the_local_executor(project: Project
     assert target.retries == 3
     assert project.run().code == 0
     assert project.read("o.txt") == "t\n"
+
+
+def test_failed_transfer_fails_the_target_cleanly(
+    project: Project, cluster: Cluster, tmp_path: Path
+) -> None:
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "cas").write_text("not a directory")  # no blob can be written
+    setup(
+        project,
+        where_pipeline(
+            f'kind = "ray"\nfiles = "cas"\naddress = "{cluster.address}"', f'remote = "{folder}"'
+        ),
+    )
+    result = project.run("run", "where")
+    assert result.code == 1
+    assert "Step `where` failed" in result.err
+    assert "uploading its inputs to the remote cache failed" in result.err
+    assert "stale  where: never built" in project.run("status").out

@@ -425,3 +425,36 @@ def test_bad_cache_settings_are_one_line(project: Project, cache: str, message: 
     assert result.code == 2
     assert message in result.err
     assert len(result.err.strip().splitlines()) == 1
+
+
+def test_failed_uploads_are_warnings_and_the_build_succeeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "cas").write_text("not a directory")  # every blob upload fails
+    project = make_checkout(tmp_path / "a", capsys, f'remote = "file://{folder}"')
+    result = project.run()
+    assert result.code == 0, result.err
+    assert ran(project) == TARGETS
+    for name in TARGETS:
+        assert f"uploading `{name}` to the remote cache failed" in result.err
+    assert not (folder / "ac").exists()  # no record without its blobs
+
+
+def test_local_builds_never_import_fsspec_or_ray(project: Project) -> None:
+    import subprocess
+    import sys
+
+    make_checkout(project.root, project.capsys, "")
+    script = (
+        "import sys; from mlbuild.cli import main; code = main(['run', '-f', sys.argv[1]]);"
+        " print(code, sorted(m for m in ('fsspec', 's3fs', 'ray') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(project.root / "pipeline.toml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert proc.stdout.splitlines()[-1] == "0 []"
