@@ -66,6 +66,17 @@ def _subcommand(sub: Any, command: str | None, name: str, **kwargs: Any) -> Any:
     return _Ignored()
 
 
+def _add_jobs(parser: Any) -> None:
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="run up to N steps at once (default: the number of CPUs)",
+    )
+
+
 def command_word(words: Sequence[str]) -> str | None:
     """The subcommand in argv (skipping global options and their values), if any."""
     skip = False
@@ -111,14 +122,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="run these targets (all selected if none named) even if fresh",
     )
-    run.add_argument(
-        "-j",
-        "--jobs",
-        type=int,
-        default=os.cpu_count() or 1,
-        metavar="N",
-        help="run up to N steps at once (default: the number of CPUs)",
-    )
+    _add_jobs(run)
     run.add_argument(
         "--no-wait",
         action="store_true",
@@ -172,14 +176,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="build, then rebuild what every change affects",
     )
     watch.add_argument("targets", nargs="*", metavar="TARGET")
-    watch.add_argument(
-        "-j",
-        "--jobs",
-        type=int,
-        default=os.cpu_count() or 1,
-        metavar="N",
-        help="run up to N steps at once (default: the number of CPUs)",
-    )
+    _add_jobs(watch)
     watch.add_argument(
         "--debounce",
         type=float,

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
-from mlbuild.report import format_duration, summary_line
+from mlbuild.report import failure_lines, format_duration, summary_line
 from mlbuild.results import BuildPlan, BuildResult, Failure
 from mlbuild.staleness import Decision
 
@@ -167,14 +167,7 @@ class LiveReporter:
     def failed(self, failure: Failure, duration: float) -> None:
         self._flush_partial(failure.target)
         self._decided(failure.target)
-        lines = [f"Step `{failure.target}` failed after {duration:.3f}s: {failure.message}."]
-        lines.append(f"  command: {failure.command}")
-        if failure.tail:
-            lines.append("  last lines of its output:")
-            lines.extend(f"    {line}" for line in failure.tail)
-        if failure.log_path is not None:
-            lines.append(f"  full log: {failure.log_path}")
-        self._error("\n".join(lines))
+        self._error("\n".join(failure_lines(failure, duration)))
 
     def not_run(self, target: str, because: str) -> None:
         self._decided(target)

@@ -57,6 +57,18 @@ def time_saved(result: BuildResult, recorded: Mapping[str, float]) -> tuple[floa
     return saved, " and ".join(sorted(how, reverse=True))
 
 
+def failure_lines(failure: Failure, duration: float) -> list[str]:
+    """What a failed step tells: target, why, command, the tail of its output, its log."""
+    lines = [f"Step `{failure.target}` failed after {duration:.3f}s: {failure.message}."]
+    lines.append(f"  command: {failure.command}")
+    if failure.tail:
+        lines.append("  last lines of its output:")
+        lines.extend(f"    {line}" for line in failure.tail)
+    if failure.log_path is not None:
+        lines.append(f"  full log: {failure.log_path}")
+    return lines
+
+
 def summary_line(result: BuildResult, recorded: Mapping[str, float] | None = None) -> str:
     """`mlbuild: 2 skipped, 1 ran in 3.104s (saved 1m 12s by skipping).`
 
@@ -149,14 +161,7 @@ class PlainReporter:
 
     def failed(self, failure: Failure, duration: float) -> None:
         self._flush_partial(failure.target)
-        lines = [f"Step `{failure.target}` failed after {duration:.3f}s: {failure.message}."]
-        lines.append(f"  command: {failure.command}")
-        if failure.tail:
-            lines.append("  last lines of its output:")
-            lines.extend(f"    {line}" for line in failure.tail)
-        if failure.log_path is not None:
-            lines.append(f"  full log: {failure.log_path}")
-        self.err.write("\n".join(lines) + "\n")
+        self.err.write("\n".join(failure_lines(failure, duration)) + "\n")
         self.err.flush()
 
     def not_run(self, target: str, because: str) -> None:

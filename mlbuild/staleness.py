@@ -226,6 +226,7 @@ def _path_reasons(
     before: Mapping[str, str],
     listings: Mapping[str, tuple[tuple[str, str], ...]],
     old_listing: ListingLoader,
+    changed: str = "changed",
 ) -> list[str]:
     reasons: list[str] = []
     for path in sorted(set(cur) | set(before)):
@@ -239,9 +240,10 @@ def _path_reasons(
         elif new.startswith("missing:"):
             reasons.append(f"{what} missing: {path}")
         elif new.startswith("dir:") and old.startswith("dir:"):
-            reasons.append(f"{what} changed: {path}{_dir_detail(old, new, listings, old_listing)}")
+            detail = _dir_detail(old, new, listings, old_listing)
+            reasons.append(f"{what} {changed}: {path}{detail}")
         else:
-            reasons.append(f"{what} changed: {path}")
+            reasons.append(f"{what} {changed}: {path}")
     return reasons
 
 
@@ -268,17 +270,5 @@ def _dir_detail(
 
 
 def _output_reasons(cur: Mapping[str, str], before: Mapping[str, str]) -> list[str]:
-    reasons: list[str] = []
-    for path in sorted(set(cur) | set(before)):
-        old, new = before.get(path), cur.get(path)
-        if old == new:
-            continue
-        if old is None:
-            reasons.append(f"output added: {path}")
-        elif new is None:
-            reasons.append(f"output removed: {path}")
-        elif new.startswith("missing:"):
-            reasons.append(f"output missing: {path}")
-        else:
-            reasons.append(f"output modified: {path}")
-    return reasons
+    """Outputs differ from what the step wrote: said as "modified", never itemized."""
+    return _path_reasons("output", cur, before, {}, lambda _: None, changed="modified")
