@@ -136,19 +136,11 @@ class Fingerprinter:
         self._prefix = str(root) + os.sep
         self.stats: dict[str, StatEntry] = dict(stats)
         self.updates: dict[str, StatEntry] = {}
-        self.hashed_bytes = 0
 
     def take_updates(self) -> dict[str, StatEntry]:
         """The stat entries learned since the last call, emptied."""
         updates, self.updates = self.updates, {}
         return updates
-
-    def forget(self, paths: Iterable[str]) -> None:
-        """Drop cached stats under these paths (before a step rewrites them)."""
-        for path in paths:
-            prefix = path + "/"
-            for key in [k for k in self.stats if k == path or k.startswith(prefix)]:
-                del self.stats[key]
 
     def remember(self, rel: str, entry: StatEntry) -> None:
         """Record a digest learned elsewhere (a verified restore from the cache)."""
@@ -208,7 +200,6 @@ class Fingerprinter:
             entry = StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, checked_ns, digest)
             self.stats[rel] = entry
             self.updates[rel] = entry
-            self.hashed_bytes += st.st_size
             result[rel] = Digest("file", digest)
         return result
 
