@@ -30,8 +30,9 @@ from mlbuild.graph import Graph, build_graph
 from mlbuild.lock import hold_workspace
 from mlbuild.report import PlainReporter
 from mlbuild.results import BuildOptions, BuildPlan, CliReporter, Outcome, Reporter
-from mlbuild.runner import remove_outputs, run_build
+from mlbuild.runner import check_writable, clear_outputs, run_build
 from mlbuild.store import Store, open_existing_store, open_store
+from mlbuild.workspace import cache_dir, empty_trash
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -497,15 +498,22 @@ def cmd_gc(args: argparse.Namespace) -> int:
         max_size = parse_size(args.max_size) if args.max_size else None
     except ValueError as exc:
         raise UsageError(f"--max-size: {exc}") from None
+    if max_size is not None and max_size < 0:
+        raise UsageError(f"--max-size {args.max_size}: needs 0 or more bytes")
+    if args.keep_runs is not None and args.keep_runs < 0:
+        raise UsageError(f"--keep-runs {args.keep_runs}: needs 0 or more")
     reporter = PlainReporter()
-    with open_state(pipeline, reporter) as store:
+    with hold_workspace(pipeline.root, args.command_line, wait=True, warn=reporter.warn) as store:
         current: dict[str, dict[str, str]] = {}
         for target, stored in store.load_manifests().items():
             fingerprint = Fingerprint.from_json(stored.data)
             if fingerprint is not None:
                 current[target] = dict(fingerprint.outputs)
-    cache = Cache(pipeline.root / STATE_DIR / "cache")
-    report = collect_garbage(cache, current, max_size=max_size, keep_runs=args.keep_runs)
+        cache = Cache(cache_dir(pipeline.root))
+        report = collect_garbage(cache, current, max_size=max_size, keep_runs=args.keep_runs)
+        trashed = empty_trash(pipeline.root)
+    if trashed:
+        print(f"mlbuild gc: emptied {trashed} trash folders older than a week (.mlbuild/trash/)")
     print(
         f"mlbuild gc: removed {report.entries_removed} entries and {report.objects_removed}"
         f" objects, freed {_size(report.bytes_freed)}; kept {report.entries_kept} entries"
@@ -520,7 +528,9 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
     from mlbuild.cache import Cache, verify_objects
 
     pipeline, _ = load(args)
-    checked, corrupt = verify_objects(Cache(pipeline.root / STATE_DIR / "cache"))
+    reporter = PlainReporter()
+    with hold_workspace(pipeline.root, args.command_line, wait=True, warn=reporter.warn):
+        checked, corrupt = verify_objects(Cache(cache_dir(pipeline.root)))
     for digest in corrupt:
         print(f"corrupted object {digest} removed (its entries will be dropped when used)")
     print(f"mlbuild cache verify: {checked} objects checked, {len(corrupt)} corrupted.")
@@ -541,26 +551,34 @@ def _size(n: int) -> str:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
+    """Remove targets' outputs: those mlbuild made are deleted, anything else moved aside."""
+    from mlbuild.fingerprint import Fingerprinter
+    from mlbuild.staleness import Fingerprint, observe_paths
+
     pipeline, graph = load(args)
     names = list(args.targets) or list(graph.order)
     graph.select(names)  # unknown names are a usage error
-    root = pipeline.root.resolve()
+    root = pipeline.root
     reporter = PlainReporter()
-    with open_state(pipeline, reporter) as store:
-        store.forget(names)
+    with hold_workspace(root, args.command_line, wait=True, warn=reporter.warn) as store:
+        manifests = store.load_manifests()
+        fp = Fingerprinter(root, store.load_stats())
         for name in names:
             target = graph.targets[name]
-            for port in target.outputs:
-                real = Path(os.path.realpath(root / port.path))
-                if real != root and root not in real.parents:
-                    raise UsageError(
-                        f"{pipeline.display_file}: targets.{name}.outputs: '{port.path}'"
-                        " resolves outside the project; not removing it"
-                    )
-            existing = [p.path for p in target.outputs if os.path.lexists(root / p.path)]
-            remove_outputs(root, target)
-            for path in existing:
-                print(f"removed {path}")
+            paths = [p.path for p in target.outputs]
+            for path in paths:
+                check_writable(root, pipeline.display_file, target, path)
+            stored = manifests.get(name)
+            before = Fingerprint.from_json(stored.data) if stored is not None else None
+            current = observe_paths(fp, paths, {})
+            known = before.outputs if before is not None else {}
+            store.forget([name])
+            moved = dict(clear_outputs(root, pipeline.display_file, target, current, known))
+            for path in paths:
+                if path in moved:
+                    print(f"moved {path} to {moved[path]} (not made by mlbuild, or changed since)")
+                elif not current[path].startswith("missing:"):
+                    print(f"removed {path}")
     return EXIT_OK
 
 

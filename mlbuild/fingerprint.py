@@ -54,6 +54,10 @@ class StatEntry(NamedTuple):
     checked_ns: int  # wall clock just before the bytes were read
     digest: str
 
+    def same_file(self, st: os.stat_result) -> bool:
+        """True when `st` is still the stat this entry was taken at (racy or not)."""
+        return (st.st_size, st.st_mtime_ns, st.st_ino) == (self.size, self.mtime_ns, self.ino)
+
     def matches(self, st: os.stat_result) -> bool:
         """True when `st` is the stat this digest was taken at, and it was not racy."""
         if (st.st_size, st.st_mtime_ns, st.st_ino) != (self.size, self.mtime_ns, self.ino):

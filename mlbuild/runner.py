@@ -18,14 +18,14 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
 from mlbuild.config import STATE_DIR, Target
 from mlbuild.errors import PipelineError
-from mlbuild.fingerprint import Fingerprinter, expand_port
+from mlbuild.fingerprint import Fingerprinter, StatEntry, expand_port
 from mlbuild.graph import Graph
 from mlbuild.results import (
     BuildOptions,
@@ -36,8 +36,17 @@ from mlbuild.results import (
     TargetResult,
 )
 from mlbuild.scheduler import Scheduler
-from mlbuild.staleness import Decision, Fingerprint, Observation, decide, observe, observe_paths
+from mlbuild.staleness import (
+    Decision,
+    Fingerprint,
+    Observation,
+    decide,
+    expand_inputs,
+    observe,
+    observe_paths,
+)
 from mlbuild.store import RunRow, Store
+from mlbuild.workspace import OutsideProject, move_aside, writable_path
 
 if TYPE_CHECKING:
     # The executor and the cache (subprocess, shutil, tempfile with them) are
@@ -47,6 +56,11 @@ if TYPE_CHECKING:
     from mlbuild.cache import Cache
     from mlbuild.executor import ExecResult, Executor
     from mlbuild.remote import RemoteCache
+
+
+StatMap = Mapping[str, "StatEntry | None"]
+# The digest recorded for an input that changed while its step ran: equal to none.
+CHANGED_DURING_STEP = "changed:during its step"
 
 
 def check_sources(graph: Graph, selected: Sequence[str]) -> None:
@@ -80,16 +94,46 @@ def check_code(graph: Graph, selected: Sequence[str], scanner: CodeScanner) -> N
                 ) from None
 
 
-def remove_outputs(root: Path, target: Target) -> None:
-    """Delete a target's declared outputs (files, directories or symlinks) under `root`."""
-    for port in target.outputs:
-        path = root / port.path
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            import shutil  # only when something is rebuilt; see the executor import
+def clear_outputs(
+    root: Path, where: str, target: Target, current: Mapping[str, str], known: Mapping[str, str]
+) -> list[tuple[str, str]]:
+    """Make way for a step: delete the outputs mlbuild made, move anything else aside.
 
-            shutil.rmtree(path)
+    `current` maps each output path to its digest now, `known` to a digest
+    mlbuild recorded for it (the target's last manifest, or the cache entry
+    being restored). An output whose digest is neither (a first build over
+    existing files, a hand edit, extra files in an output directory) is
+    renamed into `.mlbuild/trash/`, never deleted. Returns (path, where it
+    went) for each output moved aside.
+    """
+    moved: list[tuple[str, str]] = []
+    for port in target.outputs:
+        full = check_writable(root, where, target, port.path)
+        digest = current.get(port.path)
+        if digest is None or digest.startswith("missing:") or not os.path.lexists(full):
+            continue
+        if known.get(port.path) == digest:
+            _delete(full)
+        else:
+            moved.append((port.path, move_aside(root, port.path)))
+    return moved
+
+
+def check_writable(root: Path, where: str, target: Target, rel: str) -> str:
+    """`rel`'s full path if mlbuild may write it; a pipeline error naming it otherwise."""
+    try:
+        return writable_path(root, rel)
+    except OutsideProject as exc:
+        raise PipelineError(where, str(exc), f"targets.{target.name}.outputs") from None
+
+
+def _delete(full: str) -> None:
+    if os.path.isdir(full) and not os.path.islink(full):
+        import shutil  # only when something is rebuilt; see the executor import
+
+        shutil.rmtree(full)
+    else:
+        os.unlink(full)
 
 
 class Build:
@@ -117,8 +161,9 @@ class Build:
         self._executor: Executor | None = None
         self._cache: Cache | None = None
         self._remote: RemoteCache | None = None  # opened on the first stale target
-        # Per running step: its observation before it started, and why it runs.
-        self._running: dict[str, tuple[Observation, Decision]] = {}
+        # Per running step: its observation before it started, why it runs, and the
+        # stats its input digests were taken from.
+        self._running: dict[str, tuple[Observation, Decision, StatMap]] = {}
         self.made_dirs: set[Path] = set()  # output parents created in this build
 
     def run(self) -> BuildResult:
@@ -227,15 +272,62 @@ class Build:
             if not self._restore(target, now, decision):
                 self._not_run(name, "not in the cache")
             return False
+        where = self.graph.pipeline.display_file
+        for port in target.outputs:
+            check_writable(self.root, where, target, port.path)
+        if not target.persist:
+            known = before.outputs if before is not None else {}
+            self._clear(target, now.fingerprint.outputs, known)
         if name in self.manifests:
             self.store.forget([name])
             del self.manifests[name]
-        if not target.persist:
-            remove_outputs(self.root, target)
         if self._restore(target, now, decision):
             return False
-        self._running[name] = (now, decision)
+        self._running[name] = (now, decision, self._input_stats(target, now))
         return True
+
+    def _clear(self, target: Target, current: Mapping[str, str], known: Mapping[str, str]) -> None:
+        where = self.graph.pipeline.display_file
+        for path, dest in clear_outputs(self.root, where, target, current, known):
+            self.reporter.warn(
+                f"`{target.name}`: '{path}' was not made by mlbuild (or changed since it was);"
+                f" moved it to {dest}"
+            )
+
+    def _input_stats(self, target: Target, now: Observation) -> dict[str, StatEntry | None]:
+        """The stat entries the input and code digests were taken from, file by file.
+
+        Compared again when the step ends: an input written while the step ran
+        has another stat even if its bytes were later put back.
+        """
+        stats = self.fp.stats
+        taken: dict[str, StatEntry | None] = {}
+        for path, digest in (*now.fingerprint.inputs.items(), *now.fingerprint.code.items()):
+            if digest.startswith("dir:"):
+                for name, _ in now.listings.get(digest, ()):
+                    taken[f"{path}/{name}"] = stats.get(f"{path}/{name}")
+            else:
+                taken[path] = stats.get(path)
+        return taken
+
+    def _changed_input(self, target: Target, before: Observation, taken: StatMap) -> str | None:
+        """An input (or code file) that changed since the step started, or None."""
+        prefix = str(self.root) + os.sep
+        for rel, entry in taken.items():
+            if entry is None:
+                continue
+            try:
+                st = os.stat(prefix + rel)
+            except OSError:
+                return rel
+            if not entry.same_file(st):
+                return rel
+        listings: dict[str, tuple[tuple[str, str], ...]] = {}
+        now = observe_paths(self.fp, expand_inputs(target, str(self.root)), listings)
+        for path, digest in now.items():
+            if before.fingerprint.inputs.get(path) != digest:
+                return path
+        return next((p for p in before.fingerprint.inputs if p not in now), None)
 
     def _observe(self, target: Target) -> Observation:
         try:
@@ -261,7 +353,7 @@ class Build:
     def _complete(self, name: str, result: ExecResult) -> None:
         """A step exited: check its outputs, record it, store its outputs in the cache."""
         target = self.graph.targets[name]
-        before, decision = self._running.pop(name)
+        before, decision, taken = self._running.pop(name)
         failure = self._check(target, result)
         if failure is not None:
             self._finish(
@@ -270,9 +362,21 @@ class Build:
             self.reporter.failed(failure, result.duration)
             self.stopped = self.stopped or not self.options.keep_going
             return
-        done = self._record(target, before, result.duration)
+        changed = self._changed_input(target, before, taken)
         self._finish(TargetResult(name, Outcome.RAN, decision.reasons, result.duration))
         self.reporter.finished(name, result.duration)
+        if changed is not None:
+            # As Bazel's "file modified during build": the outputs may come from
+            # either version, so they are not cached or shared, and the manifest
+            # records the input as changed: the outputs are known to be mlbuild's,
+            # and the next run redoes the step ("input changed: PATH").
+            self.reporter.warn(
+                f"`{name}`: input '{changed}' changed while the step ran; its outputs are"
+                " kept but not cached, and the next run redoes the step"
+            )
+            self._record(target, _poisoned(before, changed), result.duration)
+            return
+        done = self._record(target, before, result.duration)
         self._store_outputs(target, done, result.duration)
 
     def _check(self, target: Target, result: ExecResult) -> Failure | None:
@@ -325,7 +429,11 @@ class Build:
         except (CacheError, OSError) as exc:
             self.reporter.warn(f"cache entry of `{target.name}` not used: {exc}; running it")
             self.cache.drop(key)
-            remove_outputs(self.root, target)
+            listings: dict[str, tuple[tuple[str, str], ...]] = {}
+            paths = [p.path for p in target.outputs]
+            current = observe_paths(self.fp, paths, listings)
+            known = {path: out["fingerprint"] for path, out in entry.outputs.items()}
+            self._clear(target, current, known)
             return False
         fingerprint = now.fingerprint._replace(outputs=outputs)
         self.store.record(
@@ -426,6 +534,19 @@ class Build:
     def _finish(self, result: TargetResult) -> None:
         self.outcomes[result.name] = result.outcome
         self.results.append(result)
+
+
+def _poisoned(observed: Observation, changed: str) -> Observation:
+    """`observed` with the input or code file holding `changed` marked as never matching."""
+    fp = observed.fingerprint
+    for path in fp.inputs:
+        if changed == path or changed.startswith(path + "/"):
+            inputs = {**fp.inputs, path: CHANGED_DURING_STEP}
+            return observed._replace(fingerprint=fp._replace(inputs=inputs))
+    if changed in fp.code:
+        code = {**fp.code, changed: CHANGED_DURING_STEP}
+        return observed._replace(fingerprint=fp._replace(code=code))
+    return observed
 
 
 def _command(target: Target) -> str:
