@@ -32,7 +32,7 @@ from mlbuild.report import PlainReporter
 from mlbuild.results import BuildOptions, BuildPlan, CliReporter, Outcome, Reporter
 from mlbuild.runner import check_writable, clear_outputs, run_build
 from mlbuild.store import Store, open_existing_store, open_store
-from mlbuild.workspace import cache_dir, empty_trash
+from mlbuild.workspace import cache_dir, empty_trash, forget_made, load_made
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -571,8 +571,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
             stored = manifests.get(name)
             before = Fingerprint.from_json(stored.data) if stored is not None else None
             current = observe_paths(fp, paths, {})
-            known = before.outputs if before is not None else {}
+            known = before.outputs if before is not None else load_made(root, name)
             store.forget([name])
+            forget_made(root, name)
             moved = dict(clear_outputs(root, pipeline.display_file, target, current, known))
             for path in paths:
                 if path in moved:

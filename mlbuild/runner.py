@@ -46,7 +46,14 @@ from mlbuild.staleness import (
     observe_paths,
 )
 from mlbuild.store import RunRow, Store
-from mlbuild.workspace import OutsideProject, move_aside, writable_path
+from mlbuild.workspace import (
+    OutsideProject,
+    forget_made,
+    load_made,
+    move_aside,
+    save_made,
+    writable_path,
+)
 
 if TYPE_CHECKING:
     # The executor and the cache (subprocess, shutil, tempfile with them) are
@@ -233,7 +240,15 @@ class Build:
         """Stop running steps (Ctrl-C, SIGTERM); they leave no manifest and rerun next time."""
         assert self._executor is not None
         for name in self._executor.stop_all():
+            self._remember_made(self.graph.targets[name])
             self._finish(TargetResult(name, Outcome.NOT_RUN, ("interrupted",)))
+
+    def _remember_made(self, target: Target) -> None:
+        """What an unrecorded step left in its outputs is mlbuild's: the next run may delete it."""
+        made = observe_paths(self.fp, [p.path for p in target.outputs], {})
+        left = {path: digest for path, digest in made.items() if not digest.startswith("missing:")}
+        if left:
+            save_made(self.root, target.name, left)
 
     def _visit(self, name: str, forced: bool) -> bool:
         """Decide one target whose dependencies are done; True if its step must run."""
@@ -276,7 +291,7 @@ class Build:
         for port in target.outputs:
             check_writable(self.root, where, target, port.path)
         if not target.persist:
-            known = before.outputs if before is not None else {}
+            known = before.outputs if before is not None else load_made(self.root, name)
             self._clear(target, now.fingerprint.outputs, known)
         if name in self.manifests:
             self.store.forget([name])
@@ -356,6 +371,7 @@ class Build:
         before, decision, taken = self._running.pop(name)
         failure = self._check(target, result)
         if failure is not None:
+            self._remember_made(target)
             self._finish(
                 TargetResult(name, Outcome.FAILED, decision.reasons, result.duration, failure)
             )
@@ -403,6 +419,7 @@ class Build:
         self.store.record(
             target.name, fingerprint.to_json(), duration, self.fp.take_updates(), listings
         )
+        forget_made(self.root, target.name)
         return Observation(fingerprint, listings, before_run.imported_by)
 
     def _cacheable(self, target: Target) -> bool:
@@ -439,6 +456,7 @@ class Build:
         self.store.record(
             target.name, fingerprint.to_json(), entry.duration, self.fp.take_updates(), now.listings
         )
+        forget_made(self.root, target.name)
         duration = time.perf_counter() - start
         self._finish(TargetResult(target.name, Outcome.RESTORED, decision.reasons, duration))
         self.reporter.restored(target.name, duration, entry.created, source=source)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from mlbuild.config import STATE_DIR
@@ -71,6 +72,40 @@ def short_name(name: str) -> str:
 def log_path(root: Path, target: str) -> Path:
     """The log of `target`'s last step: `.mlbuild/logs/<short name>.log`."""
     return root / STATE_DIR / "logs" / f"{short_name(target)}.log"
+
+
+def made_path(root: Path, target: str) -> Path:
+    """Digests of the outputs a failed or interrupted step left: mlbuild's own, deletable."""
+    return root / STATE_DIR / "made" / f"{short_name(target)}.json"
+
+
+def save_made(root: Path, target: str, outputs: Mapping[str, str]) -> None:
+    """Remember `outputs` (path -> digest text) as made by `target`'s unrecorded step."""
+    import json
+
+    path = made_path(root, target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"target": target, "outputs": dict(outputs)}))
+    os.replace(tmp, path)
+
+
+def load_made(root: Path, target: str) -> dict[str, str]:
+    """What `save_made` remembered for `target` (empty if nothing, or unreadable)."""
+    import json
+
+    try:
+        data = json.loads(made_path(root, target).read_text())
+    except (OSError, ValueError):
+        return {}
+    outputs = data.get("outputs") if isinstance(data, dict) else None
+    if data.get("target") != target or not isinstance(outputs, dict):
+        return {}
+    return {k: v for k, v in outputs.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def forget_made(root: Path, target: str) -> None:
+    made_path(root, target).unlink(missing_ok=True)
 
 
 def writable_path(root: Path, rel: str) -> str:

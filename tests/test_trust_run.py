@@ -219,3 +219,27 @@ def test_gc_rejects_negative_limits_and_empties_old_trash(project: Project) -> N
     assert "emptied 1 trash folders" in result.out
     assert _trash(project.root) == []
     assert project.read("a.txt") == "a\n"
+
+
+def test_what_a_failed_step_left_is_mlbuilds_to_replace(project: Project) -> None:
+    project.pipeline(
+        """
+        [params]
+        ok = 0
+        [targets.flaky]
+        outputs = ["out.txt"]
+        params = ["ok"]
+        cmd = "echo partial > {outputs}; test {params.ok} = 1 && echo done > {outputs}"
+        """
+    )
+    assert project.run().code == 1
+    assert project.read("out.txt") == "partial\n"  # left for the user to look at
+    result = project.run("run", "--set", "ok=1")
+    assert result.code == 0 and "moved" not in result.err, result
+    assert project.read("out.txt") == "done\n"
+    assert _trash(project.root) == []
+    assert project.run("run", "--set", "ok=0").code == 1
+    project.write("out.txt", "edited after the failure\n")
+    result = project.run("run", "--set", "ok=1")
+    assert "moved it to .mlbuild/trash/" in result.err
+    assert [p.read_text() for p in _trash(project.root)] == ["edited after the failure\n"]
