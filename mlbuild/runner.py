@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
-from mlbuild.config import STATE_DIR, Target
+from mlbuild.config import STATE_DIR, Target, missing_hint
 from mlbuild.errors import PipelineError
 from mlbuild.fingerprint import Fingerprinter, expand_port
 from mlbuild.graph import Graph
@@ -61,7 +61,7 @@ def check_sources(graph: Graph, selected: Sequence[str]) -> None:
             if port.is_glob and not expand_port(port, str(root)):
                 problem = "matches no file and no target writes one"
             elif not port.is_glob and not os.path.lexists(prefix + port.path):
-                problem = "does not exist and no target writes it"
+                problem = "does not exist and no target writes it" + missing_hint(root, port.path)
             else:
                 continue
             raise PipelineError(graph.pipeline.display_file, f"'{port.path}' {problem}", key)
