@@ -1,19 +1,21 @@
 """The target graph: edges from paths, cycle and overlap checks, order and selection.
 
-A target that reads a path another target writes depends on it. "Reads" covers
-three shapes: the same path, a path inside an output directory, and an input
-directory that contains an output. A glob input depends on every target whose
-output it can match, or match something inside (an output may be a
-directory): outputs are indexed as a tree of path components, so a glob visits
-only the part of the tree below its literal prefix.
+A target that reads a path another target writes depends on it. "Reads"
+covers three shapes: the same path, a path inside an output directory, and an
+input directory that contains an output. A glob input depends on every target
+whose output it can match, or match something inside (an output may be a
+directory). Outputs are indexed as a tree of path components, so a glob
+visits only the part of the tree below its literal prefix.
 
-An output must not destroy what the pipeline stands on: the pipeline file, a
-Python target's module, or a file some target reads that no target writes.
+An output must not destroy what the pipeline stands on. The pipeline file and
+a Python target's module are refused here. A file some target reads inside
+another target's output directory may be made by that target (a model's
+weights) or be the user's data (`outputs = ["data"]` around `data/raw.csv`):
+only the disk and mlbuild's records tell, so `check_kept_sources` decides
+when the target is about to run.
 
 Building the graph touches the disk only to resolve a Python module that an
-output would cover. `check_outputs_inside` is the one check that needs the
-disk for every output (symlinked directories); the runner applies it to the
-targets it is about to run or restore, so a no-op build never pays for it.
+output would cover.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from typing import NamedTuple
 
 from mlbuild.config import Pipeline, Port, Target, did_you_mean
 from mlbuild.errors import PipelineError, UsageError
-from mlbuild.workspace import OutsideProject, writable_path
 
 
 def _ancestors(path: str) -> Iterable[str]:
@@ -76,6 +77,14 @@ class OutputNode:
             stack.extend(node.children.values())
 
 
+class Held(NamedTuple):
+    """A path some target reads that lies inside another target's output, and no target writes."""
+
+    output: str  # the output directory around it
+    path: str
+    reader: str  # the target reading it
+
+
 class Graph(NamedTuple):
     """Dependencies between the targets of one pipeline, in a stable topological order."""
 
@@ -85,6 +94,7 @@ class Graph(NamedTuple):
     producers: Mapping[str, str]  # output path -> target writing it
     below: Mapping[str, set[str]]  # directory -> targets writing something inside it
     tree: OutputNode  # the output paths by component, for glob inputs
+    held: Mapping[str, tuple[Held, ...]]  # writer -> read paths inside its outputs
 
     @property
     def targets(self) -> Mapping[str, Target]:
@@ -297,71 +307,76 @@ def build_graph(pipeline: Pipeline) -> Graph:
             needs.add(other)
         deps[target.name] = tuple(n for n in names if n in needs)
     order = _topological_order(names, deps, shown)
-    return Graph(pipeline, deps, order, producers, below, tree)
+    held = _held_paths(pipeline, producers)
+    return Graph(pipeline, deps, order, producers, below, tree, held)
 
 
 def _check_nothing_destroyed(pipeline: Pipeline, producers: Mapping[str, str]) -> None:
-    """No output is or contains the pipeline file, a Python target's module, or a source.
-
-    A source is a path some target reads that no target writes: an output
-    around it would delete it before its step runs. Each check is a lookup per
-    input or module, not a scan of all outputs.
-    """
+    """No output is or contains the pipeline file or a Python target's module."""
     shown = pipeline.display_file
 
     def fail(output: str, what: str) -> PipelineError:
         key = f"targets.{producers[output]}.outputs"
         return PipelineError(shown, f"'{output}' would overwrite {what}", key)
 
-    def covering(path: str) -> str | None:
-        """The output that is `path` or a directory around it, if any."""
-        if path in producers:
-            return path
-        return next((a for a in _ancestors(path) if a in producers), None)
-
     own = pipeline.file.name
     if own in producers:
         raise fail(own, "the pipeline file")
     for target in pipeline.targets.values():
-        if target.python is not None:
-            module = target.python.partition(":")[0]
-            rel = module.replace(".", "/")
-            candidates = (rel + "/__init__.py", rel + ".py")
-            if any(covering(c) for c in candidates):
-                # Resolve on disk as the import will (a package before a module);
-                # a module not yet written counts as `rel.py`.
-                root = pipeline.root
-                path = next((c for c in candidates if os.path.lexists(root / c)), rel + ".py")
-                output = covering(path)
-                if output is not None:
-                    what = f"'{path}', the module of Python target '{target.name}'"
-                    raise fail(output, what)
+        if target.python is None:
+            continue
+        rel = target.python.partition(":")[0].replace(".", "/")
+        candidates = (rel + "/__init__.py", rel + ".py")
+        if any(_covering(c, producers) for c in candidates):
+            # Resolve on disk as the import will (a package before a module); a
+            # module not written yet counts as `rel.py`.
+            root = pipeline.root
+            path = next((c for c in candidates if os.path.lexists(root / c)), rel + ".py")
+            output = _covering(path, producers)
+            if output is not None:
+                raise fail(output, f"'{path}', the module of Python target '{target.name}'")
+
+
+def _covering(path: str, producers: Mapping[str, str]) -> str | None:
+    """The output that is `path` or a directory around it, if any."""
+    if path in producers:
+        return path
+    return next((a for a in _ancestors(path) if a in producers), None)
+
+
+def _held_paths(pipeline: Pipeline, producers: Mapping[str, str]) -> dict[str, tuple[Held, ...]]:
+    """Writer -> the paths other targets read inside its outputs that no target writes."""
+    held: dict[str, list[Held]] = {}
+    for target in pipeline.targets.values():
         for port in target.inputs:
             if port.is_glob or port.path in producers:
                 continue
-            output = covering(port.path)
-            if output is not None:
-                raise fail(
-                    output,
-                    f"'{port.path}', which target '{target.name}' reads and no target writes"
-                    f" (if '{producers[output]}' makes it, list that file in its outputs"
-                    f" instead of '{output}')",
-                )
+            output = _covering(port.path, producers)
+            if output is not None and producers[output] != target.name:
+                held.setdefault(producers[output], []).append(Held(output, port.path, target.name))
+    return {writer: tuple(paths) for writer, paths in held.items()}
 
 
-def check_outputs_inside(pipeline: Pipeline, target: Target) -> None:
-    """Every output of `target` stays in the project: no parent is a symlink leading out.
+def check_kept_sources(graph: Graph, target: Target, known: Mapping[str, str]) -> None:
+    """Refuse to replace an output mlbuild never made that holds a file another target reads.
 
-    Costs a realpath per output, so the runner calls it only for targets it is
-    about to run or restore, before anything is written or deleted.
+    Called when `target` is about to run or be restored, before its outputs
+    are cleared. `known` maps the outputs mlbuild made (its last manifest or
+    what it recorded of a failed step) to their digests. An output directory
+    mlbuild has no record of, holding a path another target reads and no
+    target writes, is the user's (`outputs = ["data"]` around `data/raw.csv`):
+    replacing it would take that file away from its reader.
     """
-    for port in target.outputs:
-        try:
-            writable_path(pipeline.root, port.path)
-        except OutsideProject as exc:
+    root = graph.pipeline.root
+    for held in graph.held.get(target.name, ()):
+        if held.output not in known and os.path.lexists(root / held.path):
             raise PipelineError(
-                pipeline.display_file, str(exc), f"targets.{target.name}.outputs"
-            ) from None
+                graph.pipeline.display_file,
+                f"'{held.output}' would overwrite '{held.path}', which target"
+                f" '{held.reader}' reads and no target writes (if '{target.name}' makes"
+                f" it, list that file in its outputs instead of '{held.output}')",
+                f"targets.{target.name}.outputs",
+            )
 
 
 def _port_key(target: Target, port: Port) -> str:

@@ -178,8 +178,7 @@ def _ports(ref: Ref, ports: Sequence[Port]) -> Sequence[Port]:
 
 
 def _param_name(ref: Ref, params: Mapping[str, Any]) -> str:
-    if ref.item is None:
-        raise TemplateError(f"{ref.text}: name the parameter, as in {{params.NAME}}")
+    assert ref.item is not None  # `{params}` is refused by parse_template
     if ref.item not in params:
         raise TemplateError(
             f"{ref.text}: the target does not read parameter '{ref.item}'"
@@ -344,6 +343,8 @@ class _Scanner:
             if item is not None and hint:
                 raise TemplateError(f"{ref}: unknown placeholder" + hint)
             return i + 1  # someone else's braces: `{a,b}`, `{print}`
+        if kind == "params" and item is None:
+            raise TemplateError(f"{ref}: name the parameter, as in {{params.NAME}}")
         if item == "":
             raise TemplateError(
                 f"{ref}: a name or position must follow '{kind}.'"
@@ -352,7 +353,7 @@ class _Scanner:
         if context in ("'", '"'):
             quote = "single" if context == "'" else "double"
             raise TemplateError(
-                f"{ref} is inside {quote} quotes; mlbuild quotes every value itself:"
+                f"{ref} is inside {quote} quotes: mlbuild quotes every value itself;"
                 f" remove the quotes around {ref}"
             )
         start = i == 0 or text[i - 1] in _WORD_BREAKS

@@ -26,7 +26,7 @@ from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package
 from mlbuild.config import STATE_DIR, Target, missing_hint
 from mlbuild.errors import PipelineError
 from mlbuild.fingerprint import Fingerprinter, expand_port
-from mlbuild.graph import Graph
+from mlbuild.graph import Graph, check_kept_sources
 from mlbuild.results import (
     BuildOptions,
     BuildResult,
@@ -223,6 +223,7 @@ class Build:
             self._finish(TargetResult(name, Outcome.SKIPPED, duration=cost))
             self.reporter.skipped(name, decision)
             return False
+        check_kept_sources(self.graph, target, before.outputs if before is not None else {})
         if self.options.restore_only:  # `mlbuild pull`: restore or leave alone, never run
             if not self._restore(target, now, decision):
                 self._not_run(name, "not in the cache")
