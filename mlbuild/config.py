@@ -8,10 +8,9 @@ the CLI can print it as one line.
 from __future__ import annotations
 
 import difflib
-import json
+import os
 import posixpath
 import re
-import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -20,6 +19,8 @@ from typing import Any, NamedTuple
 import tomli
 
 from mlbuild.errors import PipelineError, UsageError
+from mlbuild.interpolate import TemplateError, check_refs, fill, parse_template
+from mlbuild.interpolate import render_value as render_value  # where executor.py finds it
 
 # Default for mapping fields of the value types here: shared, so read-only.
 EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -52,11 +53,6 @@ _TARGET_KEYS = (
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _PORT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PYTHON_REF_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-# `{inputs}`, `{inputs.NAME}`, `{inputs.0}`, `{params.NAME}`. Any other brace is left
-# to the shell (`${HOME}`, `{a,b}`, awk's `{print $1}`), so commands need no escaping;
-# `{input.x}` and similar near-misses are reported instead of passed through.
-_PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_]\w*)(?:\.([\w.-]*))?\}")
-_PLACEHOLDER_KINDS = ("inputs", "outputs", "params")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -98,7 +94,9 @@ class Target(NamedTuple):
 
     name: str
     cmd: str | None  # the command template as written
-    command: str | None  # the command after interpolation, run under /bin/sh -c
+    # The command as shown to the user: placeholders filled, glob inputs as their
+    # pattern. What runs is interpolate.render_command, globs expanded at the start.
+    command: str | None
     python: str | None  # "module.path:function"
     inputs: tuple[Port, ...]
     outputs: tuple[Port, ...]
@@ -172,6 +170,56 @@ def did_you_mean(word: str, choices: Sequence[str]) -> str:
     """A ` (did you mean 'x'?)` suffix, or "" when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def missing_hint(root: Path, rel: str) -> str:
+    """A hint for a path that does not exist, when one differing only in case or Unicode does.
+
+    Returns " (a file 'cafe\\u0301.txt' exists with a different Unicode normalization)"
+    or " (did you mean 'Data.csv'? names are case-sensitive)", else "". Names are
+    compared component by component, listing only the directories on the way.
+    """
+    import unicodedata  # only when something is missing
+
+    def fold(name: str, casefold: bool) -> str:
+        name = unicodedata.normalize("NFC", name)
+        return name.casefold() if casefold else name
+
+    found: list[str] = []
+    case_differs = form_differs = False
+    folder = str(root)
+    for part in rel.split("/"):
+        path = os.path.join(folder, part)
+        if not os.path.lexists(path):
+            try:
+                names = os.listdir(folder)
+            except OSError:
+                return ""
+            same = [n for n in names if fold(n, False) == fold(part, False)]
+            if same:
+                form_differs = True
+            else:
+                same = [n for n in names if fold(n, True) == fold(part, True)]
+                if not same:
+                    return ""
+                case_differs = True
+            part = sorted(same)[0]
+            path = os.path.join(folder, part)
+        found.append(part)
+        folder = path
+    if not (case_differs or form_differs):
+        return ""
+    shown = "/".join(found)
+    if case_differs:
+        return f" (did you mean {_visible(shown)}? names are case-sensitive)"
+    return f" (a file {_visible(shown)} exists with a different Unicode normalization)"
+
+
+def _visible(name: str) -> str:
+    """A name quoted with non-ASCII characters escaped, so that invisible differences show."""
+    if name.isascii():
+        return f"'{name}'"
+    return "'" + name.encode("ascii", "backslashreplace").decode("ascii") + "'"
 
 
 def parse_value(raw: str) -> Any:
@@ -355,7 +403,12 @@ class _Loader:
         target_params = self._params(where, raw.get("params"), params, overrides)
         command = None
         if cmd is not None:
-            command = self._interpolate(f"{where}.cmd", cmd, inputs, outputs, target_params)
+            try:
+                pieces = parse_template(cmd)
+                check_refs(pieces, inputs, outputs, target_params)
+            except TemplateError as exc:
+                raise self.fail(f"{where}.cmd", str(exc)) from None
+            command = fill(pieces, inputs, outputs, target_params)
         target = Target(
             name=name,
             cmd=cmd,
@@ -415,6 +468,8 @@ class _Loader:
 
     def _project_path(self, key: str, value: str) -> str:
         """Normalize a path and refuse one that leaves the project or touches .mlbuild."""
+        if "\0" in value:
+            raise self.fail(key, f"{value!r} contains a NUL character")
         if posixpath.isabs(value) or re.match(r"[A-Za-z]:[\\/]", value):
             raise self.fail(key, f"{value!r} is absolute; paths are relative to the project")
         path = posixpath.normpath(value.replace("\\", "/"))
@@ -432,7 +487,10 @@ class _Loader:
         if raw is None:
             return {}
         if isinstance(raw, dict):
-            return {**raw, **overrides}
+            local = {**raw, **overrides}
+            for pname, value in local.items():
+                self._carriable(f"{where}.params.{pname}", value)
+            return local
         if isinstance(raw, list):
             chosen: dict[str, Any] = {}
             for pname in raw:
@@ -443,9 +501,15 @@ class _Loader:
                         f"{where}.params",
                         f"unknown parameter '{pname}'" + did_you_mean(pname, list(params)),
                     )
-                chosen[pname] = params[pname]
+                chosen[pname] = self._carriable(f"params.{pname}", params[pname])
             return chosen
         raise self.fail(f"{where}.params", "a table of local values or a list of global names")
+
+    def _carriable(self, key: str, value: Any) -> Any:
+        """A value a step can receive: no argv or environment entry can hold a NUL byte."""
+        if isinstance(value, str) and "\0" in value:
+            raise self.fail(key, "contains a NUL character, which a command line cannot carry")
+        return value
 
     def _strings(self, key: str, raw: Any) -> tuple[str, ...]:
         if isinstance(raw, str):
@@ -500,51 +564,6 @@ class _Loader:
             raise self.fail(key, "must be true or false")
         return raw
 
-    def _interpolate(
-        self,
-        key: str,
-        template: str,
-        inputs: tuple[Port, ...],
-        outputs: tuple[Port, ...],
-        params: Mapping[str, Any],
-    ) -> str:
-        """Fill `{inputs.x}` and friends; paths and values are shell-quoted.
-
-        Glob inputs are left unquoted so that /bin/sh expands them.
-        """
-
-        def port_text(port: Port) -> str:
-            return port.path if port.is_glob else shlex.quote(port.path)
-
-        def replace(match: re.Match[str]) -> str:
-            kind, item = match.group(1), match.group(2)
-            ref = match.group(0)
-            if kind not in _PLACEHOLDER_KINDS:
-                hint = did_you_mean(kind, _PLACEHOLDER_KINDS)
-                if item is not None and hint:
-                    raise self.fail(key, f"{ref}: unknown placeholder" + hint)
-                return ref
-            if kind in ("inputs", "outputs"):
-                ports = inputs if kind == "inputs" else outputs
-                if not item:
-                    return " ".join(port_text(p) for p in ports)
-                if item.isdigit() and int(item) < len(ports):
-                    return port_text(ports[int(item)])
-                for port in ports:
-                    if port.name == item:
-                        return port_text(port)
-                names = [p.name for p in ports if p.name]
-                raise self.fail(key, f"{ref}: no such {kind[:-1]}" + did_you_mean(item, names))
-            if not item or item not in params:
-                raise self.fail(
-                    key,
-                    f"{ref}: the target does not read parameter '{item}'"
-                    + did_you_mean(item or "", list(params)),
-                )
-            return shlex.quote(render_value(params[item]))
-
-        return _PLACEHOLDER_RE.sub(replace, template)
-
 
 def parse_size(text: str) -> int:
     """`10GB`, `500M`, `1.5GiB`, `2048` to bytes (decimal units, binary with `i`)."""
@@ -568,14 +587,3 @@ def parse_size(text: str) -> int:
         return int(float(number) * units[unit])
     except ValueError:
         raise ValueError(f"not a size: {text!r}") from None
-
-
-def render_value(value: Any) -> str:
-    """A parameter as a step sees it in its command line and environment."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(value, sort_keys=True, default=str)

@@ -29,6 +29,7 @@ from typing import IO, Protocol
 
 from mlbuild.config import STATE_DIR, Target, render_value
 from mlbuild.fingerprint import expand_port
+from mlbuild.interpolate import render_command
 
 TERM_GRACE_SECONDS = 5.0
 _TAIL_LINES = 15
@@ -96,7 +97,7 @@ def step_environment(target: Target, base: dict[str, str] | None = None) -> dict
 def step_argv(target: Target, root: Path, timing: Path) -> list[str]:
     """The process a target runs: `/bin/sh -c COMMAND` or the Python worker."""
     if target.command is not None:
-        return ["/bin/sh", "-c", target.command]
+        return ["/bin/sh", "-c", render_command(target, root)]
     return [sys.executable, "-m", "mlbuild.worker", worker_call(target, root, timing)]
 
 

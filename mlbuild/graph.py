@@ -1,16 +1,29 @@
 """The target graph: edges from paths, cycle and overlap checks, order and selection.
 
-A target that reads a path another target writes depends on it. "Reads" covers
-three shapes: the same path, a path inside an output directory, and an input
-directory that contains an output. Glob inputs depend on every output they
-match. Nothing here touches the disk.
+A target that reads a path another target writes depends on it. "Reads"
+covers three shapes: the same path, a path inside an output directory, and an
+input directory that contains an output. A glob input depends on every target
+whose output it can match, or match something inside (an output may be a
+directory). Outputs are indexed as a tree of path components, so a glob
+visits only the part of the tree below its literal prefix.
+
+An output must not destroy what the pipeline stands on. The pipeline file and
+a Python target's module are refused here. A file some target reads inside
+another target's output directory may be made by that target (a model's
+weights) or be the user's data (`outputs = ["data"]` around `data/raw.csv`):
+only the disk and mlbuild's records tell, so `check_kept_sources` decides
+when the target is about to run.
+
+Building the graph touches the disk only to resolve a Python module that an
+output would cover.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
 import posixpath
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 from mlbuild.config import Pipeline, Port, Target, did_you_mean
@@ -36,6 +49,42 @@ def _glob_base(pattern: str) -> str:
     return "/".join(parts)
 
 
+class OutputNode:
+    """A directory or an output in the tree of declared outputs (one per path component)."""
+
+    __slots__ = ("children", "producer")
+
+    def __init__(self) -> None:
+        self.children: dict[str, OutputNode] = {}
+        self.producer: str | None = None  # the target writing this path, if it is an output
+
+    def add(self, path: str, producer: str) -> None:
+        node = self
+        for part in path.split("/"):
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = OutputNode()
+            node = child
+        node.producer = producer
+
+    def producers(self) -> Iterator[str]:
+        """Every target writing this path or something below it."""
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            if node.producer is not None:
+                yield node.producer
+            stack.extend(node.children.values())
+
+
+class Held(NamedTuple):
+    """A path some target reads that lies inside another target's output, and no target writes."""
+
+    output: str  # the output directory around it
+    path: str
+    reader: str  # the target reading it
+
+
 class Graph(NamedTuple):
     """Dependencies between the targets of one pipeline, in a stable topological order."""
 
@@ -44,6 +93,8 @@ class Graph(NamedTuple):
     order: tuple[str, ...]  # every target, dependencies first, ties in file order
     producers: Mapping[str, str]  # output path -> target writing it
     below: Mapping[str, set[str]]  # directory -> targets writing something inside it
+    tree: OutputNode  # the output paths by component, for glob inputs
+    held: Mapping[str, tuple[Held, ...]]  # writer -> read paths inside its outputs
 
     @property
     def targets(self) -> Mapping[str, Target]:
@@ -51,7 +102,7 @@ class Graph(NamedTuple):
 
     def producers_of(self, port: Port) -> set[str]:
         """Targets that write `port`'s path, a directory around it, or files inside it."""
-        return _producers_of(port, self.producers, self.below)
+        return _producers_of(port, self.producers, self.below, self.tree)
 
     def select(self, names: Iterable[str]) -> tuple[str, ...]:
         """The named targets and everything they need, in build order (all if none named)."""
@@ -116,17 +167,12 @@ def _outputs_below(producers: Mapping[str, str]) -> dict[str, set[str]]:
 
 
 def _producers_of(
-    port: Port, producers: Mapping[str, str], below: Mapping[str, set[str]]
+    port: Port, producers: Mapping[str, str], below: Mapping[str, set[str]], tree: OutputNode
 ) -> set[str]:
-    found: set[str] = set()
     if port.is_glob:
-        base = _glob_base(port.path)
-        for path, name in producers.items():
-            if fnmatch.fnmatchcase(path, port.path) or (
-                base and (base == path or base.startswith(path + "/"))
-            ):
-                found.add(name)
-        return found
+        read, maybe = _glob_producers(port.path, tree)
+        return read | maybe
+    found: set[str] = set()
     if port.path in producers:
         found.add(producers[port.path])
     for parent in _ancestors(port.path):
@@ -136,10 +182,81 @@ def _producers_of(
     return found
 
 
+def _glob_producers(pattern: str, tree: OutputNode) -> tuple[set[str], set[str]]:
+    """Targets a glob input reads from: (surely, if their output is a directory).
+
+    The first set holds producers of outputs the pattern matches, or that lie
+    inside a directory it matches (glob returns the directory; it is hashed
+    whole). The second holds producers of outputs the pattern could match
+    something inside of, if the output is a directory (`data/*/*.csv` and
+    an output `data/raw`). Matching follows glob.glob(recursive=True): `*`
+    stays within a name, `**` spans directories, neither matches a hidden name.
+    """
+    parts = tuple(pattern.split("/"))
+    read: set[str] = set()
+    maybe: set[str] = set()
+    stack = [(tree, _closure(parts, frozenset((0,))))]
+    while stack:
+        node, states = stack.pop()
+        if len(parts) in states:
+            read.update(node.producers())
+            continue
+        if node.producer is not None:
+            maybe.add(node.producer)  # outputs do not nest: nothing more below
+            continue
+        pending = [parts[i] for i in states]
+        if all(not _has_magic(part) for part in pending):
+            # Only literal names can come next: look them up instead of listing children.
+            for i in states:
+                child = node.children.get(parts[i])
+                if child is not None:
+                    stack.append((child, _closure(parts, frozenset((i + 1,)))))
+            continue
+        for name, child in node.children.items():
+            after = _step(parts, states, name)
+            if after:
+                stack.append((child, after))
+    return read, maybe
+
+
+def _has_magic(part: str) -> bool:
+    return "*" in part or "?" in part or "[" in part
+
+
+def _closure(parts: tuple[str, ...], states: frozenset[int]) -> frozenset[int]:
+    """Add the states reached by letting each `**` match no directory at all."""
+    result = set(states)
+    for i in sorted(states):
+        while i < len(parts) and parts[i] == "**":
+            i += 1
+            result.add(i)
+    return frozenset(result)
+
+
+def _step(parts: tuple[str, ...], states: frozenset[int], name: str) -> frozenset[int]:
+    """The pattern positions reachable after one more path component, `name`."""
+    hidden = name.startswith(".")
+    after: set[int] = set()
+    for i in states:
+        if i == len(parts):
+            continue
+        part = parts[i]
+        if part == "**":
+            if not hidden:
+                after.add(i)  # `**` takes this name and may take more
+        elif not _has_magic(part):
+            if part == name:
+                after.add(i + 1)
+        elif (not hidden or part.startswith(".")) and fnmatch.fnmatchcase(name, part):
+            after.add(i + 1)
+    return _closure(parts, frozenset(after)) if after else frozenset()
+
+
 def build_graph(pipeline: Pipeline) -> Graph:
     """Derive edges from paths; reject shared outputs, self-reads, unknown `after` and cycles."""
     shown = pipeline.display_file
     producers: dict[str, str] = {}
+    tree = OutputNode()
     for target in pipeline.targets.values():
         for port in target.outputs:
             key = f"targets.{target.name}.outputs"
@@ -149,6 +266,7 @@ def build_graph(pipeline: Pipeline) -> Graph:
                     shown, f"'{port.path}' is also written by target '{other}'", key
                 )
             producers[port.path] = target.name
+            tree.add(port.path, target.name)
     below = _outputs_below(producers)
     for path, name in producers.items():
         for parent in _ancestors(path):
@@ -158,13 +276,20 @@ def build_graph(pipeline: Pipeline) -> Graph:
                     f"'{path}' is inside '{parent}', an output of target '{producers[parent]}'",
                     f"targets.{name}.outputs",
                 )
+    _check_nothing_destroyed(pipeline, producers)
 
     deps: dict[str, tuple[str, ...]] = {}
     names = list(pipeline.targets)
     for target in pipeline.targets.values():
         needs: set[str] = set()
         for port in target.inputs:
-            found = _producers_of(port, producers, below)
+            if port.is_glob:
+                found, maybe = _glob_producers(port.path, tree)
+                # An output of this very target the glob could only reach into if
+                # it were a directory is taken for a file: no self-read.
+                found |= maybe - {target.name}
+            else:
+                found = _producers_of(port, producers, below, tree)
             if target.name in found:
                 raise PipelineError(
                     shown,
@@ -182,7 +307,76 @@ def build_graph(pipeline: Pipeline) -> Graph:
             needs.add(other)
         deps[target.name] = tuple(n for n in names if n in needs)
     order = _topological_order(names, deps, shown)
-    return Graph(pipeline=pipeline, deps=deps, order=order, producers=producers, below=below)
+    held = _held_paths(pipeline, producers)
+    return Graph(pipeline, deps, order, producers, below, tree, held)
+
+
+def _check_nothing_destroyed(pipeline: Pipeline, producers: Mapping[str, str]) -> None:
+    """No output is or contains the pipeline file or a Python target's module."""
+    shown = pipeline.display_file
+
+    def fail(output: str, what: str) -> PipelineError:
+        key = f"targets.{producers[output]}.outputs"
+        return PipelineError(shown, f"'{output}' would overwrite {what}", key)
+
+    own = pipeline.file.name
+    if own in producers:
+        raise fail(own, "the pipeline file")
+    for target in pipeline.targets.values():
+        if target.python is None:
+            continue
+        rel = target.python.partition(":")[0].replace(".", "/")
+        candidates = (rel + "/__init__.py", rel + ".py")
+        if any(_covering(c, producers) for c in candidates):
+            # Resolve on disk as the import will (a package before a module); a
+            # module not written yet counts as `rel.py`.
+            root = pipeline.root
+            path = next((c for c in candidates if os.path.lexists(root / c)), rel + ".py")
+            output = _covering(path, producers)
+            if output is not None:
+                raise fail(output, f"'{path}', the module of Python target '{target.name}'")
+
+
+def _covering(path: str, producers: Mapping[str, str]) -> str | None:
+    """The output that is `path` or a directory around it, if any."""
+    if path in producers:
+        return path
+    return next((a for a in _ancestors(path) if a in producers), None)
+
+
+def _held_paths(pipeline: Pipeline, producers: Mapping[str, str]) -> dict[str, tuple[Held, ...]]:
+    """Writer -> the paths other targets read inside its outputs that no target writes."""
+    held: dict[str, list[Held]] = {}
+    for target in pipeline.targets.values():
+        for port in target.inputs:
+            if port.is_glob or port.path in producers:
+                continue
+            output = _covering(port.path, producers)
+            if output is not None and producers[output] != target.name:
+                held.setdefault(producers[output], []).append(Held(output, port.path, target.name))
+    return {writer: tuple(paths) for writer, paths in held.items()}
+
+
+def check_kept_sources(graph: Graph, target: Target, known: Mapping[str, str]) -> None:
+    """Refuse to replace an output mlbuild never made that holds a file another target reads.
+
+    Called when `target` is about to run or be restored, before its outputs
+    are cleared. `known` maps the outputs mlbuild made (its last manifest or
+    what it recorded of a failed step) to their digests. An output directory
+    mlbuild has no record of, holding a path another target reads and no
+    target writes, is the user's (`outputs = ["data"]` around `data/raw.csv`):
+    replacing it would take that file away from its reader.
+    """
+    root = graph.pipeline.root
+    for held in graph.held.get(target.name, ()):
+        if held.output not in known and os.path.lexists(root / held.path):
+            raise PipelineError(
+                graph.pipeline.display_file,
+                f"'{held.output}' would overwrite '{held.path}', which target"
+                f" '{held.reader}' reads and no target writes (if '{target.name}' makes"
+                f" it, list that file in its outputs instead of '{held.output}')",
+                f"targets.{target.name}.outputs",
+            )
 
 
 def _port_key(target: Target, port: Port) -> str:

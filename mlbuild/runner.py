@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
-from mlbuild.config import STATE_DIR, Target
+from mlbuild.config import STATE_DIR, Target, missing_hint
 from mlbuild.errors import PipelineError
 from mlbuild.fingerprint import Fingerprinter, StatEntry, expand_port
-from mlbuild.graph import Graph
+from mlbuild.graph import Graph, check_kept_sources
 from mlbuild.results import (
     BuildOptions,
     BuildResult,
@@ -82,7 +82,7 @@ def check_sources(graph: Graph, selected: Sequence[str]) -> None:
             if port.is_glob and not expand_port(port, str(root)):
                 problem = "matches no file and no target writes one"
             elif not port.is_glob and not os.path.lexists(prefix + port.path):
-                problem = "does not exist and no target writes it"
+                problem = "does not exist and no target writes it" + missing_hint(root, port.path)
             else:
                 continue
             raise PipelineError(graph.pipeline.display_file, f"'{port.path}' {problem}", key)
@@ -283,6 +283,7 @@ class Build:
             self._finish(TargetResult(name, Outcome.SKIPPED, duration=cost))
             self.reporter.skipped(name, decision)
             return False
+        check_kept_sources(self.graph, target, before.outputs if before is not None else {})
         if self.options.restore_only:  # `mlbuild pull`: restore or leave alone, never run
             if not self._restore(target, now, decision):
                 self._not_run(name, "not in the cache")

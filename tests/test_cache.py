@@ -26,7 +26,7 @@ outputs = { norm = "build/norm.txt" }
 [targets.trainer]
 cmd = '''echo trainer >> ran.log; mkdir -p {outputs.model}/weights
 for i in $(seq {params.epochs}); do cat {inputs.data}; done > {outputs.model}/weights/w.txt
-echo "epochs {params.epochs}" > {outputs.model}/config.txt; date +%N > {outputs.history}'''
+echo epochs {params.epochs} > {outputs.model}/config.txt; date +%N > {outputs.history}'''
 inputs = { data = "build/norm.txt" }
 outputs = { model = "build/model", history = "build/history.txt" }
 params = ["epochs"]
