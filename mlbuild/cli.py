@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -28,10 +29,11 @@ from mlbuild.config import (
 from mlbuild.errors import Interrupted, MlbuildError, UsageError
 from mlbuild.graph import Graph, build_graph
 from mlbuild.lock import hold_workspace
-from mlbuild.report import PlainReporter
+from mlbuild.report import PlainReporter, silence_stdout, stdout_closed
 from mlbuild.results import BuildOptions, BuildPlan, CliReporter, Outcome, Reporter
 from mlbuild.runner import remove_outputs, run_build
 from mlbuild.store import Store, open_existing_store, open_store
+from mlbuild.workspace import log_path
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -436,6 +438,11 @@ def cmd_log(args: argparse.Namespace) -> int:
             text = render_runs(store.load_runs(args.n))
         else:
             text = render_target_runs(args.target, store.load_target_runs(args.target, args.n))
+            log = log_path(store.path.parent.parent, args.target)
+            if log.exists():
+                from mlbuild.config import display_path
+
+                text += f"output of its last step: {display_path(log)}\n"
     sys.stdout.write(text)
     return EXIT_OK
 
@@ -455,7 +462,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             )
             return EXIT_FAILED
         built_by = next(iter(store.load_target_runs(name, 1, ("ran", "restored"))), None)
-        log = store.path.parent / "logs" / f"{name}.log"
+        log = log_path(store.path.parent.parent, name)
         shown = Path(display_path(log)) if log.exists() else None
         render = manifest_json if args.json else render_manifest
         sys.stdout.write(render(name, stored, built_by, shown))
@@ -564,34 +571,60 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # handled like Ctrl-C (SIGINT)
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM is handled like Ctrl-C: stop the running steps, keep what finished."""
+    """SIGTERM and SIGHUP (a closed terminal) are handled like Ctrl-C: stop the running
+    steps, keep what finished. Left to their default, mlbuild would die at once and leave
+    its steps running to write their outputs after it."""
     raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mlbuild` command; returns the exit code."""
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = {signum: signal.signal(signum, _terminate) for signum in STOP_SIGNALS}
     try:
-        words = list(sys.argv[1:] if argv is None else argv)
-        args, unknown = build_parser(command_word(words)).parse_known_args(words)
-        if unknown:
-            # argparse reports these from the top-level parser; point at the subcommand.
-            raise UsageError(
-                f"unrecognized arguments: {' '.join(unknown)} (see `mlbuild {args.command} --help`)"
-            )
-        args.command_line = " ".join(words)
-        handler: Any = args.handler
-        return int(handler(args))
+        return _dispatch(argv)
     except KeyboardInterrupt:
-        print("mlbuild: interrupted; finished targets are recorded.", file=sys.stderr)
+        _tell("mlbuild: interrupted; finished targets are recorded.")
         return EXIT_INTERRUPTED
     except Interrupted as exc:
-        print(f"mlbuild: {exc}", file=sys.stderr)
+        _tell(f"mlbuild: {exc}")
         return EXIT_INTERRUPTED
     except MlbuildError as exc:
-        print(f"mlbuild: error: {one_line(str(exc))}", file=sys.stderr)
+        _tell(f"mlbuild: error: {one_line(str(exc))}")
         return exc.exit_code
+    except OSError as exc:
+        if not (exc.errno == errno.EPIPE and stdout_closed()):
+            raise
+        # `mlbuild list | head -1`: the reader has what it wanted. Builds never get
+        # here (their reporter stops writing instead), so nothing is left undone.
+        return EXIT_OK
+    finally:
+        if stdout_closed():
+            silence_stdout(sys.stdout)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = build_parser(command_word(words)).parse_known_args(words)
+    if unknown:
+        # argparse reports these from the top-level parser; point at the subcommand.
+        raise UsageError(
+            f"unrecognized arguments: {' '.join(unknown)} (see `mlbuild {args.command} --help`)"
+        )
+    args.command_line = " ".join(words)
+    handler: Any = args.handler
+    return int(handler(args))
+
+
+def _tell(line: str) -> None:
+    """One line on stderr, if stderr is still there (not after a closed terminal)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr)
 
 
 def one_line(text: str) -> str:

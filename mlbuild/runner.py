@@ -38,6 +38,7 @@ from mlbuild.results import (
 from mlbuild.scheduler import Scheduler
 from mlbuild.staleness import Decision, Fingerprint, Observation, decide, observe, observe_paths
 from mlbuild.store import RunRow, Store
+from mlbuild.workspace import log_path
 
 if TYPE_CHECKING:
     # The executor and the cache (subprocess, shutil, tempfile with them) are
@@ -256,7 +257,7 @@ class Build:
                 parent.mkdir(parents=True, exist_ok=True)
                 self.made_dirs.add(parent)
         self.reporter.started(name, self._running[name][1], _command(target))
-        self.executor.start(target, self.root / STATE_DIR / "logs" / f"{name}.log")
+        self.executor.start(target, log_path(self.root, name))
 
     def _complete(self, name: str, result: ExecResult) -> None:
         """A step exited: check its outputs, record it, store its outputs in the cache."""
