@@ -584,8 +584,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mlbuild` command; returns the exit code."""
     previous = {signum: signal.signal(signum, _terminate) for signum in STOP_SIGNALS}
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _dispatch(argv)
+        return _dispatch(words)
     except KeyboardInterrupt:
         _tell("mlbuild: interrupted; finished targets are recorded.")
         return EXIT_INTERRUPTED
@@ -596,10 +597,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _tell(f"mlbuild: error: {one_line(str(exc))}")
         return exc.exit_code
     except OSError as exc:
-        if not (exc.errno == errno.EPIPE and stdout_closed()):
+        if exc.errno not in (errno.EPIPE, errno.EIO) or not stdout_closed():
             raise
-        # `mlbuild list | head -1`: the reader has what it wanted. Builds never get
-        # here (their reporter stops writing instead), so nothing is left undone.
+        if _interrupted(exc):  # a closed terminal: SIGHUP, then the last redraw failed
+            _tell("mlbuild: interrupted; finished targets are recorded.")
+            return EXIT_INTERRUPTED
+        if command_word(words) in ("run", "watch", "pull", "push"):
+            _tell(f"mlbuild: error: cannot write to stdout: {exc.strerror}")
+            return EXIT_FAILED
+        # `mlbuild list | head -1`: the reader took what it wanted.
         return EXIT_OK
     finally:
         if stdout_closed():
@@ -608,8 +614,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signum, handler)
 
 
-def _dispatch(argv: Sequence[str] | None) -> int:
-    words = list(sys.argv[1:] if argv is None else argv)
+def _interrupted(exc: BaseException) -> bool:
+    """Whether `exc` was raised while handling a KeyboardInterrupt (in a `finally`)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
+
+
+def _dispatch(words: list[str]) -> int:
     args, unknown = build_parser(command_word(words)).parse_known_args(words)
     if unknown:
         # argparse reports these from the top-level parser; point at the subcommand.

@@ -231,7 +231,13 @@ class LocalExecutor:
         self.selector.register(proc.stdout, selectors.EVENT_READ, (target.name, _PIPE))
         if pidfd is not None:
             self.selector.register(pidfd, selectors.EVENT_READ, (target.name, _EXIT))
-        write_marker(marker, proc.pid, token, target.name)
+        try:
+            write_marker(marker, proc.pid, token, target.name)
+        except OSError:  # a step that could not be marked does not run
+            kill_leftovers(proc.pid, token)
+            step.returncode = proc.wait()
+            self._close(step)
+            raise
 
     @property
     def running(self) -> list[str]:

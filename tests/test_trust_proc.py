@@ -164,6 +164,30 @@ def test_hangup_terminate_and_interrupt_stop_the_step_and_what_escaped_it(
     assert "stale  hup_step: never built" in project.run("status").out
 
 
+def test_closing_the_terminal_stops_the_step(project: Project) -> None:
+    """A real terminal that goes away: the live view's last redraw fails, steps still stop."""
+    import pty
+
+    project.pipeline(HUNG_UP)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["TERM"] = "xterm"
+    pid, terminal = pty.fork()
+    if pid == 0:  # pragma: no cover - the child becomes mlbuild at once
+        os.chdir(project.root)
+        os.execve(sys.executable, [sys.executable, "-m", "mlbuild", "run"], env)
+    try:
+        step = pid_in(project, "step.pid")
+        escaped = pid_in(project, "escaped.pid")
+        os.read(terminal, 65536)
+    finally:
+        os.close(terminal)  # the terminal goes: mlbuild, its session leader, gets SIGHUP
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 130  # before: killed by SIGHUP (-1)
+    wait_for(lambda: gone(step) and gone(escaped), timeout=5)
+    time.sleep(2.0)  # past the moment the step would have written its output
+    assert not (project.root / "late.txt").exists()
+
+
 # -- 4. long target names --------------------------------------------------------------------
 
 LONG = "t" * 252
