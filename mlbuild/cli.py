@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -28,11 +29,11 @@ from mlbuild.config import (
 from mlbuild.errors import Interrupted, MlbuildError, UsageError
 from mlbuild.graph import Graph, build_graph
 from mlbuild.lock import hold_workspace
-from mlbuild.report import PlainReporter
+from mlbuild.report import PlainReporter, silence_stdout, stdout_closed
 from mlbuild.results import BuildOptions, BuildPlan, CliReporter, Outcome, Reporter
 from mlbuild.runner import check_writable, clear_outputs, run_build
 from mlbuild.store import Store, open_existing_store, open_store
-from mlbuild.workspace import cache_dir, empty_trash, forget_made, load_made
+from mlbuild.workspace import cache_dir, empty_trash, forget_made, load_made, log_path
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -437,6 +438,11 @@ def cmd_log(args: argparse.Namespace) -> int:
             text = render_runs(store.load_runs(args.n))
         else:
             text = render_target_runs(args.target, store.load_target_runs(args.target, args.n))
+            log = log_path(store.path.parent.parent, args.target)
+            if log.exists():
+                from mlbuild.config import display_path
+
+                text += f"output of its last step: {display_path(log)}\n"
     sys.stdout.write(text)
     return EXIT_OK
 
@@ -456,7 +462,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             )
             return EXIT_FAILED
         built_by = next(iter(store.load_target_runs(name, 1, ("ran", "restored"))), None)
-        log = store.path.parent / "logs" / f"{name}.log"
+        log = log_path(store.path.parent.parent, name)
         shown = Path(display_path(log)) if log.exists() else None
         render = manifest_json if args.json else render_manifest
         sys.stdout.write(render(name, stored, built_by, shown))
@@ -583,34 +589,75 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # handled like Ctrl-C (SIGINT)
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM is handled like Ctrl-C: stop the running steps, keep what finished."""
+    """SIGTERM and SIGHUP (a closed terminal) are handled like Ctrl-C: stop the running
+    steps, keep what finished. Left to their default, mlbuild would die at once and leave
+    its steps running to write their outputs after it."""
     raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mlbuild` command; returns the exit code."""
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = {signum: signal.signal(signum, _terminate) for signum in STOP_SIGNALS}
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        words = list(sys.argv[1:] if argv is None else argv)
-        args, unknown = build_parser(command_word(words)).parse_known_args(words)
-        if unknown:
-            # argparse reports these from the top-level parser; point at the subcommand.
-            raise UsageError(
-                f"unrecognized arguments: {' '.join(unknown)} (see `mlbuild {args.command} --help`)"
-            )
-        args.command_line = " ".join(words)
-        handler: Any = args.handler
-        return int(handler(args))
+        return _dispatch(words)
     except KeyboardInterrupt:
-        print("mlbuild: interrupted; finished targets are recorded.", file=sys.stderr)
+        _tell("mlbuild: interrupted; finished targets are recorded.")
         return EXIT_INTERRUPTED
     except Interrupted as exc:
-        print(f"mlbuild: {exc}", file=sys.stderr)
+        _tell(f"mlbuild: {exc}")
         return EXIT_INTERRUPTED
     except MlbuildError as exc:
-        print(f"mlbuild: error: {one_line(str(exc))}", file=sys.stderr)
+        _tell(f"mlbuild: error: {one_line(str(exc))}")
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in (errno.EPIPE, errno.EIO) or not stdout_closed():
+            raise
+        if _interrupted(exc):  # a closed terminal: SIGHUP, then the last redraw failed
+            _tell("mlbuild: interrupted; finished targets are recorded.")
+            return EXIT_INTERRUPTED
+        if command_word(words) in ("run", "watch", "pull", "push"):
+            _tell(f"mlbuild: error: cannot write to stdout: {exc.strerror}")
+            return EXIT_FAILED
+        # `mlbuild list | head -1`: the reader took what it wanted.
+        return EXIT_OK
+    finally:
+        if stdout_closed():
+            silence_stdout(sys.stdout)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether `exc` was raised while handling a KeyboardInterrupt (in a `finally`)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
+
+
+def _dispatch(words: list[str]) -> int:
+    args, unknown = build_parser(command_word(words)).parse_known_args(words)
+    if unknown:
+        # argparse reports these from the top-level parser; point at the subcommand.
+        raise UsageError(
+            f"unrecognized arguments: {' '.join(unknown)} (see `mlbuild {args.command} --help`)"
+        )
+    args.command_line = " ".join(words)
+    handler: Any = args.handler
+    return int(handler(args))
+
+
+def _tell(line: str) -> None:
+    """One line on stderr, if stderr is still there (not after a closed terminal)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, file=sys.stderr)
 
 
 def one_line(text: str) -> str:

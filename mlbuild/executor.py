@@ -6,14 +6,24 @@ script's data loader workers included). One thread multiplexes the output
 pipes of all running steps with `selectors`, as Ninja does with ppoll: no
 threads, no locks, and Ctrl-C lands in the main thread.
 
-While a step runs, `.mlbuild/running/<target>` names its process group, so
-that if mlbuild itself is killed (-9) the next run can stop leftover steps
-before starting them again (`reap_orphans`).
+A step ends when its main process exits, not when its output pipe closes
+(a `sleep 60 &` or a daemon keeps the pipe open): the selector also watches a
+pidfd of each main process (Linux 5.3+; elsewhere the processes are polled
+every POLL_SECONDS). Its output is then read for up to DRAIN_SECONDS more,
+until the pipe closes, and whatever it left running is stopped: SIGTERM,
+then SIGKILL after LEFTOVER_GRACE_SECONDS, to its process group and to the
+processes that left the group but carry the step's token (reaper.py). Only
+then is the step reported done, so nothing it started can write to its
+outputs after they are recorded.
+
+While a step runs, `.mlbuild/running/<short name>` holds its process group,
+token and target, so that if mlbuild itself is killed (-9) the next run can
+stop leftover steps before starting them again (`reap_orphans`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import enum
 import json
 import os
 import re
@@ -27,11 +37,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
-from mlbuild.config import STATE_DIR, Target, render_value
+from mlbuild.config import Target, render_value
 from mlbuild.fingerprint import expand_port
 from mlbuild.interpolate import render_command
+from mlbuild.reaper import (
+    LEFTOVER_GRACE_SECONDS,
+    POLL_SECONDS,
+    STEP_ID_VAR,
+    carries,
+    find_leftovers,
+    kill_leftovers,
+    new_token,
+    signal_leftovers,
+)
+from mlbuild.worker import EXIT_RAISED
+from mlbuild.workspace import running_dir, short_name
 
-TERM_GRACE_SECONDS = 5.0
+TERM_GRACE_SECONDS = 5.0  # SIGTERM to SIGKILL when a build is interrupted
+DRAIN_SECONDS = 0.2  # output read after a step's main process exited
 _TAIL_LINES = 15
 
 
@@ -75,20 +98,13 @@ class Executor(Protocol):
     def stop_all(self, grace: float = TERM_GRACE_SECONDS) -> list[str]: ...
 
 
-@dataclass
-class _Running:
-    proc: subprocess.Popen[bytes]
-    log: IO[bytes]
-    log_path: Path
-    start: float
-    marker: Path
-    pipe_open: bool = True
-
-
-def step_environment(target: Target, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The step's environment: the user's, plus MLBUILD_TARGET and MLBUILD_PARAM_<NAME>."""
+def step_environment(
+    target: Target, base: dict[str, str] | None = None, token: str = ""
+) -> dict[str, str]:
+    """The step's environment: the user's, MLBUILD_TARGET, MLBUILD_PARAM_<NAME>, its token."""
     env = dict(os.environ if base is None else base)
     env["MLBUILD_TARGET"] = target.name
+    env[STEP_ID_VAR] = token or new_token()
     for name, value in target.params.items():
         env["MLBUILD_PARAM_" + re.sub(r"\W", "_", name).upper()] = render_value(value)
     return env
@@ -126,14 +142,41 @@ def worker_call(target: Target, root: Path, timing: Path) -> str:
     return json.dumps(call, default=str)
 
 
+class _Phase(enum.Enum):
+    """Where a local step is in its life."""
+
+    RUNNING = "running"  # its main process runs
+    DRAINING = "draining"  # the main process exited; the rest of its output is read
+    STOPPING = "stopping"  # what it left got SIGTERM; SIGKILL at the deadline
+
+
+@dataclass
+class _Running:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: IO[bytes]
+    log_path: Path
+    start: float
+    marker: Path
+    token: str
+    python: bool
+    pidfd: int | None  # readable when the main process exits (None: polled)
+    pipe_open: bool = True
+    phase: _Phase = _Phase.RUNNING
+    returncode: int = 0
+    duration: float = 0.0
+    deadline: float = 0.0  # monotonic time when DRAINING or STOPPING ends
+
+
 class LocalExecutor:
     """Runs steps as child processes of this machine and reports their output and exit."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.running_dir = root / STATE_DIR / "running"
+        self.running_dir = running_dir(root)
         self.selector = selectors.DefaultSelector()
         self.steps: dict[str, _Running] = {}
+        self.failed_to_start: list[Done] = []
         self.base_env = dict(os.environ)  # copied once: a build starts hundreds of steps
         self.made_dirs: set[Path] = set()
 
@@ -143,17 +186,25 @@ class LocalExecutor:
             self.made_dirs.add(path)
 
     def start(self, target: Target, log_path: Path) -> None:
-        """Spawn the step; its events come from `wait`."""
+        """Spawn the step; its events come from `wait` (also when it cannot be started)."""
+        try:
+            self._spawn(target, log_path)
+        except OSError as exc:  # a log or marker that cannot be written, no /bin/sh, ...
+            message = f"could not be started: {exc}"
+            self.failed_to_start.append(Done(target.name, ExecResult(-1, 0.0, log_path, message)))
+
+    def _spawn(self, target: Target, log_path: Path) -> None:
         self._mkdir(log_path.parent)
         self._mkdir(self.running_dir)
         if target.python is not None:
             timing_path(log_path).unlink(missing_ok=True)
-        log = open(log_path, "wb")  # noqa: SIM115 - closed in _reap
+        token = new_token()
+        log = open(log_path, "wb")  # noqa: SIM115 - closed in _close
         try:
             proc = subprocess.Popen(
                 step_argv(target, self.root, timing_path(log_path)),
                 cwd=self.root,
-                env=step_environment(target, self.base_env),
+                env=step_environment(target, self.base_env, token),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -163,125 +214,252 @@ class LocalExecutor:
             log.close()
             raise
         assert proc.stdout is not None
-        marker = self.running_dir / target.name
-        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(fd, f"{proc.pid}\n".encode())
-        os.close(fd)
-        self.steps[target.name] = _Running(proc, log, log_path, time.perf_counter(), marker)
+        marker = self.running_dir / short_name(target.name)
+        pidfd = _pidfd(proc.pid)
+        step = _Running(
+            target.name,
+            proc,
+            log,
+            log_path,
+            time.perf_counter(),
+            marker,
+            token,
+            target.python is not None,
+            pidfd,
+        )
+        self.steps[target.name] = step
         os.set_blocking(proc.stdout.fileno(), False)
-        self.selector.register(proc.stdout, selectors.EVENT_READ, target.name)
+        self.selector.register(proc.stdout, selectors.EVENT_READ, (target.name, _PIPE))
+        if pidfd is not None:
+            self.selector.register(pidfd, selectors.EVENT_READ, (target.name, _EXIT))
+        try:
+            write_marker(marker, proc.pid, token, target.name)
+        except OSError:  # a step that could not be marked does not run
+            kill_leftovers(proc.pid, token)
+            step.returncode = proc.wait()
+            self._close(step)
+            raise
 
     @property
     def running(self) -> list[str]:
-        return list(self.steps)
+        return [*self.steps, *(done.target for done in self.failed_to_start)]
 
     def wait(self, timeout: float | None = None) -> Iterator[Output | Done]:
-        """Events of running steps: output as it arrives, then each step's end."""
-        for key, _ in self.selector.select(timeout):
-            name: str = key.data
-            step = self.steps[name]
-            stream = key.fileobj
-            assert not isinstance(stream, int)
-            try:
-                chunk = os.read(stream.fileno(), 65536)
-            except BlockingIOError:
-                continue
-            if chunk:
-                step.log.write(chunk)
-                yield Output(name, chunk)
-                continue
-            self.selector.unregister(stream)
-            step.pipe_open = False
-            # The pipe closed; the process exits now or soon (a step that closes
-            # its output early is waited for here).
-            yield Done(name, self._reap(name, step.proc.wait()))
+        """Events of running steps: output as it arrives, then each step's end.
 
-    def _reap(self, name: str, returncode: int) -> ExecResult:
-        step = self.steps.pop(name)
-        step.log.close()
+        A step ends when its main process exits: its output is read for up to
+        DRAIN_SECONDS more (until the pipe closes), then what it left running
+        is stopped (reaper.py) before its Done, so that nothing writes to its
+        outputs after it is recorded.
+        """
+        while self.failed_to_start:
+            yield self.failed_to_start.pop(0)
+        if not self.steps:
+            return
+        for key, _ in self.selector.select(self._timeout(timeout)):
+            name, kind = key.data
+            step = self.steps.get(name)
+            if step is None:
+                continue
+            if kind == _EXIT:
+                self._exited(step)
+                continue
+            chunk = self._read(step)
+            if chunk:
+                yield Output(name, chunk)
+        for step in list(self.steps.values()):
+            if step.phase is _Phase.RUNNING and step.pidfd is None and step.proc.poll() is not None:
+                self._exited(step)
+        yield from self._advance()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        """How long the selector may sleep: until `timeout` or the next step's deadline."""
+        now = time.monotonic()
+        wake = timeout
+        for step in self.steps.values():
+            if step.phase is _Phase.RUNNING:
+                until = None if step.pidfd is not None else POLL_SECONDS
+            elif step.phase is _Phase.DRAINING:
+                until = max(0.0, step.deadline - now)
+            else:
+                until = max(0.0, min(step.deadline - now, POLL_SECONDS))
+            if until is not None:
+                wake = until if wake is None else min(wake, until)
+        return wake
+
+    def _read(self, step: _Running) -> bytes:
+        """One read of a step's output (logged); b"" when there was none or the pipe closed."""
+        stream = step.proc.stdout
+        assert stream is not None
+        try:
+            chunk = os.read(stream.fileno(), 65536)
+        except BlockingIOError:
+            return b""
+        if chunk:
+            step.log.write(chunk)
+            return chunk
+        self._close_pipe(step)
+        if step.phase is _Phase.DRAINING:
+            step.deadline = 0.0  # all read: on to its leftovers
+        return b""
+
+    def _close_pipe(self, step: _Running) -> None:
+        if step.pipe_open:
+            self.selector.unregister(step.proc.stdout)  # type: ignore[arg-type]
+            step.pipe_open = False
         if step.proc.stdout is not None:
             step.proc.stdout.close()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(step.proc.pid, signal.SIGKILL)  # leftover children of the step
+
+    def _exited(self, step: _Running) -> None:
+        """The main process exited: the step is over; its output is drained briefly."""
+        step.returncode = step.proc.wait()
+        step.duration = time.perf_counter() - step.start
+        if step.pidfd is not None:
+            self.selector.unregister(step.pidfd)
+            os.close(step.pidfd)
+            step.pidfd = None
+        step.phase = _Phase.DRAINING
+        step.deadline = time.monotonic() + DRAIN_SECONDS if step.pipe_open else 0.0
+
+    def _advance(self) -> Iterator[Done]:
+        """Steps past their main process: stop their leftovers, then report them done."""
+        now = time.monotonic()
+        for step in list(self.steps.values()):
+            pgid = step.proc.pid
+            if step.phase is _Phase.RUNNING:
+                continue
+            if step.phase is _Phase.DRAINING:
+                if step.pipe_open and now < step.deadline:
+                    continue
+                self._close_pipe(step)  # output after the drain is not waited for
+                left = find_leftovers(pgid, step.token)
+                if left:
+                    signal_leftovers(pgid, left, signal.SIGTERM)
+                    step.phase = _Phase.STOPPING
+                    step.deadline = now + LEFTOVER_GRACE_SECONDS
+                    continue
+            else:
+                if now < step.deadline and find_leftovers(pgid, step.token):
+                    continue
+                kill_leftovers(pgid, step.token)
+            yield Done(step.name, self._close(step))
+
+    def _close(self, step: _Running) -> ExecResult:
+        """Forget a step whose processes are all gone; its result."""
+        del self.steps[step.name]
+        if step.pidfd is not None:
+            self.selector.unregister(step.pidfd)
+            os.close(step.pidfd)
+            step.pidfd = None
+        self._close_pipe(step)
+        step.log.close()
         step.marker.unlink(missing_ok=True)
-        return ExecResult(returncode, time.perf_counter() - step.start, step.log_path)
+        message = ""
+        if step.python and step.returncode == EXIT_RAISED:
+            message = raised_message(timing_path(step.log_path))
+        return ExecResult(step.returncode, step.duration, step.log_path, message)
 
     def stop_all(self, grace: float = TERM_GRACE_SECONDS) -> list[str]:
-        """SIGTERM every running step's group, SIGKILL what is left after `grace` seconds.
+        """SIGTERM every running step and what it left, SIGKILL what is left after `grace` s.
 
         A KeyboardInterrupt during the grace period (a second Ctrl-C) kills at once.
         Returns the names of the steps stopped; none of them is recorded.
         """
-        names = list(self.steps)
-        for step in self.steps.values():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(step.proc.pid, signal.SIGTERM)
+        names = self.running
+        self.failed_to_start.clear()
+        steps = list(self.steps.values())
+        for step in steps:
+            pgid = step.proc.pid
+            signal_leftovers(pgid, find_leftovers(pgid, step.token), signal.SIGTERM)
         deadline = time.monotonic() + grace
         try:
-            for step in self.steps.values():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    step.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            while time.monotonic() < deadline:
+                if all(
+                    step.proc.poll() is not None and not find_leftovers(step.proc.pid, step.token)
+                    for step in steps
+                ):
+                    break
+                time.sleep(POLL_SECONDS)
         finally:
-            for name in list(self.steps):
-                step = self.steps[name]
-                if step.pipe_open:
-                    self.selector.unregister(step.proc.stdout)  # type: ignore[arg-type]
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(step.proc.pid, signal.SIGKILL)
-                self._reap(name, step.proc.wait())
+            for step in steps:
+                pgid = step.proc.pid
+                signal_leftovers(pgid, find_leftovers(pgid, step.token), signal.SIGKILL)
+                kill_leftovers(pgid, step.token)
+                if step.phase is _Phase.RUNNING:
+                    step.returncode = step.proc.wait()
+                self._close(step)
         return names
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Pids of the live processes in process group `pgid` (from /proc; Linux)."""
-    members: list[int] = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            members.append(int(entry.name))
-    return members
+_PIPE = "pipe"
+_EXIT = "exit"
 
 
-def _runs_target(pid: int, name: str) -> bool:
-    """Whether a process was started by mlbuild for target `name` (from its environment)."""
+def _pidfd(pid: int) -> int | None:
+    """A descriptor that becomes readable when process `pid` exits (Linux 5.3+), else None."""
     try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            return f"MLBUILD_TARGET={name}".encode() in handle.read().split(b"\0")
-    except OSError:
-        return False
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def write_marker(marker: Path, pgid: int, token: str, target: str) -> None:
+    """`.mlbuild/running/<short name>`: `PGID TOKEN` then the target's name, for reap_orphans."""
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, f"{pgid} {token}\n{target}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def raised_message(timing: Path) -> str:
+    """What a Python step raised, from the worker's timing file: `raised ValueError: ...`."""
+    try:
+        raised = json.loads(timing.read_text()).get("raised")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return f"raised {raised}" if isinstance(raised, str) and raised else ""
 
 
 def reap_orphans(root: Path) -> list[str]:
-    """Kill the process groups of steps left running by an mlbuild that was killed.
+    """Kill the steps left running by an mlbuild that was killed; their target names.
 
     Called with the workspace lock held, so no live mlbuild owns these steps.
-    A group is killed only if one of its processes still carries the step's
-    `MLBUILD_TARGET` in its environment, so a reused process id is left alone.
+    A marker holds the step's process group and token (reaper.py): the group
+    is killed only if a member still carries the token, so a reused process
+    id is left alone, and processes that left the group are found by it too.
     """
-    running_dir = root / STATE_DIR / "running"
     try:
-        markers = list(running_dir.iterdir())
+        markers = list(running_dir(root).iterdir())
     except FileNotFoundError:
         return []
     killed: list[str] = []
     for marker in markers:
         try:
-            pgid = int(marker.read_text())
+            head, _, name = marker.read_text().partition("\n")
+            pgid_text, _, token = head.partition(" ")
+            pgid = int(pgid_text)
         except (OSError, ValueError):
             marker.unlink(missing_ok=True)
             continue
-        if any(_runs_target(pid, marker.name) for pid in _group_members(pgid)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
-                killed.append(marker.name)
+        left = find_leftovers(pgid, token)
+        if token:
+            ours = bool(left.escaped) or any(carries(pid, token) for pid in left.members)
+        else:  # a marker of an older mlbuild: `PGID`, named after the target
+            ours = any(_runs_target(pid, marker.name) for pid in left.members)
+        if ours:
+            kill_leftovers(pgid, token)
+            killed.append(name.strip() or marker.name)
         marker.unlink(missing_ok=True)
     return killed
+
+
+def _runs_target(pid: int, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            return f"MLBUILD_TARGET={name}".encode() in handle.read().split(b"\0")
+    except OSError:
+        return False
 
 
 def log_tail(log_path: Path, lines: int = _TAIL_LINES) -> list[str]:

@@ -31,8 +31,12 @@ is a failed transfer). Nothing is recorded for a failed target: the
 manifest comes from the runner after success only, and remote records are
 written by the driver's upload after that. On Ctrl-C tasks are cancelled
 (the step's process group gets SIGTERM, then SIGKILL), then force-killed.
-The step's own process dies with its Ray worker (PR_SET_PDEATHSIG, through
-util-linux's `setpriv` where present).
+Each step runs under a guard (reaper.py, a ~10 ms `python -I -S` process)
+that leads the step's process group and watches its Ray worker through a
+pidfd: when the worker dies (killed, its node lost, a forced cancel), the
+guard kills the step's group and the processes that escaped it, so no step
+outlives its task. After the step's main process exits, the guard stops
+whatever it left running, as the local executor does.
 
 Ray is imported only when this executor is chosen.
 """
@@ -46,6 +50,7 @@ import shutil
 import signal
 import stat as _stat
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -55,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlbuild import reaper
 from mlbuild.cache import CacheError, Entry, check_entry, describe_outputs
 from mlbuild.config import STATE_DIR, ExecutorSettings, Target
 from mlbuild.errors import MlbuildError, UsageError
@@ -63,12 +69,17 @@ from mlbuild.executor import (
     Done,
     ExecResult,
     Output,
+    raised_message,
     step_argv,
     step_environment,
+    timing_path,
 )
 from mlbuild.fingerprint import Fingerprinter
+from mlbuild.reaper import find_leftovers, kill_leftovers, new_token, signal_leftovers
 from mlbuild.remote import BadRecord, Remote, RemoteCache, RemoteError
 from mlbuild.staleness import Observation, observe_paths
+from mlbuild.worker import EXIT_RAISED
+from mlbuild.workspace import short_name
 
 POLL_SECONDS = 0.2  # how often the driver looks at finished tasks and growing logs
 _LOG_LIMIT = 8 << 20  # bytes of a sandboxed step's log sent back to the driver
@@ -408,7 +419,7 @@ class RayExecutor:
             task.log_path.write_bytes(data)
         if data:
             yield Output(name, data)
-        message = ""
+        message = str(result.get("message", ""))
         if task.mode == "cas" and result["returncode"] == 0:
             message = self._restore(task.target, result)
         duration = time.perf_counter() - task.start
@@ -500,11 +511,11 @@ def run_step(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["mode"] == "shared":
         root = Path(spec["root"])
         with open(spec["log"], "ab") as log:
-            code, duration = _run(target, root, spec["env"], log, Path(spec["log"]))
-        return {"returncode": code, "duration": duration}
+            code, duration, message = _run(target, root, spec["env"], log, Path(spec["log"]))
+        return {"returncode": code, "duration": duration, "message": message}
     remote = Remote(spec["remote"], spec["options"])
     # The node's temp directory: <work>/project is the sandbox, the log sits beside it.
-    work = Path(tempfile.mkdtemp(prefix=f"mlbuild-{target.name}-"))
+    work = Path(tempfile.mkdtemp(prefix=f"mlbuild-{short_name(target.name)}-"))
     sandbox = work / "project"
     sandbox.mkdir()
     pool = ThreadPoolExecutor(8)
@@ -514,7 +525,7 @@ def run_step(spec: dict[str, Any]) -> dict[str, Any]:
             (sandbox / port.path).parent.mkdir(parents=True, exist_ok=True)
         log_path = work / "step.log"
         with open(log_path, "wb") as log:
-            code, duration = _run(target, sandbox, spec["env"], log, log_path)
+            code, duration, message = _run(target, sandbox, spec["env"], log, log_path)
         data = log_path.read_bytes()
         if len(data) > _LOG_LIMIT:
             data = b"[... cut by mlbuild ...]\n" + data[-_LOG_LIMIT:]
@@ -525,6 +536,7 @@ def run_step(spec: dict[str, Any]) -> dict[str, Any]:
         return {
             "returncode": code,
             "duration": duration,
+            "message": message,
             "log": data,
             "outputs": outputs,
             "blobs": blobs,
@@ -574,18 +586,24 @@ def _upload_outputs(
 
 def _run(
     target: Target, root: Path, env: Mapping[str, str], log: Any, log_path: Path
-) -> tuple[int, float]:
-    """Run the step's process in `root`, output to `log`; stop its group if interrupted."""
-    environment = step_environment(target)
+) -> tuple[int, float, str]:
+    """Run the step in `root`, output to `log`: (exit status, seconds, what it raised).
+
+    The step runs under the guard (reaper.guard), in a process group of its
+    own that dies with this worker however the worker dies (killed, its node
+    lost, the task force-cancelled): the guard watches the worker and kills
+    the step's group and what escaped it. A cancel (KeyboardInterrupt here)
+    sends the step SIGTERM, then SIGKILL after the grace period.
+    """
+    token = new_token()
+    environment = step_environment(target, token=token)
     environment.update(env)
     environment["MLBUILD_RAY_NODE"] = _node_id()
-    argv = step_argv(target, root, log_path.with_suffix(".timing.json"))
-    setpriv = shutil.which("setpriv")
-    if setpriv is not None:  # the step dies with this worker, whatever kills it
-        argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+    timing = timing_path(log_path)
+    guard = [sys.executable, "-I", "-S", reaper.__file__, str(os.getpid()), "--"]
     start = time.perf_counter()
     proc = subprocess.Popen(
-        argv,
+        [*guard, *step_argv(target, root, timing)],
         cwd=root,
         env=environment,
         stdin=subprocess.DEVNULL,
@@ -596,15 +614,17 @@ def _run(
     try:
         code = proc.wait()
     except BaseException:  # ray.cancel: KeyboardInterrupt here
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        signal_leftovers(proc.pid, find_leftovers(proc.pid, token), signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=TERM_GRACE_SECONDS)
         raise
     finally:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # leftover children of the step
-    return code, time.perf_counter() - start
+        kill_leftovers(proc.pid, token)  # the guard stopped them; this is in case it died
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)
+    duration = time.perf_counter() - start
+    message = raised_message(timing) if target.python and code == EXIT_RAISED else ""
+    return code, duration, message
 
 
 def _node_id() -> str:

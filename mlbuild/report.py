@@ -4,10 +4,16 @@ Lines go to stdout, failures and warnings to stderr. Steps' own output is
 passed through as it arrives (and is always in `.mlbuild/logs/`). This is
 the view when output is not a terminal, with `--plain`, and with `-q`; the
 live view on a terminal (progress.py) shares the summary defined here.
+
+A stdout that cannot be written (`mlbuild run | head`, a closed terminal)
+never stops a build: the reporter says so once on stderr and writes nothing
+more there; the build goes on and records everything. The same for stderr,
+silently.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -88,6 +94,31 @@ def summary_line(result: BuildResult, recorded: Mapping[str, float] | None = Non
     return f"mlbuild: {text} in {result.duration:.3f}s{note}."
 
 
+def stdout_closed() -> bool:
+    """Whether writing to file descriptor 1 must fail: a pipe whose reader is gone."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(1, select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def silence_stdout(stream: TextIO) -> None:
+    """Point descriptor 1 at /dev/null when `stream` writes to it, so that the final flush
+    at exit (Python's, of what is still buffered) cannot fail and print a traceback."""
+    try:
+        if stream.fileno() != 1:
+            return
+    except (OSError, ValueError):  # io.StringIO, pytest's capture: nothing to do
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
 class PlainReporter:
     """The line-per-event log; `verbosity` -1 is `-q`, 1 is `-v`; `explain` shows all reasons."""
 
@@ -108,11 +139,43 @@ class PlainReporter:
         # each line prefixed with its target; partial lines wait for their end.
         self.prefix = prefix
         self.partial: dict[str, bytes] = {}
+        self.out_closed = False  # stdout failed once: nothing more is written to it
 
     def _say(self, line: str) -> None:
         if self.verbosity >= 0:
-            self.out.write(line + "\n")
+            self._write_out(line + "\n")
+
+    def _write_out(self, text: str | bytes) -> None:
+        """Text or bytes to stdout, unless it failed before; a failure is told once on stderr."""
+        if self.out_closed:
+            return
+        try:
+            if isinstance(text, str):
+                self.out.write(text)
+                self.out.flush()
+                return
             self.out.flush()
+            buffer = getattr(self.out, "buffer", None)
+            if buffer is not None:
+                buffer.write(text)
+                buffer.flush()
+            else:
+                self.out.write(text.decode("utf-8", "replace"))
+        except (OSError, ValueError) as exc:
+            self.out_closed = True
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._write_err(
+                f"mlbuild: warning: cannot write to stdout ({why.lower()}); the build goes on"
+                " (steps' output is in .mlbuild/logs/)\n"
+            )
+            silence_stdout(self.out)
+
+    def _write_err(self, text: str) -> None:
+        try:
+            self.err.write(text)
+            self.err.flush()
+        except (OSError, ValueError):
+            pass  # stderr is gone too (a closed terminal): nobody is left to tell
 
     def skipped(self, target: str, decision: Decision) -> None:
         if self.explain:
@@ -136,13 +199,7 @@ class PlainReporter:
         self._write_bytes(data)
 
     def _write_bytes(self, data: bytes) -> None:
-        self.out.flush()
-        buffer = getattr(self.out, "buffer", None)
-        if buffer is not None:
-            buffer.write(data)
-            buffer.flush()
-        else:
-            self.out.write(data.decode("utf-8", "replace"))
+        self._write_out(data)
 
     def _flush_partial(self, target: str) -> None:
         rest = self.partial.pop(target, b"")
@@ -161,8 +218,7 @@ class PlainReporter:
 
     def failed(self, failure: Failure, duration: float) -> None:
         self._flush_partial(failure.target)
-        self.err.write("\n".join(failure_lines(failure, duration)) + "\n")
-        self.err.flush()
+        self._write_err("\n".join(failure_lines(failure, duration)) + "\n")
 
     def not_run(self, target: str, because: str) -> None:
         self._say(f"Step `{target}` was not run: {because}.")
@@ -171,8 +227,7 @@ class PlainReporter:
         self._say(f"Step `{target}` would run: {'; '.join(reasons)}.")
 
     def warn(self, message: str) -> None:
-        self.err.write(f"mlbuild: warning: {message}\n")
-        self.err.flush()
+        self._write_err(f"mlbuild: warning: {message}\n")
 
     def planned(self, plan: BuildPlan) -> None:
         """The plain log needs no plan: each line stands alone."""
@@ -184,8 +239,6 @@ class PlainReporter:
         line = summary_line(result, recorded)
         if result.failures:
             names = ", ".join(f.target for f in result.failures)
-            self.err.write(f"{line} Failed: {names}.\n")
-            self.err.flush()
+            self._write_err(f"{line} Failed: {names}.\n")
         else:
-            self.out.write(line + "\n")
-            self.out.flush()
+            self._write_out(line + "\n")

@@ -50,6 +50,7 @@ from mlbuild.workspace import (
     OutsideProject,
     forget_made,
     load_made,
+    log_path,
     move_aside,
     save_made,
     writable_path,
@@ -364,7 +365,7 @@ class Build:
                 parent.mkdir(parents=True, exist_ok=True)
                 self.made_dirs.add(parent)
         self.reporter.started(name, self._running[name][1], _command(target))
-        self.executor.start(target, self.root / STATE_DIR / "logs" / f"{name}.log")
+        self.executor.start(target, log_path(self.root, name))
 
     def _complete(self, name: str, result: ExecResult) -> None:
         """A step exited: check its outputs, record it, store its outputs in the cache."""

@@ -5,9 +5,13 @@ never imported into mlbuild itself and every step starts with clean memory.
 CALL_JSON holds the function reference and its keyword arguments; paths are
 passed as strings and handed to the function as `pathlib.Path`.
 
-Exit status: 0 success; 1 the function raised (its traceback is printed,
-without this module's frames) or returned a value; 2 it cannot be called with
-the declared names. Imports only the standard library, and only what it needs.
+Exit status: 0 success; 1 the function (or importing its module) raised, or
+it returned a value; 2 it cannot be called with the declared names. Anything
+raised counts, KeyboardInterrupt and SystemExit(non-zero) included: its
+traceback is printed without this module's frames, and what was raised is
+written to the timing file (`"raised": "ValueError: ..."`) so that mlbuild
+says "raised ValueError: ..." rather than a bare exit code or "killed by
+signal 2". Imports only the standard library, and only what it needs.
 """
 
 from __future__ import annotations
@@ -45,12 +49,30 @@ def _print_user_traceback(exc: BaseException) -> None:
     traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
 
 
-def _write_timing(call: dict[str, Any], import_seconds: float, call_seconds: float) -> None:
-    """Where the step's time went, for `-v` and the demo's overhead measurement."""
+def _write_timing(
+    call: dict[str, Any], import_seconds: float, call_seconds: float, raised: str | None = None
+) -> None:
+    """Where the step's time went, for `-v` and the demo's overhead measurement; what it raised."""
     path = call.get("timing")
     if path:
-        timing = {"import_seconds": import_seconds, "call_seconds": call_seconds}
+        timing: dict[str, Any] = {"import_seconds": import_seconds, "call_seconds": call_seconds}
+        if raised is not None:
+            timing["raised"] = raised
         Path(path).write_text(json.dumps(timing))
+
+
+def _describe(exc: BaseException) -> str:
+    """`ValueError: the data is bad`, `KeyboardInterrupt`, `SystemExit: 3` (one line, short)."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _failed(exc: BaseException) -> bool:
+    """Whether a raised exception fails the step: all but SystemExit(0) and SystemExit()."""
+    return not (isinstance(exc, SystemExit) and exc.code in (None, 0))
 
 
 def _import_project_code_from_source(root: str) -> None:
@@ -103,9 +125,10 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:
+    except BaseException as exc:  # KeyboardInterrupt and SystemExit in module code too
         print(f"mlbuild: importing {module_name} failed:", file=sys.stderr)
         _print_user_traceback(exc)
+        _write_timing(call, time.perf_counter() - started, 0.0, _describe(exc))
         return EXIT_RAISED
     function = getattr(module, function_name, None)
     if not callable(function):
@@ -122,13 +145,18 @@ def main(argv: list[str]) -> int:
     except ValueError:
         pass  # no signature available (a builtin): let the call decide
     imported = time.perf_counter()
+    raised: BaseException | None = None
+    result = None
     try:
         result = function(**kwargs)
-    except Exception as exc:
-        _print_user_traceback(exc)
+    except BaseException as exc:  # KeyboardInterrupt, SystemExit: the user's, reported as such
+        raised = exc
+    failed = raised is not None and _failed(raised)
+    described = _describe(raised) if raised is not None and failed else None
+    _write_timing(call, imported - started, time.perf_counter() - imported, described)
+    if raised is not None and failed:
+        _print_user_traceback(raised)
         return EXIT_RAISED
-    finally:
-        _write_timing(call, imported - started, time.perf_counter() - imported)
     if result is not None:
         print(
             f"mlbuild: {call['ref']} returned a {type(result).__name__}; step functions"

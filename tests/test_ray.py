@@ -21,6 +21,7 @@ import pytest
 from mlbuild.ray_executor import infeasible
 from tests.conftest import Project
 from tests.seaweed import BUCKET, SeaweedS3, weed_binary
+from tests.test_parallel import alive, wait_for
 
 ray = pytest.importorskip("ray")
 
@@ -226,6 +227,14 @@ def test_infeasible_names_what_no_single_node_has() -> None:
     assert "needs CPU 2, GPU 1 on one node" in str(infeasible({"CPU": 2.0, "GPU": 1.0}, nodes))
 
 
+# Kills the Ray worker running the step: its nearest ancestor that is a Ray worker process
+# (the brackets keep the pattern from matching the command lines that contain it).
+KILL_WORKER = (
+    "p=$$; while [ $p -gt 1 ]; do if grep -qaE 'ra[y]::|default_worke[r]' /proc/$p/cmdline;"
+    " then kill -9 $p; break; fi; p=$(cut -d' ' -f4 /proc/$p/stat); done"
+)
+
+
 def test_killed_worker_fails_cleanly_then_retries_succeed(
     project: Project, cluster: Cluster
 ) -> None:
@@ -236,11 +245,11 @@ def test_killed_worker_fails_cleanly_then_retries_succeed(
         address = "{cluster.address}"
 
         [targets.dies]
-        cmd = "echo partial > {{outputs.o}}; kill -9 $PPID; sleep 5; echo done > {{outputs.o}}"
+        cmd = "echo partial > {{outputs.o}}; {KILL_WORKER}; sleep 5; echo done > {{outputs.o}}"
         outputs = {{ o = "dies.txt" }}
 
         [targets.flaky]
-        cmd = '''if [ ! -e tried ]; then touch tried; kill -9 $PPID; sleep 5; fi
+        cmd = '''if [ ! -e tried ]; then touch tried; {KILL_WORKER}; sleep 5; fi
         echo ok > {{outputs.o}}'''
         outputs = {{ o = "flaky.txt" }}
         retries = 1
@@ -256,6 +265,31 @@ def test_killed_worker_fails_cleanly_then_retries_succeed(
     assert "stale  dies: never built" in status.out  # nothing recorded for it
     time.sleep(1)
     assert project.read("dies.txt") == "partial\n"  # the step died with its worker
+
+
+def test_a_dead_worker_takes_every_process_of_its_step_with_it(
+    project: Project, cluster: Cluster
+) -> None:
+    project.pipeline(
+        f"""
+        [executor]
+        kind = "ray"
+        address = "{cluster.address}"
+
+        [targets.orphaned]
+        cmd = '''sleep 600 & echo $! > child.pid; setsid sleep 600 & echo $! > escaped.pid
+        echo $$ > step.pid; {KILL_WORKER}; sleep 600; touch {{outputs.o}}'''
+        outputs = {{ o = "o.txt" }}
+        """
+    )
+    result = project.run("run")
+    assert result.code == 1
+    assert "the Ray worker running it died" in result.err
+    # Before, only the shell died with its worker (PR_SET_PDEATHSIG): its children lived on.
+    for pidfile in ("step.pid", "child.pid", "escaped.pid"):
+        pid = int(project.read(pidfile))
+        wait_for(lambda pid=pid: not alive(pid), timeout=10)  # type: ignore[misc]
+    assert not (project.root / "o.txt").exists()
 
 
 T = '[targets.t]\ncmd = "true"\n'
