@@ -209,15 +209,21 @@ def settle(
     observation digests them too); files read but not declared, written or
     already counted as code become `discovered` inputs.
     """
-    fingerprint = before.fingerprint
-    declared = [*fingerprint.inputs, *(p.path for p in target.outputs)]
-    code = dict(fingerprint.code)
-    imported_by = dict(before.imported_by)
-    imported: list[str] = []
     from mlbuild.code import AT_RUN_TIME
 
+    fingerprint = before.fingerprint
+    declared = [*fingerprint.inputs, *(p.path for p in target.outputs)]
+    # The static closure, plus the modules seen last time that were seen again (their
+    # digests taken before the step, as all of `code`).
+    code = {
+        path: digest
+        for path, digest in fingerprint.code.items()
+        if before.imported_by.get(path) != AT_RUN_TIME or path in seen.modules
+    }
+    imported_by = {path: by for path, by in before.imported_by.items() if path in code}
+    imported = [path for path in code if imported_by.get(path) == AT_RUN_TIME]
     for rel, used in sorted(seen.modules.items()):
-        if rel in fingerprint.code or _covered(rel, declared):
+        if rel in code or _covered(rel, declared):
             continue
         digest = _unchanged(fp, rel, used, scanner.digest_code)
         if digest is None:
@@ -232,7 +238,9 @@ def settle(
         digest = _unchanged(fp, rel, used, lambda r: _file_text(fp, r))
         if digest is not None:
             discovered[rel] = digest
-    fingerprint = fingerprint._replace(code=code, discovered=discovered, imported=tuple(imported))
+    fingerprint = fingerprint._replace(
+        code=code, discovered=discovered, imported=tuple(sorted(imported))
+    )
     observation = before._replace(fingerprint=fingerprint, imported_by=imported_by)
     return Settled(observation, tuple(discovered))
 
