@@ -78,6 +78,7 @@ class Recorder:
         self.reads: dict[str, Stat] = {}  # absolute path -> stat when first opened
         self.written: set[str] = set()  # opened for writing first: the step's own files
         self.recording = True
+        self.cwd: str | None = None  # os.getcwd(), until the step changes directory
 
     def start(self) -> None:
         """Install the audit hook; it cannot be removed, `stop` makes it inert."""
@@ -89,6 +90,8 @@ class Recorder:
     def _hook(self, event: str, args: tuple[Any, ...]) -> None:
         # Called for every audited event of the process: return at once for all but "open".
         if event != "open" or not self.recording:
+            if event == "os.chdir":
+                self.cwd = None  # relative paths now start elsewhere
             return
         # An exception here would fail the step's own open(); try/except is cheaper
         # than contextlib.suppress on this path.
@@ -98,26 +101,31 @@ class Recorder:
             pass
 
     def _opened(self, path: Any, flags: int) -> None:
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
         if not isinstance(path, str):
-            return  # a file descriptor: its path was seen when it was opened
-        full = os.path.normpath(os.path.join(os.getcwd(), path))
-        if not full.startswith(self.prefix) or full.startswith(self.ignored):
+            if not isinstance(path, bytes):
+                return  # a file descriptor: its path was seen when it was opened
+            path = os.fsdecode(path)
+        if path[:1] != "/":
+            if self.cwd is None:
+                self.cwd = os.getcwd()
+            path = self.cwd + "/" + path
+        if "/." in path or "//" in path:
+            path = os.path.normpath(path)
+        if not path.startswith(self.prefix) or path.startswith(self.ignored):
             return
         if flags & os.O_ACCMODE != os.O_RDONLY:
             # Opened for writing (`w`, `a`, `r+`): a file the step makes or updates is
             # its own (a scratch file, a cache it keeps), not an input, even if read too.
-            self.written.add(full)
+            self.written.add(path)
             return
-        if full in self.reads or full in self.written:
+        if path in self.reads or path in self.written:
             return
         try:
-            st = os.stat(full)
+            st = os.stat(path)
         except OSError:
             return  # a probe for a file that is not there
         if _stat.S_ISREG(st.st_mode):
-            self.reads[full] = (st.st_size, st.st_mtime_ns)
+            self.reads[path] = (st.st_size, st.st_mtime_ns)
 
     def report(self) -> dict[str, Any]:
         """The observation as written to the file (see the module docstring)."""

@@ -6,6 +6,8 @@ import os
 import py_compile
 import sqlite3
 
+import pytest
+
 from tests.conftest import Project
 
 READS_JSON = """
@@ -300,3 +302,59 @@ def test_the_observation_file_is_consumed(project: Project) -> None:
         (data,) = conn.execute("SELECT data FROM manifests WHERE target='t'").fetchone()
     assert '"discovered":{"data/x.json":"file:' in data
     assert os.environ.get("MLBUILD_TARGET") is None  # the worker's environment stayed its own
+
+
+def test_an_extension_module_in_the_project_is_seen_and_its_change_reruns(
+    project: Project,
+) -> None:
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("_statistics")  # a small C extension of the stdlib
+    if spec is None or spec.origin is None or not spec.origin.endswith(".so"):
+        pytest.skip("no _statistics extension module in this Python")
+    so = project.root / "lib" / os.path.basename(spec.origin)
+    so.parent.mkdir()
+    shutil.copyfile(spec.origin, so)
+    project.pipeline(READS_JSON)
+    project.write(
+        "steps/s.py",
+        """
+        import os
+        import sys
+
+        sys.path.insert(0, "lib")
+        import _statistics
+
+
+        def run(o):
+            o.write_text(os.path.relpath(_statistics.__file__))
+        """,
+    )
+    assert project.run().code == 0
+    assert project.read("o.txt") == f"lib/{so.name}"
+    with open(so, "ab") as handle:
+        handle.write(b"\0")  # a rebuilt extension: other bytes
+    result = project.run()
+    assert f"code changed: lib/{so.name} (imported when the step last ran)" in result.out
+
+
+def test_a_read_after_the_step_changed_directory_is_found(project: Project) -> None:
+    reads_json(project)
+    project.write(
+        "steps/s.py",
+        """
+        import os
+
+
+        def run(o):
+            target = o.resolve()
+            os.chdir("data")
+            target.write_text(open("x.json").read())
+        """,
+    )
+    assert project.run().code == 0
+    project.write("data/x.json", '{"a": 3}')
+    result = project.run()
+    assert "Step `t` has started: discovered input changed: data/x.json." in result.out
+    assert project.read("o.txt") == '{"a": 3}'
