@@ -499,7 +499,8 @@ def test_python_targets_follow_their_helper_modules_and_data_files(
                 state[kind] = (value, cosmetic)
                 (project / PY_FILES[kind]).write_text(py_file_text(kind, value, cosmetic))
             expected = py_expected(state)
-            ran, restored = set(), set()
+            ran: set[str] = set()
+            restored: set[str] = set()
             for name in ("a", "b"):
                 key = expected[name]
                 assert isinstance(key, tuple)
