@@ -8,8 +8,19 @@ included) against the directories Python would search. Modules outside the
 project (standard library, site-packages) are not followed: `track` covers
 installed distributions.
 
+Importing a module runs the `__init__.py` of every package on its way, so
+those count too, the step module's own packages included. Literal dynamic
+imports (`importlib.import_module("steps.dyn")`, `__import__("steps.dyn")`)
+are followed like `import` statements; a computed name cannot be, and the
+file is noted (`dynamic`) so that `mlbuild show` can say the closure may be
+incomplete. What static analysis misses (imports through `sys.path` changes,
+sourceless `.pyc` and extension modules) the worker observes when the step
+runs (observed.py): those files join the fingerprint from the next run on.
+
 Each file counts by the digest of its normalized AST: comments, blank lines,
-formatting and docstrings do not change it, any change to code does. Parsing
+formatting and docstrings do not change it, any change to code does. Code can
+read docstrings, though (`__doc__`, `inspect.getdoc`): when any module of a
+closure mentions either, the closure's files count by their raw bytes. Parsing
 is skipped for files whose bytes are unchanged: the stat cache gives the raw
 digest, and `parsed` maps a raw digest to its AST digest and imports (kept in
 the state database between runs).
@@ -27,7 +38,7 @@ import posixpath
 import re
 import shlex
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 from mlbuild.config import EMPTY, Target
@@ -48,7 +59,12 @@ class CodeError(Exception):
     """A step module that cannot be used: missing, syntax error, bad signature."""
 
 
-PARSED_VERSION = 2  # bump when Parsed changes: older cache rows are parsed again
+PARSED_VERSION = 3  # bump when Parsed changes: older cache rows are parsed again
+# Names through which code reads docstrings; a module mentioning one keeps them in its hash.
+_READS_DOCS = (b"__doc__", b"getdoc")
+_DYNAMIC_IMPORTS = ("import_module", "__import__")
+# `imported_by` value of a module seen imported when the step last ran (not found statically).
+AT_RUN_TIME = ""
 
 
 class Signature(NamedTuple):
@@ -102,13 +118,17 @@ class Parsed(NamedTuple):
     `imports` holds (level, module, names) of each import statement, unresolved,
     so that the same bytes can be resolved under any module name. `defines` is
     the set of top-level names, or None when the module may define anything
-    (star imports, `__getattr__`, definitions under `if`/`try`).
+    (star imports, `__getattr__`, definitions under `if`/`try`). `reads_docs`:
+    the module mentions `__doc__` or `getdoc`; `dynamic`: it imports a module
+    by a computed name.
     """
 
     digest: str
     imports: tuple[tuple[int, str, tuple[str, ...]], ...]
     functions: Mapping[str, Signature] = EMPTY
     defines: frozenset[str] | None = None
+    reads_docs: bool = False
+    dynamic: bool = False
 
     def to_json(self) -> str:
         return json.dumps(
@@ -118,6 +138,8 @@ class Parsed(NamedTuple):
                 "imports": [list(i) for i in self.imports],
                 "functions": {name: list(sig) for name, sig in self.functions.items()},
                 "defines": None if self.defines is None else sorted(self.defines),
+                "reads_docs": self.reads_docs,
+                "dynamic": self.dynamic,
             }
         )
 
@@ -137,14 +159,22 @@ class Parsed(NamedTuple):
             tuple((lvl, mod, tuple(names)) for lvl, mod, names in data["imports"]),
             functions,
             None if data["defines"] is None else frozenset(data["defines"]),
+            bool(data["reads_docs"]),
+            bool(data["dynamic"]),
         )
 
 
 class CodeFingerprint(NamedTuple):
-    """A target's code files (path -> digest) and, for reasons, who imported each."""
+    """A target's code files (path -> digest) and, for reasons, who imported each.
+
+    `reads_docs`: some file mentions `__doc__`, so digests are of raw bytes.
+    `dynamic`: files that import a module by a computed name.
+    """
 
     files: Mapping[str, str]
     imported_by: Mapping[str, str] = EMPTY
+    reads_docs: bool = False
+    dynamic: tuple[str, ...] = ()
 
 
 def parse_python(source: bytes, filename: str) -> Parsed:
@@ -153,12 +183,19 @@ def parse_python(source: bytes, filename: str) -> Parsed:
 
     tree = ast.parse(source, filename=filename)
     imports: list[tuple[int, str, tuple[str, ...]]] = []
+    dynamic = False
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imports.extend((0, alias.name, ()) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             names = tuple(alias.name for alias in node.names)
             imports.append((node.level, node.module or "", names))
+        elif isinstance(node, ast.Call) and _called_name(node.func) in _DYNAMIC_IMPORTS:
+            found = _literal_import(node)
+            if found is None:
+                dynamic = True
+            else:
+                imports.append(found)
     functions = {
         node.name: Signature.of(node)
         for node in tree.body
@@ -167,7 +204,66 @@ def parse_python(source: bytes, filename: str) -> Parsed:
     defines = _top_level_names(tree)
     _strip_docstrings(tree)
     dumped = ast.dump(tree, annotate_fields=False, include_attributes=False)
-    return Parsed(hash_bytes(dumped.encode()), tuple(imports), functions, defines)
+    reads_docs = any(name in source for name in _READS_DOCS)
+    digest = hash_bytes(dumped.encode())
+    return Parsed(digest, tuple(imports), functions, defines, reads_docs, dynamic)
+
+
+def _called_name(func: ast.expr) -> str | None:
+    """`f` of a call `f(...)` or `x.f(...)`."""
+    import ast
+
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return None
+
+
+def _literal_import(call: ast.Call) -> tuple[int, str, tuple[str, ...]] | None:
+    """The import a literal `import_module(...)` or `__import__(...)` call does, or None.
+
+    `import_module(".x", __package__)` is relative like `from . import x`;
+    with a literal package it is absolute. Anything computed gives None.
+    """
+    import ast
+
+    def literal(node: ast.expr | None) -> str | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        return None
+
+    args = list(call.args)
+    keywords = {k.arg: k.value for k in call.keywords if k.arg is not None}
+    name = literal(args[0] if args else keywords.get("name"))
+    if not name:
+        return None
+    if _called_name(call.func) == "__import__":
+        fromlist = args[3] if len(args) > 3 else keywords.get("fromlist")
+        names: tuple[str, ...] = ()
+        if isinstance(fromlist, ast.List | ast.Tuple):
+            found = [literal(e) for e in fromlist.elts]
+            names = tuple(n for n in found if n)
+        level_node = args[4] if len(args) > 4 else keywords.get("level")
+        level = 0
+        if isinstance(level_node, ast.Constant) and isinstance(level_node.value, int):
+            level = level_node.value
+        return (level, name, names)
+    stripped = name.lstrip(".")
+    level = len(name) - len(stripped)
+    if not level:
+        return (0, name, ())
+    package = args[1] if len(args) > 1 else keywords.get("package")
+    if isinstance(package, ast.Name) and package.id == "__package__":
+        return (level, stripped, ())
+    base = literal(package)
+    if base is None:
+        return None
+    parts = base.split(".")
+    if level - 1 >= len(parts):
+        return None
+    absolute = ".".join(parts[: len(parts) - (level - 1)])
+    return (0, f"{absolute}.{stripped}" if stripped else absolute, ())
 
 
 def _strip_docstrings(tree: ast.Module) -> None:
@@ -197,16 +293,25 @@ class CodeScanner:
         self._resolved: dict[tuple[str, str], str | None] = {}
         self._closures: dict[tuple[str, str, str], CodeFingerprint] = {}
 
-    def fingerprint(self, target: Target) -> CodeFingerprint:
-        """The code a target runs. Raises CodeError for a Python target's broken module."""
+    def fingerprint(self, target: Target, imported: Iterable[str] = ()) -> CodeFingerprint:
+        """The code a target runs. Raises CodeError for a Python target's broken module.
+
+        `imported`: project modules the step was seen importing when it last
+        ran (observed.py); those the static closure lacks are added, like the
+        headers a compiler's depfile names.
+        """
         if target.python is not None:
             module = target.python.partition(":")[0]
             rel = self.resolve(module, "")
             if rel is None:
-                return CodeFingerprint({})
-            return self._closure(rel, module, "", strict=True)
+                static = CodeFingerprint({})
+            else:
+                static = self._closure(rel, module, "", strict=True)
+            return self._with_imported(static, imported)
         files: dict[str, str] = {}
         imported_by: dict[str, str] = {}
+        reads_docs = False
+        dynamic: list[str] = []
         outputs = [p.path for p in target.outputs]
         for rel, module, search in self.scripts_of(target.command or ""):
             if any(rel == out or rel.startswith(out + "/") for out in outputs):
@@ -215,9 +320,39 @@ class CodeScanner:
                 found = self._closure(rel, module, search, strict=False)
                 files.update(found.files)
                 imported_by.update(found.imported_by)
+                reads_docs = reads_docs or found.reads_docs
+                dynamic.extend(found.dynamic)
             else:
                 files[rel] = self.fp.digest(rel).digest
-        return CodeFingerprint(files, imported_by)
+        return CodeFingerprint(files, imported_by, reads_docs, tuple(dict.fromkeys(dynamic)))
+
+    def _with_imported(self, static: CodeFingerprint, imported: Iterable[str]) -> CodeFingerprint:
+        files = dict(static.files)
+        imported_by = dict(static.imported_by)
+        for rel in imported:
+            if rel not in files:
+                digest = self.digest_code(rel, raw=static.reads_docs)
+                if digest is not None:  # gone: the step reruns for "code removed"
+                    files[rel] = digest
+                    imported_by[rel] = AT_RUN_TIME
+        if len(files) == len(static.files):
+            return static
+        return static._replace(files=files, imported_by=imported_by)
+
+    def digest_code(self, rel: str, *, raw: bool = False) -> str | None:
+        """A code file's digest: a `.py` by its AST (or bytes when `raw`), others by bytes.
+
+        None when the file is missing. A `.py` that does not parse counts by its bytes.
+        """
+        digest = self.fp.digest(rel)
+        if digest.kind != "file":
+            return None
+        if raw or not rel.endswith(".py"):
+            return digest.digest
+        try:
+            return self.parse(rel).digest
+        except SyntaxError:
+            return digest.digest
 
     def scripts_of(self, command: str) -> list[tuple[str, str, str]]:
         """(file, module name, search dir) of each script a shell command names."""
@@ -270,12 +405,17 @@ class CodeScanner:
         return parsed
 
     def _closure(self, rel: str, module: str, search: str, *, strict: bool) -> CodeFingerprint:
+        """`rel` (module `module`), the packages on its way, and all they import, transitively."""
         key = (rel, module, search)
         if key in self._closures:
             return self._closures[key]
         files: dict[str, str] = {}
         imported_by: dict[str, str] = {}
-        queue = [(rel, module)]
+        reads_docs = False
+        dynamic: list[str] = []
+        # Importing `a.b.c` runs a/__init__.py and a/b/__init__.py first.
+        packages = self._files_of(module, search)[:-1] if module != "__main__" else []
+        queue = [(rel, module), *reversed(packages)]
         while queue:
             path, name = queue.pop()
             if path in files:
@@ -288,13 +428,18 @@ class CodeScanner:
                 files[path] = self.fp.digest(path).digest
                 continue
             files[path] = parsed.digest
+            reads_docs = reads_docs or parsed.reads_docs
+            if parsed.dynamic:
+                dynamic.append(path)
             is_package = path.endswith("/__init__.py")
             for imported in _imported_modules(name, is_package, parsed.imports):
                 for dep, dep_name in self._files_of(imported, search):
                     if dep not in files:
                         imported_by.setdefault(dep, path)
                         queue.append((dep, dep_name))
-        result = CodeFingerprint(files, imported_by)
+        if reads_docs:  # docstrings count: every file of the closure by its bytes
+            files = {path: self.fp.digest(path).digest for path in files}
+        result = CodeFingerprint(files, imported_by, reads_docs, tuple(sorted(dynamic)))
         self._closures[key] = result
         return result
 

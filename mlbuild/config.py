@@ -49,6 +49,7 @@ _TARGET_KEYS = (
     "description",
     "resources",
     "retries",
+    "strict_inputs",
 )
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _PORT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -111,6 +112,7 @@ class Target(NamedTuple):
     description: str = ""
     resources: Resources | None = None  # for the Ray executor; None: one CPU
     retries: int = 0  # reruns after a lost worker or node (Ray executor)
+    strict_inputs: bool = False  # a Python step reading an undeclared project file fails
 
     def call_names(self) -> list[str]:
         """The keyword arguments a Python target's function receives, in order."""
@@ -427,7 +429,13 @@ class _Loader:
             description=str(raw.get("description", "")),
             resources=self._resources(f"{where}.resources", raw.get("resources")),
             retries=self._count(f"{where}.retries", raw.get("retries", 0)),
+            strict_inputs=self._bool(f"{where}.strict_inputs", raw.get("strict_inputs", False)),
         )
+        if target.strict_inputs and python is None:
+            raise self.fail(
+                f"{where}.strict_inputs",
+                "applies only to python steps (shell steps are not observed)",
+            )
         if python is not None:
             names = target.call_names()
             clash = sorted({n for n in names if names.count(n) > 1})

@@ -132,8 +132,13 @@ def render_manifest(
         ("inputs", {p: _digest(d) for p, d in fingerprint.inputs.items()}),
         ("code", {p: _digest(d) for p, d in fingerprint.code.items()}),
         ("outputs", {p: _digest(d) for p, d in fingerprint.outputs.items()}),
-        ("env", {k: "(unset)" if v is None else v for k, v in fingerprint.env.items()}),
+        # Values are kept as digests only: `show` says whether a variable was set, never its value.
+        ("env", {k: "(unset)" if v is None else "set" for k, v in fingerprint.env.items()}),
         ("packages", {k: "(absent)" if v is None else v for k, v in fingerprint.packages.items()}),
+        (
+            "discovered inputs (read by the step but not declared: add them to `inputs`)",
+            {p: _digest(d) for p, d in fingerprint.discovered.items()},
+        ),
     ]
     for title, items in sections:
         if not items:
@@ -141,6 +146,12 @@ def render_manifest(
         lines.append(f"  {title}")
         width = max(len(key) for key in items)
         lines.extend(f"    {key:<{width}}  {value}" for key, value in sorted(items.items()))
+    for path in fingerprint.dynamic:
+        lines.append(
+            f"  note: {path} imports a module by a computed name, so the code closure may be"
+            " incomplete: modules the step imported when it ran are tracked; declare files"
+            " it loads otherwise in `inputs`"
+        )
     return "\n".join(lines) + "\n"
 
 

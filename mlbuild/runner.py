@@ -264,10 +264,12 @@ class Build:
             self._not_run(name, because)
             return False
         checking = time.perf_counter()
-        now = self._observe(target)
         stored = self.manifests.get(name)
         before = Fingerprint.from_json(stored.data) if stored is not None else None
-        decision = decide(target, now, before, self.store.load_tree, forced=forced)
+        now = self._observe(target, before)
+        decision = decide(
+            target, now, before, self.store.load_tree, forced=forced, stored=stored is not None
+        )
         if self.options.dry_run:
             waiting = [d for d in deps if self.outcomes[d] is Outcome.PENDING]
             if decision.fresh and not waiting:
@@ -319,7 +321,9 @@ class Build:
         """
         stats = self.fp.stats
         taken: dict[str, StatEntry | None] = {}
-        for path, digest in (*now.fingerprint.inputs.items(), *now.fingerprint.code.items()):
+        fingerprint = now.fingerprint
+        files = (*fingerprint.inputs.items(), *fingerprint.code.items())
+        for path, digest in (*files, *fingerprint.discovered.items()):
             if digest.startswith("dir:"):
                 for name, _ in now.listings.get(digest, ()):
                     taken[f"{path}/{name}"] = stats.get(f"{path}/{name}")
@@ -346,16 +350,17 @@ class Build:
                 return path
         return next((p for p in before.fingerprint.inputs if p not in now), None)
 
-    def _observe(self, target: Target) -> Observation:
+    def _observe(self, target: Target, before: Fingerprint | None = None) -> Observation:
+        """The target now; `before` (its manifest) names the files its step was seen using."""
         try:
-            code = self.code.fingerprint(target)
+            code = self.code.fingerprint(target, before.imported if before is not None else ())
         except CodeError as exc:
             key = f"targets.{target.name}.python"
             raise PipelineError(self.graph.pipeline.display_file, str(exc), key) from None
         missing = [n for n in target.track if n not in self.packages]
         self.packages.update(package_versions(tuple(missing)))
         packages = {n: self.packages[n] for n in target.track}
-        return observe(target, self.fp, code=code, packages=packages)
+        return observe(target, self.fp, code=code, packages=packages, previous=before)
 
     def _start(self, name: str) -> None:
         target = self.graph.targets[name]
@@ -372,6 +377,8 @@ class Build:
         target = self.graph.targets[name]
         before, decision, taken = self._running.pop(name)
         failure = self._check(target, result)
+        if failure is None and target.python is not None:
+            before, failure = self._take_observed(target, before, result)
         if failure is not None:
             self._remember_made(target)
             self._finish(
@@ -412,6 +419,31 @@ class Build:
             message = "did not write declared output " + ", ".join(f"'{p}'" for p in missing)
         tail = tuple(log_tail(result.log_path))
         return Failure(target.name, _command(target), message, result.log_path, tail)
+
+    def _take_observed(
+        self, target: Target, before: Observation, result: ExecResult
+    ) -> tuple[Observation, Failure | None]:
+        """Add what a Python step was seen using to its manifest (observed.py).
+
+        With `strict_inputs`, reading an undeclared project file fails the target.
+        """
+        from mlbuild.executor import timing_path
+        from mlbuild.observed import observed_path, read_observed, settle
+
+        path = observed_path(str(timing_path(result.log_path)))
+        # One second of slack: the file's mtime comes from a coarser clock.
+        seen = read_observed(path, time.time() - result.duration - 1.0)
+        if seen is None:
+            return before, None
+        settled = settle(target, before, seen, self.fp, self.code)
+        if target.strict_inputs and settled.undeclared:
+            shown = ", ".join(f"'{p}'" for p in settled.undeclared)
+            message = (
+                f"read {shown}, not declared in its inputs"
+                f" (strict_inputs = true: add to `targets.{target.name}.inputs`)"
+            )
+            return before, Failure(target.name, _command(target), message, result.log_path)
+        return settled.observation, None
 
     def _record(self, target: Target, before_run: Observation, duration: float) -> Observation:
         """Store the manifest: inputs as observed before the step, outputs as they are now."""
@@ -566,6 +598,9 @@ def _poisoned(observed: Observation, changed: str) -> Observation:
     if changed in fp.code:
         code = {**fp.code, changed: CHANGED_DURING_STEP}
         return observed._replace(fingerprint=fp._replace(code=code))
+    if changed in fp.discovered:
+        discovered = {**fp.discovered, changed: CHANGED_DURING_STEP}
+        return observed._replace(fingerprint=fp._replace(discovered=discovered))
     return observed
 
 

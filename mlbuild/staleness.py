@@ -6,6 +6,17 @@ The target is fresh exactly when the fingerprint observed now is equal, and
 every difference becomes a reason the user can read. Content decides, never
 timestamps: the stat cache only saves re-hashing unchanged bytes.
 
+The key is complete: besides what the step reads, it holds the interface the
+step sees (`ports`: each declared input and output in order, with its port
+name, its path or pattern and a pattern's matches), because a command's
+`{inputs}` and a function's keyword arguments change with them. Environment
+values (often secrets) are kept as BLAKE3 digests, never in plain text.
+
+A Python step's manifest also holds what the worker saw it use (observed.py):
+`discovered`, project files it read without declaring them, and `imported`,
+project modules it imported that the static closure misses. The next
+observation digests those same paths again, so a change to them reruns it.
+
 The action compared is the command *template*: the interpolated command is a
 function of the template, the parameter values and the paths, which are all
 compared on their own, so a changed parameter reads as `param epochs changed
@@ -19,7 +30,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from mlbuild.code import CodeFingerprint
+from mlbuild.code import AT_RUN_TIME, CodeFingerprint
 from mlbuild.config import EMPTY, Target
 from mlbuild.fingerprint import (
     Digest,
@@ -27,10 +38,18 @@ from mlbuild.fingerprint import (
     diff_listings,
     encode_value,
     expand_port,
+    hash_bytes,
 )
 
-MANIFEST_VERSION = 1
+# 2: ports, env digests, discovered inputs, imported and dynamic code. A manifest of
+# another version reads as stale ("written by another version"), never as fresh.
+MANIFEST_VERSION = 2
 _MAX_LISTED = 3  # entries named per directory in a reason before "and N more"
+
+
+# A port as the manifest keeps it: [direction, name or None, path or pattern, matches].
+# Matches are listed for patterns only (a plain path matches itself).
+PortEntry = tuple[str, str | None, str, tuple[str, ...]]
 
 
 class Fingerprint(NamedTuple):
@@ -38,23 +57,31 @@ class Fingerprint(NamedTuple):
 
     action: str
     params: Mapping[str, str]  # name -> canonical encoding
-    env: Mapping[str, str | None]
+    env: Mapping[str, str | None]  # name -> BLAKE3 of the value, None when unset
     inputs: Mapping[str, str]  # path -> "kind:digest" (globs expanded to their matches)
     outputs: Mapping[str, str] = EMPTY
     code: Mapping[str, str] = EMPTY  # code file -> digest
     packages: Mapping[str, str | None] = EMPTY
+    ports: tuple[PortEntry, ...] = ()  # the declared interface, in order
+    discovered: Mapping[str, str] = EMPTY  # undeclared files the step read -> "kind:digest"
+    imported: tuple[str, ...] = ()  # code files seen imported at run time, not found statically
+    dynamic: tuple[str, ...] = ()  # code files importing modules by computed names
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "version": MANIFEST_VERSION,
                 "action": self.action,
-                "params": self.params,
-                "env": self.env,
-                "inputs": self.inputs,
-                "outputs": self.outputs,
-                "code": self.code,
-                "packages": self.packages,
+                "params": dict(self.params),
+                "env": dict(self.env),
+                "inputs": dict(self.inputs),
+                "outputs": dict(self.outputs),
+                "code": dict(self.code),
+                "packages": dict(self.packages),
+                "ports": self.ports,
+                "discovered": dict(self.discovered),
+                "imported": self.imported,
+                "dynamic": self.dynamic,
             },
             sort_keys=True,
             separators=(",", ":"),
@@ -72,13 +99,23 @@ class Fingerprint(NamedTuple):
             env=data["env"],
             inputs=data["inputs"],
             outputs=data["outputs"],
-            code=data.get("code", {}),
-            packages=data.get("packages", {}),
+            code=data["code"],
+            packages=data["packages"],
+            ports=tuple(
+                (kind, name, path, tuple(matches)) for kind, name, path, matches in data["ports"]
+            ),
+            discovered=data["discovered"],
+            imported=tuple(data["imported"]),
+            dynamic=tuple(data["dynamic"]),
         )
 
 
 class Observation(NamedTuple):
-    """A target's fingerprint as of now, with the directory listings behind it."""
+    """A target's fingerprint as of now, with the directory listings behind it.
+
+    `imported_by` maps a code file to the file that imports it (AT_RUN_TIME:
+    seen only when the step ran).
+    """
 
     fingerprint: Fingerprint
     listings: Mapping[str, tuple[tuple[str, str], ...]]  # "dir:digest" -> listing
@@ -96,6 +133,23 @@ class Decision(NamedTuple):
 def expand_inputs(target: Target, root: str) -> list[str]:
     """The target's input paths, with glob patterns replaced by their matches."""
     return [path for port in target.inputs for path in expand_port(port, root)]
+
+
+def interface(target: Target, root: str) -> tuple[PortEntry, ...]:
+    """The declared inputs and outputs in order, as the step receives them."""
+    entries: list[PortEntry] = []
+    for kind, ports in (("in", target.inputs), ("out", target.outputs)):
+        for port in ports:
+            matches = tuple(expand_port(port, root)) if port.is_glob else ()
+            entries.append((kind, port.name, port.path, matches))
+    return tuple(entries)
+
+
+def env_digest(value: str | None) -> str | None:
+    """What the manifest keeps of an environment value: its BLAKE3, None when unset."""
+    if value is None:
+        return None
+    return hash_bytes(value.encode("utf-8", "surrogateescape"))
 
 
 def _digest_text(digest: Digest) -> str:
@@ -122,19 +176,33 @@ def observe(
     *,
     code: CodeFingerprint | None = None,
     packages: Mapping[str, str | None] | None = None,
+    previous: Fingerprint | None = None,
 ) -> Observation:
-    """Fingerprint a target as it stands now (inputs hashed through the stat cache)."""
+    """Fingerprint a target as it stands now (inputs hashed through the stat cache).
+
+    `previous` is its manifest: the files it was seen reading there are
+    digested again (`code` already holds the modules it was seen importing).
+    """
+    root = str(fp.root)
     listings: dict[str, tuple[tuple[str, str], ...]] = {}
-    inputs = observe_paths(fp, expand_inputs(target, str(fp.root)), listings)
+    ports = interface(target, root)
+    inputs: dict[str, str] = {}
+    for port, (_, _, _, matches) in zip(target.inputs, ports, strict=False):
+        inputs.update(observe_paths(fp, list(matches) if port.is_glob else [port.path], listings))
     outputs = observe_paths(fp, [p.path for p in target.outputs], listings)
+    discovered = observe_paths(fp, list(previous.discovered), listings) if previous else {}
     fingerprint = Fingerprint(
         action=target.action,
         params={name: encode_value(value) for name, value in target.params.items()},
-        env={name: os.environ.get(name) for name in target.env},
+        env={name: env_digest(os.environ.get(name)) for name in target.env},
         inputs=inputs,
         outputs=outputs,
         code=dict(code.files) if code else {},
         packages=dict(packages or {}),
+        ports=ports,
+        discovered=discovered,
+        imported=previous.imported if previous else (),
+        dynamic=code.dynamic if code else (),
     )
     return Observation(fingerprint, listings, code.imported_by if code else {})
 
@@ -149,9 +217,15 @@ def decide(
     old_listing: ListingLoader,
     *,
     forced: bool = False,
+    stored: bool = False,
 ) -> Decision:
-    """Compare the observed fingerprint with the manifest; fresh only if all is equal."""
+    """Compare the observed fingerprint with the manifest; fresh only if all is equal.
+
+    `stored`: a manifest exists, though `before` is None (another manifest version).
+    """
     if before is None:
+        if stored:
+            return Decision(False, ("its manifest was written by another version of mlbuild",))
         return Decision(False, ("never built",))
     reasons: list[str] = []
     if forced:
@@ -161,17 +235,29 @@ def decide(
     cur = now.fingerprint
     if cur.action != before.action:
         reasons.append("command changed" if target.cmd is not None else "function changed")
-    reasons += _code_reasons(cur.code, before.code, now.imported_by)
+    reasons += _code_reasons(cur.code, before.code, now.imported_by, before.imported)
     reasons += _param_reasons(cur.params, before.params)
-    for name in sorted(set(cur.env) | set(before.env)):
-        if cur.env.get(name) != before.env.get(name):
-            reasons.append(f"env {name} changed")
+    reasons += _env_reasons(cur.env, before.env)
     for name in sorted(set(cur.packages) | set(before.packages)):
         old, new = before.packages.get(name), cur.packages.get(name)
         if old != new:
             reasons.append(f"package {name} changed {old or 'absent'} -> {new or 'absent'}")
-    reasons += _path_reasons("input", cur.inputs, before.inputs, now.listings, old_listing)
-    reasons += _output_reasons(cur.outputs, before.outputs)
+    input_reasons = _path_reasons("input", cur.inputs, before.inputs, now.listings, old_listing)
+    output_reasons = _output_reasons(cur.outputs, before.outputs)
+    told = frozenset(
+        kind
+        for kind, same in (
+            ("in", set(cur.inputs) == set(before.inputs)),
+            ("out", set(cur.outputs) == set(before.outputs)),
+        )
+        if not same
+    )
+    reasons += _port_reasons(cur.ports, before.ports, told)
+    reasons += input_reasons
+    reasons += _path_reasons(
+        "discovered input", cur.discovered, before.discovered, now.listings, old_listing
+    )
+    reasons += output_reasons
     compared = ", ".join(
         f"{len(items)} {label}"
         for label, items in (
@@ -180,6 +266,7 @@ def decide(
             ("env vars", cur.env),
             ("packages", cur.packages),
             ("inputs", cur.inputs),
+            ("discovered inputs", cur.discovered),
             ("outputs", cur.outputs),
         )
         if items
@@ -190,18 +277,84 @@ def decide(
 
 
 def _code_reasons(
-    cur: Mapping[str, str], before: Mapping[str, str], imported_by: Mapping[str, str]
+    cur: Mapping[str, str],
+    before: Mapping[str, str],
+    imported_by: Mapping[str, str],
+    seen_imported: tuple[str, ...],
 ) -> list[str]:
     reasons: list[str] = []
     for path in sorted(set(cur) | set(before)):
         if cur.get(path) == before.get(path):
             continue
         if path not in cur:
-            reasons.append(f"code removed: {path} (no longer imported)")
+            # A module seen at run time is dropped only when its file is gone.
+            gone = "deleted" if path in seen_imported else "no longer imported"
+            reasons.append(f"code removed: {path} ({gone})")
+        elif imported_by.get(path) == AT_RUN_TIME:
+            reasons.append(f"code changed: {path} (imported when the step last ran)")
         elif path in imported_by:
             reasons.append(f"code changed: {path} (imported by {imported_by[path]})")
         else:
             reasons.append(f"code changed: {path}")
+    return reasons
+
+
+def _env_reasons(cur: Mapping[str, str | None], before: Mapping[str, str | None]) -> list[str]:
+    """Names, and that the value changed; never a value (env vars often hold secrets)."""
+    reasons: list[str] = []
+    for name in sorted(set(cur) | set(before)):
+        if name not in before:
+            reasons.append(f"env {name} added")
+        elif name not in cur:
+            reasons.append(f"env {name} removed")
+        elif cur[name] != before[name]:
+            reasons.append(f"env {name} changed")
+    return reasons
+
+
+def _port_reasons(
+    cur: tuple[PortEntry, ...], before: tuple[PortEntry, ...], paths_told: frozenset[str]
+) -> list[str]:
+    """How the declared interface changed: reordered ports, a port pointing elsewhere.
+
+    `paths_told` holds the directions ("in", "out") whose path reasons already
+    say what was added or removed (`input added: c`); this names what they
+    cannot show: order, port names, and matches moving between patterns.
+    """
+    if cur == before:
+        return []
+    reasons: list[str] = []
+    for kind, what in (("in", "input"), ("out", "output")):
+        new = [(name, path) for k, name, path, _ in cur if k == kind]
+        old = [(name, path) for k, name, path, _ in before if k == kind]
+        if new == old:
+            continue
+        told = kind in paths_told
+        new_names = {name: path for name, path in new if name is not None}
+        old_names = {name: path for name, path in old if name is not None}
+        named: list[str] = []
+        for name in sorted(set(new_names) | set(old_names)):
+            was, now = old_names.get(name), new_names.get(name)
+            if was == now:
+                continue
+            if was is not None and now is not None:
+                named.append(f"{what} port {name} now '{now}' (was '{was}')")
+            elif not told:
+                named.append(
+                    f"{what} port {name} added ('{now}')"
+                    if was is None
+                    else f"{what} port {name} removed (was '{was}')"
+                )
+        if named:
+            reasons += named
+        elif sorted(new, key=repr) == sorted(old, key=repr):
+            reasons.append(f"{what}s reordered")
+        elif not told:
+            was_text = ", ".join(f"'{path}'" for _, path in old)
+            now_text = ", ".join(f"'{path}'" for _, path in new)
+            reasons.append(f"{what}s now [{now_text}] (were [{was_text}])")
+    if not reasons and not paths_told:  # same declarations, matches moved between patterns
+        reasons.append("input patterns now match other files")
     return reasons
 
 

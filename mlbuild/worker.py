@@ -11,7 +11,9 @@ raised counts, KeyboardInterrupt and SystemExit(non-zero) included: its
 traceback is printed without this module's frames, and what was raised is
 written to the timing file (`"raised": "ValueError: ..."`) so that mlbuild
 says "raised ValueError: ..." rather than a bare exit code or "killed by
-signal 2". Imports only the standard library, and only what it needs.
+signal 2". Imports only the standard library, and only what it needs
+(mlbuild.observed, which records the files and modules the step uses, is
+standard library only too).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mlbuild.observed import Recorder
 
 EXIT_RAISED = 1
 EXIT_BAD_CALL = 2
@@ -117,10 +122,34 @@ def _import_project_code_from_source(root: str) -> None:
     sys.path_importer_cache.clear()
 
 
+def _start_recording(call: dict[str, Any]) -> Recorder | None:
+    """Record the project files and modules the step uses (see observed.py).
+
+    Only when the runner asked for timing: it reads the observation from beside it.
+    """
+    if not call.get("timing"):
+        return None
+    from mlbuild.observed import Recorder
+
+    recorder = Recorder(call["root"])
+    recorder.start()
+    return recorder
+
+
+def _write_observed(call: dict[str, Any], recorder: Recorder | None) -> None:
+    """After a successful call: what the step used, for the runner to add to its manifest."""
+    if recorder is not None:
+        try:
+            recorder.write(call["timing"])
+        except OSError as exc:  # the step succeeded; only the observation is lost
+            print(f"mlbuild: could not record what the step read: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     call = json.loads(argv[0])
     sys.path.insert(0, call["root"])
     _import_project_code_from_source(call["root"])
+    recorder = _start_recording(call)
     module_name, _, function_name = call["ref"].partition(":")
     started = time.perf_counter()
     try:
@@ -164,6 +193,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_RAISED
+    _write_observed(call, recorder)
     return 0
 
 

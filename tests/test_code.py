@@ -194,3 +194,107 @@ def test_tracked_package_version_counts(project: Project) -> None:
         "Step `t` has started: package surely-not-installed-dist changed 0.1 -> absent."
         in result.out
     )
+
+
+SAMPLE = """
+[targets.sample]
+python = "steps.sample:sample"
+outputs = { o = "o.txt" }
+"""
+
+
+def test_the_step_modules_own_package_init_counts(project: Project) -> None:
+    # Python runs steps/__init__.py before steps/sample.py: its seed decides the output.
+    project.pipeline(SAMPLE)
+    project.write("steps/__init__.py", "import random\n\nrandom.seed(1)\n")
+    project.write(
+        "steps/sample.py",
+        "import random\n\n\ndef sample(o):\n    o.write_text(str(random.random()))\n",
+    )
+    assert project.run().started() == ["sample"]
+    first = project.read("o.txt")
+    project.write("steps/__init__.py", "import random\n\nrandom.seed(2)\n")
+    assert "stale  sample: code changed: steps/__init__.py" in project.run("status").out
+    result = project.run()
+    assert "Step `sample` has started: code changed: steps/__init__.py." in result.out
+    assert project.read("o.txt") != first
+
+
+def test_a_module_reading_docstrings_keeps_them_in_its_hash(project: Project) -> None:
+    project.pipeline(SAMPLE)
+    project.write("steps/__init__.py", "")
+    project.write(
+        "steps/sample.py",
+        '''
+        import inspect
+
+
+        def usage():
+            """Usage: sample."""
+
+
+        def sample(o):
+            o.write_text(inspect.getdoc(usage))
+        ''',
+    )
+    assert project.run().code == 0
+    project.write("steps/sample.py", project.read("steps/sample.py").replace("sample.", "run."))
+    result = project.run()
+    assert "Step `sample` has started: code changed: steps/sample.py." in result.out
+    assert project.read("o.txt") == "Usage: run."
+
+
+def test_literal_dynamic_imports_are_followed_statically(project: Project) -> None:
+    project.pipeline(SAMPLE)
+    project.write("steps/__init__.py", "")
+    project.write(
+        "steps/sample.py",
+        """
+        import importlib
+
+
+        def sample(o):
+            a = importlib.import_module("steps.dyn")
+            b = __import__("steps.dyn2", fromlist=["VALUE"])
+            c = importlib.import_module(".dyn3", __package__)
+            o.write_text(a.VALUE + b.VALUE + c.VALUE)
+        """,
+    )
+    for name in ("dyn", "dyn2", "dyn3"):
+        project.write(f"steps/{name}.py", f"VALUE = '{name} '\n")
+    assert project.run().code == 0
+    for name in ("dyn", "dyn2", "dyn3"):
+        project.write(f"steps/{name}.py", f"VALUE = '{name}! '\n")
+    result = project.run("status")
+    # Found statically ("imported by"), not only seen when the step ran.
+    for name in ("dyn", "dyn2", "dyn3"):
+        assert f"code changed: steps/{name}.py (imported by steps/sample.py)" in result.out
+    assert "may be incomplete" not in project.run("show", "sample").out
+
+
+def test_a_computed_dynamic_import_is_noted_by_show(project: Project) -> None:
+    project.pipeline(SAMPLE + "params = { which = 'dyn' }\n")
+    project.write("steps/__init__.py", "")
+    project.write(
+        "steps/sample.py",
+        """
+        import importlib
+
+
+        def sample(o, which):
+            o.write_text(importlib.import_module("steps." + which).VALUE)
+        """,
+    )
+    project.write("steps/dyn.py", "VALUE = '1'\n")
+    assert project.run().code == 0
+    shown = project.run("show", "sample").out
+    assert (
+        "  note: steps/sample.py imports a module by a computed name, so the code closure may be"
+        " incomplete" in shown
+    )
+    assert "declare files it loads otherwise in `inputs`" in shown
+    # The worker saw which module it was: an edit reruns the step all the same.
+    project.write("steps/dyn.py", "VALUE = '2'\n")
+    result = project.run()
+    assert "code changed: steps/dyn.py (imported when the step last ran)" in result.out
+    assert project.read("o.txt") == "2"

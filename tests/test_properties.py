@@ -415,3 +415,105 @@ def test_incremental_runs_match_clean_builds_and_the_model(scenario: Scenario) -
         # Nothing changed since the last run: a run without options only brings back
         # what the last run's `--set` values changed.
         check_run(project, scratch, runlog, model, NextRun(), "final run")
+
+
+# -- Python-function targets: helper modules and data files that change ------------------
+#
+# Target `a` imports a helper statically (steps/helpers.py), a module found only through
+# `sys.path.insert(0, "lib")` (lib/libmod.py) and reads an undeclared data/cfg.json;
+# target `b` reads `a`'s output and the same lib module. Random edits change a helper's
+# value or only its comments, the data file's value or only its bytes, the declared
+# source. The model: a target runs iff the code it ran (by value: comments do not
+# count) or the bytes it read differ from its last run, and is restored from the cache
+# instead when it ran with exactly those before. No run may leave a stale output.
+
+PY_PIPELINE = """
+[targets.a]
+python = "steps.a:run"
+inputs = { src = "src/in.txt" }
+outputs = { o = "out/a.txt" }
+
+[targets.b]
+python = "steps.b:run"
+inputs = { a = "out/a.txt" }
+outputs = { o = "out/b.txt" }
+"""
+PY_STEPS = {
+    "steps/__init__.py": "",
+    "steps/a.py": (
+        "import json\nimport sys\n\nsys.path.insert(0, 'lib')\nimport libmod\n\n"
+        "from steps import helpers\n\n\ndef run(src, o):\n"
+        "    with open('data/cfg.json') as handle:\n"
+        "        cfg = json.load(handle)['v']\n"
+        "    o.write_text(f'{helpers.K} {libmod.K} {cfg} {src.read_text()}')\n"
+    ),
+    "steps/b.py": (
+        "import sys\n\nsys.path.insert(0, 'lib')\nimport libmod\n\n\ndef run(a, o):\n"
+        "    o.write_text(f'{len(a.read_text())} {libmod.K}')\n"
+    ),
+}
+PY_FILES = {"helper": "steps/helpers.py", "lib": "lib/libmod.py", "cfg": "data/cfg.json"}
+PY_FILES["src"] = "src/in.txt"
+PyState = dict[str, tuple[int, bool]]  # file kind -> (value, cosmetic variant)
+PY_EDIT = st.tuples(st.sampled_from(sorted(PY_FILES)), st.integers(0, 2), st.booleans())
+
+
+def py_file_text(kind: str, value: int, cosmetic: bool) -> str:
+    """A file's text: a cosmetic variant changes a module's comments, a data file's bytes."""
+    if kind in ("helper", "lib"):
+        return ("# edited\n" if cosmetic else "") + f"K = {value}\n"
+    if kind == "cfg":
+        return f'{{"v": {value}}}' + ("\n" if cosmetic else "")
+    return f"s{value}" + ("!" if cosmetic else "")
+
+
+def py_expected(state: PyState) -> dict[str, tuple[object, ...] | str]:
+    """Per target what its result depends on, and the outputs, as the model computes them."""
+    src = py_file_text("src", *state["src"])
+    a_out = f"{state['helper'][0]} {state['lib'][0]} {state['cfg'][0]} {src}"
+    return {
+        "a": (state["helper"][0], state["lib"][0], state["cfg"], state["src"]),
+        "b": (a_out, state["lib"][0]),
+        "out/a.txt": a_out,
+        "out/b.txt": f"{len(a_out)} {state['lib'][0]}",
+    }
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches=st.lists(st.lists(PY_EDIT, min_size=1, max_size=3), min_size=1, max_size=3))
+def test_python_targets_follow_their_helper_modules_and_data_files(
+    batches: list[list[tuple[str, int, bool]]],
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="mlbuild-prop-py-") as tmp:
+        project, runlog = Path(tmp) / "project", Path(tmp) / "runlog"
+        state: PyState = {kind: (0, False) for kind in PY_FILES}
+        files = {**PY_STEPS, **{path: py_file_text(k, 0, False) for k, path in PY_FILES.items()}}
+        files["pipeline.toml"] = PY_PIPELINE
+        for rel, text in files.items():
+            (project / rel).parent.mkdir(parents=True, exist_ok=True)
+            (project / rel).write_text(text)
+        last: dict[str, tuple[object, ...]] = {}
+        seen: dict[str, set[tuple[object, ...]]] = {"a": set(), "b": set()}
+        for number, batch in enumerate([[], *batches]):
+            for kind, value, cosmetic in batch:
+                state[kind] = (value, cosmetic)
+                (project / PY_FILES[kind]).write_text(py_file_text(kind, value, cosmetic))
+            expected = py_expected(state)
+            ran: set[str] = set()
+            restored: set[str] = set()
+            for name in ("a", "b"):
+                key = expected[name]
+                assert isinstance(key, tuple)
+                if last.get(name) != key:
+                    (restored if key in seen[name] else ran).add(name)
+                last[name] = key
+                seen[name].add(key)
+            result = mlbuild_run(project, runlog)
+            context = f"run {number} after {batch}\n{result.stdout}{result.stderr}"
+            assert result.code == 0, context
+            assert set(matching(STARTED, result.stdout)) == ran, context
+            assert set(matching(RESTORED, result.stdout)) == restored, context
+            for output in ("out/a.txt", "out/b.txt"):
+                assert (project / output).read_text() == expected[output], context
+            status = mlbuild_cli(["status", "-f", str(project / "pipeline.toml")], runlog)
+            assert status.code == 0, context + status.stdout
