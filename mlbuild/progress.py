@@ -229,10 +229,12 @@ class LiveReporter:
             self._stopping.set()
             ticker.join()
         with self._draw_lock:
-            self._draw()
-            if self._live is not None:
-                live, self._live = self._live, None
-                live.stop()
+            try:
+                self._draw()
+            finally:
+                if self._live is not None:
+                    live, self._live = self._live, None
+                    live.stop()
 
     # -- the live area --------------------------------------------------------
 
@@ -302,8 +304,11 @@ class LiveReporter:
             with self._draw_lock:
                 if self._live is None:
                     return
-                if not self._draw():
-                    self._live.refresh()
+                try:
+                    if not self._draw():
+                        self._live.refresh()
+                except OSError:  # the terminal is gone (EIO): the main thread hears it too
+                    return
 
     # -- printing above the live area -----------------------------------------
 
