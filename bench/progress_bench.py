@@ -1,6 +1,7 @@
-"""No-op cost of the progress and history work: this tree against a baseline checkout.
+"""Cost of the live view: a no-op against a baseline checkout, and a chatty step.
 
     .venv/bin/python bench/progress_bench.py --before /tmp/head [--repeat 10]
+    .venv/bin/python bench/progress_bench.py --chatty 50 [--before /tmp/head] [--repeat 5]
 
 `--before` is a checkout of the baseline commit (`git worktree add /tmp/head
 HEAD`); nothing is installed from it: it runs as `python -m mlbuild` with
@@ -20,6 +21,12 @@ mlbuild process: on a machine shared with other work, CPU time shows the cost
 of the code with much less noise than wall time.
 
 Writes the `## Progress and history` section of bench/RESULTS.md.
+
+With `--chatty MB`, measures instead one step that prints MB megabytes of
+80-byte lines, forced to run, on a pseudo-terminal: `mlbuild run` (the live
+view) against `mlbuild run --plain`, alternating, for this tree (and for the
+`--before` tree when given). The goal is live <= 1.2x plain. It prints its
+table and writes nothing.
 """
 
 from __future__ import annotations
@@ -43,6 +50,15 @@ from features import write_shell  # noqa: E402
 from report import replace_section  # noqa: E402
 
 GOAL = 1.10
+CHATTY_GOAL = 1.20
+CHATTY_STEP = """\
+import sys
+
+line = "step %08d loss 0.123456 accuracy 0.987654 lr 0.001000 ...................\\n"
+write = sys.stdout.write
+for i in range(int(sys.argv[1]) * 1_000_000 // 80):
+    write(line % i)
+"""
 
 
 def side_env(tree: Path) -> dict[str, str]:
@@ -101,13 +117,13 @@ def run_piped(tree: Path, ws: Path) -> tuple[float, float]:
     return elapsed, children_cpu() - cpu
 
 
-def run_on_terminal(tree: Path, ws: Path) -> tuple[float, float]:
+def run_on_terminal(tree: Path, ws: Path, *args: str) -> tuple[float, float]:
     """Wall and CPU seconds of `mlbuild run` on a pseudo-terminal, read until it exits."""
     leader, follower = pty.openpty()
     cpu = children_cpu()
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlbuild", "run"],
+        [sys.executable, "-m", "mlbuild", "run", *args],
         cwd=ws,
         env=side_env(tree),
         stdin=subprocess.DEVNULL,
@@ -132,11 +148,65 @@ def run_on_terminal(tree: Path, ws: Path) -> tuple[float, float]:
     return elapsed, children_cpu() - cpu
 
 
+def write_chatty(ws: Path, megabytes: int) -> None:
+    ws.mkdir(parents=True)
+    (ws / "chatty.py").write_text(CHATTY_STEP)
+    (ws / "pipeline.toml").write_text(
+        "[targets.chatty]\n"
+        f'cmd = "{sys.executable} chatty.py {megabytes} && echo done > {{outputs.done}}"\n'
+        'outputs = { done = "done.txt" }\n'
+    )
+
+
+def chatty(trees: dict[str, Path], megabytes: int, repeat: int) -> None:
+    """Live view against --plain for one step printing `megabytes` MB, per tree."""
+    samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    modes = {"live": ("--force",), "plain": ("--force", "--plain")}
+    with tempfile.TemporaryDirectory(prefix="mlbuild-chatty-bench-") as tmp:
+        for side in trees:
+            write_chatty(Path(tmp) / side, megabytes)
+        for _ in range(repeat):
+            for side, tree in trees.items():
+                for mode, args in modes.items():
+                    got = run_on_terminal(tree, Path(tmp) / side, *args)
+                    samples.setdefault((side, mode), []).append(got)
+    print(
+        f"`mlbuild run --force` of one step printing {megabytes} MB of 80-byte lines, on a"
+        f" pseudo-terminal; medians of {repeat}, modes alternating; {platform.node()},"
+        f" {os.cpu_count()} CPUs, Python {platform.python_version()}.\n"
+    )
+    print("| tree | live view wall | --plain wall | live / plain | live CPU | plain CPU | goal |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for side, tree in trees.items():
+        live = statistics.median(w for w, _ in samples[(side, "live")])
+        plain = statistics.median(w for w, _ in samples[(side, "plain")])
+        live_cpu = statistics.median(c for _, c in samples[(side, "live")])
+        plain_cpu = statistics.median(c for _, c in samples[(side, "plain")])
+        met = "met" if live / plain <= CHATTY_GOAL else "NOT met"
+        print(
+            f"| {side}: {describe(tree)} | {live:.2f} s | {plain:.2f} s | {live / plain:.2f}x"
+            f" | {live_cpu:.2f} s | {plain_cpu:.2f} s | <= {CHATTY_GOAL}x: {met} |"
+        )
+    print("\nSamples, wall / CPU (s):")
+    for (side, mode), values in samples.items():
+        print(f"- {side}, {mode}: " + ", ".join(f"{w:.2f}/{c:.2f}" for w, c in values))
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="mlbuild no-op: this tree against a baseline")
-    parser.add_argument("--before", type=Path, required=True, help="checkout of the baseline")
+    parser = argparse.ArgumentParser(description="mlbuild live view: no-op and chatty-step cost")
+    parser.add_argument("--before", type=Path, help="checkout of the baseline")
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--chatty", type=int, metavar="MB", help="measure a step printing MB MB")
     args = parser.parse_args()
+    if args.chatty is not None:
+        trees = {"after": HERE.parent}
+        if args.before is not None:
+            trees = {"before": args.before.resolve(), **trees}
+        for tree in trees.values():
+            check_import(tree)
+        return chatty(trees, args.chatty, args.repeat)
+    if args.before is None:
+        parser.error("--before is required (except with --chatty)")
     before, after = args.before.resolve(), HERE.parent
     for tree in (before, after):
         check_import(tree)

@@ -11,10 +11,20 @@ on a small pipeline in a temporary directory, as a user would:
   over 10 s without changes, once with inotify and once with `--poll`.
 
 Writes the `## Watch mode` section of bench/RESULTS.md, leaving the others.
+
+    python bench/watch_bench.py --plan 2000 [--changed 500]
+
+measures instead how long a cycle takes to decide what a batch of changes
+affects in a pipeline of many targets: 2000 independent copy steps, of which
+500 get their input rewritten at once (a checkout); the time from the last
+write until the watcher prints `... changed; checking ...`, less the 50 ms
+debounce, for 3 batches. It runs the mlbuild on PYTHONPATH (point that at each
+tree to compare), prints its numbers, and writes nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import queue
@@ -133,7 +143,57 @@ def measure_idle_cpu(root: Path, *extra: str) -> float:
         watcher.stop()
 
 
+def measure_planning(targets: int, changed: int, batches: int = 3) -> list[float]:
+    """Seconds from the last write of a batch to the `checking` line, less the debounce."""
+    debounce = 0.05
+    with tempfile.TemporaryDirectory(prefix="mlbuild-watch-plan-") as tmp:
+        root = Path(tmp)
+        (root / "data").mkdir()
+        (root / "pipeline.toml").write_text(
+            "".join(
+                f'[targets.t{i}]\ncmd = "cp {{inputs.i}} {{outputs.o}}"\n'
+                f'inputs = {{ i = "data/in{i}.txt" }}\noutputs = {{ o = "build/out{i}.txt" }}\n'
+                for i in range(targets)
+            )
+        )
+        for i in range(targets):
+            (root / f"data/in{i}.txt").write_text("0\n")
+        watcher = Watcher(root, "-j", "2", "--debounce", str(debounce * 1000))
+        try:
+            watcher.wait_for("waiting for changes.", timeout=600)
+            samples = []
+            for batch in range(1, batches + 1):
+                time.sleep(0.5)
+                for i in range(changed):
+                    (root / f"data/in{i}.txt").write_text(f"{batch}\n")
+                last = time.perf_counter()
+                samples.append(watcher.wait_for("changed; checking", timeout=600) - last - debounce)
+                watcher.wait_for("waiting for changes.", timeout=600)
+            return samples
+        finally:
+            watcher.stop()
+
+
+def plan_main(targets: int, changed: int) -> int:
+    import mlbuild
+
+    samples = measure_planning(targets, changed)
+    print(
+        f"mlbuild from {Path(mlbuild.__file__).parent.parent}: {changed} of {targets} inputs"
+        f" rewritten at once; last write to `checking`, less the debounce, per batch (ms):"
+        f" {', '.join(f'{s * 1000:.0f}' for s in samples)};"
+        f" median {statistics.median(samples) * 1000:.0f} ms"
+    )
+    return 0
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description="mlbuild watch: latency, idle CPU, planning")
+    parser.add_argument("--plan", type=int, metavar="TARGETS", help="measure cycle planning")
+    parser.add_argument("--changed", type=int, default=500, help="inputs rewritten per batch")
+    args = parser.parse_args()
+    if args.plan is not None:
+        return plan_main(args.plan, min(args.changed, args.plan))
     with tempfile.TemporaryDirectory(prefix="mlbuild-watch-bench-") as tmp:
         root = Path(tmp)
         make_project(root)

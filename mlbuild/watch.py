@@ -9,20 +9,60 @@ Two threads: watchdog's observer thread only drops irrelevant paths (outputs,
 thread that calls `Watcher.run` does everything else (reload, code scan, watch
 bookkeeping, builds). Changes that arrive while a build runs wait in the
 debouncer and become the next cycle.
+
+Which targets a changed path affects comes from an index (`Readers`) built
+once per pipeline and code scan: a dictionary probe per ancestor of the path,
+and a match per glob input, never a scan of every target per path.
+
+Each cycle's build holds the workspace lock (`lock.hold_workspace`, as `mlbuild
+run` takes it) from before the runner reads the state until it has written
+it, so another `mlbuild run` (or any command that takes the lock) waits for
+the cycle, or with `--no-wait` fails at once, and a cycle waits for them.
+The lock is released between cycles, while watch only waits for events.
+
+A step that writes into one of its own source inputs would retrigger itself
+forever: its write is an event in a watched input, and the runner records the
+input digests taken before the step, so the target is stale again. The rule
+(`OwnWrites`): the source inputs of every step are digested when the runner
+reports its start and again when it reports its end. If they differ, the
+step's inputs changed while it ran, and the digests at its end are kept. A
+later change to a path inside such an input is that step's own write exactly
+when the input's digests still equal those at the step's end (so events that
+arrive late, or in several batches, are attributed all the same; any edit
+after the step's end makes the digests differ). Digests, not event times: a
+change made while the step ran cannot be told from the step's own write by
+its event, so the first time, watch says so and runs the target again, in
+case it was an edit. When its inputs changed during SELF_WRITE_RUNS runs in a
+row and a cycle's only reason to check it is such changes, the target is left
+out of the cycle with one warning naming it and the paths it wrote. An edit
+made while it is not running still reruns it (and, if that run writes into
+its input again, the warning repeats). What this cannot see: an edit made
+while a known self-writing step runs is taken for its own write (the target
+stays stale, and `mlbuild run` or the next edit rebuilds it).
+
+Stopping: Ctrl-C, SIGTERM and SIGHUP (the terminal closed) all end watch
+mode the same way. Each raises KeyboardInterrupt in the main thread, so the
+build under way stops its steps' process groups and records nothing for them,
+and `run` returns 0. A step whose terminal went away never writes its outputs
+after mlbuild is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fnmatch
 import os
 import posixpath
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from types import FrameType
+from typing import Any, NamedTuple, TextIO
 
 from watchdog import events as ev
 from watchdog.observers import Observer
@@ -32,15 +72,19 @@ from watchdog.observers.polling import PollingObserver
 from mlbuild.code import CodeError, CodeScanner, Parsed
 from mlbuild.config import STATE_DIR, Pipeline, Port, load_pipeline
 from mlbuild.errors import Interrupted, MlbuildError
-from mlbuild.fingerprint import Fingerprinter
+from mlbuild.fingerprint import Digest, Fingerprinter, expand_port
 from mlbuild.graph import Graph, build_graph
 from mlbuild.lock import hold_workspace
-from mlbuild.results import BuildOptions, BuildResult, CliReporter, Outcome
+from mlbuild.results import BuildOptions, BuildResult, CliReporter, Failure, Outcome, Reporter
 from mlbuild.runner import run_build
+from mlbuild.staleness import Decision
 from mlbuild.store import Store
 
 DEFAULT_DEBOUNCE = 0.15  # seconds of quiet after the last event before a cycle starts
 DEFAULT_POLL_INTERVAL = 1.0  # seconds between directory scans when polling
+# Runs in a row that changed a step's own input after which watch stops rerunning it
+# for such changes: one could be an edit made while the step ran, two in a row are its own.
+SELF_WRITE_RUNS = 2
 
 # Only events that can change content. Opening or reading a file (the build
 # itself reads its inputs) must never start a cycle; with this filter inotify
@@ -226,28 +270,210 @@ def plan_watches(
     return {d: r for d, r in wanted.items() if d not in covered}
 
 
-def affected_targets(
-    graph: Graph, selected: Iterable[str], code: Mapping[str, frozenset[str]], paths: Iterable[str]
-) -> dict[str, set[str]]:
-    """Changed path -> the selected targets reading it (paths reading nothing are left out).
+class Readers:
+    """Which selected targets read a changed path: an index, built once per pipeline and code.
 
-    A target reads a path when the graph says so (`graph.affected`), when it is
-    one of its code files, or when the path is a directory above one of its
-    code files or source inputs (created, deleted or moved as a whole). Only
-    sources count there: the runner creating `build/` for an output is no change.
+    A target reads a path when the graph would say so (the path is one of its
+    inputs or inside one, or matches one of its globs), when it is one of its
+    code files, or when the path is a directory above one of its code files or
+    source inputs (created, deleted or moved as a whole). Only sources count
+    there: the runner creating `build/` for an output is no change.
+
+    A lookup costs a dictionary probe per ancestor of the path plus one match
+    per glob input, whatever the number of targets: a checkout touching a
+    thousand files in a pipeline of a thousand targets used to cost a million
+    comparisons per cycle.
     """
-    chosen = set(selected)
-    hits: dict[str, set[str]] = {}
-    for path in paths:
-        found = graph.affected([path]) & chosen
-        for name in chosen - found:
+
+    def __init__(
+        self, graph: Graph, selected: Iterable[str], code: Mapping[str, frozenset[str]]
+    ) -> None:
+        self.graph = graph
+        self.inputs: dict[str, set[str]] = {}  # input path -> targets reading it, or inside it
+        self.globs: list[tuple[str, str, str]] = []  # (pattern, static base, target)
+        self.around: dict[str, set[str]] = {}  # code file, or directory above code or a source
+        for name in selected:
+            for port in graph.targets[name].inputs:
+                if port.is_glob:
+                    self.globs.append((port.path, _static_base(port.path), name))
+                else:
+                    self.inputs.setdefault(port.path, set()).add(name)
             files = code.get(name, frozenset())
             bases = [base for base, _ in _sources(graph, name)]
-            if path in files or any(f.startswith(path + "/") for f in (*files, *bases)):
-                found.add(name)
-        if found:
-            hits[path] = found
-    return hits
+            for path in (*files, *(a for f in (*files, *bases) for a in _ancestors(f))):
+                self.around.setdefault(path, set()).add(name)
+
+    def affected(self, paths: Iterable[str]) -> dict[str, set[str]]:
+        """Changed path -> the selected targets reading it (paths reading nothing left out)."""
+        hits: dict[str, set[str]] = {}
+        for path in paths:
+            found = set(self.around.get(path, ()))
+            for key in (path, *_ancestors(path)):
+                found.update(self.inputs.get(key, ()))
+            for pattern, base, name in self.globs:
+                if name not in found and (
+                    fnmatch.fnmatchcase(path, pattern) or (base and path.startswith(base + "/"))
+                ):
+                    found.add(name)
+            if found:
+                hits[path] = found
+        return hits
+
+
+Observed = tuple[tuple[str, Digest], ...]  # one input's paths (a glob's matches), digested
+
+
+class Wrote(NamedTuple):
+    """A target whose step changed its own source inputs while it ran, in `runs` runs in a row."""
+
+    runs: int
+    end: Mapping[str, tuple[str, ...]]  # each input it changed -> its digests at the step's end
+    paths: tuple[str, ...]  # what changed in them during the last run
+
+
+def _inside(path: str, port: Port) -> bool:
+    """Whether a changed path belongs to a source input (a glob: to its static base)."""
+    base = _static_base(port.path) if port.is_glob else port.path
+    return not base or path == base or path.startswith(base + "/")
+
+
+def _summary(observed: Observed) -> tuple[str, ...]:
+    """What equality needs of an input: a directory's digest covers everything in it."""
+    return tuple(f"{path} {digest.kind}:{digest.digest}" for path, digest in observed)
+
+
+def _files(observed: Observed) -> dict[str, str]:
+    """Path -> `kind:digest` of every file of an input, to name what changed."""
+    files: dict[str, str] = {}
+    for path, digest in observed:
+        files[path] = f"{digest.kind}:{digest.digest}"
+        for rel, value in digest.listing:
+            files[f"{path}/{rel}"] = value
+    return files
+
+
+class OwnWrites:
+    """Tells a step's writes into its own inputs apart from edits (see the module docstring).
+
+    Inputs are digested through the watcher's stat cache: a file unchanged
+    since it was last digested costs a stat, so the digests at a step's start
+    and end cost a walk of its source inputs and the hashing of what changed.
+    Only while the step runs are the listings kept; afterwards, a digest per
+    input it changed.
+    """
+
+    def __init__(self, fp: Fingerprinter) -> None:
+        self.fp = fp
+        self.at_start: dict[str, dict[str, Observed]] = {}  # running target -> its inputs
+        self.wrote: dict[str, Wrote] = {}
+
+    def started(self, graph: Graph, name: str) -> None:
+        try:
+            self.at_start[name] = self.observe(graph, name)
+        except OSError:  # unreadable: this step is not followed
+            self.at_start.pop(name, None)
+
+    def ended(self, graph: Graph, name: str) -> None:
+        """The step of `name` exited: remember the inputs that changed while it ran."""
+        before = self.at_start.pop(name, None)
+        if before is None:
+            return
+        try:
+            after = self.observe(graph, name)
+        except OSError:
+            return
+        end = {
+            key: _summary(now)
+            for key, now in after.items()
+            if _summary(now) != _summary(before.get(key, ()))
+        }
+        if not end:
+            self.wrote.pop(name, None)
+            return
+        paths: set[str] = set()
+        for key in end:
+            old, new = _files(before.get(key, ())), _files(after[key])
+            paths.update(p for p in old.keys() | new.keys() if old.get(p) != new.get(p))
+        # A directory's own entry changes only with it: name it only when nothing inside did.
+        named = {p for p in paths if not any(q.startswith(p + "/") for q in paths)}
+        runs = self.wrote[name].runs + 1 if name in self.wrote else 1
+        self.wrote[name] = Wrote(runs, end, tuple(sorted(named)))
+
+    def judge(self, graph: Graph, name: str, paths: Iterable[str]) -> Wrote | None:
+        """`name`'s record when `paths` (changed, read by it) left its inputs as its step did.
+
+        None when a path is not in an input its step changed, or when such an
+        input differs now from its state at the step's end: then something
+        else changed it, and the target is checked as usual.
+        """
+        wrote = self.wrote.get(name)
+        if wrote is None:
+            return None
+        ports = {port.path: port for _, port in _sources(graph, name) if port.path in wrote.end}
+        touched: set[str] = set()
+        for path in paths:
+            inside = [key for key, port in ports.items() if _inside(path, port)]
+            if not inside:
+                return None
+            touched.update(inside)
+        try:
+            same = all(_summary(self.digest(graph, ports[k])) == wrote.end[k] for k in touched)
+        except OSError:
+            return None
+        return wrote if same else None
+
+    def observe(self, graph: Graph, name: str) -> dict[str, Observed]:
+        return {port.path: self.digest(graph, port) for _, port in _sources(graph, name)}
+
+    def digest(self, graph: Graph, port: Port) -> Observed:
+        paths = expand_port(port, str(graph.pipeline.root)) if port.is_glob else [port.path]
+        return tuple((path, self.fp.digest(path)) for path in paths)
+
+
+class _Attributing:
+    """The reporter of a watch build: tells `OwnWrites` when each step starts and ends.
+
+    The input states are taken before the line is passed on, as close to the
+    step's start and exit as the runner lets a reporter be.
+    """
+
+    def __init__(self, inner: Reporter, graph: Graph, own: OwnWrites) -> None:
+        self.inner, self.graph, self.own = inner, graph, own
+
+    def skipped(self, target: str, decision: Decision) -> None:
+        self.inner.skipped(target, decision)
+
+    def started(self, target: str, decision: Decision, command: str) -> None:
+        self.own.started(self.graph, target)
+        self.inner.started(target, decision, command)
+
+    def output(self, target: str, data: bytes) -> None:
+        self.inner.output(target, data)
+
+    def finished(self, target: str, duration: float) -> None:
+        self.own.ended(self.graph, target)
+        self.inner.finished(target, duration)
+
+    def restored(
+        self, target: str, duration: float, original_run: float, *, source: str = "cache"
+    ) -> None:
+        self.inner.restored(target, duration, original_run, source=source)
+
+    def failed(self, failure: Failure, duration: float) -> None:
+        self.own.ended(self.graph, failure.target)
+        self.inner.failed(failure, duration)
+
+    def not_run(self, target: str, because: str) -> None:
+        self.inner.not_run(target, because)
+
+    def would_run(self, target: str, reasons: Sequence[str]) -> None:
+        self.inner.would_run(target, reasons)
+
+    def warn(self, message: str) -> None:
+        self.inner.warn(message)
+
+    def summary(self, result: BuildResult) -> None:
+        self.inner.summary(result)
 
 
 class _Events(ev.FileSystemEventHandler):
@@ -302,15 +528,20 @@ class Watcher:
         self.pipeline_text = _read(self.file)
         self.code: dict[str, frozenset[str]] = {}
         self.scope = scope_of(self.graph, self.code)
+        self.readers = Readers(self.graph, self.selection, self.code)
         self.carry: set[str] = set()  # targets of a build that stopped on an error
-        self._fp = Fingerprinter(self.graph.pipeline.root, {})  # stat cache of code files
+        # Stat cache of code files and source inputs; filled from the state at the first build.
+        self._fp = Fingerprinter(self.graph.pipeline.root, {})
+        self._seeded = False
+        self.own = OwnWrites(self._fp)
         self._parsed: dict[str, Parsed] = {}
         self._observer: BaseObserver | None = None
         self._watches: dict[tuple[str, bool], tuple[ObservedWatch, int]] = {}
         self._handler = _Events(self._on_paths)
 
     def run(self) -> int:
-        """Watch until `stop` or Ctrl-C; returns 0, the normal end of watch mode."""
+        """Watch until `stop`, Ctrl-C, SIGTERM or SIGHUP; returns 0, the usual end of watch mode."""
+        restore = _stop_on_signals()
         try:
             self._use_observer(None)
             self._refresh()
@@ -326,12 +557,16 @@ class Watcher:
             while (batch := self.debouncer.wait()) is not None:
                 self._cycle(batch)
         except (KeyboardInterrupt, Interrupted):
-            self._say("stopped.")
+            # The running steps are stopped by now (the runner's own cleanup); after a
+            # SIGHUP the terminal may be gone, and there is no one left to tell.
+            with contextlib.suppress(OSError):
+                self._say("stopped.")
         finally:
             self.debouncer.close()
             if self._observer is not None:
                 self._observer.stop()
                 self._observer.join()
+            restore()
         return 0
 
     def stop(self) -> None:
@@ -350,9 +585,10 @@ class Watcher:
         pipeline_rel = self.graph.pipeline.file.name
         reloaded = pipeline_rel in paths and self._reload()
         self._refresh(paths)
-        hits = affected_targets(self.graph, self.selection, self.code, paths)
+        readers = self.readers.affected(paths)
+        hits = self._not_own_writes(readers)
         if not hits and not reloaded:
-            if self.options.verbosity > 0:
+            if self.options.verbosity > 0 and not readers:
                 self._say(f"{_shown(paths)} changed; no selected target reads it.")
             return
         carried = self.carry.intersection(self.selection)  # a reload may have removed some
@@ -366,6 +602,38 @@ class Watcher:
         else:
             after = time.monotonic() - batch.last_event
             self._say(f"{_ran(result)}; done {after:.3f}s after the change; waiting for changes.")
+
+    def _not_own_writes(self, hits: dict[str, set[str]]) -> dict[str, set[str]]:
+        """`hits` without the targets that only their own steps' writes retriggered.
+
+        Says so for each target whose inputs changed during its last run and are
+        as its step left them: once, it runs again (that change may have been an
+        edit made while it ran); after SELF_WRITE_RUNS such runs in a row, it is
+        left out, with a warning naming what it wrote.
+        """
+        paths_of: dict[str, set[str]] = {}
+        for path, names in hits.items():
+            for name in names:
+                paths_of.setdefault(name, set()).add(path)
+        left_out: set[str] = set()
+        for name, paths in paths_of.items():
+            wrote = self.own.judge(self.graph, name, paths)
+            if wrote is None:
+                continue
+            inputs = ", ".join(wrote.end)
+            if wrote.runs < SELF_WRITE_RUNS:
+                self._say(
+                    f"{_shown(wrote.paths)} changed while `{name}` ran (in its input {inputs});"
+                    " running it again: if that run changes it too, that is the step's own write."
+                )
+                continue
+            left_out.add(name)
+            self.reporter.warn(
+                f"not rerunning `{name}`: its step wrote {_shown(wrote.paths)}, inside its own"
+                f" input {inputs}, in each of its last {wrote.runs} runs (a step should not"
+                " write into its inputs); a change made while it is not running reruns it"
+            )
+        return {path: names - left_out for path, names in hits.items() if names - left_out}
 
     def _reload(self) -> bool:
         """Load the edited pipeline file; on a mistake say so and keep the last good one."""
@@ -407,6 +675,8 @@ class Watcher:
             except (CodeError, OSError):
                 files.update(self.code.get(name, ()))  # a broken module keeps its last closure
             code[name] = frozenset(files)
+        if code != self.code or self.readers.graph is not self.graph:
+            self.readers = Readers(self.graph, self.selection, code)
         self.code = code
         self._parsed.update(scanner.new_parsed)
         self._fp.take_updates()
@@ -476,7 +746,12 @@ class Watcher:
         options = self.build_options._replace(targets=tuple(names), keep_going=True, force=force)
         try:
             with self._locked_state(self.graph.pipeline) as store:
-                result = run_build(self.graph, store, self.reporter, options)
+                if not self._seeded:  # what the state knows of the inputs: stats, not hashes
+                    self._fp.stats.update(store.load_stats())
+                    self._seeded = True
+                self.own.at_start.clear()
+                reporter = _Attributing(self.reporter, self.graph, self.own)
+                result = run_build(self.graph, store, reporter, options)
                 recorded = store.load_durations()
         except (MlbuildError, OSError) as exc:
             if isinstance(exc, Interrupted):
@@ -508,6 +783,31 @@ class Watcher:
     def _error(self, exc: Exception) -> None:
         self.err.write(f"mlbuild: error: {exc}\n")
         self.err.flush()
+
+
+def _stop_on_signals() -> Callable[[], None]:
+    """SIGTERM and SIGHUP (a closed terminal) stop watch mode as Ctrl-C does; returns the undo.
+
+    Each raises KeyboardInterrupt in the main thread, so the build under way
+    stops its steps' process groups and records nothing for them, exactly as
+    for Ctrl-C. Without this, SIGHUP ended mlbuild at once and left the step
+    it had started (in a session of its own) running, writing its outputs
+    after mlbuild was gone. Only the main thread may set handlers; a watcher
+    run from another thread (the tests) leaves them alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    return restore
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def _inode(path: Path) -> int | None:

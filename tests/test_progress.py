@@ -280,3 +280,59 @@ def test_no_op_on_a_terminal_prints_the_summary_without_importing_rich(tmp_path:
     assert re.search(
         r"^mlbuild: 2 skipped in [\d.]+s \(saved [\d.]+s by skipping\)\.\r$", screen, re.M
     )
+
+
+def test_a_chatty_step_is_drawn_in_few_frames_and_its_output_kept_whole() -> None:
+    """Output is queued and written with the next frame, not one frame per chunk; the
+    log still ends with every line in order, the last state of a progress line, and the
+    unfinished last line, with colors kept and cursor moves dropped."""
+    clock = Clock()
+    console = Console(
+        record=True, file=io.StringIO(), force_terminal=True, width=100, color_system="standard"
+    )
+    reporter = LiveReporter(
+        console.file,  # type: ignore[arg-type]
+        io.StringIO(),
+        prefix=True,
+        console=console,
+        clock=clock,
+        auto_refresh=False,
+    )
+    reporter.planned(BuildPlan(("train",), {"train": ()}, 2, {}))
+    reporter.started("train", NEVER, "python t.py")
+    for i in range(400):  # 2,000 lines in 400 chunks, lines split across chunks
+        reporter.output("train", b"".join(b"line %d\n" % (i * 5 + k) for k in range(5))[:-3])
+        reporter.output("train", b"".join(b"line %d\n" % (i * 5 + k) for k in range(5))[-3:])
+    reporter.output("train", b"epoch 1 10%\r epoch 1 100%\r\n\x1b[1A\x1b[2K\x1b[31mred\x07\n")
+    reporter.output("train", b"no newline at the end")
+    reporter.finished("train", 2.0)
+    reporter.summary(BuildResult((TargetResult("train", Outcome.RAN, duration=2.0),), 2.1))
+    raw = console.file.getvalue()  # type: ignore[attr-defined]
+    assert raw.count("targets · ") <= 4  # frames of the live area: one per chunk before
+    assert "\x1b[31mred\x1b[0m" in raw and "\x07" not in raw
+    assert final_screen(raw) == [
+        *(f"[train] line {n}" for n in range(2000)),
+        "[train]  epoch 1 100%",
+        "[train] red",
+        "[train] no newline at the end",
+        "Step `train` has finished in 2.000s.",
+        "mlbuild: 1 ran in 2.100s.",
+    ]
+
+
+CHATTY = """
+[targets.talk]
+cmd = "seq 1 30000 && echo done > {outputs.d}"
+outputs = { d = "done.txt" }
+"""
+
+
+def test_a_chatty_step_on_a_terminal_leaves_its_whole_output_and_the_summary(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "pipeline.toml").write_text(CHATTY)
+    lines = final_screen(on_terminal(tmp_path, "run", "-j", "1"))
+    assert lines[:30000] == [str(n) for n in range(1, 30001)]
+    assert re.fullmatch(r"Step `talk` has finished in [\d.]+s\.", lines[30000]), lines[30000:]
+    assert re.fullmatch(r"mlbuild: 1 ran in [\d.]+s\.", lines[30001])
+    assert len(lines) == 30002

@@ -33,7 +33,7 @@ from mlbuild.graph import build_graph
 from mlbuild.lock import WorkspaceLock
 from mlbuild.report import PlainReporter
 from mlbuild.results import BuildOptions
-from mlbuild.watch import Debouncer, Watcher, WatchOptions, plan_watches, scope_of
+from mlbuild.watch import Debouncer, Readers, Watcher, WatchOptions, plan_watches, scope_of
 
 CHAIN = """
 [targets.upper]
@@ -250,6 +250,46 @@ def test_watches_cover_sources_and_code_never_outputs(tmp_path: Path) -> None:
     plan = plan_watches(graph, graph.order, {"a": frozenset({"scripts/a.sh"})})
     # later/ does not exist yet: the root stands in for it, and sees it created.
     assert plan == {"": False, "data": False, "corpus": True, "parts": True, "scripts": False}
+
+
+def test_readers_find_the_targets_a_changed_path_affects(tmp_path: Path) -> None:
+    write(tmp_path, "pipeline.toml", """
+        [targets.a]
+        cmd = "sh scripts/a.sh {inputs} > {outputs}"
+        inputs = ["data/raw.txt", "corpus", "parts/**/*.csv"]
+        outputs = ["build/a.txt"]
+
+        [targets.b]
+        cmd = "cat {inputs} > {outputs}"
+        inputs = ["build/a.txt", "data/raw.txt"]
+        outputs = ["out/b.txt"]
+
+        [targets.c]
+        cmd = "cat {inputs} > {outputs}"
+        inputs = ["*.cfg"]
+        outputs = ["out/c.txt"]
+        """)  # fmt: skip
+    graph = build_graph(load_pipeline(tmp_path / "pipeline.toml"))
+    readers = Readers(graph, graph.order, {"a": frozenset({"scripts/lib/a.sh"})})
+    changed = [
+        *("data/raw.txt", "corpus", "corpus/sub/1.txt", "parts/p/q/1.csv", "parts/x.txt"),
+        *("scripts/lib/a.sh", "scripts/lib", "scripts", "data", "main.cfg", "notes.txt"),
+        *("build/a.txt", "corpusx/1.txt", "data/raw.txt.bak"),
+    ]
+    assert readers.affected(changed) == {
+        "data/raw.txt": {"a", "b"},
+        "corpus": {"a"},
+        "corpus/sub/1.txt": {"a"},
+        "parts/p/q/1.csv": {"a"},
+        "parts/x.txt": {"a"},  # inside the glob's base: a directory move may bring matches
+        "scripts/lib/a.sh": {"a"},
+        "scripts/lib": {"a"},
+        "scripts": {"a"},
+        "data": {"a", "b"},
+        "main.cfg": {"c"},
+        "build/a.txt": {"b"},
+    }
+    assert Readers(graph, ["c"], {}).affected(changed) == {"main.cfg": {"c"}}
 
 
 # A real observer on real files.
@@ -526,6 +566,85 @@ def test_a_cycle_waits_for_another_mlbuild_holding_the_workspace(tmp_path: Path)
         assert started(seen) == ["upper", "count", "first"]
 
 
+GATED = """
+[targets.slow]
+cmd = "while [ ! -e gate ]; do sleep 0.02; done; cp {inputs.i} {outputs.o}"
+inputs = { i = "data/in.txt" }
+outputs = { o = "build/slow.txt" }
+"""
+
+
+def test_a_cycle_holds_the_workspace_while_it_builds(tmp_path: Path) -> None:
+    write(tmp_path, "pipeline.toml", GATED)
+    write(tmp_path, "data/in.txt", "1\n")
+    write(tmp_path, "gate", "")
+    with watching(tmp_path) as w:
+        (tmp_path / "gate").unlink()
+        mark = w.mark()
+        write(tmp_path, "data/in.txt", "2\n")
+        w.wait_text("Step `slow` has started", mark)
+        for words in (["run", "--no-wait"], ["run", "--no-wait", "--force"]):
+            other = subprocess.run(
+                [sys.executable, "-m", "mlbuild", *words],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert other.returncode == 1
+            assert other.stderr == (
+                "mlbuild: error: another mlbuild is running in this workspace"
+                f" (pid {os.getpid()}: mlbuild watch)\n"
+            )
+        write(tmp_path, "gate", "")
+        seen = w.wait_text("waiting for changes.", mark)
+        assert "ran slow" in seen
+    assert (tmp_path / "build/slow.txt").read_text() == "2\n"
+
+
+LOOP = """
+[targets.loop]                        # writes into its own (watched) input directory
+cmd = "cat data/dir/a > {outputs}; date +%s%N > data/dir/stamp"
+inputs = ["data/dir"]
+outputs = ["build/loop.txt"]
+
+[targets.probe]
+cmd = "cp {inputs.p} {outputs.p}"
+inputs = { p = "probe.txt" }
+outputs = { p = "build/probe.out" }
+"""
+
+
+def test_a_step_writing_into_its_own_input_is_not_rerun_for_its_own_writes(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path, "pipeline.toml", LOOP)
+    write(tmp_path, "data/dir/a", "one\n")
+    write(tmp_path, "probe.txt", "0\n")
+    with watching(tmp_path) as w:
+        seen = w.wait_text("not rerunning `loop`")
+        # Once, it could have been an edit made while the step ran: it runs again.
+        assert (
+            "mlbuild watch: data/dir/stamp changed while `loop` ran (in its input data/dir);"
+            " running it again: if that run changes it too, that is the step's own write.\n"
+        ) in seen
+        assert (
+            "mlbuild: warning: not rerunning `loop`: its step wrote data/dir/stamp, inside its"
+            " own input data/dir, in each of its last 2 runs (a step should not write into its"
+            " inputs); a change made while it is not running reruns it\n"
+        ) in seen
+        seen = w.probe(0)  # a third run of `loop` would show before the probe's cycle
+        assert started(seen) == ["loop", "probe", "loop", "probe"]
+        mark = w.mark()
+        write(tmp_path, "data/dir/a", "two\n")  # an edit after its run: it runs, once
+        w.wait_text("not rerunning `loop`", mark)
+        seen = w.probe(mark)
+        assert "mlbuild watch: data/dir/a changed; checking loop." in seen
+        assert started(seen) == ["loop", "probe"]
+        assert "in each of its last 3 runs" in seen
+        assert (tmp_path / "build/loop.txt").read_text() == "two\n"
+
+
 def test_the_inotify_limit_falls_back_to_polling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -608,6 +727,52 @@ def test_ctrl_c_during_a_build_stops_its_step_and_exits_0(tmp_path: Path) -> Non
     assert time.monotonic() - interrupted < 5  # the step's `sleep 30` was stopped
     assert rest.endswith("mlbuild watch: stopped.\n")
     assert not (tmp_path / "build/upper.txt").exists()
+
+
+SLEEPER = """
+[targets.sleeper]
+cmd = "touch build/started; sleep 1.5; echo late > {outputs.o}"
+outputs = { o = "build/late.txt" }
+"""
+
+
+def processes_in(root: Path) -> list[int]:
+    """Live processes whose working directory is `root` (steps run in the project)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry.name}/cwd") == str(root):
+                    found.append(int(entry.name))
+            except OSError:  # gone, a zombie, or not ours to read
+                continue
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
+def test_hangup_or_terminate_stops_the_running_step_as_ctrl_c_does(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    write(tmp_path, "pipeline.toml", SLEEPER)
+    argv = [sys.executable, "-m", "mlbuild", "watch"]
+    with subprocess.Popen(
+        argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        try:
+            deadline = time.monotonic() + 20
+            while not (tmp_path / "build/started").exists():
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            signalled = time.monotonic()
+            proc.send_signal(sig)
+            out = proc.communicate(timeout=10)[0]
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert out.endswith("mlbuild watch: stopped.\n")
+    assert processes_in(tmp_path) == []  # the step's shell and its `sleep`
+    time.sleep(max(0.0, signalled + 2.0 - time.monotonic()))  # past the step's sleep
+    assert not (tmp_path / "build/late.txt").exists()
 
 
 def test_a_pipeline_broken_at_start_is_a_usage_error(
