@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mlbuild.cache import clear_staging
 from mlbuild.config import STATE_DIR
 from mlbuild.errors import MlbuildError
 from mlbuild.store import Store, open_store
@@ -87,6 +88,7 @@ def hold_workspace(
     """
     state_dir = root / STATE_DIR
     with WorkspaceLock(state_dir, command, wait=wait, notify=warn):
+        clear_staging(root)  # what a killed restore left (one failed scandir when nothing)
         running = state_dir / "running"
         if running.is_dir() and any(running.iterdir()):
             from mlbuild.executor import reap_orphans

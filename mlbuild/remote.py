@@ -15,9 +15,10 @@ Layout under the configured URL, in the style of Bazel's remote cache:
 Reading costs one `ac/` lookup per stale target (a missing record is a miss;
 nothing is ever listed), then downloads of the blobs the local cache lacks,
 concurrently, each verified against its digest before it enters the local
-cache. Nothing read is trusted: a record is checked by `cache.check_entry`
-(hex digests, relative paths inside the project, no path below a symlink)
-and must name exactly the target's declared outputs; a corrupted or missing
+cache. Nothing read is trusted: a record is checked whole before any use by
+the local cache's own rules (`cache.parse_entry`: types, ranges, paths, modes,
+symlinks, the directory digest), its blob sizes and producer too, and must be
+the target's and name exactly its declared outputs; a corrupted or missing
 blob makes the target run, with a warning. Writing checks which blobs exist
 (concurrently), uploads the others (each hashed again first, so a file that
 changed since it was fingerprinted never lands under the wrong name), then
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import time
@@ -44,15 +46,18 @@ from typing import Any
 
 from mlbuild import __version__
 from mlbuild.cache import (
+    MAX_BYTES,
+    MAX_ENTRY_BYTES,
+    MODE_BITS,
+    BadEntry,
     Cache,
     CacheError,
     CorruptObject,
     Entry,
     cache_key,
-    check_entry,
     entry_payload,
     is_digest,
-    parse_entry,
+    load_entry,
 )
 from mlbuild.config import STATE_DIR, CacheSettings, Pipeline
 from mlbuild.fingerprint import hash_file
@@ -65,6 +70,24 @@ UPLOAD_THREADS = 2  # targets uploaded at once in the background
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory", "oss"})
 # Extras that bring fsspec backends, for the message when one is missing.
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+# What a record holds beyond a local entry's fields.
+_RECORD_FIELDS = frozenset({"blobs", "producer"})
+
+
+def _producer_ok(producer: Any) -> bool:
+    """`producer` as write_record makes it: short strings, and a finite time."""
+    if not isinstance(producer, dict) or set(producer) - {"host", "mlbuild", "time"}:
+        return False
+    texts = [producer.get("host", ""), producer.get("mlbuild", "")]
+    if not all(isinstance(t, str) and len(t) <= 255 for t in texts):
+        return False
+    when = producer.get("time", 0.0)
+    return isinstance(when, int | float) and not isinstance(when, bool) and math.isfinite(when)
+
+
+def _is_count(value: Any) -> bool:
+    """A byte count: an int (not a bool) in 0..MAX_BYTES."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_BYTES
 
 
 class RemoteError(Exception):
@@ -157,35 +180,43 @@ class Remote:
     # -- records ------------------------------------------------------------
 
     def read_record(self, key: str) -> tuple[Entry, dict[str, int]] | None:
-        """The entry and blob sizes recorded for `key`; None when there is none.
+        """The entry and blob sizes recorded for `key`; None when there is none (or old).
 
-        Raises BadRecord for a record that is malformed or unsafe (check_entry).
+        Raises BadRecord for a record that is malformed or unsafe: it is
+        checked whole (cache.parse_entry, then its blobs and producer) before
+        any of it is used.
         """
         try:
-            raw = self._call("reading a record", self.fs.cat_file, self.record_path(key))
+            raw = self._call(
+                "reading a record",
+                self.fs.cat_file,
+                self.record_path(key),
+                start=0,
+                end=MAX_ENTRY_BYTES + 1,
+            )
         except FileNotFoundError:
             return None
         try:
-            data = json.loads(raw)
-        except ValueError:
-            raise BadRecord("its record is not JSON") from None
-        entry = parse_entry(data, key)
+            entry = load_entry(raw, key, _RECORD_FIELDS)
+        except BadEntry as exc:
+            raise BadRecord(f"its record is unusable: {exc}") from None
         if entry is None:
-            raise BadRecord("its record is not an mlbuild entry of this version for this key")
-        problem = check_entry(entry)
-        if problem is not None:
-            raise BadRecord(f"its record is unsafe: {problem}")
-        blobs = data.get("blobs", {})
-        if not isinstance(blobs, dict) or not all(
-            is_digest(d) and isinstance(n, int) and n >= 0 for d, n in blobs.items()
+            return None  # written by another version of mlbuild: a miss
+        data = json.loads(raw)
+        blobs = data.get("blobs")
+        if (
+            not isinstance(blobs, dict)
+            or set(blobs) != entry.objects()
+            or not all(_is_count(n) for n in blobs.values())
         ):
             raise BadRecord("its record lists malformed blob sizes")
+        if not _producer_ok(data.get("producer", {})):
+            raise BadRecord("its record has a malformed producer")
         return entry, blobs
 
     def write_record(self, entry: Entry, blobs: Mapping[str, int]) -> None:
         """Write the record of `entry` (all its blobs uploaded already): the commit point."""
         payload = entry_payload(entry)
-        payload["outputs"] = _portable(entry.outputs)
         payload["blobs"] = dict(blobs)
         payload["producer"] = {
             "host": socket.gethostname(),
@@ -266,7 +297,8 @@ class Remote:
 
         def one(item: tuple[str, str, int]) -> int:
             digest, dest, mode = item
-            tmp = f"{dest}.mlbuild-{uuid.uuid4().hex[:8]}"
+            # A short name: `dest` itself may have a name of 255 bytes.
+            tmp = os.path.join(os.path.dirname(dest), f".mlbuild-{uuid.uuid4().hex}")
             try:
                 self.get_blob(digest, tmp, sizes.get(digest))
                 actual = hash_file(tmp, os.path.getsize(tmp))
@@ -274,7 +306,7 @@ class Remote:
                     raise CorruptBlob(
                         digest, f"blob {digest[:12]} is corrupted (its bytes hash to {actual[:12]})"
                     )
-                os.chmod(tmp, mode & 0o777)
+                os.chmod(tmp, mode & MODE_BITS)
                 os.replace(tmp, dest)
                 return os.path.getsize(dest)
             except BaseException:
@@ -322,31 +354,24 @@ class Remote:
             self.fs.rm_file(path)
 
 
-def _portable(outputs: Mapping[str, Any]) -> dict[str, Any]:
-    """Outputs with modes reduced to permission bits: setuid and the like never travel."""
-    result: dict[str, Any] = {}
-    for path, out in outputs.items():
-        out = dict(out)
-        if "mode" in out:
-            out["mode"] = out["mode"] & 0o777
-        if "tree" in out:
-            out["tree"] = [[c, v, m & 0o777, link] for c, v, m, link in out["tree"]]
-        result[path] = out
-    return result
-
-
 def fetch_entry(
     remote: Remote,
     cache: Cache,
     key: str,
     output_paths: Iterable[str],
     pool: ThreadPoolExecutor,
+    *,
+    target: str | None = None,
+    admit: Callable[[Entry], None] | None = None,
 ) -> tuple[Entry, Transfer] | None:
     """Copy the remote's entry for `key` into the local cache, every blob verified.
 
-    None on a miss. Raises BadRecord (unsafe record, missing blob),
-    CorruptObject (a blob whose bytes do not match), RemoteError or
-    CacheError (the local cache cannot be written).
+    None on a miss. The record must be valid (read_record), name exactly
+    `output_paths`, and be `target`'s when given; `admit(entry)` may then
+    refuse it by raising (before any download). Raises BadRecord (unsafe
+    record, missing blob), CorruptObject (a blob whose bytes do not match),
+    RemoteError or CacheError (the local cache cannot be written). Nothing of
+    a refused record enters the local cache: the entry is written last.
     """
     found = remote.read_record(key)
     if found is None:
@@ -355,11 +380,15 @@ def fetch_entry(
     declared = sorted(output_paths)
     if sorted(entry.outputs) != declared:
         raise BadRecord("its record names other outputs than the target declares")
-    missing = [d for d in sorted(entry.objects()) if not cache.object_path(d).exists()]
+    if target is not None and entry.target != target:
+        raise BadRecord(f"its record is the record of another target ({entry.target[:80]!r})")
+    if admit is not None:
+        admit(entry)
+    missing = [d for d in sorted(entry.objects()) if not os.path.exists(cache.object_path(d))]
 
     def one(digest: str) -> None:
         try:
-            cache.receive(digest, lambda tmp: remote.get_blob(digest, tmp, sizes.get(digest)))
+            cache.receive(digest, lambda tmp: remote.get_blob(digest, tmp, sizes[digest]))
         except CorruptObject as exc:
             raise CorruptBlob(digest, str(exc)) from None
 
@@ -368,7 +397,7 @@ def fetch_entry(
         cache.write_entry(entry)
     except OSError as exc:  # the local cache: full disk, not writable
         raise CacheError(f"cannot write the cache in {cache.root}: {exc.strerror}") from exc
-    size = sum(sizes.get(d, 0) for d in missing)
+    size = sum(sizes[d] for d in missing)
     return entry, Transfer(len(missing), size)
 
 
@@ -437,13 +466,22 @@ class RemoteCache:
             self.disabled = True
             self.warn(f"remote cache not used: {exc}; the build goes on without it")
 
-    def fetch(self, target: str, key: str, output_paths: Iterable[str]) -> Entry | None:
-        """The remote's entry for `key`, now in the local cache; None on a miss or a problem."""
+    def fetch(
+        self, target: str, key: str, output_paths: Iterable[str], *, quick: bool = False
+    ) -> Entry | None:
+        """The remote's entry for `key`, now in the local cache; None on a miss or a problem.
+
+        With `quick`, raises cache.SlowerThanRunning (before downloading
+        anything) when restoring the entry should take longer than its step.
+        """
         remote = self.remote()
         if remote is None:
             return None
+        admit = self.cache.check_cost if quick else None
         try:
-            found = fetch_entry(remote, self.cache, key, output_paths, self.io)
+            found = fetch_entry(
+                remote, self.cache, key, output_paths, self.io, target=target, admit=admit
+            )
         except RemoteError as exc:
             self.unreachable(exc)
             return None

@@ -463,17 +463,28 @@ class Build:
         """Put the outputs of an earlier run with the same key in place; False if none."""
         if not self._cacheable(target) or self.options.no_cache or "forced" in decision.reasons:
             return False
-        from mlbuild.cache import CacheError, cache_key
+        from mlbuild.cache import CacheError, SlowerThanRunning, cache_key
 
         start = time.perf_counter()
         key = cache_key(target.name, now.fingerprint, [p.path for p in target.outputs])
-        entry = self.cache.lookup(key)
-        source = "cache"
-        if entry is None and self.remote is not None:
-            # A local miss: the remote's entry, fetched into the local cache, verified.
-            entry = self.remote.fetch(target.name, key, [p.path for p in target.outputs])
-            source = "remote cache"
-        if entry is None:
+        quick = not self.options.restore_only  # `mlbuild pull` restores whatever it costs
+        try:
+            entry = self.cache.lookup(key)
+            source = "cache"
+            if entry is None and self.remote is not None:
+                # A local miss: the remote's entry, fetched into the local cache, verified.
+                paths = [p.path for p in target.outputs]
+                entry = self.remote.fetch(target.name, key, paths, quick=quick)
+                source = "remote cache"
+            if entry is None:
+                return False
+            if quick:
+                self.cache.check_cost(entry)
+        except SlowerThanRunning as exc:
+            self.reporter.warn(f"`{target.name}` runs instead of being restored: {exc}")
+            return False
+        except CacheError as exc:  # an invalid local entry (deleted by lookup)
+            self.reporter.warn(f"cache entry of `{target.name}` not used: {exc}; running it")
             return False
         try:
             outputs = self.cache.restore(entry, self.root, self.fp)
@@ -519,7 +530,7 @@ class Build:
         """Report failed cache writes (once: the first failure turns caching off)."""
         if not self._saves and self._saver is None:
             return
-        from mlbuild.cache import CacheError
+        from mlbuild.cache import CacheError, Uncacheable
 
         pending: list[Future[Any]] = []
         for save in self._saves:
@@ -528,6 +539,9 @@ class Build:
                 continue
             try:
                 entry = save.result()
+            except Uncacheable as exc:  # this target's outputs only
+                self.reporter.warn(str(exc))
+                continue
             except CacheError as exc:
                 if not self.cache_broken:
                     self.reporter.warn(f"{exc}; the build goes on without caching outputs")

@@ -237,3 +237,36 @@ def test_unwritable_cache_warns_and_the_build_succeeds(project: Project, blocker
     assert result.err.count("cannot write the cache") == 1
     assert ran(project) == ["importer", "normalizer", "trainer", "evaluator"]
     assert project.run().started() == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-size=-5"], "--max-size: '-5' is negative"),
+        (["--max-size", "inf"], "--max-size: not a size: 'inf'"),
+        (["--keep-runs", "-1"], "--keep-runs -1: must be 0 or more"),
+    ],
+)
+def test_gc_refuses_negative_limits(project: Project, args: list[str], message: str) -> None:
+    project.pipeline(ORIGIN)
+    project.run()
+    before = sorted(p.name for p in objects(project))
+    result = project.run("gc", *args)
+    assert result.code == 2
+    assert result.err.strip().splitlines() == [f"mlbuild: error: {message}"]
+    assert sorted(p.name for p in objects(project)) == before
+
+
+def test_gc_removes_old_and_invalid_entries(project: Project) -> None:
+    project.pipeline(ORIGIN)
+    project.run()
+    runs = project.root / ".mlbuild/cache/runs"
+    good = sorted(runs.rglob("*.json"))
+    old = runs / "ab" / ("c" * 62 + ".json")
+    old.parent.mkdir(exist_ok=True)
+    old.write_text('{"version": 1, "key": "ab' + "c" * 62 + '"}')
+    broken = runs / "ab" / ("d" * 62 + ".json")
+    broken.write_text('{"version": 2, "key": "ab' + "d" * 62 + '", "created": "yesterday"}')
+    result = project.run("gc")
+    assert result.code == 0
+    assert sorted(runs.rglob("*.json")) == good

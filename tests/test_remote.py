@@ -305,27 +305,28 @@ def test_check_entry_refuses_what_would_write_outside() -> None:
     digest = hash_bytes(b"x")
     ok = {"fingerprint": "file:" + digest, "mode": 0o644}
     assert check_entry(_entry({"out/a.txt": ok})) is None
-    assert "not plain permission bits" in str(
+    assert "file mode 0o4755 is not allowed" in str(
         check_entry(_entry({"a": {"fingerprint": "file:" + digest, "mode": 0o4755}}))
     )
 
     def tree(*items: list[Any]) -> dict[str, Any]:
-        return {"out": {"fingerprint": "dir:" + digest, "tree": list(items)}}
+        text = "".join(f"{value} {child}\n" for child, value, _, _ in items)
+        sealed = "dir:" + hash_bytes(text.encode())
+        return {"out": {"fingerprint": sealed, "mode": 0o755, "tree": list(items)}}
 
-    link = ["evil", "link:" + hash_bytes(b"/etc"), 0o777, "/etc"]
+    link = ["evil", "link:" + hash_bytes(b"sub"), 0, "sub"]
     below = ["evil/passwd", "file:" + digest, 0o644, ""]
-    assert "lies below a file or symlink" in str(check_entry(_entry(tree(link, below))))
-    assert "leaves its directory" in str(
+    assert "does not lie below a directory" in str(check_entry(_entry(tree(link, below))))
+    assert "is not inside its directory" in str(
         check_entry(_entry(tree(["../x", "file:" + digest, 0o644, ""])))
     )
-    forged_link = ["l", "link:" + hash_bytes(b"a"), 0o777, "/etc"]
+    forged_link = ["l", "link:" + hash_bytes(b"a"), 0, "b"]
     assert "does not match its digest" in str(check_entry(_entry(tree(forged_link))))
-    assert (
-        check_entry(
-            _entry(tree(["sub", "dir:", 0o755, ""], ["sub/f", "file:" + digest, 0o644, ""]))
-        )
-        is None
-    )
+    fine = [["sub", "dir:", 0o755, ""], ["sub/f", "file:" + digest, 0o644, ""]]
+    assert check_entry(_entry(tree(*fine))) is None
+    unsealed = tree(*fine)
+    unsealed["out"]["fingerprint"] = "dir:" + digest
+    assert "does not match its digest" in str(check_entry(_entry(unsealed)))
 
 
 # -- reachability and writing --------------------------------------------------------
