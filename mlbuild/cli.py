@@ -507,7 +507,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if max_size is not None and max_size < 0:
         raise UsageError(f"--max-size {args.max_size}: needs 0 or more bytes")
     if args.keep_runs is not None and args.keep_runs < 0:
-        raise UsageError(f"--keep-runs {args.keep_runs}: needs 0 or more")
+        raise UsageError(f"--keep-runs {args.keep_runs}: must be 0 or more")
     reporter = PlainReporter()
     with hold_workspace(pipeline.root, args.command_line, wait=True, warn=reporter.warn) as store:
         current: dict[str, dict[str, str]] = {}
