@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlbuild.cache import clear_staging
 from mlbuild.config import STATE_DIR
 from mlbuild.errors import MlbuildError
 from mlbuild.store import Store, open_store
+from mlbuild.workspace import staging_dir
 
 POLL_SECONDS = 0.1
 
@@ -88,7 +88,12 @@ def hold_workspace(
     """
     state_dir = root / STATE_DIR
     with WorkspaceLock(state_dir, command, wait=wait, notify=warn):
-        clear_staging(root)  # what a killed restore left (one failed scandir when nothing)
+        staging = staging_dir(root)
+        if staging.is_dir() and any(staging.iterdir()):
+            # What a killed restore left; the cache module only then (off the no-op path).
+            from mlbuild.cache import clear_staging
+
+            clear_staging(root)
         running = state_dir / "running"
         if running.is_dir() and any(running.iterdir()):
             from mlbuild.executor import reap_orphans
