@@ -190,6 +190,30 @@ def kill_leftovers(pgid: int, token: str, *, in_group: bool = False) -> None:
         time.sleep(0.005)
 
 
+def pid_mark() -> int:
+    """The last process id given out: every process started after it has a later one."""
+    last = _last_pid()
+    return 1 if last is None else last
+
+
+def kill_started(mark: int, token: str) -> None:
+    """SIGKILL every process carrying `token` made after `pid_mark()` returned `mark`, with
+    its group when it leads one: a step whose start was interrupted before it was tracked."""
+    for _ in range(20):
+        found = [
+            (pid, state[1])
+            for pid in _candidates(mark + 1)
+            if (state := _state(pid)) is not None and state[0] not in "ZX" and carries(pid, token)
+        ]
+        if not found:
+            return
+        for pid, pgid in found:
+            if pid == pgid:
+                _send(os.killpg, pgid, signal.SIGKILL)
+            _send(os.kill, pid, signal.SIGKILL)
+        time.sleep(0.005)
+
+
 # -- the guard of a step on a Ray worker ------------------------------------------------
 
 
