@@ -67,7 +67,8 @@ class ExecResult:
     returncode: int
     duration: float
     log_path: Path
-    message: str = ""  # why the step failed when not by its own exit (a lost Ray worker)
+    message: str = ""  # why it failed, when more is known than the exit status: what a
+    # Python step raised, a lost Ray worker, a step that could not be started
 
     @property
     def ok(self) -> bool:
