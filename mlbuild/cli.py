@@ -604,7 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {signum: signal.signal(signum, _terminate) for signum in STOP_SIGNALS}
     words = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _dispatch(words)
+        code = _dispatch(words)
+        _flush_stdout()
+        return code
     except KeyboardInterrupt:
         _tell("mlbuild: interrupted; finished targets are recorded.")
         return EXIT_INTERRUPTED
@@ -617,6 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in (errno.EPIPE, errno.EIO) or not stdout_closed():
             raise
+        silence_stdout(sys.stdout)
         if _interrupted(exc):  # a closed terminal: SIGHUP, then the last redraw failed
             _tell("mlbuild: interrupted; finished targets are recorded.")
             return EXIT_INTERRUPTED
@@ -626,10 +629,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `mlbuild list | head -1`: the reader took what it wanted.
         return EXIT_OK
     finally:
-        if stdout_closed():
-            silence_stdout(sys.stdout)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _flush_stdout() -> None:
+    """Flush now, while a reader that left can be let go quietly (at exit, Python would
+    print a BrokenPipeError and exit 120)."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        silence_stdout(sys.stdout)
 
 
 def _interrupted(exc: BaseException) -> bool:

@@ -23,6 +23,7 @@ stop leftover steps before starting them again (`reap_orphans`).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -47,7 +48,9 @@ from mlbuild.reaper import (
     carries,
     find_leftovers,
     kill_leftovers,
+    kill_started,
     new_token,
+    pid_mark,
     signal_leftovers,
 )
 from mlbuild.worker import EXIT_RAISED
@@ -65,7 +68,8 @@ class ExecResult:
     returncode: int
     duration: float
     log_path: Path
-    message: str = ""  # why the step failed when not by its own exit (a lost Ray worker)
+    message: str = ""  # why it failed, when more is known than the exit status: what a
+    # Python step raised, a lost Ray worker, a step that could not be started
 
     @property
     def ok(self) -> bool:
@@ -199,7 +203,11 @@ class LocalExecutor:
         if target.python is not None:
             timing_path(log_path).unlink(missing_ok=True)
         token = new_token()
+        marker = self.running_dir / short_name(target.name)
+        mark = pid_mark()
         log = open(log_path, "wb")  # noqa: SIM115 - closed in _close
+        proc: subprocess.Popen[bytes] | None = None
+        pidfd: int | None = None
         try:
             proc = subprocess.Popen(
                 step_argv(target, self.root, timing_path(log_path)),
@@ -210,35 +218,48 @@ class LocalExecutor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        except BaseException:
-            log.close()
-            raise
-        assert proc.stdout is not None
-        marker = self.running_dir / short_name(target.name)
-        pidfd = _pidfd(proc.pid)
-        step = _Running(
-            target.name,
-            proc,
-            log,
-            log_path,
-            time.perf_counter(),
-            marker,
-            token,
-            target.python is not None,
-            pidfd,
-        )
-        self.steps[target.name] = step
-        os.set_blocking(proc.stdout.fileno(), False)
-        self.selector.register(proc.stdout, selectors.EVENT_READ, (target.name, _PIPE))
-        if pidfd is not None:
-            self.selector.register(pidfd, selectors.EVENT_READ, (target.name, _EXIT))
-        try:
+            assert proc.stdout is not None
             write_marker(marker, proc.pid, token, target.name)
-        except OSError:  # a step that could not be marked does not run
-            kill_leftovers(proc.pid, token)
-            step.returncode = proc.wait()
-            self._close(step)
+            pidfd = _pidfd(proc.pid)
+            os.set_blocking(proc.stdout.fileno(), False)
+            self.selector.register(proc.stdout, selectors.EVENT_READ, (target.name, _PIPE))
+            if pidfd is not None:
+                self.selector.register(pidfd, selectors.EVENT_READ, (target.name, _EXIT))
+            python = target.python is not None
+            step = _Running(
+                target.name, proc, log, log_path, time.perf_counter(), marker, token, python, pidfd
+            )
+            self.steps[target.name] = step  # from here on, stop_all stops it
+        except BaseException:
+            # Not tracked (a marker that cannot be written, or Ctrl-C landing between
+            # the fork and here, while the step already runs): stop it by its token.
+            self._abandon(proc, pidfd, log, marker, mark, token)
             raise
+
+    def _abandon(
+        self,
+        proc: subprocess.Popen[bytes] | None,
+        pidfd: int | None,
+        log: IO[bytes],
+        marker: Path,
+        mark: int,
+        token: str,
+    ) -> None:
+        """Undo a start that failed halfway: kill what started, forget what was registered."""
+        kill_started(mark, token)
+        for fileobj in (proc.stdout if proc is not None else None, pidfd):
+            if fileobj is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(fileobj)
+        if pidfd is not None:
+            os.close(pidfd)
+        if proc is not None:
+            if proc.stdout is not None:
+                proc.stdout.close()
+            kill_leftovers(proc.pid, token)
+            proc.wait()
+        log.close()
+        marker.unlink(missing_ok=True)
 
     @property
     def running(self) -> list[str]:

@@ -75,7 +75,14 @@ from mlbuild.executor import (
     timing_path,
 )
 from mlbuild.fingerprint import Fingerprinter
-from mlbuild.reaper import find_leftovers, kill_leftovers, new_token, signal_leftovers
+from mlbuild.reaper import (
+    find_leftovers,
+    kill_leftovers,
+    kill_started,
+    new_token,
+    pid_mark,
+    signal_leftovers,
+)
 from mlbuild.remote import BadRecord, Remote, RemoteCache, RemoteError
 from mlbuild.staleness import Observation, observe_paths
 from mlbuild.worker import EXIT_RAISED
@@ -602,15 +609,20 @@ def _run(
     timing = timing_path(log_path)
     guard = [sys.executable, "-I", "-S", reaper.__file__, str(os.getpid()), "--"]
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [*guard, *step_argv(target, root, timing)],
-        cwd=root,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    mark = pid_mark()
+    try:
+        proc = subprocess.Popen(
+            [*guard, *step_argv(target, root, timing)],
+            cwd=root,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except BaseException:  # a cancel landing after the fork: the guard runs, untracked
+        kill_started(mark, token)
+        raise
     try:
         code = proc.wait()
     except BaseException:  # ray.cancel: KeyboardInterrupt here

@@ -179,11 +179,10 @@ def main(argv: list[str]) -> int:
     try:
         result = function(**kwargs)
     except BaseException as exc:  # KeyboardInterrupt, SystemExit: the user's, reported as such
-        raised = exc
-    failed = raised is not None and _failed(raised)
-    described = _describe(raised) if raised is not None and failed else None
+        raised = exc if _failed(exc) else None
+    described = _describe(raised) if raised is not None else None
     _write_timing(call, imported - started, time.perf_counter() - imported, described)
-    if raised is not None and failed:
+    if raised is not None:
         _print_user_traceback(raised)
         return EXIT_RAISED
     if result is not None:

@@ -292,6 +292,28 @@ def test_a_dead_worker_takes_every_process_of_its_step_with_it(
     assert not (project.root / "o.txt").exists()
 
 
+def test_a_python_step_raising_on_ray_is_reported_as_raising(
+    project: Project, cluster: Cluster
+) -> None:
+    project.pipeline(
+        f"""
+        [executor]
+        kind = "ray"
+        address = "{cluster.address}"
+
+        [targets.stop]
+        python = "steps.stop:stop"
+        outputs = {{ o = "o.txt" }}
+        """
+    )
+    project.write("steps/__init__.py", "")
+    project.write("steps/stop.py", "def stop(o):\n    raise KeyboardInterrupt\n")
+    result = project.run("run")
+    assert result.code == 1
+    assert ": raised KeyboardInterrupt." in result.err  # not "killed by signal 2"
+    assert 'stop.py", line 2, in stop' in result.err
+
+
 T = '[targets.t]\ncmd = "true"\n'
 
 

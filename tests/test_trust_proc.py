@@ -164,6 +164,30 @@ def test_hangup_terminate_and_interrupt_stop_the_step_and_what_escaped_it(
     assert "stale  hup_step: never built" in project.run("status").out
 
 
+def test_an_interrupt_while_a_step_is_being_started_stops_it(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C landing after the fork, before mlbuild tracks the step (a loaded machine)."""
+    import mlbuild.executor
+
+    project.pipeline(HUNG_UP)
+    real = mlbuild.executor._pidfd
+
+    def interrupted(pid: int) -> int | None:
+        wait_for(lambda: (project.root / "escaped.pid").exists())
+        fd = real(pid)
+        if fd is not None:
+            os.close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlbuild.executor, "_pidfd", interrupted)
+    assert project.run().code == 130
+    step = pid_in(project, "step.pid")
+    escaped = pid_in(project, "escaped.pid")
+    wait_for(lambda: gone(step) and gone(escaped), timeout=5)
+    assert not list((project.root / ".mlbuild" / "running").iterdir())
+
+
 def test_closing_the_terminal_stops_the_step(project: Project) -> None:
     """A real terminal that goes away: the live view's last redraw fails, steps still stop."""
     import pty
