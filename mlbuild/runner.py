@@ -286,16 +286,17 @@ class Build:
             self._finish(TargetResult(name, Outcome.SKIPPED, duration=cost))
             self.reporter.skipped(name, decision)
             return False
-        check_kept_sources(self.graph, target, before.outputs if before is not None else {})
-        if self.options.restore_only:  # `mlbuild pull`: restore or leave alone, never run
-            if not self._restore(target, now, decision):
-                self._not_run(name, "not in the cache")
-            return False
+        # Output digests mlbuild can show it made: those it may delete.
+        known = before.outputs if before is not None else load_made(self.root, name)
+        check_kept_sources(self.graph, target, known)
         where = self.graph.pipeline.display_file
         for port in target.outputs:
             check_writable(self.root, where, target, port.path)
+        if self.options.restore_only:  # `mlbuild pull`: restore or leave alone, never run
+            if not self._restore(target, now, decision, clear=known):
+                self._not_run(name, "not in the cache")
+            return False
         if not target.persist:
-            known = before.outputs if before is not None else load_made(self.root, name)
             self._clear(target, now.fingerprint.outputs, known)
         if name in self.manifests:
             self.store.forget([name])
@@ -459,8 +460,19 @@ class Build:
     def _cacheable(self, target: Target) -> bool:
         return target.cache and not target.always_run and not self.cache_broken
 
-    def _restore(self, target: Target, now: Observation, decision: Decision) -> bool:
-        """Put the outputs of an earlier run with the same key in place; False if none."""
+    def _restore(
+        self,
+        target: Target,
+        now: Observation,
+        decision: Decision,
+        clear: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Put the outputs of an earlier run with the same key in place; False if none.
+
+        With `clear` (the digests mlbuild made, as for `_clear`), the outputs in
+        the way are cleared first, once an entry was found: `pull` leaves a
+        target it cannot restore untouched.
+        """
         if not self._cacheable(target) or self.options.no_cache or "forced" in decision.reasons:
             return False
         from mlbuild.cache import CacheError, SlowerThanRunning, cache_key
@@ -486,6 +498,8 @@ class Build:
         except CacheError as exc:  # an invalid local entry (deleted by lookup)
             self.reporter.warn(f"cache entry of `{target.name}` not used: {exc}; running it")
             return False
+        if clear is not None and not target.persist:
+            self._clear(target, now.fingerprint.outputs, clear)
         try:
             outputs = self.cache.restore(entry, self.root, self.fp)
         except (CacheError, OSError) as exc:

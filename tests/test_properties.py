@@ -2,7 +2,8 @@
 
 Each example builds a random DAG of `/bin/sh` targets over a few source files,
 then applies random edits (source bytes, touch, global param, `--set`, command
-text, deleted or modified outputs), running `mlbuild run` through the real CLI
+text, deleted or modified outputs, inputs reordered, a content change that keeps
+size and mtime), running `mlbuild run` through the real CLI
 after each batch, sometimes with `--no-cache` or `-j N`. After every run:
 
 (a) every output equals, byte for byte, the output of a clean build of the
@@ -128,6 +129,8 @@ def edits(draw: st.DrawFn, n_targets: int) -> Edit:
                 "command",
                 "delete_output",
                 "modify_output",
+                "reorder",
+                "same_size_same_mtime",
             ]
         )
     )
@@ -142,8 +145,10 @@ def edits(draw: st.DrawFn, n_targets: int) -> Edit:
         return Edit(kind, draw(target), value=draw(st.integers(0, len(KINDS))))
     if kind == "jobs":
         return Edit(kind, value=draw(st.sampled_from([1, 3, 8])))
-    if kind in ("delete_output", "no_cache"):
+    if kind in ("delete_output", "no_cache", "reorder"):
         return Edit(kind, draw(target))
+    if kind == "same_size_same_mtime":
+        return Edit(kind, draw(source), value=draw(st.integers(0, 255)))
     return Edit(kind, draw(target), data=draw(CONTENT))
 
 
@@ -268,7 +273,8 @@ class Model:
         for t in self.targets:  # inputs only name earlier targets: file order is topological
             values = tuple(params[p] for p in t.params)
             inputs = tuple(self.files.get(path) for path in t.inputs)
-            now = (t.template(), values, inputs, self.files.get(t.output))
+            # The input paths in their order are part of what a target consumes.
+            now = (f"{t.template()} <- {t.inputs}", values, inputs, self.files.get(t.output))
             if self.records.get(t.name) == now:
                 continue
             assert all(data is not None for data in inputs), "an input was never produced"
@@ -286,10 +292,18 @@ class Model:
         return {t.output: self.files[t.output] for t in self.targets if t.output in self.files}
 
 
+def write_source(project: Path, path: str, data: bytes) -> None:
+    """Write a source dated 10 s ago, as a checkout does: its stat entry is trusted at once
+    (not racy), so only what the stat cache compares can tell a later edit apart."""
+    (project / path).write_bytes(data)
+    earlier = time.time_ns() - 10_000_000_000
+    os.utime(project / path, ns=(earlier, earlier))
+
+
 def write_project(project: Path, model: Model) -> None:
     (project / "src").mkdir(parents=True, exist_ok=True)
     for path in SOURCES:
-        (project / path).write_bytes(model.files[path])
+        write_source(project, path, model.files[path])
     (project / "pipeline.toml").write_text(pipeline_toml(model.targets, model.params))
 
 
@@ -309,7 +323,7 @@ def apply_edit(project: Path, model: Model, edit: Edit, next_run: NextRun) -> No
     """Make the change on disk and in the model alike."""
     if edit.kind == "source":
         path = SOURCES[edit.index]
-        (project / path).write_bytes(edit.data)
+        write_source(project, path, edit.data)
         model.files[path] = edit.data
     elif edit.kind == "touch":
         path = SOURCES[edit.index]
@@ -332,6 +346,22 @@ def apply_edit(project: Path, model: Model, edit: Edit, next_run: NextRun) -> No
         kind = KINDS[edit.value - 1] if edit.value else old.kind
         model.targets[edit.index] = replace(old, kind=kind, variant=old.variant + 1)
         write_project(project, model)
+    elif edit.kind == "reorder":
+        # The same inputs in another order: the command receives them reordered.
+        old = model.targets[edit.index]
+        model.targets[edit.index] = replace(old, inputs=(*old.inputs[1:], *old.inputs[:1]))
+        write_project(project, model)
+    elif edit.kind == "same_size_same_mtime":
+        # New bytes, same size, the old mtime put back (rsync -t, tar -x, cp -p).
+        path = SOURCES[edit.index]
+        old_bytes = model.files[path]
+        if old_bytes:
+            others = [c for c in b"aeiob\n" if c != old_bytes[0]]
+            data = bytes([others[edit.value % len(others)]]) + old_bytes[1:]
+            st_before = os.stat(project / path)
+            (project / path).write_bytes(data)
+            os.utime(project / path, ns=(st_before.st_atime_ns, st_before.st_mtime_ns))
+            model.files[path] = data
     elif edit.kind == "delete_output":
         output = model.targets[edit.index].output
         (project / output).unlink(missing_ok=True)

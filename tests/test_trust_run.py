@@ -243,3 +243,22 @@ def test_what_a_failed_step_left_is_mlbuilds_to_replace(project: Project) -> Non
     result = project.run("run", "--set", "ok=1")
     assert "moved it to .mlbuild/trash/" in result.err
     assert [p.read_text() for p in _trash(project.root)] == ["edited after the failure\n"]
+
+
+def test_pull_moves_a_hand_edited_output_aside_before_restoring(project: Project) -> None:
+    remote = project.root.parent / (project.root.name + "-remote")
+    project.pipeline(
+        f"""
+        [cache]
+        remote = "file://{remote}"
+        [targets.a]
+        outputs = ["a.txt"]
+        cmd = "echo a > {{outputs}}"
+        """
+    )
+    assert project.run().code == 0
+    project.write("a.txt", "notes\n")
+    result = project.run("pull")
+    assert result.code == 0, result
+    assert project.read("a.txt") == "a\n"
+    assert [p.read_text() for p in _trash(project.root)] == ["notes\n"]
