@@ -159,7 +159,7 @@ class Recorder:
                 seen = (st.st_size, st.st_mtime_ns)
             modules[rel] = seen
         reads: dict[str, Stat] = {}
-        for full, seen in self.reads.items():
+        for full, seen in list(self.reads.items()):  # a leftover thread may still add
             rel = self._relative(full)
             if rel is not None and full not in self.written and "__pycache__" not in rel:
                 reads[rel] = seen
