@@ -337,7 +337,9 @@ class CodeScanner:
         imported_by = dict(static.imported_by)
         for rel in imported:
             if rel not in files:
-                digest = self.digest_code(rel, docs=static.reads_docs)
+                # Without docstrings even in a closure that reads them: settle() took
+                # the digest the same way, and the two must agree.
+                digest = self.digest_code(rel)
                 if digest is not None:  # gone: the step reruns for "code removed"
                     files[rel] = digest
                     imported_by[rel] = AT_RUN_TIME
@@ -345,8 +347,8 @@ class CodeScanner:
             return static
         return static._replace(files=files, imported_by=imported_by)
 
-    def digest_code(self, rel: str, *, docs: bool = False) -> str | None:
-        """A code file's digest: a `.py` by its AST (`docs`: docstrings kept), others by bytes.
+    def digest_code(self, rel: str) -> str | None:
+        """A code file's digest: a `.py` by its AST, others (`.pyc`, `.so`) by their bytes.
 
         None when the file is missing. A `.py` that does not parse counts by its bytes.
         """
@@ -356,10 +358,9 @@ class CodeScanner:
         if not rel.endswith(".py"):
             return digest.digest
         try:
-            parsed = self.parse(rel)
+            return self.parse(rel).digest
         except SyntaxError:
             return digest.digest
-        return parsed.doc_digest if docs else parsed.digest
 
     def scripts_of(self, command: str) -> list[tuple[str, str, str]]:
         """(file, module name, search dir) of each script a shell command names."""
