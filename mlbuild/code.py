@@ -20,7 +20,8 @@ runs (observed.py): those files join the fingerprint from the next run on.
 Each file counts by the digest of its normalized AST: comments, blank lines,
 formatting and docstrings do not change it, any change to code does. Code can
 read docstrings, though (`__doc__`, `inspect.getdoc`): when any module of a
-closure mentions either, the closure's files count by their raw bytes. Parsing
+closure mentions either, the closure's modules count by their AST with the
+docstrings kept (`doc_digest`), since a module may read another's. Parsing
 is skipped for files whose bytes are unchanged: the stat cache gives the raw
 digest, and `parsed` maps a raw digest to its AST digest and imports (kept in
 the state database between runs).
@@ -119,8 +120,8 @@ class Parsed(NamedTuple):
     so that the same bytes can be resolved under any module name. `defines` is
     the set of top-level names, or None when the module may define anything
     (star imports, `__getattr__`, definitions under `if`/`try`). `reads_docs`:
-    the module mentions `__doc__` or `getdoc`; `dynamic`: it imports a module
-    by a computed name.
+    the module mentions `__doc__` or `getdoc`; `doc_digest` is the AST digest
+    with docstrings kept; `dynamic`: it imports a module by a computed name.
     """
 
     digest: str
@@ -129,6 +130,7 @@ class Parsed(NamedTuple):
     defines: frozenset[str] | None = None
     reads_docs: bool = False
     dynamic: bool = False
+    doc_digest: str = ""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -140,6 +142,7 @@ class Parsed(NamedTuple):
                 "defines": None if self.defines is None else sorted(self.defines),
                 "reads_docs": self.reads_docs,
                 "dynamic": self.dynamic,
+                "doc_digest": self.doc_digest,
             }
         )
 
@@ -161,13 +164,14 @@ class Parsed(NamedTuple):
             None if data["defines"] is None else frozenset(data["defines"]),
             bool(data["reads_docs"]),
             bool(data["dynamic"]),
+            data["doc_digest"],
         )
 
 
 class CodeFingerprint(NamedTuple):
     """A target's code files (path -> digest) and, for reasons, who imported each.
 
-    `reads_docs`: some file mentions `__doc__`, so digests are of raw bytes.
+    `reads_docs`: some file mentions `__doc__`, so digests keep docstrings.
     `dynamic`: files that import a module by a computed name.
     """
 
@@ -202,11 +206,13 @@ def parse_python(source: bytes, filename: str) -> Parsed:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
     }
     defines = _top_level_names(tree)
+    with_docs = ast.dump(tree, annotate_fields=False, include_attributes=False)
     _strip_docstrings(tree)
     dumped = ast.dump(tree, annotate_fields=False, include_attributes=False)
     reads_docs = any(name in source for name in _READS_DOCS)
     digest = hash_bytes(dumped.encode())
-    return Parsed(digest, tuple(imports), functions, defines, reads_docs, dynamic)
+    doc_digest = hash_bytes(with_docs.encode())
+    return Parsed(digest, tuple(imports), functions, defines, reads_docs, dynamic, doc_digest)
 
 
 def _called_name(func: ast.expr) -> str | None:
@@ -331,7 +337,9 @@ class CodeScanner:
         imported_by = dict(static.imported_by)
         for rel in imported:
             if rel not in files:
-                digest = self.digest_code(rel, raw=static.reads_docs)
+                # Without docstrings even in a closure that reads them: settle() took
+                # the digest the same way, and the two must agree.
+                digest = self.digest_code(rel)
                 if digest is not None:  # gone: the step reruns for "code removed"
                     files[rel] = digest
                     imported_by[rel] = AT_RUN_TIME
@@ -339,15 +347,15 @@ class CodeScanner:
             return static
         return static._replace(files=files, imported_by=imported_by)
 
-    def digest_code(self, rel: str, *, raw: bool = False) -> str | None:
-        """A code file's digest: a `.py` by its AST (or bytes when `raw`), others by bytes.
+    def digest_code(self, rel: str) -> str | None:
+        """A code file's digest: a `.py` by its AST, others (`.pyc`, `.so`) by their bytes.
 
         None when the file is missing. A `.py` that does not parse counts by its bytes.
         """
         digest = self.fp.digest(rel)
         if digest.kind != "file":
             return None
-        if raw or not rel.endswith(".py"):
+        if not rel.endswith(".py"):
             return digest.digest
         try:
             return self.parse(rel).digest
@@ -410,6 +418,7 @@ class CodeScanner:
         if key in self._closures:
             return self._closures[key]
         files: dict[str, str] = {}
+        with_docs: dict[str, str] = {}  # the same, docstrings kept: used if one reads them
         imported_by: dict[str, str] = {}
         reads_docs = False
         dynamic: list[str] = []
@@ -425,9 +434,10 @@ class CodeScanner:
             except SyntaxError as exc:
                 if strict:
                     raise CodeError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
-                files[path] = self.fp.digest(path).digest
+                files[path] = with_docs[path] = self.fp.digest(path).digest
                 continue
             files[path] = parsed.digest
+            with_docs[path] = parsed.doc_digest
             reads_docs = reads_docs or parsed.reads_docs
             if parsed.dynamic:
                 dynamic.append(path)
@@ -437,9 +447,9 @@ class CodeScanner:
                     if dep not in files:
                         imported_by.setdefault(dep, path)
                         queue.append((dep, dep_name))
-        if reads_docs:  # docstrings count: every file of the closure by its bytes
-            files = {path: self.fp.digest(path).digest for path in files}
-        result = CodeFingerprint(files, imported_by, reads_docs, tuple(sorted(dynamic)))
+        result = CodeFingerprint(
+            with_docs if reads_docs else files, imported_by, reads_docs, tuple(sorted(dynamic))
+        )
         self._closures[key] = result
         return result
 

@@ -81,26 +81,34 @@ class Recorder:
         self.cwd: str | None = None  # os.getcwd(), until the step changes directory
 
     def start(self) -> None:
-        """Install the audit hook; it cannot be removed, `stop` makes it inert."""
-        sys.addaudithook(self._hook)
+        """Install the audit hook; it cannot be removed, `stop` makes it inert.
+
+        The hook runs on every audited event of the process (`id()` is one:
+        `copy.deepcopy` raises it per object), so it is a plain function that
+        compares the event name and returns: a bound method costs about four
+        times as much per event.
+        """
+        opened = self._opened
+
+        def hook(event: str, args: tuple[Any, ...]) -> None:
+            if event == "open":
+                # An exception here would fail the step's own open(); try/except is
+                # cheaper than contextlib.suppress on this path.
+                try:  # noqa: SIM105
+                    opened(args[0], args[2])
+                except Exception:
+                    pass
+            elif event == "os.chdir":
+                self.cwd = None  # relative paths now start elsewhere
+
+        sys.addaudithook(hook)
 
     def stop(self) -> None:
         self.recording = False
 
-    def _hook(self, event: str, args: tuple[Any, ...]) -> None:
-        # Called for every audited event of the process: return at once for all but "open".
-        if event != "open" or not self.recording:
-            if event == "os.chdir":
-                self.cwd = None  # relative paths now start elsewhere
-            return
-        # An exception here would fail the step's own open(); try/except is cheaper
-        # than contextlib.suppress on this path.
-        try:  # noqa: SIM105
-            self._opened(args[0], args[2])
-        except Exception:
-            pass
-
     def _opened(self, path: Any, flags: int) -> None:
+        if not self.recording:
+            return
         if not isinstance(path, str):
             if not isinstance(path, bytes):
                 return  # a file descriptor: its path was seen when it was opened
@@ -151,7 +159,7 @@ class Recorder:
                 seen = (st.st_size, st.st_mtime_ns)
             modules[rel] = seen
         reads: dict[str, Stat] = {}
-        for full, seen in self.reads.items():
+        for full, seen in list(self.reads.items()):  # a leftover thread may still add
             rel = self._relative(full)
             if rel is not None and full not in self.written and "__pycache__" not in rel:
                 reads[rel] = seen

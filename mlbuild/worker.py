@@ -132,7 +132,10 @@ def _start_recording(call: dict[str, Any]) -> Recorder | None:
     from mlbuild.observed import Recorder
 
     recorder = Recorder(call["root"])
-    recorder.start()
+    try:
+        recorder.start()
+    except RuntimeError:  # another audit hook refused ours: run the step unobserved
+        return None
     return recorder
 
 
@@ -141,7 +144,7 @@ def _write_observed(call: dict[str, Any], recorder: Recorder | None) -> None:
     if recorder is not None:
         try:
             recorder.write(call["timing"])
-        except OSError as exc:  # the step succeeded; only the observation is lost
+        except Exception as exc:  # the step succeeded; only the observation is lost
             print(f"mlbuild: could not record what the step read: {exc}", file=sys.stderr)
 
 

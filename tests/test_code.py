@@ -228,20 +228,29 @@ def test_a_module_reading_docstrings_keeps_them_in_its_hash(project: Project) ->
         '''
         import inspect
 
+        from steps import helpers
+
 
         def usage():
             """Usage: sample."""
 
 
         def sample(o):
-            o.write_text(inspect.getdoc(usage))
+            o.write_text(inspect.getdoc(usage) + " " + helpers.__doc__)
         ''',
     )
+    project.write("steps/helpers.py", '"""Helpers."""\n')
     assert project.run().code == 0
+    project.write("steps/sample.py", "# a comment\n" + project.read("steps/sample.py"))
+    assert project.run().started() == []  # comments still do not count
     project.write("steps/sample.py", project.read("steps/sample.py").replace("sample.", "run."))
     result = project.run()
     assert "Step `sample` has started: code changed: steps/sample.py." in result.out
-    assert project.read("o.txt") == "Usage: run."
+    assert project.read("o.txt") == "Usage: run. Helpers."
+    project.write("steps/helpers.py", '"""Tools."""\n')  # another module's docstring
+    result = project.run()
+    assert "code changed: steps/helpers.py (imported by steps/sample.py)" in result.out
+    assert project.read("o.txt") == "Usage: run. Tools."
 
 
 def test_literal_dynamic_imports_are_followed_statically(project: Project) -> None:

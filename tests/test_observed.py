@@ -358,3 +358,29 @@ def test_a_read_after_the_step_changed_directory_is_found(project: Project) -> N
     result = project.run()
     assert "Step `t` has started: discovered input changed: data/x.json." in result.out
     assert project.read("o.txt") == '{"a": 3}'
+
+
+def test_a_module_seen_at_run_time_in_a_closure_reading_docstrings_settles(
+    project: Project,
+) -> None:
+    # The closure keeps docstrings (it reads __doc__); the module seen at run time is
+    # digested the same way after the step and before the next: no rerun for nothing.
+    project.pipeline(READS_JSON)
+    project.write(
+        "steps/s.py",
+        '''
+        """Doc."""
+        import sys
+
+        sys.path.insert(0, "lib")
+        import helper
+
+
+        def run(o):
+            o.write_text(__doc__ + helper.__doc__)
+        ''',
+    )
+    project.write("lib/helper.py", '"""Helper."""\n')
+    assert project.run().started() == ["t"]
+    assert project.run().started() == []
+    assert project.run().started() == []
