@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import tomli
 
 from mlbuild.errors import PipelineError, UsageError
-from mlbuild.interpolate import TemplateError, check_refs, fill, parse_template
+from mlbuild.interpolate import TemplateError, fill, parse_template
 from mlbuild.interpolate import render_value as render_value  # where executor.py finds it
 
 # Default for mapping fields of the value types here: shared, so read-only.
@@ -403,12 +403,10 @@ class _Loader:
         target_params = self._params(where, raw.get("params"), params, overrides)
         command = None
         if cmd is not None:
-            try:
-                pieces = parse_template(cmd)
-                check_refs(pieces, inputs, outputs, target_params)
+            try:  # filling checks that every placeholder names something declared
+                command = fill(parse_template(cmd), inputs, outputs, target_params)
             except TemplateError as exc:
                 raise self.fail(f"{where}.cmd", str(exc)) from None
-            command = fill(pieces, inputs, outputs, target_params)
         target = Target(
             name=name,
             cmd=cmd,
