@@ -195,11 +195,13 @@ def missing_hint(root: Path, rel: str) -> str:
                 names = os.listdir(folder)
             except OSError:
                 return ""
-            same = [n for n in names if fold(n, False) == fold(part, False)]
+            wanted = fold(part, False)
+            same = [n for n in names if fold(n, False) == wanted]
             if same:
                 form_differs = True
             else:
-                same = [n for n in names if fold(n, True) == fold(part, True)]
+                wanted = fold(part, True)
+                same = [n for n in names if fold(n, True) == wanted]
                 if not same:
                     return ""
                 case_differs = True
@@ -211,7 +213,7 @@ def missing_hint(root: Path, rel: str) -> str:
         return ""
     shown = "/".join(found)
     if case_differs:
-        return f" (did you mean {_visible(shown)}? names are case-sensitive)"
+        return f" (did you mean '{shown}'? names are case-sensitive)"
     return f" (a file {_visible(shown)} exists with a different Unicode normalization)"
 
 

@@ -402,6 +402,10 @@ class _Scanner:
                 f"{ref}: a name or position must follow '{kind}.'"
                 + (f" (or write {{{kind}}} for every {kind[:-1]})" if kind != "params" else "")
             )
+        if i > 0 and text[i - 1] == "$":
+            raise TemplateError(
+                f"${ref} mixes shell and mlbuild syntax: write {ref} for mlbuild to fill"
+            )
         if context in ("'", '"'):
             quote = "single" if context == "'" else "double"
             raise TemplateError(
