@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import tomli
 
 from mlbuild.errors import PipelineError, UsageError
-from mlbuild.interpolate import TemplateError, check_refs, fill, parse_template
+from mlbuild.interpolate import TemplateError, fill, parse_template
 from mlbuild.interpolate import render_value as render_value  # where executor.py finds it
 
 # Default for mapping fields of the value types here: shared, so read-only.
@@ -197,11 +197,13 @@ def missing_hint(root: Path, rel: str) -> str:
                 names = os.listdir(folder)
             except OSError:
                 return ""
-            same = [n for n in names if fold(n, False) == fold(part, False)]
+            wanted = fold(part, False)
+            same = [n for n in names if fold(n, False) == wanted]
             if same:
                 form_differs = True
             else:
-                same = [n for n in names if fold(n, True) == fold(part, True)]
+                wanted = fold(part, True)
+                same = [n for n in names if fold(n, True) == wanted]
                 if not same:
                     return ""
                 case_differs = True
@@ -213,7 +215,7 @@ def missing_hint(root: Path, rel: str) -> str:
         return ""
     shown = "/".join(found)
     if case_differs:
-        return f" (did you mean {_visible(shown)}? names are case-sensitive)"
+        return f" (did you mean '{shown}'? names are case-sensitive)"
     return f" (a file {_visible(shown)} exists with a different Unicode normalization)"
 
 
@@ -405,12 +407,10 @@ class _Loader:
         target_params = self._params(where, raw.get("params"), params, overrides)
         command = None
         if cmd is not None:
-            try:
-                pieces = parse_template(cmd)
-                check_refs(pieces, inputs, outputs, target_params)
+            try:  # filling checks that every placeholder names something declared
+                command = fill(parse_template(cmd), inputs, outputs, target_params)
             except TemplateError as exc:
                 raise self.fail(f"{where}.cmd", str(exc)) from None
-            command = fill(pieces, inputs, outputs, target_params)
         target = Target(
             name=name,
             cmd=cmd,

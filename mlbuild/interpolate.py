@@ -45,7 +45,21 @@ _HEREDOC_RE = re.compile(r"<<(-?)[ \t]*(?:'([^'\n]*)'|\"([^\"\n]*)\"|\\?([^\s;&|
 # A word starts after these (so `#` begins a comment and `-x` would be an option there).
 _WORD_BREAKS = frozenset(" \t\n;&|()<>`")
 # Characters after which the quoting context can change; templates without any skip the scan.
-_CONTEXT_CHARS = frozenset("'\"`\\<#$(")
+_CONTEXT_RE = re.compile(r"['\"`\\<#$(]")
+# Templates whose quoting one regex can follow: no substitution, comment, here-document
+# or $'...'. Its tokens: a quoted span (an unclosed one runs to the end), an escape, `{`.
+_NEEDS_WALK = re.compile(r"\$[('\"]|`|<<|#")
+_PLAIN_TOKENS = re.compile(r"'[^']*'?|\"(?:[^\"\\]|\\.)*\"?|\\.|\{", re.S)
+# Per quoting context, the characters the scan must look at (see _Scanner._walk).
+_CODE_NEXT = re.compile(r"[\\{`$\"'()#<\n]")
+_NEXT = {
+    "'": re.compile(r"['{]"),
+    "$'": re.compile(r"['{\\]"),
+    '"': re.compile(r"[\\{`$\"]"),
+    "top": _CODE_NEXT,
+    "$(": _CODE_NEXT,
+    "`": _CODE_NEXT,
+}
 
 
 class TemplateError(ValueError):
@@ -117,7 +131,12 @@ def fill(
         if piece.kind == "params":
             out.append(shlex.quote(render_value(params[_param_name(piece, params)])))
             continue
-        ports = _ports(piece, inputs if piece.kind == "inputs" else outputs)
+        ports = inputs if piece.kind == "inputs" else outputs
+        if piece.item is not None:
+            ports = _ports(piece, ports)
+        if len(ports) == 1 and not ports[0].is_glob:  # the usual case: one plain path
+            out.append(quote_path(ports[0].path, piece.word_start))
+            continue
         words: list[str] = []
         for port in ports:
             if not port.is_glob:
@@ -128,21 +147,6 @@ def fill(
                 words.extend(quote_path(p, piece.word_start or bool(words)) for p in expand(port))
         out.append(" ".join(words))
     return "".join(out)
-
-
-def check_refs(
-    pieces: Sequence[Piece],
-    inputs: Sequence[Port],
-    outputs: Sequence[Port],
-    params: Mapping[str, Any],
-) -> None:
-    """Every placeholder names a declared input, output or parameter (TemplateError if not)."""
-    for piece in pieces:
-        if isinstance(piece, Ref):
-            if piece.kind == "params":
-                _param_name(piece, params)
-            else:
-                _ports(piece, inputs if piece.kind == "inputs" else outputs)
 
 
 def render_command(target: Target, root: Path) -> str:
@@ -162,8 +166,8 @@ def render_command(target: Target, root: Path) -> str:
 
 
 def _ports(ref: Ref, ports: Sequence[Port]) -> Sequence[Port]:
-    if ref.item is None:
-        return ports
+    """The one port `{kind.item}` names, by position or name."""
+    assert ref.item is not None
     if ref.item.isdigit() and int(ref.item) < len(ports):
         return [ports[int(ref.item)]]
     for port in ports:
@@ -195,7 +199,7 @@ def _did_you_mean(word: str, choices: Sequence[str]) -> str:
 class _Frame(NamedTuple):
     """One quoting context of the scan: what opened it and how to find its end."""
 
-    kind: str  # "top", "$(", "`", "'", '"'
+    kind: str  # "top", "$(", "`", "'", "$'", '"'
     depth: int = 0  # open parentheses inside a "top" or "$(" frame
 
 
@@ -203,10 +207,13 @@ class _Scanner:
     """Splits a template into text and placeholders, tracking the shell's quoting contexts.
 
     It follows enough of the POSIX shell grammar to know whether a placeholder
-    stands in a word of its own, inside quotes or in a here-document: quotes,
-    backslashes, `$(...)` and backticks (which start a fresh context, even
-    inside double quotes), comments and here-documents. Anything it cannot
-    follow errs towards "quoted", which is an error with a clear fix.
+    stands in a word of its own, inside quotes or in a here-document: quotes
+    (and bash's $'...'), backslashes, `$(...)` and backticks (which start a
+    fresh context, even inside double quotes), comments and here-documents.
+    An unclosed quote runs to the end, so what follows counts as quoted.
+    Three paths, cheapest first: no quoting character at all; plain quotes
+    only (one regular expression); everything else (a walk over the
+    characters that matter).
     """
 
     def __init__(self, text: str) -> None:
@@ -219,18 +226,53 @@ class _Scanner:
         text = self.text
         if "{" not in text:
             return [text] if text else []
-        if not any(ch in _CONTEXT_CHARS for ch in text):
+        if _CONTEXT_RE.search(text) is None:
             # No quote, escape, substitution, comment or here-document: every
             # placeholder stands unquoted (most commands take this path).
-            i = text.find("{")
-            while i >= 0:
-                i = self._brace(i, "top")
-                i = text.find("{", i)
+            if not self._only_placeholders():
+                i = text.find("{")
+                while i >= 0:
+                    i = self._brace(i, "top")
+                    i = text.find("{", i)
+        elif _NEEDS_WALK.search(text) is None:
+            self._plain_quotes()
         else:
             self._walk()
         if self.last < len(text):
             self.pieces.append(text[self.last :])
         return self.pieces
+
+    def _only_placeholders(self) -> bool:
+        """The common case in one pass: every brace opens a well-formed placeholder."""
+        text = self.text
+        found = list(_PLACEHOLDER_RE.finditer(text))
+        if len(found) != text.count("{") or not all(
+            m.group(1) in KINDS and m.group(2) != "" and (m.group(2) or m.group(1) != "params")
+            for m in found
+        ):
+            return False  # something to report or to leave alone: go brace by brace
+        pieces = self.pieces
+        last = 0
+        for match in found:
+            i = match.start()
+            pieces.append(text[last:i])
+            start = i == 0 or text[i - 1] in _WORD_BREAKS
+            pieces.append(Ref(match.group(1), match.group(2), match.group(0), start))
+            last = match.end()
+        self.last = last
+        return True
+
+    def _plain_quotes(self) -> None:
+        """Quotes and backslashes only: quoted spans and braces come from one regex."""
+        text = self.text
+        for token in _PLAIN_TOKENS.finditer(text):
+            first = text[token.start()]
+            if first == "{":
+                self._brace(token.start(), "top")
+            elif first in "'\"":
+                i = text.find("{", token.start(), token.end())
+                while i >= 0:
+                    i = text.find("{", self._brace(i, first), token.end())
 
     def _walk(self) -> None:
         text = self.text
@@ -239,13 +281,20 @@ class _Scanner:
         i = 0
         while i < n:
             frame = stack[-1]
+            # Jump to the next character that matters in this context.
+            found = _NEXT[frame.kind].search(text, i)
+            if found is None:
+                break
+            i = found.start()
             ch = text[i]
-            if frame.kind == "'":
+            if frame.kind in ("'", "$'"):
                 if ch == "'":
                     stack.pop()
                 elif ch == "{":
                     i = self._brace(i, "'")
                     continue
+                elif ch == "\\":  # only in $'...'
+                    i += 1
                 i += 1
                 continue
             if ch == "\\":
@@ -273,6 +322,9 @@ class _Scanner:
             # Code: the top level, a command substitution or backticks.
             if ch == "'":
                 stack.append(_Frame("'"))
+            elif ch == "$" and text.startswith("$'", i):
+                stack.append(_Frame("$'"))
+                i += 1
             elif ch == '"':
                 stack.append(_Frame('"'))
             elif ch == "(":
@@ -349,6 +401,10 @@ class _Scanner:
             raise TemplateError(
                 f"{ref}: a name or position must follow '{kind}.'"
                 + (f" (or write {{{kind}}} for every {kind[:-1]})" if kind != "params" else "")
+            )
+        if i > 0 and text[i - 1] == "$":
+            raise TemplateError(
+                f"${ref} mixes shell and mlbuild syntax: write {ref} for mlbuild to fill"
             )
         if context in ("'", '"'):
             quote = "single" if context == "'" else "double"

@@ -155,6 +155,7 @@ REFUSED = {
     "echo {output.x}": "did you mean 'outputs'? as in {outputs.x}",
     "echo {PARAMS.x}": "did you mean 'params'?",
     "echo {inptus.x}": "did you mean 'inputs'?",
+    "echo ${params.y}": "mixes shell and mlbuild syntax: write {params.y}",
 }
 
 
