@@ -51,6 +51,7 @@ import itertools
 import json
 import math
 import os
+import re
 import stat as _stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -68,7 +69,10 @@ from mlbuild.staleness import Fingerprint, Observation
 from mlbuild.workspace import OutsideProject, staging_dir, writable_path
 
 ENTRY_VERSION = 2
-_HEX = frozenset("0123456789abcdef")
+_DIGEST = re.compile("[0-9a-f]{64}")
+# Paths whose every name is plain ASCII not starting with a dot (so never `.`, `..` or
+# `.mlbuild`) and at most 255 bytes long: most of them, checked by one match.
+_PLAIN_PATH = re.compile(r"[\w+=,@-][\w.+=,@-]{0,254}(?:/[\w+=,@-][\w.+=,@-]{0,254})*", re.ASCII)
 
 # Bounds of what an entry may hold: far above real outputs, far below what
 # would exhaust memory, the recursion limit or the filesystem's name limits.
@@ -268,6 +272,8 @@ def _check_path(path: Any, what: str) -> None:
     """A relative path in normal form: no empty, `.`, `..` or `.mlbuild` part, no NUL."""
     if not isinstance(path, str) or not path:
         raise BadEntry(f"{what} {str(path)[:80]!r} is not a path")
+    if _PLAIN_PATH.fullmatch(path) and len(path) <= MAX_PATH_BYTES and path.count("/") < MAX_DEPTH:
+        return
     try:
         size = len(os.fsencode(path))
     except UnicodeError:
@@ -414,7 +420,7 @@ def cache_key(target_name: str, fingerprint: Fingerprint, output_paths: Iterable
 
 def is_digest(text: str) -> bool:
     """A 64-character lowercase hex digest (anything else is never used as a path)."""
-    return len(text) == 64 and set(text) <= _HEX
+    return _DIGEST.fullmatch(text) is not None
 
 
 # -- copying and hashing files ---------------------------------------------------------
@@ -544,15 +550,20 @@ def _workers() -> int:
 
 
 def _in_parts(fn: Callable[[list[_T]], list[_R]], items: list[_T]) -> list[_R]:
-    """`fn` over slices of `items` in threads (file I/O and BLAKE3 release the GIL)."""
+    """`fn` over slices of `items` in threads (file I/O and BLAKE3 release the GIL).
+
+    Slices are contiguous: items come sorted by path, so each thread mostly
+    creates files in folders of its own (a folder takes one create at a time).
+    """
     if len(items) < PARALLEL_MIN_FILES:
         return fn(items)
     from concurrent.futures import ThreadPoolExecutor
 
     workers = _workers()
+    bounds = [len(items) * i // workers for i in range(workers + 1)]
+    slices = [items[a:b] for a, b in itertools.pairwise(bounds)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlbuild-copy") as pool:
-        parts = pool.map(fn, [items[i::workers] for i in range(workers)])
-        return [item for part in parts for item in part]
+        return [item for part in pool.map(fn, slices) for item in part]
 
 
 class Cache:
