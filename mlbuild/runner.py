@@ -104,7 +104,7 @@ class Build:
         self.options = options
         self.root = graph.pipeline.root
         self.manifests = store.load_manifests()
-        self.fp = Fingerprinter(self.root, store.load_stats())
+        self.fp = Fingerprinter(self.root, store.load_stats(), reuse_walks=True)
         parsed = {raw: Parsed.from_json(data) for raw, data in store.load_parsed().items()}
         self.code = CodeScanner(self.fp, {raw: p for raw, p in parsed.items() if p is not None})
         self.packages: dict[str, str | None] = {}
@@ -223,6 +223,7 @@ class Build:
             self._finish(TargetResult(name, Outcome.SKIPPED, duration=cost))
             self.reporter.skipped(name, decision)
             return False
+        self.fp.expire()  # outputs are removed, restored or written from here on
         if self.options.restore_only:  # `mlbuild pull`: restore or leave alone, never run
             if not self._restore(target, now, decision):
                 self._not_run(name, "not in the cache")
@@ -262,6 +263,7 @@ class Build:
         """A step exited: check its outputs, record it, store its outputs in the cache."""
         target = self.graph.targets[name]
         before, decision = self._running.pop(name)
+        self.fp.expire()  # the step wrote files
         failure = self._check(target, result)
         if failure is not None:
             self._finish(

@@ -213,9 +213,16 @@ class Store:
 
     @_guarded
     def check_writable(self) -> None:
-        """Take and release the write lock: a read-only state fails here, before a build."""
-        with self._transaction():
-            pass
+        """Fail now, before any step runs, if the state cannot be written.
+
+        In WAL mode a read-only database still takes the write lock, so this
+        attempts a write and rolls it back: nothing reaches the disk.
+        """
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
+        finally:
+            self.conn.execute("ROLLBACK")
 
     @_guarded
     def load_stats(self) -> StatCache:
@@ -507,6 +514,13 @@ def _dir_error(state_dir: Path, exc: OSError) -> StateError:
         return StateError(
             f"{shown} exists but is not a directory; mlbuild keeps its state there:"
             " move or delete that file"
+        )
+    if isinstance(exc, PermissionError) and not state_dir.is_dir():
+        parent = display_path(state_dir.parent)
+        folder = "the current directory" if parent == "." else parent
+        return StateError(
+            f"cannot create {shown}: permission denied; make {folder} writable by this user,"
+            " or run mlbuild as its owner"
         )
     if isinstance(exc, PermissionError):
         where = display_path(Path(exc.filename)) if exc.filename else shown

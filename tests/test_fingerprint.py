@@ -263,6 +263,24 @@ def test_a_racy_directory_record_is_not_trusted_by_its_summary(tmp_path: Path) -
     assert record.summary == ""  # so the next run compares per file (and re-hashes a.txt)
 
 
+def test_reuse_walks_keeps_a_directory_digest_until_expired(tmp_path: Path) -> None:
+    write(tmp_path, "d/a.txt", b"a")
+    fp = Fingerprinter(tmp_path, {}, reuse_walks=True)
+    first = fp.digest("d")
+    write(tmp_path, "d/a.txt", b"b")
+    assert fp.digest("d") == first  # the contract: the caller expires when files may change
+    fp.expire()
+    second = fp.digest("d")
+    assert second != first
+    fp.remember("d/a.txt", StatEntry(1, 1, 1, 1, "0" * 64))  # a restore also expires
+    write(tmp_path, "d/c.txt", b"c")
+    assert fp.digest("d") != second
+    plain = Fingerprinter(tmp_path, {})  # without reuse_walks every digest walks again
+    before = plain.digest("d")
+    write(tmp_path, "d/a.txt", b"z")
+    assert plain.digest("d") != before
+
+
 # --- what cannot be fingerprinted --------------------------------------------------------------
 
 

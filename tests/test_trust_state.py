@@ -335,7 +335,13 @@ def test_a_read_only_state_is_one_line(owned_by_nobody: Path, locked: str) -> No
         result = run_cli(root, "run", as_nobody=switch)
         line = assert_one_line(result, 1, ".mlbuild")
         assert "writable" in line
-        assert "has started" not in result.out  # refused before any step ran
+        assert result.out == ""  # refused before any target was even checked
+        status = run_cli(root, "status", as_nobody=switch)
+        if locked == "state.db":  # reading needs no write: status still answers
+            assert (status.code, status.err) == (1, "")
+            assert status.out == "stale  copy: input changed: in.txt\n"
+        else:
+            assert_one_line(status, 1, ".mlbuild", "writable")
     finally:
         target.chmod(0o755 if target.is_dir() else 0o644)
 
@@ -367,3 +373,50 @@ def test_a_damaged_manifest_row_makes_its_target_stale(tmp_path: Path, data: str
     assert result.code == 0, result
     assert result.started() == ["copy"]
     assert run_cli(tmp_path, "run").started() == []
+
+
+# --- 5. large output directories ---------------------------------------------------------------
+
+PRODUCER_CONSUMER = """
+    [targets.gen]
+    cmd = "mkdir {outputs.o}; for i in $(seq 300); do cat {inputs.src} > {outputs.o}/f$i.txt; done"
+    inputs = { src = "in.txt" }
+    outputs = { o = "out" }
+
+    [targets.count]
+    cmd = "cat {inputs.dir}/f1*.txt > {outputs.n}"
+    inputs = { dir = "out" }
+    outputs = { n = "n.txt" }
+"""
+
+
+def test_a_directory_one_target_writes_and_the_next_reads_stays_right(tmp_path: Path) -> None:
+    write(tmp_path, "pipeline.toml", PRODUCER_CONSUMER)
+    write(tmp_path, "in.txt", "one\n")
+    assert run_cli(tmp_path, "run").started() == ["gen", "count"]
+    settle(*tmp_path.rglob("*.txt"))
+    for _ in range(2):  # the first no-op re-hashes racy files, the second trusts the summary
+        assert run_cli(tmp_path, "run").started() == []
+    write(tmp_path, "in.txt", "two\n")
+    result = run_cli(tmp_path, "run", "--no-cache")
+    assert result.started() == ["gen", "count"]
+    assert set((tmp_path / "n.txt").read_text().splitlines()) == {"two"}
+    assert run_cli(tmp_path, "run").started() == []
+
+
+def test_one_edit_inside_a_large_output_directory_is_found(tmp_path: Path) -> None:
+    write(tmp_path, "pipeline.toml", PRODUCER_CONSUMER)
+    write(tmp_path, "in.txt", "one\n")
+    assert run_cli(tmp_path, "run").code == 0
+    settle(*tmp_path.rglob("*.txt"))
+    for _ in range(2):
+        assert run_cli(tmp_path, "run").started() == []
+    edited = tmp_path / "out/f123.txt"
+    before = edited.stat()
+    edited.write_text("ONE\n")
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns))
+    result = run_cli(tmp_path, "run", "--no-cache")
+    assert result.code == 0, result
+    assert result.started() == ["gen"]
+    assert "output modified: out" in result.out
+    assert edited.read_text() == "one\n"
