@@ -38,3 +38,7 @@ class Interrupted(MlbuildError):
     """The build was stopped by SIGINT or SIGTERM; exit 130."""
 
     exit_code = 130
+
+
+class FingerprintError(UserError):
+    """An input or output mlbuild cannot fingerprint: not a regular file, or unreadable."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mlbuild.config import STATE_DIR
 from mlbuild.errors import MlbuildError
-from mlbuild.store import Store, open_store
+from mlbuild.store import Store, open_lock_file, open_store
 from mlbuild.workspace import staging_dir
 
 POLL_SECONDS = 0.1
@@ -41,8 +41,7 @@ class WorkspaceLock:
         self.fd = -1
 
     def __enter__(self) -> WorkspaceLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.fd = open_lock_file(self.path)  # a StateError line if .mlbuild is unusable
         told = False
         while True:
             try:
@@ -101,4 +100,5 @@ def hold_workspace(
             for name in reap_orphans(root):
                 warn(f"stopped step `{name}` left running by an mlbuild that was killed")
         with open_store(state_dir, warn) as store:
+            store.check_writable()  # before any step runs, not when its result is recorded
             yield store

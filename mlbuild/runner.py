@@ -156,7 +156,7 @@ class Build:
         self.options = options
         self.root = graph.pipeline.root
         self.manifests = store.load_manifests()
-        self.fp = Fingerprinter(self.root, store.load_stats())
+        self.fp = Fingerprinter(self.root, store.load_stats(), reuse_walks=True)
         parsed = {raw: Parsed.from_json(data) for raw, data in store.load_parsed().items()}
         self.code = CodeScanner(self.fp, {raw: p for raw, p in parsed.items() if p is not None})
         self.packages: dict[str, str | None] = {}
@@ -292,6 +292,7 @@ class Build:
         where = self.graph.pipeline.display_file
         for port in target.outputs:
             check_writable(self.root, where, target, port.path)
+        self.fp.expire()  # outputs are removed, restored or written from here on
         if self.options.restore_only:  # `mlbuild pull`: restore or leave alone, never run
             if not self._restore(target, now, decision, clear=known):
                 self._not_run(name, "not in the cache")
@@ -326,8 +327,10 @@ class Build:
         files = (*fingerprint.inputs.items(), *fingerprint.code.items())
         for path, digest in (*files, *fingerprint.discovered.items()):
             if digest.startswith("dir:"):
+                record = self.fp.dirs.get(path)
+                below = record.files if record is not None else {}
                 for name, _ in now.listings.get(digest, ()):
-                    taken[f"{path}/{name}"] = stats.get(f"{path}/{name}")
+                    taken[f"{path}/{name}"] = below.get(name) or stats.get(f"{path}/{name}")
             else:
                 taken[path] = stats.get(path)
         return taken
@@ -377,6 +380,7 @@ class Build:
         """A step exited: check its outputs, record it, store its outputs in the cache."""
         target = self.graph.targets[name]
         before, decision, taken = self._running.pop(name)
+        self.fp.expire()  # the step wrote files
         failure = self._check(target, result)
         if failure is None and target.python is not None:
             before, failure = self._take_observed(target, before, result)

@@ -89,25 +89,29 @@ class Fingerprint(NamedTuple):
 
     @staticmethod
     def from_json(text: str) -> Fingerprint | None:
-        """The stored fingerprint, or None when it is of another manifest version."""
-        data: dict[str, Any] = json.loads(text)
-        if data.get("version") != MANIFEST_VERSION:
-            return None
-        return Fingerprint(
-            action=data["action"],
-            params=data["params"],
-            env=data["env"],
-            inputs=data["inputs"],
-            outputs=data["outputs"],
-            code=data["code"],
-            packages=data["packages"],
-            ports=tuple(
-                (kind, name, path, tuple(matches)) for kind, name, path, matches in data["ports"]
-            ),
-            discovered=data["discovered"],
-            imported=tuple(data["imported"]),
-            dynamic=tuple(data["dynamic"]),
-        )
+        """The stored fingerprint, or None when it is of another manifest version or unreadable."""
+        try:
+            data: dict[str, Any] = json.loads(text)
+            if data.get("version") != MANIFEST_VERSION:
+                return None
+            return Fingerprint(
+                action=data["action"],
+                params=data["params"],
+                env=data["env"],
+                inputs=data["inputs"],
+                outputs=data["outputs"],
+                code=data["code"],
+                packages=data["packages"],
+                ports=tuple(
+                    (kind, name, path, tuple(matches))
+                    for kind, name, path, matches in data["ports"]
+                ),
+                discovered=data["discovered"],
+                imported=tuple(data["imported"]),
+                dynamic=tuple(data["dynamic"]),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None  # a damaged row: as if there were no manifest, so the target reruns
 
 
 class Observation(NamedTuple):

@@ -4,7 +4,16 @@ Format (SQLite, WAL journal, `synchronous=NORMAL`: a crash of mlbuild or of the
 machine loses at most the last transactions, never the database):
 
 - `meta(key, value)`: `schema_version` = SCHEMA_VERSION.
-- `stats(path, size, mtime_ns, ino, checked_ns, digest)`: the stat cache.
+- `stats(path, size, mtime_ns, ctime_ns, ino, checked_ns, digest)`: the stat
+  cache of files fingerprinted on their own.
+- `dirs(path, summary, digest, listing, files)`: the stat cache of directory
+  trees, one row per directory (see fingerprint.py's `DirStat`). `listing` is
+  the directory's listing and `files` its per-file stat entries (path below
+  the directory -> size, mtime_ns, ino, checked_ns, digest, ctime_ns), each
+  a `marshal` (format 2) blob behind a 16-byte BLAKE3 checksum of it, so that a
+  damaged blob reads as absent and costs a re-hash, never a wrong digest.
+  `files` is read only when a directory's summary changed. Writing a row
+  drops the `stats` rows below that directory (a cache restore learns them).
 - `manifests(target, data, finished_at, duration)`: one row per target, `data`
   is the JSON of its last successful build (opaque here; see staleness.py).
 - `parsed(raw, data)`: what code.py learned from a Python file with that raw
@@ -14,34 +23,67 @@ machine loses at most the last transactions, never the database):
 - `runs` and `run_targets`: history, one row per run and per target in it.
 
 A manifest and the stat entries it relies on are written in one transaction,
-only after the target succeeded. A database that is corrupt or of another
-schema version is moved aside (never deleted) and the build starts over: a lost
-state costs a rebuild, never a wrong result.
+only after the target succeeded. A database that is corrupt (found when it is
+opened or by any later query) or of an unknown schema version is moved aside
+under a name no other backup has (never deleted) and the build starts over
+with one warning: a lost state costs a rebuild and the history, never a wrong
+result. Version 2 (no ctime, one stats row per file) is upgraded in place by
+dropping its stat cache: those files are simply hashed again. Any other
+database error (read-only, locked, disk full) is one `StateError` line
+naming the path and what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import marshal
+import os
 import sqlite3
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
+import blake3
+
+from mlbuild.config import display_path
 from mlbuild.errors import StateError
-from mlbuild.fingerprint import StatEntry
+from mlbuild.fingerprint import DirStat, StatCache, StatEntry
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
+UPGRADABLE = {"2"}  # schema versions opened by dropping their stat cache
 DB_NAME = "state.db"
 WarnFn = Callable[[str], None]
+
+# SQLite primary result codes (extended codes carry these in their low byte).
+_SQLITE_PERM = 3
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_READONLY = 8
+_SQLITE_IOERR = 10
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
+_SQLITE_AUTH = 23
+_SQLITE_NOTADB = 26
+_CORRUPT = {_SQLITE_CORRUPT, _SQLITE_NOTADB}
+
+_BLOB_MARSHAL = 2
+_CHECKSUM = 16
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS stats (
     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
-    ino INTEGER NOT NULL, checked_ns INTEGER NOT NULL, digest TEXT NOT NULL
+    ctime_ns INTEGER NOT NULL, ino INTEGER NOT NULL, checked_ns INTEGER NOT NULL,
+    digest TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dirs (
+    path TEXT PRIMARY KEY, summary TEXT NOT NULL, digest TEXT NOT NULL,
+    listing BLOB NOT NULL, files BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS manifests (
     target TEXT PRIMARY KEY, data TEXT NOT NULL, finished_at REAL NOT NULL, duration REAL NOT NULL
 );
@@ -56,6 +98,9 @@ CREATE TABLE IF NOT EXISTS run_targets (
     duration REAL NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (run_id, target)
 );
 """
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class StoredManifest(NamedTuple):
@@ -101,12 +146,61 @@ class TargetRun(NamedTuple):
     reason: str
 
 
+def _guarded(method: Callable[Concatenate[Store, P], R]) -> Callable[Concatenate[Store, P], R]:
+    """Run a Store method; if the database turns out corrupt, start over and run it again.
+
+    Corruption inside the file (a bad page) is only found by the query that
+    reads it, so every public method is guarded, not just the open. Any other
+    database error becomes one StateError line.
+    """
+
+    def run(self: Store, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            self._recover(exc)
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise state_error(self.path, exc) from None
+
+    run.__name__, run.__doc__ = method.__name__, method.__doc__
+    return run
+
+
+class _DirFiles(Mapping[str, StatEntry]):
+    """A directory's per-file stat entries, read from the database on first use."""
+
+    def __init__(self, load: Callable[[], dict[str, tuple[Any, ...]]]) -> None:
+        self._load = load
+        self._raw: dict[str, tuple[Any, ...]] | None = None
+
+    def _data(self) -> dict[str, tuple[Any, ...]]:
+        if self._raw is None:
+            self._raw = self._load()
+        return self._raw
+
+    def __getitem__(self, name: str) -> StatEntry:
+        return StatEntry._make(self._data()[name])
+
+    def get(self, name: str, default: Any = None) -> Any:
+        raw = self._data().get(name)
+        return StatEntry._make(raw) if raw is not None else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data())
+
+    def __len__(self) -> int:
+        return len(self._data())
+
+
 class Store:
     """An open state database. Use `open_store`; close with `close` (or a `with` block)."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, warn: WarnFn) -> None:
         self.path = path
         self.conn = conn
+        self.warn = warn
 
     def __enter__(self) -> Store:
         return self
@@ -117,20 +211,67 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
-    def load_stats(self) -> dict[str, StatEntry]:
-        rows = self.conn.execute("SELECT path, size, mtime_ns, ino, checked_ns, digest FROM stats")
-        return {row[0]: StatEntry(*row[1:]) for row in rows}
+    @_guarded
+    def check_writable(self) -> None:
+        """Fail now, before any step runs, if the state cannot be written.
 
+        In WAL mode a read-only database still takes the write lock, so this
+        attempts a write and rolls it back: nothing reaches the disk.
+        """
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("UPDATE meta SET value = value WHERE key = 'schema_version'")
+        finally:
+            self.conn.execute("ROLLBACK")
+
+    @_guarded
+    def load_stats(self) -> StatCache:
+        """File entries now; a directory's record when the fingerprinter asks for it."""
+        rows = self.conn.execute(
+            "SELECT path, size, mtime_ns, ino, checked_ns, digest, ctime_ns FROM stats"
+        )
+        return StatCache({row[0]: StatEntry(*row[1:]) for row in rows}, self.load_dir)
+
+    @_guarded
+    def load_dir(self, path: str) -> DirStat | None:
+        """A directory's recorded summary, digest and listing (its files read lazily)."""
+        row = self.conn.execute(
+            "SELECT summary, digest, listing FROM dirs WHERE path = ?", (path,)
+        ).fetchone()
+        if row is None:
+            return None
+        listing = _unpack(row[2])
+        if not isinstance(listing, tuple):
+            return None
+        return DirStat(row[0], row[1], listing, _DirFiles(lambda: self._load_dir_files(path)))
+
+    @_guarded
+    def _load_dir_files(self, path: str) -> dict[str, tuple[Any, ...]]:
+        row = self.conn.execute("SELECT files FROM dirs WHERE path = ?", (path,)).fetchone()
+        files = _unpack(row[0]) if row is not None else None
+        return files if isinstance(files, dict) else {}
+
+    @_guarded
     def load_manifests(self) -> dict[str, StoredManifest]:
+        """Every manifest row; its text is checked where it is parsed (Fingerprint.from_json)."""
         rows = self.conn.execute("SELECT target, data, finished_at, duration FROM manifests")
         return {row[0]: StoredManifest(*row[1:]) for row in rows}
 
+    @_guarded
     def load_manifest(self, target: str) -> StoredManifest | None:
+        """One target's manifest; None when there is none or its text is not a JSON object."""
         row = self.conn.execute(
             "SELECT data, finished_at, duration FROM manifests WHERE target = ?", (target,)
         ).fetchone()
-        return StoredManifest(*row) if row is not None else None
+        if row is None:
+            return None
+        try:
+            data = json.loads(row[0])
+        except (TypeError, ValueError):
+            return None
+        return StoredManifest(*row) if isinstance(data, dict) else None
 
+    @_guarded
     def load_durations(self) -> dict[str, float]:
         """How long each built target's step took when it last really ran.
 
@@ -141,6 +282,7 @@ class Store:
         """
         return dict(self.conn.execute("SELECT target, duration FROM manifests"))
 
+    @_guarded
     def load_runs(self, limit: int) -> list[RunRecord]:
         """The last `limit` runs, newest first, each with its targets."""
         runs = self.conn.execute(
@@ -163,6 +305,7 @@ class Store:
             for run_id, started, finished, command, status in runs
         ]
 
+    @_guarded
     def load_target_runs(
         self, target: str, limit: int, statuses: Iterable[str] | None = None
     ) -> list[TargetRun]:
@@ -177,6 +320,7 @@ class Store:
         )
         return [TargetRun(*row) for row in rows]
 
+    @_guarded
     def known_targets(self) -> set[str]:
         """Every target name the state has a manifest or any history for."""
         rows = self.conn.execute(
@@ -184,9 +328,11 @@ class Store:
         )
         return {row[0] for row in rows}
 
+    @_guarded
     def load_parsed(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT raw, data FROM parsed"))
 
+    @_guarded
     def save_parsed(self, parsed: Mapping[str, str]) -> None:
         if parsed:
             with self._transaction() as conn:
@@ -194,48 +340,58 @@ class Store:
                     "INSERT OR REPLACE INTO parsed (raw, data) VALUES (?, ?)", parsed.items()
                 )
 
+    @_guarded
     def load_tree(self, digest: str) -> list[tuple[str, str]] | None:
         row = self.conn.execute("SELECT listing FROM trees WHERE digest = ?", (digest,)).fetchone()
         if row is None:
             return None
-        return [(name, value) for name, value in json.loads(zlib.decompress(row[0]))]
+        try:
+            return [(name, value) for name, value in json.loads(zlib.decompress(row[0]))]
+        except (zlib.error, ValueError, TypeError):
+            return None  # a damaged listing only costs the detail of a reason
 
+    @_guarded
     def record(
         self,
         target: str,
         data: str,
         duration: float,
-        stats: Mapping[str, StatEntry],
+        stats: Mapping[str, StatEntry | DirStat],
         trees: Mapping[str, Iterable[tuple[str, str]]],
     ) -> None:
         """Write a target's manifest with the stat entries and listings it relies on, atomically."""
         with self._transaction() as conn:
             self._put_stats(conn, stats)
             for digest, listing in trees.items():
+                known = conn.execute("SELECT 1 FROM trees WHERE digest = ?", (digest,))
+                if known.fetchone() is not None:
+                    continue  # a large listing is encoded once, not at every record
                 blob = zlib.compress(json.dumps(list(listing)).encode(), 1)
-                conn.execute(
-                    "INSERT OR IGNORE INTO trees (digest, listing) VALUES (?, ?)", (digest, blob)
-                )
+                conn.execute("INSERT INTO trees (digest, listing) VALUES (?, ?)", (digest, blob))
             conn.execute(
                 "INSERT OR REPLACE INTO manifests (target, data, finished_at, duration)"
                 " VALUES (?, ?, ?, ?)",
                 (target, data, time.time(), duration),
             )
 
+    @_guarded
     def forget(self, targets: Iterable[str]) -> None:
         """Drop manifests, so that these targets are stale (before rerunning or cleaning)."""
         with self._transaction() as conn:
             conn.executemany("DELETE FROM manifests WHERE target = ?", [(t,) for t in targets])
 
-    def save_stats(self, stats: Mapping[str, StatEntry]) -> None:
+    @_guarded
+    def save_stats(self, stats: Mapping[str, StatEntry | DirStat]) -> None:
         if stats:
             with self._transaction() as conn:
                 self._put_stats(conn, stats)
 
+    @_guarded
     def record_run(
         self, started_at: float, command: str, status: str, rows: Iterable[RunRow]
     ) -> int:
         """Append one run and its per-target outcomes to the history."""
+        rows = list(rows)  # a retry after starting over must see them again
         with self._transaction() as conn:
             cursor = conn.execute(
                 "INSERT INTO runs (started_at, finished_at, command, status) VALUES (?, ?, ?, ?)",
@@ -251,15 +407,41 @@ class Store:
             return run_id
 
     @staticmethod
-    def _put_stats(conn: sqlite3.Connection, stats: Mapping[str, StatEntry]) -> None:
+    def _put_stats(conn: sqlite3.Connection, stats: Mapping[str, StatEntry | DirStat]) -> None:
+        """File entries first, then directory rows, which drop the file rows below them."""
         conn.executemany(
-            "INSERT OR REPLACE INTO stats (path, size, mtime_ns, ino, checked_ns, digest)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            [(p, e.size, e.mtime_ns, e.ino, e.checked_ns, e.digest) for p, e in stats.items()],
+            "INSERT OR REPLACE INTO stats"
+            " (path, size, mtime_ns, ctime_ns, ino, checked_ns, digest)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (p, e.size, e.mtime_ns, e.ctime_ns, e.ino, e.checked_ns, e.digest)
+                for p, e in stats.items()
+                if isinstance(e, StatEntry)
+            ],
         )
+        for path, entry in stats.items():
+            if isinstance(entry, DirStat):
+                # "/" + 1 == "0": the range holds exactly the paths below `path`.
+                conn.execute(
+                    "DELETE FROM stats WHERE path >= ? AND path < ?", (path + "/", path + "0")
+                )
+                files = {name: tuple(e) for name, e in entry.files.items()}
+                conn.execute(
+                    "INSERT OR REPLACE INTO dirs (path, summary, digest, listing, files)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (path, entry.summary, entry.digest, _pack(entry.listing), _pack(files)),
+                )
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.conn)
+
+    def _recover(self, exc: sqlite3.DatabaseError) -> None:
+        """After a failed query: start over if the database is corrupt, else one StateError."""
+        if not is_corrupt(exc):
+            raise state_error(self.path, exc) from None
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
+        self.conn = _start_over(self.path, f"it is corrupt ({exc})", self.warn)
 
 
 class _Transaction:
@@ -276,46 +458,130 @@ class _Transaction:
         if exc_type is None:
             self.conn.execute("COMMIT")
         else:
-            self.conn.execute("ROLLBACK")
+            # A corrupt database may refuse the rollback too; the original error tells.
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+
+
+def _pack(value: Any) -> bytes:
+    payload = marshal.dumps(value, _BLOB_MARSHAL)
+    return blake3.blake3(payload).digest()[:_CHECKSUM] + payload
+
+
+def _unpack(blob: Any) -> Any:
+    """What `_pack` stored, or None when the blob is damaged or unreadable here."""
+    if not isinstance(blob, bytes) or len(blob) < _CHECKSUM:
+        return None
+    payload = blob[_CHECKSUM:]
+    if blake3.blake3(payload).digest()[:_CHECKSUM] != blob[:_CHECKSUM]:
+        return None
+    try:
+        return marshal.loads(payload)
+    except (EOFError, ValueError, TypeError):
+        return None
+
+
+def is_corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """True for "malformed" and "not a database": only those are moved aside and rebuilt."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return "malformed" in str(exc) or "not a database" in str(exc)
+    return code & 0xFF in _CORRUPT
+
+
+def state_error(path: Path, exc: sqlite3.DatabaseError) -> StateError:
+    """One line for a database error that starting over would not fix."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    shown = display_path(path)
+    if code in (_SQLITE_READONLY, _SQLITE_PERM, _SQLITE_CANTOPEN, _SQLITE_AUTH):
+        folder = display_path(path.parent)
+        return StateError(
+            f"cannot write the state database {shown} ({exc}); make {folder} and the files"
+            f" in it writable by this user (chmod -R u+w {folder}), or run mlbuild as their owner"
+        )
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        return StateError(f"{shown} is locked by another process; try again when it is done")
+    if code == _SQLITE_FULL:
+        return StateError(f"cannot write {shown}: the disk is full; free some space")
+    if code == _SQLITE_IOERR:
+        return StateError(f"cannot read or write {shown}: {exc}; check the disk")
+    return StateError(f"cannot use the state database {shown}: {exc}")
+
+
+def _dir_error(state_dir: Path, exc: OSError) -> StateError:
+    shown = display_path(state_dir)
+    if isinstance(exc, FileExistsError | NotADirectoryError):
+        return StateError(
+            f"{shown} exists but is not a directory; mlbuild keeps its state there:"
+            " move or delete that file"
+        )
+    if isinstance(exc, PermissionError) and not state_dir.is_dir():
+        parent = display_path(state_dir.parent)
+        folder = "the current directory" if parent == "." else parent
+        return StateError(
+            f"cannot create {shown}: permission denied; make {folder} writable by this user,"
+            " or run mlbuild as its owner"
+        )
+    if isinstance(exc, PermissionError):
+        where = display_path(Path(exc.filename)) if exc.filename else shown
+        return StateError(
+            f"cannot write {where}: permission denied; make {shown} writable by this user"
+            f" (chmod -R u+w {shown}), or run mlbuild as its owner"
+        )
+    return StateError(f"cannot use {shown}: {exc.strerror or exc}")
+
+
+def ensure_state_dir(state_dir: Path) -> None:
+    """Create the state directory if needed, or say in one line why it cannot be used."""
+    try:
+        state_dir.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise _dir_error(state_dir, exc) from None
+
+
+def open_lock_file(path: Path) -> int:
+    """The workspace lock file's descriptor (see lock.py), or one StateError line."""
+    ensure_state_dir(path.parent)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise _dir_error(path.parent, exc) from None
 
 
 def open_store(state_dir: Path, warn: WarnFn) -> Store:
     """Open (creating if needed) the state database in `state_dir`.
 
     A corrupt database or one of an unknown schema version is renamed to
-    `state.db.bad-<time>` with a warning, and a fresh one is created.
+    `state.db.bad-<time>` (with a counter if that name is taken) with a
+    warning, and a fresh one is created; version 2 is upgraded in place.
     """
-    try:
-        state_dir.mkdir(exist_ok=True)
-    except OSError as exc:
-        raise StateError(f"cannot create {state_dir}: {exc.strerror}") from None
+    ensure_state_dir(state_dir)
     ignore = state_dir / ".gitignore"
     if not ignore.exists():
         # Keeps mlbuild's state out of git without asking the user to edit anything.
-        ignore.write_text("# created by mlbuild: its state never belongs in version control\n*\n")
+        try:
+            ignore.write_text(
+                "# created by mlbuild: its state never belongs in version control\n*\n"
+            )
+        except OSError as exc:
+            raise _dir_error(state_dir, exc) from None
     path = state_dir / DB_NAME
-    problem: str | None = None
+    conn: sqlite3.Connection | None = None
     try:
         conn = _connect(path)
-        version = _schema_version(conn)
-        if version == SCHEMA_VERSION:
-            return Store(path, conn)
-        if version is None:
-            _create(conn)
-            return Store(path, conn)
-        conn.close()
-        problem = f"it has schema version {version}, this mlbuild reads {SCHEMA_VERSION}"
+        problem = _prepare(conn)
     except sqlite3.DatabaseError as exc:
+        if conn is not None:
+            conn.close()
+        if not is_corrupt(exc):
+            raise state_error(path, exc) from None
         problem = f"it is unreadable ({exc})"
-    aside = path.with_name(f"{DB_NAME}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
-    for suffix in ("", "-wal", "-shm"):
-        source = Path(str(path) + suffix)
-        if source.exists():
-            source.replace(Path(str(aside) + suffix))
-    warn(f"{path} was moved to {aside.name} because {problem}; starting with a fresh state")
-    conn = _connect(path)
-    _create(conn)
-    return Store(path, conn)
+    if problem is None:
+        assert conn is not None
+        return Store(path, conn, warn)
+    if conn is not None:
+        conn.close()
+    return Store(path, _start_over(path, problem, warn), warn)
 
 
 def open_existing_store(state_dir: Path, warn: WarnFn) -> Store | None:
@@ -330,6 +596,72 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     return conn
+
+
+def _prepare(conn: sqlite3.Connection) -> str | None:
+    """Make the database ready at SCHEMA_VERSION; else why it must be moved aside."""
+    version = _schema_version(conn)
+    if version == SCHEMA_VERSION:
+        return None
+    if version is None:
+        _create(conn)
+        return None
+    if version in UPGRADABLE:
+        # Older stat entries lack the ctime: dropping them costs one re-hash.
+        conn.executescript(
+            "BEGIN IMMEDIATE; DROP TABLE IF EXISTS stats; DROP TABLE IF EXISTS dirs;"
+            f"{_SCHEMA} INSERT OR REPLACE INTO meta (key, value)"
+            f" VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
+        )
+        return None
+    return f"it has schema version {version}, this mlbuild reads {SCHEMA_VERSION}"
+
+
+def _start_over(path: Path, problem: str, warn: WarnFn) -> sqlite3.Connection:
+    """Move the database aside under a fresh name, warn once, and open a new one."""
+    try:
+        aside = _move_aside(path)
+        conn = _connect(path)
+        _create(conn)
+    except OSError as exc:
+        raise StateError(
+            f"{display_path(path)} cannot be used because {problem}, and moving it aside"
+            f" failed ({exc.strerror or exc}); move it away by hand"
+        ) from None
+    except sqlite3.DatabaseError as exc:
+        raise state_error(path, exc) from None
+    warn(
+        f"{path} was moved to {aside.name} because {problem}; starting with a fresh state"
+        " (targets run again once; the history stays in the moved file)"
+    )
+    return conn
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename the database (and its -wal, -shm) to a name no earlier backup has."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    n = 0
+    while True:
+        aside = path.with_name(f"{DB_NAME}.bad-{stamp}" + (f"-{n}" if n else ""))
+        n += 1
+        if any(os.path.lexists(f"{aside}{suffix}") for suffix in ("", "-wal", "-shm")):
+            continue
+        try:
+            # A hard link claims the name atomically: a backup made at the same
+            # moment by another mlbuild is never overwritten.
+            os.link(path, aside)
+        except FileExistsError:
+            continue
+        except OSError:
+            os.rename(path, aside)  # a filesystem without hard links
+        else:
+            os.unlink(path)
+        break
+    for suffix in ("-wal", "-shm"):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            source.replace(Path(f"{aside}{suffix}"))
+    return aside
 
 
 def _create(conn: sqlite3.Connection) -> None:

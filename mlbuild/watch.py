@@ -747,7 +747,7 @@ class Watcher:
         try:
             with self._locked_state(self.graph.pipeline) as store:
                 if not self._seeded:  # what the state knows of the inputs: stats, not hashes
-                    self._fp.stats.update(store.load_stats())
+                    self._fp.stats.update(store.load_stats().files)
                     self._seeded = True
                 self.own.at_start.clear()
                 reporter = _Attributing(self.reporter, self.graph, self.own)
