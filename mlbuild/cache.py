@@ -885,17 +885,23 @@ def _make_dir(path: str, mode: int, umask: int) -> None:
         os.chmod(path, mode)
 
 
+_ELSEWHERE = ".elsewhere"
+
+
 class _Staging:
     """The folders one restore assembles its outputs in, removed when it ends.
 
     One folder per filesystem: `.mlbuild/staging/<pid>-<random>` for the
     project's, a `.mlbuild-<pid>-<random>` folder beside the output for another
-    (a mount inside the project), so that every final move is a rename.
+    (a mount inside the project), so that every final move is a rename. Such
+    a folder is named in `.mlbuild/staging/<pid>-<random>.elsewhere` while it
+    exists, for `clear_staging` to find it after a kill.
     """
 
     def __init__(self, project: Path) -> None:
         self.project = project
         self.folders: dict[int, str] = {}
+        self.markers: list[str] = []
         self.count = 0
 
     def new_name(self, parent: str) -> str:
@@ -912,14 +918,22 @@ class _Staging:
         token = f"{os.getpid()}-{os.urandom(4).hex()}"
         home = staging_dir(self.project)
         home.mkdir(parents=True, exist_ok=True)
-        same = os.stat(home).st_dev == device
-        path = f"{home}/{token}" if same else f"{parent}/.mlbuild-{token}"
+        if os.stat(home).st_dev == device:
+            path = f"{home}/{token}"
+        else:
+            path = f"{parent}/.mlbuild-{token}"
+            marker = f"{home}/{token}{_ELSEWHERE}"
+            with open(marker, "w") as handle:
+                handle.write(os.path.relpath(path, self.project))
+            self.markers.append(marker)
         os.mkdir(path, 0o700)
         return path
 
     def remove(self) -> None:
         for folder in self.folders.values():
             _remove_tree(folder)
+        for marker in self.markers:
+            os.unlink(marker)
 
 
 def _remove_tree(path: str) -> None:
@@ -958,9 +972,22 @@ def clear_staging(root: Path) -> int:
         if leftover.is_dir(follow_symlinks=False):
             _remove_tree(leftover.path)
         else:
+            if leftover.name.endswith(_ELSEWHERE):
+                _remove_elsewhere(root, leftover.path, leftover.name[: -len(_ELSEWHERE)])
             os.unlink(leftover.path)
         removed += 1
     return removed
+
+
+def _remove_elsewhere(root: Path, marker: str, token: str) -> None:
+    """The staging folder a marker names, if it is one (in the project, named for it)."""
+    try:
+        with open(marker) as handle:
+            rel = handle.read(MAX_PATH_BYTES + 1)
+        if os.path.basename(rel) == f".mlbuild-{token}":
+            _remove_tree(writable_path(root, rel))
+    except (OSError, ValueError, OutsideProject):
+        pass  # not ours to remove
 
 
 def _alive(pid: int) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -589,3 +590,47 @@ def test_clear_staging_removes_only_dead_processes_folders(tmp_path: Path) -> No
     (staging / f"{os.getppid()}-alive").mkdir()
     assert clear_staging(tmp_path) == 1
     assert os.listdir(staging) == [f"{os.getppid()}-alive"]
+
+
+def test_clear_staging_removes_folders_staged_on_another_filesystem(tmp_path: Path) -> None:
+    from mlbuild.cache import clear_staging
+
+    staging = tmp_path / ".mlbuild/staging"
+    staging.mkdir(parents=True)
+    (tmp_path / "build/.mlbuild-999999999-ab/1").mkdir(parents=True)
+    (staging / "999999999-ab.elsewhere").write_text("build/.mlbuild-999999999-ab")
+    (tmp_path / "build/keep").mkdir()
+    (staging / "999999999-cd.elsewhere").write_text("build/keep")  # not a staging name
+    assert clear_staging(tmp_path) == 2
+    assert os.listdir(tmp_path / "build") == ["keep"]
+    assert os.listdir(staging) == []
+
+
+def test_restore_onto_another_filesystem_stages_beside_the_output(
+    tree: Project, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    import tempfile
+
+    import mlbuild.cache
+    from mlbuild.cache import clear_staging
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == tree.root.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the project")
+    other = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    request.addfinalizer(lambda: shutil.rmtree(other, ignore_errors=True))
+    monkeypatch.setattr(mlbuild.cache, "staging_dir", lambda root: other / "staging")
+    tree.run()
+    edit_entries(tree, set_duration(1e6))
+    tree.run("run", "--set", "v=2")
+    result = tree.run()
+    assert "Step `tree` restored from cache" in result.out, result.err
+    assert sorted(os.listdir(tree.root / "build")) == ["d", "f.txt"]
+    assert os.listdir(other / "staging") == []
+    # A restore killed midway: its folder beside the output is found through its marker.
+    monkeypatch.setattr(mlbuild.cache._Staging, "remove", lambda self: None)
+    tree.run("run", "--set", "v=2")
+    assert [n for n in os.listdir(tree.root / "build") if n.startswith(".mlbuild-")]
+    assert clear_staging(tree.root) >= 1
+    assert sorted(os.listdir(tree.root / "build")) == ["d", "f.txt"]
+    assert not [p for p in tree.root.rglob(".mlbuild-*")]
+    assert os.listdir(other / "staging") == []
