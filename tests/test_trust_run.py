@@ -123,19 +123,27 @@ def test_an_output_through_a_symlink_leaving_the_project_is_refused(
 def test_input_edited_and_put_back_during_the_step_is_not_cached(project: Project) -> None:
     """The output made from v2 must not be recorded or cached under v1's key (ABA)."""
     project.write("in.txt", "v1\n")
+    # The step and the test take turns through marker files (outside the step's
+    # declared inputs and outputs): started -> v2 written, go -> read -> v1 put back.
+    cmd = (
+        "touch started; while [ ! -e go ]; do sleep 0.02; done;"
+        " cat {inputs} > {outputs}; touch read; while [ ! -e back ]; do sleep 0.02; done"
+    )
     project.pipeline(
-        """
+        f"""
         [targets.slow]
         inputs = ["in.txt"]
         outputs = ["out.txt"]
-        cmd = "sleep 0.6; cat {inputs} > {outputs}; sleep 0.6"
+        cmd = "{cmd}"
         """
     )
     proc = _mlbuild(project.root, "run")
-    time.sleep(0.3)  # the step is sleeping
+    _wait_for(lambda: (project.root / "started").exists())
     project.write("in.txt", "v2\n")
-    _wait_for(lambda: (project.root / "out.txt").exists())
+    project.write("go", "")
+    _wait_for(lambda: (project.root / "read").exists())
     project.write("in.txt", "v1\n")  # same bytes as when the step started
+    project.write("back", "")
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "input 'in.txt' changed while the step ran" in err
