@@ -394,8 +394,8 @@ class OwnWrites:
         for key in end:
             old, new = _files(before.get(key, ())), _files(after[key])
             paths.update(p for p in old.keys() | new.keys() if old.get(p) != new.get(p))
-        # A directory's own entry changes only with it: name it only when nothing inside did.
-        named = {p for p in paths if not any(q.startswith(p + "/") for q in paths)}
+        # A directory's own entry changes with what is inside it: name the insides.
+        named = paths.difference(a for p in paths for a in _ancestors(p))
         runs = self.wrote[name].runs + 1 if name in self.wrote else 1
         self.wrote[name] = Wrote(runs, end, tuple(sorted(named)))
 

@@ -238,15 +238,15 @@ def test_run_on_a_terminal_draws_progress_and_then_its_summary(tmp_path: Path) -
     lines = final_screen(first)
     assert lines[0] == "Step `prepare` has finished in " + lines[0].split()[-1]
     assert lines[1] == "training"
-    assert re.fullmatch(r"Step `train` has finished in 0\.6\d\ds\.", lines[2])
+    assert re.fullmatch(r"Step `train` has finished in [\d.]+s\.", lines[2])
     assert re.fullmatch(r"mlbuild: 2 ran in [\d.]+s\.", lines[3])
     assert len(lines) == 4
     # The live area shows the time the step took last time, and why it runs.
     second = on_terminal(tmp_path, "run", "-j", "1", "--force", "train")
     shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", second)
-    assert re.search(r"train +[\d.]+s of ~0\.6\d\ds +forced", shown), shown
+    assert re.search(r"train +[\d.]+s of ~[\d.]+s +forced", shown), shown
     assert re.fullmatch(
-        r"mlbuild: 1 skipped, 1 ran in [\d.]+s \(saved 0\.1\d\ds by skipping\)\.",
+        r"mlbuild: 1 skipped, 1 ran in [\d.]+s \(saved [\d.]+s by skipping\)\.",
         final_screen(second)[-1],
     )
 
