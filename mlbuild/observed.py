@@ -152,10 +152,12 @@ class Recorder:
         """
         if not self.recording:
             return
-        if not isinstance(path, str):
+        if type(path) is not str:
             if isinstance(path, int):
                 return  # a file descriptor: its path was seen when it was opened
-            path = os.fsdecode(os.fspath(path))
+            path = os.fspath(path)  # a pathlib.Path
+            if not isinstance(path, str):
+                path = os.fsdecode(path)
         if path[:1] != "/":
             path = os.getcwd() + "/" + path  # the cwd now: the step may have changed it
         if "/." in path or "//" in path:
