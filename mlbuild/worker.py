@@ -80,7 +80,7 @@ def _failed(exc: BaseException) -> bool:
     return not (isinstance(exc, SystemExit) and exc.code in (None, 0))
 
 
-def _import_project_code_from_source(root: str) -> None:
+def _import_project_code_from_source(root: str, recorder: Recorder | None) -> None:
     """Make modules under the project root compile from their source, never a `.pyc`.
 
     Python reuses a cached `.pyc` while the source's mtime (whole seconds) and
@@ -88,6 +88,9 @@ def _import_project_code_from_source(root: str) -> None:
     last run would run the old code, though mlbuild saw the new code and
     reran the step for it. Installed packages (site-packages, even inside the
     project) keep their bytecode caches: they are many and not edited.
+
+    The recorder, if any, is told of each project module file just before it
+    is read, so that one edited while the step runs shows as changed.
     """
     from importlib.machinery import (
         BYTECODE_SUFFIXES,
@@ -99,16 +102,31 @@ def _import_project_code_from_source(root: str) -> None:
         SourcelessFileLoader,
     )
 
+    def note(path: str) -> None:
+        if recorder is not None:
+            recorder.opened(path, reading=True)
+
     class SourceOnlyLoader(SourceFileLoader):
         def get_code(self, fullname: str) -> Any:
             path = self.get_filename(fullname)
+            note(path)
             return self.source_to_code(self.get_data(path), path)
+
+    class NotedSourcelessLoader(SourcelessFileLoader):
+        def get_code(self, fullname: str) -> Any:
+            note(self.get_filename(fullname))
+            return super().get_code(fullname)
+
+    class NotedExtensionLoader(ExtensionFileLoader):
+        def create_module(self, spec: Any) -> Any:
+            note(self.path)
+            return super().create_module(spec)
 
     project = os.path.realpath(root)
     finder_for = FileFinder.path_hook(
-        (ExtensionFileLoader, EXTENSION_SUFFIXES),
+        (NotedExtensionLoader, EXTENSION_SUFFIXES),
         (SourceOnlyLoader, SOURCE_SUFFIXES),
-        (SourcelessFileLoader, BYTECODE_SUFFIXES),
+        (NotedSourcelessLoader, BYTECODE_SUFFIXES),
     )
 
     def hook(path: str) -> Any:
@@ -125,17 +143,16 @@ def _import_project_code_from_source(root: str) -> None:
 def _start_recording(call: dict[str, Any]) -> Recorder | None:
     """Record the project files and modules the step uses (see observed.py).
 
-    Only when the runner asked for timing: it reads the observation from beside it.
+    Only when the runner asked for timing: it reads the observation from beside
+    it. Without one (a bench's baseline) nothing is recorded and nothing is
+    added to the manifest, as for a shell step.
     """
     if not call.get("timing"):
         return None
     from mlbuild.observed import Recorder
 
     recorder = Recorder(call["root"])
-    try:
-        recorder.start()
-    except RuntimeError:  # another audit hook refused ours: run the step unobserved
-        return None
+    recorder.start()
     return recorder
 
 
@@ -151,8 +168,8 @@ def _write_observed(call: dict[str, Any], recorder: Recorder | None) -> None:
 def main(argv: list[str]) -> int:
     call = json.loads(argv[0])
     sys.path.insert(0, call["root"])
-    _import_project_code_from_source(call["root"])
     recorder = _start_recording(call)
+    _import_project_code_from_source(call["root"], recorder)
     module_name, _, function_name = call["ref"].partition(":")
     started = time.perf_counter()
     try:

@@ -384,3 +384,101 @@ def test_a_module_seen_at_run_time_in_a_closure_reading_docstrings_settles(
     assert project.run().started() == ["t"]
     assert project.run().started() == []
     assert project.run().started() == []
+
+
+def test_observation_installs_no_audit_hook(
+    project: Project, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An audit hook runs on every audited event of the process (`id()`, `exec`,
+    # some `getattr`s), not only "open": `copy.deepcopy` got 55% slower under
+    # one. A sitecustomize module counts the hooks added in the step's process.
+    site = tmp_path_factory.mktemp("site")
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "ADDED = []\n"
+        "_add = sys.addaudithook\n"
+        "def _counting(hook):\n"
+        "    ADDED.append(hook)\n"
+        "    _add(hook)\n"
+        "sys.addaudithook = _counting\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    reads_json(project)
+    project.write(
+        "steps/s.py",
+        """
+        import sitecustomize
+
+
+        def run(o):
+            with open("data/x.json") as handle:
+                handle.read()
+            o.write_text(f"{len(sitecustomize.ADDED)} audit hooks")
+        """,
+    )
+    assert project.run().code == 0
+    assert project.read("o.txt") == "0 audit hooks"
+    assert "    data/x.json  file:" in project.run("show", "t").out  # still observed
+
+
+def test_reads_through_pathlib_io_and_os_open_are_discovered(project: Project) -> None:
+    project.pipeline(READS_JSON)
+    project.write(
+        "steps/s.py",
+        """
+        import io
+        import os
+        from pathlib import Path
+
+
+        def run(o):
+            text = Path("data/a.txt").read_text()
+            with io.open(b"data/b.txt", "rb") as handle:
+                text += handle.read().decode()
+            fd = os.open("data/c.txt", os.O_RDONLY)
+            text += os.read(fd, 10).decode()
+            os.close(fd)
+            fd = os.open("data/log.txt", os.O_WRONLY | os.O_CREAT)  # written: its own
+            os.close(fd)
+            o.write_text(text)
+        """,
+    )
+    for name in "abc":
+        project.write(f"data/{name}.txt", name)
+    assert project.run().code == 0
+    assert project.read("o.txt") == "abc"
+    shown = project.run("show", "t").out
+    assert all(f"    data/{name}.txt  file:" in shown for name in "abc")
+    assert "data/log.txt" not in shown
+    project.write("data/c.txt", "C")
+    result = project.run()
+    assert "Step `t` has started: discovered input changed: data/c.txt." in result.out
+    assert project.read("o.txt") == "abC"
+
+
+def test_a_module_changed_while_the_step_ran_reruns(project: Project) -> None:
+    # The module seen at run time is imported (its old text runs), then changes.
+    # Its stat must be the one from when it was loaded, not from the end of the step.
+    project.pipeline(READS_JSON)
+    project.write(
+        "steps/s.py",
+        """
+        import os
+        import sys
+
+        sys.path.insert(0, "lib")
+        import helper
+
+
+        def run(o):
+            o.write_text(str(helper.VALUE))
+            st = os.stat("lib/helper.py")
+            os.utime("lib/helper.py", ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+        """,
+    )
+    project.write("lib/helper.py", "VALUE = 1\n")
+    assert project.run().started() == ["t"]
+    result = project.run()
+    assert "has started: code changed: lib/helper.py (imported when the step last ran)." in (
+        result.out
+    )
