@@ -63,7 +63,7 @@ import blake3
 # parse_size lives in config (resource sizes); wrapped here for `mlbuild gc --max-size`.
 from mlbuild.config import STATE_DIR
 from mlbuild.config import parse_size as _parse_size
-from mlbuild.errors import UsageError
+from mlbuild.errors import MlbuildError, UsageError
 from mlbuild.fingerprint import PARALLEL_MIN_FILES, Fingerprinter, StatEntry, hash_bytes
 from mlbuild.staleness import Fingerprint, Observation
 from mlbuild.workspace import OutsideProject, staging_dir, writable_path
@@ -105,7 +105,7 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-class CacheError(Exception):
+class CacheError(MlbuildError):
     """The cache cannot be used for this operation (unwritable, full disk, bad entry)."""
 
 
@@ -121,7 +121,7 @@ class Uncacheable(CacheError):
     """One target's outputs cannot be cached (the cache itself is fine)."""
 
 
-class SlowerThanRunning(Exception):
+class SlowerThanRunning(MlbuildError):
     """Restoring an entry is expected to take longer than its step did."""
 
 

@@ -43,6 +43,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 from mlbuild.config import EMPTY, Target
+from mlbuild.errors import MlbuildError
 
 if TYPE_CHECKING:
     import ast  # at run time imported where a file is parsed: a no-op parses nothing
@@ -56,7 +57,7 @@ _MAY_NAME_SCRIPT = re.compile(
 _PYTHONS = ("python", "python3", "python3.11", "python3.12", "python3.13", "ipython")
 
 
-class CodeError(Exception):
+class CodeError(MlbuildError):
     """A step module that cannot be used: missing, syntax error, bad signature."""
 
 

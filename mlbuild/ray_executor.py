@@ -92,7 +92,7 @@ POLL_SECONDS = 0.2  # how often the driver looks at finished tasks and growing l
 _LOG_LIMIT = 8 << 20  # bytes of a sandboxed step's log sent back to the driver
 
 
-class TransferFailed(Exception):
+class TransferFailed(MlbuildError):
     """A task could not move its files through the remote cache (retried like a lost worker)."""
 
 

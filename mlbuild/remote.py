@@ -60,6 +60,7 @@ from mlbuild.cache import (
     load_entry,
 )
 from mlbuild.config import STATE_DIR, CacheSettings, Pipeline
+from mlbuild.errors import MlbuildError
 from mlbuild.fingerprint import hash_file
 from mlbuild.staleness import Fingerprint, Observation
 from mlbuild.store import Store
@@ -90,11 +91,11 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_BYTES
 
 
-class RemoteError(Exception):
+class RemoteError(MlbuildError):
     """The remote cannot be used: unreachable, refused, or its backend is not installed."""
 
 
-class BadRecord(Exception):
+class BadRecord(MlbuildError):
     """A record or blob on the remote that must not be used (malformed, unsafe, missing)."""
 
 

@@ -26,6 +26,14 @@ class Outcome(enum.Enum):
     PENDING = "would run"  # dry run: stale, or waiting on a stale upstream
 
 
+class RunStatus(enum.Enum):
+    """How a whole build ended, as the history (`mlbuild log`) records it."""
+
+    OK = "ok"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
 class Failure(NamedTuple):
     """Why a target failed, with what the user needs to look into it."""
 

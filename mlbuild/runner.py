@@ -33,6 +33,7 @@ from mlbuild.results import (
     Failure,
     Outcome,
     Reporter,
+    RunStatus,
     TargetResult,
 )
 from mlbuild.scheduler import Scheduler
@@ -185,10 +186,11 @@ class Build:
         sched = Scheduler(
             selected, self.graph.deps, self.options.jobs, self.graph.pipeline.pools, pool_of
         )
-        status = "interrupted"
+        status = RunStatus.INTERRUPTED
         try:
             self._loop(sched, forced)
-            status = "ok" if not any(r.failure for r in self.results) else "failed"
+            failed = any(r.failure for r in self.results)
+            status = RunStatus.FAILED if failed else RunStatus.OK
         finally:
             self._collect_saves(wait=True)
             if self._executor is not None and self._executor.running:
@@ -196,7 +198,7 @@ class Build:
                 with contextlib.suppress(KeyboardInterrupt):
                     self._interrupt()
             if self._remote is not None:
-                self._remote.finish(wait=status != "interrupted")  # background uploads
+                self._remote.finish(wait=status is not RunStatus.INTERRUPTED)  # background uploads
             if not self.options.read_only:
                 self.store.save_stats(self.fp.take_updates())
                 self.store.save_parsed({r: p.to_json() for r, p in self.code.new_parsed.items()})
@@ -205,7 +207,7 @@ class Build:
                         RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons))
                         for r in self.results
                     ]
-                    self.store.record_run(started_at, self.options.command_line, status, rows)
+                    self.store.record_run(started_at, self.options.command_line, status.value, rows)
         failures = tuple(r.failure for r in self.results if r.failure is not None)
         return BuildResult(tuple(self.results), time.perf_counter() - start, failures)
 
@@ -477,7 +479,7 @@ class Build:
         the way are cleared first, once an entry was found: `pull` leaves a
         target it cannot restore untouched.
         """
-        if not self._cacheable(target) or self.options.no_cache or "forced" in decision.reasons:
+        if not self._cacheable(target) or self.options.no_cache or decision.forced:
             return False
         from mlbuild.cache import CacheError, SlowerThanRunning, cache_key
 

@@ -132,6 +132,7 @@ class Decision(NamedTuple):
     fresh: bool
     reasons: tuple[str, ...] = ()
     compared: str = ""  # what was found equal, for --explain on fresh targets
+    forced: bool = False  # `--force`: run, never restore, whatever else was found
 
 
 def expand_inputs(target: Target, root: str) -> list[str]:
@@ -229,8 +230,9 @@ def decide(
     """
     if before is None:
         if stored:
-            return Decision(False, ("its manifest was written by another version of mlbuild",))
-        return Decision(False, ("never built",))
+            why = "its manifest was written by another version of mlbuild"
+            return Decision(False, (why,), forced=forced)
+        return Decision(False, ("never built",), forced=forced)
     reasons: list[str] = []
     if forced:
         reasons.append("forced")
@@ -276,7 +278,10 @@ def decide(
         if items
     )
     return Decision(
-        not reasons, tuple(reasons), "same action" + (f", {compared}" if compared else "")
+        not reasons,
+        tuple(reasons),
+        "same action" + (f", {compared}" if compared else ""),
+        forced=forced,
     )
 
 
