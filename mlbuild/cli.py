@@ -20,7 +20,6 @@ from typing import Any, NoReturn
 
 from mlbuild.config import (
     EXECUTOR_KINDS,
-    STATE_DIR,
     Pipeline,
     find_pipeline,
     load_pipeline,
@@ -33,7 +32,7 @@ from mlbuild.report import PlainReporter, silence_stdout, stdout_closed
 from mlbuild.results import BuildOptions, BuildPlan, CliReporter, Outcome, Reporter
 from mlbuild.runner import check_writable, clear_outputs, run_build
 from mlbuild.store import Store, open_existing_store, open_store
-from mlbuild.workspace import cache_dir, empty_trash, forget_made, load_made, log_path
+from mlbuild.workspace import cache_dir, empty_trash, forget_made, load_made, log_path, state_dir
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -253,7 +252,7 @@ def load(args: argparse.Namespace) -> tuple[Pipeline, Graph]:
 
 
 def open_state(pipeline: Pipeline, reporter: Reporter) -> Store:
-    return open_store(pipeline.root / STATE_DIR, reporter.warn)
+    return open_store(state_dir(pipeline.root), reporter.warn)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -476,7 +475,7 @@ def _history(args: argparse.Namespace, target: str | None) -> Iterator[Store | N
     A target the pipeline no longer has is fine while the state remembers it.
     """
     pipeline, graph = load(args)
-    store = open_existing_store(pipeline.root / STATE_DIR, PlainReporter().warn)
+    store = open_existing_store(state_dir(pipeline.root), PlainReporter().warn)
     with contextlib.nullcontext() if store is None else store:
         if target is None or target in graph.targets:
             pass

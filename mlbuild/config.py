@@ -96,7 +96,7 @@ class Target(NamedTuple):
     name: str
     cmd: str | None  # the command template as written
     # The command as shown to the user: placeholders filled, glob inputs as their
-    # pattern. What runs is interpolate.render_command, globs expanded at the start.
+    # pattern. What runs is executor.render_command, globs expanded at the start.
     command: str | None
     python: str | None  # "module.path:function"
     inputs: tuple[Port, ...]

@@ -40,7 +40,7 @@ from typing import IO, Protocol
 
 from mlbuild.config import Target, render_value
 from mlbuild.fingerprint import expand_port
-from mlbuild.interpolate import render_command
+from mlbuild.interpolate import fill, parse_template
 from mlbuild.reaper import (
     LEFTOVER_GRACE_SECONDS,
     POLL_SECONDS,
@@ -112,6 +112,19 @@ def step_environment(
     for name, value in target.params.items():
         env["MLBUILD_PARAM_" + re.sub(r"\W", "_", name).upper()] = render_value(value)
     return env
+
+
+def render_command(target: Target, root: Path) -> str:
+    """The shell command a target's step runs, its glob inputs expanded now, in `root`."""
+    assert target.cmd is not None
+    where = str(root)
+    return fill(
+        parse_template(target.cmd),
+        target.inputs,
+        target.outputs,
+        target.params,
+        lambda port: expand_port(port, where),
+    )
 
 
 def step_argv(target: Target, root: Path, timing: Path) -> list[str]:

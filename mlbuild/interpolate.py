@@ -5,7 +5,8 @@ A `cmd` names paths and values with `{inputs}`, `{inputs.NAME}`, `{inputs.0}`,
 words itself, so that:
 
 - a step receives exactly the paths mlbuild hashed: glob inputs are expanded
-  by `fingerprint.expand_port` when the step starts (after its producers ran),
+  by `fingerprint.expand_port` when the step starts (after its producers ran;
+  `executor.render_command`),
   never by /bin/sh, which knows no `**` and splits a directory name at spaces;
 - a value or a path never becomes shell syntax (quotes, `$(...)`, `;`, `*`);
 - a path starting with `-` is passed as `./-x`, so that it is not an option.
@@ -26,12 +27,11 @@ import json
 import re
 import shlex
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     # Type names only: config imports this module to check templates at load.
-    from mlbuild.config import Port, Target
+    from mlbuild.config import Port
 
 KINDS = ("inputs", "outputs", "params")
 # `{kind}` or `{kind.item}`; the item may be empty so that `{inputs.}` can be reported.
@@ -147,22 +147,6 @@ def fill(
                 words.extend(quote_path(p, piece.word_start or bool(words)) for p in expand(port))
         out.append(" ".join(words))
     return "".join(out)
-
-
-def render_command(target: Target, root: Path) -> str:
-    """The shell command a target's step runs, its glob inputs expanded now, in `root`."""
-    # Imported here: fingerprint imports config, which imports this module.
-    from mlbuild.fingerprint import expand_port
-
-    assert target.cmd is not None
-    where = str(root)
-    return fill(
-        parse_template(target.cmd),
-        target.inputs,
-        target.outputs,
-        target.params,
-        lambda port: expand_port(port, where),
-    )
 
 
 def _ports(ref: Ref, ports: Sequence[Port]) -> Sequence[Port]:

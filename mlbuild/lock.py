@@ -16,10 +16,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlbuild.config import STATE_DIR
 from mlbuild.errors import MlbuildError
 from mlbuild.store import Store, open_lock_file, open_store
-from mlbuild.workspace import staging_dir
+from mlbuild.workspace import running_dir, staging_dir, state_dir
 
 POLL_SECONDS = 0.1
 
@@ -85,20 +84,20 @@ def hold_workspace(
     the executor (and subprocess with it) is imported only when there are any,
     keeping it off the no-op path.
     """
-    state_dir = root / STATE_DIR
-    with WorkspaceLock(state_dir, command, wait=wait, notify=warn):
+    state = state_dir(root)
+    with WorkspaceLock(state, command, wait=wait, notify=warn):
         staging = staging_dir(root)
         if staging.is_dir() and any(staging.iterdir()):
             # What a killed restore left; the cache module only then (off the no-op path).
             from mlbuild.cache import clear_staging
 
             clear_staging(root)
-        running = state_dir / "running"
+        running = running_dir(root)
         if running.is_dir() and any(running.iterdir()):
             from mlbuild.executor import reap_orphans
 
             for name in reap_orphans(root):
                 warn(f"stopped step `{name}` left running by an mlbuild that was killed")
-        with open_store(state_dir, warn) as store:
+        with open_store(state, warn) as store:
             store.check_writable()  # before any step runs, not when its result is recorded
             yield store

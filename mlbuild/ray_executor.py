@@ -62,7 +62,7 @@ from typing import Any
 
 from mlbuild import reaper
 from mlbuild.cache import CacheError, Entry, check_entry, describe_outputs
-from mlbuild.config import STATE_DIR, ExecutorSettings, Target
+from mlbuild.config import ExecutorSettings, Target
 from mlbuild.errors import MlbuildError, UsageError
 from mlbuild.executor import (
     TERM_GRACE_SECONDS,
@@ -86,7 +86,7 @@ from mlbuild.reaper import (
 from mlbuild.remote import BadRecord, Remote, RemoteCache, RemoteError
 from mlbuild.staleness import Observation, observe_paths
 from mlbuild.worker import EXIT_RAISED
-from mlbuild.workspace import short_name
+from mlbuild.workspace import ray_dir, short_name
 
 POLL_SECONDS = 0.2  # how often the driver looks at finished tasks and growing logs
 _LOG_LIMIT = 8 << 20  # bytes of a sandboxed step's log sent back to the driver
@@ -211,7 +211,7 @@ class RayExecutor:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         token = uuid.uuid4().hex
-        probe_dir = self.root / STATE_DIR / "ray"
+        probe_dir = ray_dir(self.root)
         probe_dir.mkdir(parents=True, exist_ok=True)
         probe = probe_dir / "probe"
         probe.write_text(token)

@@ -59,11 +59,12 @@ from mlbuild.cache import (
     is_digest,
     load_entry,
 )
-from mlbuild.config import STATE_DIR, CacheSettings, Pipeline
+from mlbuild.config import CacheSettings, Pipeline
 from mlbuild.errors import MlbuildError
 from mlbuild.fingerprint import hash_file
 from mlbuild.staleness import Fingerprint, Observation
 from mlbuild.store import Store
+from mlbuild.workspace import cache_dir
 
 IO_THREADS = 8  # concurrent blob transfers and existence checks
 UPLOAD_THREADS = 2  # targets uploaded at once in the background
@@ -593,4 +594,4 @@ def push_targets(
 
 def local_cache(pipeline: Pipeline) -> Cache:
     """The workspace's local cache (`.mlbuild/cache`), for commands that run no build."""
-    return Cache(pipeline.root / STATE_DIR / "cache")
+    return Cache(cache_dir(pipeline.root))

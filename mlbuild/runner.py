@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
-from mlbuild.config import STATE_DIR, Target, missing_hint
+from mlbuild.config import Target, missing_hint
 from mlbuild.errors import PipelineError
 from mlbuild.fingerprint import Fingerprinter, StatEntry, expand_port
 from mlbuild.graph import Graph, check_kept_sources
@@ -49,6 +49,7 @@ from mlbuild.staleness import (
 from mlbuild.store import RunRow, Store
 from mlbuild.workspace import (
     OutsideProject,
+    cache_dir,
     forget_made,
     load_made,
     log_path,
@@ -579,7 +580,7 @@ class Build:
         if self._cache is None:
             from mlbuild.cache import Cache
 
-            self._cache = Cache(self.root / STATE_DIR / "cache")
+            self._cache = Cache(cache_dir(self.root))
         return self._cache
 
     @property

@@ -45,6 +45,11 @@ def cache_dir(root: Path) -> Path:
     return root / STATE_DIR / "cache"
 
 
+def ray_dir(root: Path) -> Path:
+    """Token files the Ray executor writes to learn which nodes share the filesystem."""
+    return root / STATE_DIR / "ray"
+
+
 def running_dir(root: Path) -> Path:
     """Markers naming the process groups of running steps (for orphan reaping)."""
     return root / STATE_DIR / "running"

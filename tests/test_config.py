@@ -10,7 +10,8 @@ import pytest
 
 from mlbuild.config import Pipeline, Port, load_pipeline, missing_hint, parse_overrides
 from mlbuild.errors import PipelineError, UsageError
-from mlbuild.interpolate import Ref, TemplateError, parse_template, render_command
+from mlbuild.executor import render_command
+from mlbuild.interpolate import Ref, TemplateError, parse_template
 
 
 def load(tmp_path: Path, toml: str, overrides: dict[str, object] | None = None) -> Pipeline:

@@ -1,0 +1,133 @@
+"""The import direction of docs/ARCHITECTURE.md, checked: a later change cannot quietly break it.
+
+Every import of an `mlbuild` module counts, at module level or inside a
+function (a lazy import is still a dependency); imports under
+`if TYPE_CHECKING:` do not, since they never run.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mlbuild"
+
+# Bottom to top. A module may import modules of its own layer or of layers below it,
+# never above. Keep in step with the table in docs/ARCHITECTURE.md.
+LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("foundation", frozenset({"errors", "interpolate", "scheduler", "reaper"})),
+    ("pipeline", frozenset({"config"})),
+    ("state", frozenset({"workspace", "fingerprint", "graph", "store"})),
+    ("analysis", frozenset({"code", "staleness", "observed"})),
+    ("storage", frozenset({"results", "cache", "remote"})),
+    ("execution", frozenset({"worker", "executor", "ray_executor", "lock"})),
+    ("build", frozenset({"runner"})),
+    ("interface", frozenset({"report", "progress", "history", "dag", "watch"})),
+    ("entry", frozenset({"cli", "__main__", "__init__"})),
+)
+# Run in every step's own interpreter: the standard library and these only.
+WORKER_SIDE = {"worker": {"observed"}, "observed": set(), "reaper": set()}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports_of(path: Path, *, top_level_only: bool = False) -> set[str]:
+    """The mlbuild modules `path` imports (at run time)."""
+    found: set[str] = set()
+
+    def visit(nodes: list[ast.stmt], depth: int) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and _is_type_checking(node.test):
+                visit(node.orelse, depth)
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module.startswith("mlbuild."):
+                    found.add(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                found.update(a.name.split(".")[1] for a in node.names if a.name[:8] == "mlbuild.")
+            if top_level_only and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                children = getattr(node, field, None)
+                if isinstance(children, list):
+                    visit([c for c in children if isinstance(c, ast.stmt)], depth + 1)
+                    for handler in children:
+                        if isinstance(handler, ast.ExceptHandler):
+                            visit(handler.body, depth + 1)
+
+    visit(ast.parse(path.read_text()).body, 0)
+    return found - {path.stem}
+
+
+def graph() -> dict[str, set[str]]:
+    return {path.stem: imports_of(path) for path in sorted(PACKAGE.glob("*.py"))}
+
+
+def layer_of(module: str) -> int:
+    for number, (_, members) in enumerate(LAYERS):
+        if module in members:
+            return number
+    raise AssertionError(
+        f"mlbuild/{module}.py is in no layer: add it to LAYERS and ARCHITECTURE.md"
+    )
+
+
+def test_every_module_is_in_a_layer() -> None:
+    for module in graph():
+        layer_of(module)
+
+
+def test_imports_point_down_the_layers() -> None:
+    wrong = [
+        f"{module} ({LAYERS[layer_of(module)][0]}) imports {dep} ({LAYERS[layer_of(dep)][0]})"
+        for module, deps in graph().items()
+        for dep in sorted(deps)
+        if layer_of(dep) > layer_of(module)
+    ]
+    assert not wrong, "imports pointing up:\n" + "\n".join(wrong)
+
+
+def test_there_is_no_import_cycle() -> None:
+    edges = graph()
+    done: set[str] = set()
+
+    def walk(module: str, path: tuple[str, ...]) -> None:
+        if module in path:
+            cycle = " -> ".join((*path[path.index(module) :], module))
+            raise AssertionError(f"import cycle: {cycle}")
+        if module in done:
+            return
+        for dep in sorted(edges.get(module, ())):
+            walk(dep, (*path, module))
+        done.add(module)
+
+    for module in sorted(edges):
+        walk(module, ())
+
+
+def test_the_step_side_imports_only_the_standard_library() -> None:
+    """The worker and the Ray guard start in every step: no tomli, no blake3, no config."""
+    for module, allowed in WORKER_SIDE.items():
+        imported = imports_of(PACKAGE / f"{module}.py", top_level_only=True)
+        assert imported <= allowed, f"{module} imports {sorted(imported - allowed)} at start"
+
+
+def test_the_checker_sees_lazy_imports_and_ignores_type_checking(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from mlbuild.errors import UserError\n"
+        "if TYPE_CHECKING:\n"
+        "    from mlbuild.cli import main\n"
+        "def f() -> None:\n"
+        "    try:\n"
+        "        from mlbuild.runner import run_build\n"
+        "    except ImportError:\n"
+        "        import mlbuild.cache\n"
+    )
+    assert imports_of(sample) == {"errors", "runner", "cache"}
+    assert imports_of(sample, top_level_only=True) == {"errors"}
