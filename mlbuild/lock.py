@@ -9,6 +9,7 @@ Read-only commands (`status`, `list`, `dag`) never take it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -57,12 +58,16 @@ class WorkspaceLock:
                     self.notify(f"waiting for another mlbuild in this workspace ({holder})")
                     told = True
                 time.sleep(POLL_SECONDS)
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()} {self.command}\n".encode(), 0)
+        # Who holds the lock is only for a waiting user's message: a full disk
+        # must not stop the command that would free space (`mlbuild gc`).
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()} {self.command}\n".encode(), 0)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.ftruncate(self.fd, 0)
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.fd, 0)
         os.close(self.fd)  # closing releases the flock
 
     def _holder(self) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
 from mlbuild.config import Target, missing_hint
-from mlbuild.errors import PipelineError
+from mlbuild.errors import FingerprintError, PipelineError
 from mlbuild.fingerprint import Fingerprinter, StatEntry, expand_port
 from mlbuild.graph import Graph, check_kept_sources
 from mlbuild.results import (
@@ -69,6 +70,8 @@ if TYPE_CHECKING:
 
 
 StatMap = Mapping[str, "StatEntry | None"]
+# Keys of `StatMap` entries that hold a symlink's own lstat rather than its target's.
+LINK_PREFIX = "\0link:"
 # The digest recorded for an input that changed while its step ran: equal to none.
 CHANGED_DURING_STEP = "changed:during its step"
 
@@ -249,7 +252,10 @@ class Build:
 
     def _remember_made(self, target: Target) -> None:
         """What an unrecorded step left in its outputs is mlbuild's: the next run may delete it."""
-        made = observe_paths(self.fp, [p.path for p in target.outputs], {})
+        try:
+            made = observe_paths(self.fp, [p.path for p in target.outputs], {})
+        except FingerprintError:
+            return  # a FIFO, say: left for the user, moved aside next time
         left = {path: digest for path, digest in made.items() if not digest.startswith("missing:")}
         if left:
             save_made(self.root, target.name, left)
@@ -305,7 +311,9 @@ class Build:
         if name in self.manifests:
             self.store.forget([name])
             del self.manifests[name]
-        if self._restore(target, now, decision):
+        # A persist target keeps its outputs for its step, but a restore replaces
+        # them: what mlbuild did not make is moved aside first, as for any target.
+        if self._restore(target, now, decision, clear=known if target.persist else None):
             return False
         self._running[name] = (now, decision, self._input_stats(target, now))
         return True
@@ -328,7 +336,11 @@ class Build:
         taken: dict[str, StatEntry | None] = {}
         fingerprint = now.fingerprint
         files = (*fingerprint.inputs.items(), *fingerprint.code.items())
+        prefix = str(self.root) + os.sep
         for path, digest in (*files, *fingerprint.discovered.items()):
+            link = _link_stat(prefix + path)
+            if link is not None:  # retargeting the link (`ln -sfn`) changes the read too
+                taken[LINK_PREFIX + path] = link
             if digest.startswith("dir:"):
                 record = self.fp.dirs.get(path)
                 below = record.files if record is not None else {}
@@ -343,6 +355,11 @@ class Build:
         prefix = str(self.root) + os.sep
         for rel, entry in taken.items():
             if entry is None:
+                continue
+            if rel.startswith(LINK_PREFIX):
+                path = rel[len(LINK_PREFIX) :]
+                if _link_stat(prefix + path) != entry:
+                    return path
                 continue
             try:
                 st = os.stat(prefix + rel)
@@ -374,7 +391,15 @@ class Build:
         for port in target.outputs:
             parent = (self.root / port.path).parent
             if parent not in self.made_dirs:
-                parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    parent.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError):
+                    raise PipelineError(
+                        self.graph.pipeline.display_file,
+                        f"'{port.path}' needs '{os.path.relpath(parent, self.root)}' to be a"
+                        " directory, but a file is in the way: move or remove it",
+                        f"targets.{name}.outputs",
+                    ) from None
                 self.made_dirs.add(parent)
         self.reporter.started(name, self._running[name][1], _command(target))
         self.executor.start(target, log_path(self.root, name))
@@ -387,7 +412,18 @@ class Build:
         failure = self._check(target, result)
         if failure is None and target.python is not None:
             before, failure = self._take_observed(target, before, result)
-        if failure is not None:
+        changed: str | None = None
+        done: Observation | None = None
+        if failure is None:
+            try:
+                changed = self._changed_input(target, before, taken)
+                if changed is not None:
+                    before = _poisoned(before, changed)
+                done = self._record(target, before, result.duration)
+            except FingerprintError as exc:  # the step left a FIFO or an unreadable file
+                failure = Failure(name, _command(target), str(exc), result.log_path)
+        if failure is not None or done is None:
+            assert failure is not None
             self._remember_made(target)
             self._finish(
                 TargetResult(name, Outcome.FAILED, decision.reasons, result.duration, failure)
@@ -395,7 +431,6 @@ class Build:
             self.reporter.failed(failure, result.duration)
             self.stopped = self.stopped or not self.options.keep_going
             return
-        changed = self._changed_input(target, before, taken)
         self._finish(TargetResult(name, Outcome.RAN, decision.reasons, result.duration))
         self.reporter.finished(name, result.duration)
         if changed is not None:
@@ -407,9 +442,7 @@ class Build:
                 f"`{name}`: input '{changed}' changed while the step ran; its outputs are"
                 " kept but not cached, and the next run redoes the step"
             )
-            self._record(target, _poisoned(before, changed), result.duration)
             return
-        done = self._record(target, before, result.duration)
         self._store_outputs(target, done, result.duration)
 
     def _check(self, target: Target, result: ExecResult) -> Failure | None:
@@ -505,7 +538,7 @@ class Build:
         except CacheError as exc:  # an invalid local entry (deleted by lookup)
             self.reporter.warn(f"cache entry of `{target.name}` not used: {exc}; running it")
             return False
-        if clear is not None and not target.persist:
+        if clear is not None:
             self._clear(target, now.fingerprint.outputs, clear)
         try:
             outputs = self.cache.restore(entry, self.root, self.fp)
@@ -621,6 +654,18 @@ class Build:
     def _finish(self, result: TargetResult) -> None:
         self.outcomes[result.name] = result.outcome
         self.results.append(result)
+
+
+def _link_stat(full: str) -> StatEntry | None:
+    """A symlink's own identity (inode, ctime, target text), or None if `full` is no link."""
+    try:
+        st = os.lstat(full)
+        if not stat.S_ISLNK(st.st_mode):
+            return None
+        text = os.readlink(full)
+    except OSError:
+        return None
+    return StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, 0, text, st.st_ctime_ns)
 
 
 def _poisoned(observed: Observation, changed: str) -> Observation:

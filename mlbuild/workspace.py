@@ -20,6 +20,7 @@ legal in pipeline.toml but not as `NAME.log` on most filesystems.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import time
@@ -27,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mlbuild.config import STATE_DIR
-from mlbuild.errors import UserError
+from mlbuild.errors import StateError, UserError
 
 TRASH_KEEP_SECONDS = 7 * 24 * 3600.0  # what `mlbuild gc` keeps of the trash by default
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,80}")
@@ -154,9 +155,35 @@ def move_aside(root: Path, rel: str) -> str:
         except FileExistsError:
             n += 1
     dest = slot / rel
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(src, dest)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(src, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_then_remove(src, str(dest))  # another filesystem (a volume, a mount)
+    except OSError as exc:
+        import shutil
+
+        shutil.rmtree(slot, ignore_errors=True)
+        raise StateError(
+            f"cannot move '{rel}' aside into {STATE_DIR}/trash/ ({exc.strerror or exc});"
+            " mlbuild did not make it and will not delete it: move or remove it yourself"
+        ) from None
     return os.path.relpath(dest, root)
+
+
+def _copy_then_remove(src: str, dest: str) -> None:
+    """A rename across filesystems: copy everything (links as links), then delete the source."""
+    import shutil
+
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dest, symlinks=True)
+        shutil.rmtree(src)
+    else:
+        shutil.copy2(src, dest, follow_symlinks=False)
+        os.unlink(src)
 
 
 def empty_trash(root: Path, older_than: float = TRASH_KEEP_SECONDS) -> int:

@@ -6,12 +6,16 @@ Each test is a finding of the adversarial review (issue 12) that failed before t
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import Project
 
@@ -270,3 +274,169 @@ def test_pull_moves_a_hand_edited_output_aside_before_restoring(project: Project
     assert result.code == 0, result
     assert project.read("a.txt") == "a\n"
     assert [p.read_text() for p in _trash(project.root)] == ["notes\n"]
+
+
+def test_a_restore_over_a_persist_output_moves_what_mlbuild_did_not_make(
+    project: Project,
+) -> None:
+    project.write("in.txt", "v1\n")
+    project.pipeline(
+        """
+        [targets.a]
+        inputs = ["in.txt"]
+        outputs = ["ckpt"]
+        persist = true
+        cmd = "mkdir -p ckpt; cat in.txt >> ckpt/log.txt"
+        """
+    )
+    assert project.run().code == 0
+    project.write("in.txt", "v2\n")
+    assert project.run().code == 0
+    project.write("ckpt/notes.txt", "my precious notes\n")
+    project.write("in.txt", "v1\n")
+    result = project.run()
+    assert "restored from cache" in result.out, result
+    assert project.read("ckpt/log.txt") == "v1\n"
+    kept = {p.name: p.read_text() for p in _trash(project.root)}
+    assert kept["notes.txt"] == "my precious notes\n"
+
+
+def test_a_symlink_input_retargeted_and_put_back_during_the_step_is_not_cached(
+    project: Project,
+) -> None:
+    project.write("v1.csv", "v1\n")
+    project.write("v2.csv", "v2\n")
+    (project.root / "cur.csv").symlink_to("v1.csv")
+    cmd = (
+        "touch started; while [ ! -e go ]; do sleep 0.02; done;"
+        " cat {inputs} > {outputs}; touch read; while [ ! -e back ]; do sleep 0.02; done"
+    )
+    project.pipeline(
+        f"""
+        [targets.a]
+        inputs = ["cur.csv"]
+        outputs = ["out.txt"]
+        cmd = "{cmd}"
+        """
+    )
+    proc = _mlbuild(project.root, "run")
+    _wait_for(lambda: (project.root / "started").exists())
+    (project.root / "cur.csv").unlink()
+    (project.root / "cur.csv").symlink_to("v2.csv")
+    project.write("go", "")
+    _wait_for(lambda: (project.root / "read").exists())
+    (project.root / "cur.csv").unlink()
+    (project.root / "cur.csv").symlink_to("v1.csv")
+    project.write("back", "")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "input 'cur.csv' changed while the step ran" in err
+    assert not any((project.root / ".mlbuild/cache/runs").rglob("*.json"))
+    (project.root / "out.txt").unlink()
+    again = project.run()
+    assert "restored" not in again.out
+    assert project.read("out.txt") == "v1\n"
+
+
+def test_an_output_on_another_filesystem_is_moved_aside_or_refused_in_one_line(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rename across filesystems fails with EXDEV: the bytes are copied into the trash.
+
+    A rename that cannot be done at all (a mount point: EBUSY) is one line, and the
+    files stay where they are.
+    """
+    real_rename = os.rename
+    failure = {"errno": errno.EXDEV}
+
+    def into_trash_fails(src: str, dst: str) -> None:
+        if ".mlbuild/trash" in str(dst):
+            raise OSError(failure["errno"], os.strerror(failure["errno"]))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", into_trash_fails)
+    project.write("out/keep.txt", "mine\n")
+    project.pipeline(
+        """
+        [targets.a]
+        outputs = ["out"]
+        cmd = "mkdir -p out && echo made > out/made.txt"
+        """
+    )
+    result = project.run()
+    assert result.code == 0, result
+    assert [p.read_text() for p in _trash(project.root)] == ["mine\n"]
+
+    failure["errno"] = errno.EBUSY
+    project.write("out/more.txt", "also mine\n")
+    result = project.run()
+    assert result.code == 1 and "Traceback" not in result.err
+    assert len(result.err.splitlines()) == 1, result.err
+    assert "cannot move 'out' aside" in result.err and "busy" in result.err
+    assert project.read("out/more.txt") == "also mine\n"
+
+
+def test_a_file_where_an_output_needs_a_directory_is_one_line(project: Project) -> None:
+    project.pipeline(
+        """
+        [targets.train]
+        outputs = ["model"]
+        cmd = "echo w > model"
+        """
+    )
+    assert project.run().code == 0
+    project.pipeline(
+        """
+        [targets.train]
+        outputs = ["model/weights.bin"]
+        cmd = "mkdir -p model && echo w > model/weights.bin"
+        """
+    )
+    result = project.run()
+    assert result.code == 2 and len(result.err.splitlines()) == 1, result
+    assert "'model/weights.bin' needs 'model' to be a directory" in result.err
+    assert project.read("model") == "w\n"
+
+
+def test_a_fifo_a_step_leaves_in_its_output_fails_that_target_only(project: Project) -> None:
+    project.pipeline(
+        """
+        [targets.bad]
+        outputs = ["out"]
+        cmd = "mkdir -p out && mkfifo out/pipe"
+        [targets.good]
+        outputs = ["good.txt"]
+        cmd = "echo ok > good.txt"
+        """
+    )
+    result = project.run("run", "-k", "-j", "1")
+    assert result.code == 1, result
+    assert "Traceback" not in result.err + result.out
+    assert "a FIFO" in result.out + result.err
+    assert project.read("good.txt") == "ok\n"
+
+
+def test_gc_on_a_disk_that_takes_no_write_is_one_line(project: Project) -> None:
+    """A full disk (every write fails with EFBIG): one line, not a traceback from the lock."""
+    import resource
+
+    project.pipeline(
+        """
+        [targets.a]
+        outputs = ["a.txt"]
+        cmd = "echo a > a.txt"
+        """
+    )
+    assert project.run().code == 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # every write: EFBIG
+    try:
+        result = project.run("gc")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    # Before, the lock's own write was a traceback; now the state's one line says it all.
+    assert "Traceback" not in result.err
+    assert result.code == 1 and len(result.err.splitlines()) == 1, result
+    assert "state.db" in result.err
