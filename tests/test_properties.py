@@ -3,8 +3,9 @@
 Each example builds a random DAG of `/bin/sh` targets over a few source files,
 then applies random edits (source bytes, touch, global param, `--set`, command
 text, deleted or modified outputs, inputs reordered, a content change that keeps
-size and mtime), running `mlbuild run` through the real CLI
-after each batch, sometimes with `--no-cache` or `-j N`. After every run:
+size and mtime, an input rewritten and put back while its step runs), running
+`mlbuild run` through the real CLI after each batch, sometimes with `--no-cache`
+or `-j N`. After every run:
 
 (a) every output equals, byte for byte, the output of a clean build of the
     same pipeline.toml and sources in a fresh directory, and the output the
@@ -51,6 +52,7 @@ PARAM_VALUE = st.integers(min_value=0, max_value=5)
 
 STARTED = re.compile(r"^Step `([^`]+)` has started")
 RESTORED = re.compile(r"^Step `([^`]+)` restored from cache")
+STALE = re.compile(r"^stale\s+([^:\s]+)")
 SKIPPED = re.compile(r"^Step `([^`]+)` is up to date \(skipped\)")
 
 
@@ -79,7 +81,10 @@ class TargetSpec:
             body = "cat {inputs} | wc -l | tr -d ' ' > {outputs}"
         else:
             body = "cat {inputs} | tr -d aeiou > {outputs}"
-        return f'echo {self.name} >> "$RUNLOG"; {body} # v{self.variant}'
+        # $RUNLOG.NAME, when the test writes it, is a hook the step runs first (an
+        # input edited while the step runs).
+        hook = f'[ ! -f "$RUNLOG.{self.name}" ] || . "$RUNLOG.{self.name}"'
+        return f'echo {self.name} >> "$RUNLOG"; {hook}; {body} # v{self.variant}'
 
     def compute(self, inputs: Sequence[bytes], params: Mapping[str, int]) -> bytes:
         """What the command writes, computed in Python: the model of the step."""
@@ -131,6 +136,7 @@ def edits(draw: st.DrawFn, n_targets: int) -> Edit:
                 "modify_output",
                 "reorder",
                 "same_size_same_mtime",
+                "edit_during_step",
             ]
         )
     )
@@ -145,7 +151,7 @@ def edits(draw: st.DrawFn, n_targets: int) -> Edit:
         return Edit(kind, draw(target), value=draw(st.integers(0, len(KINDS))))
     if kind == "jobs":
         return Edit(kind, value=draw(st.sampled_from([1, 3, 8])))
-    if kind in ("delete_output", "no_cache", "reorder"):
+    if kind in ("delete_output", "no_cache", "reorder", "edit_during_step"):
         return Edit(kind, draw(target))
     if kind == "same_size_same_mtime":
         return Edit(kind, draw(source), value=draw(st.integers(0, 255)))
@@ -288,6 +294,14 @@ class Model:
             self.seen.add(key)
         return stale, hits
 
+    def downstream_of(self, name: str) -> set[str]:
+        """`name` and every target that reads, directly or not, what it writes."""
+        found = {name}
+        for t in self.targets:  # in file order, which is topological
+            if any(u.output in t.inputs for u in self.targets if u.name in found):
+                found.add(t.name)
+        return found
+
     def outputs(self) -> dict[str, bytes]:
         return {t.output: self.files[t.output] for t in self.targets if t.output in self.files}
 
@@ -314,6 +328,10 @@ class NextRun:
     overrides: dict[str, int] = field(default_factory=dict)
     no_cache: bool = False
     jobs: int | None = None  # -j N; None: the default (the number of CPUs)
+    # (target, source it reads): while the target's step runs, the source is rewritten
+    # and its bytes put back; the step's output stands, but is neither recorded as
+    # fresh nor cached, so the target reruns next time.
+    during: tuple[str, str] | None = None
 
     def sets(self) -> list[str]:
         return [w for name, value in self.overrides.items() for w in ("--set", f"{name}={value}")]
@@ -351,6 +369,12 @@ def apply_edit(project: Path, model: Model, edit: Edit, next_run: NextRun) -> No
         old = model.targets[edit.index]
         model.targets[edit.index] = replace(old, inputs=(*old.inputs[1:], *old.inputs[:1]))
         write_project(project, model)
+    elif edit.kind == "edit_during_step":
+        target = model.targets[edit.index]
+        sources = [path for path in target.inputs if path in SOURCES]
+        if sources:
+            next_run.during = (target.name, sources[0])
+            next_run.jobs = 1  # nothing else runs while the source is rewritten
     elif edit.kind == "same_size_same_mtime":
         # New bytes, same size, the old mtime put back (rsync -t, tar -x, cp -p).
         path = SOURCES[edit.index]
@@ -388,10 +412,26 @@ def check_run(
     project: Path, scratch: Path, runlog: Path, model: Model, next_run: NextRun, when: str
 ) -> None:
     extra = next_run.sets()
+    seen_before = set(model.seen)
     stale, hits = model.run(next_run.overrides)
     options = ["--no-cache"] if next_run.no_cache else []
     options += ["-j", str(next_run.jobs)] if next_run.jobs else []
-    result = mlbuild_run(project, runlog, [*extra, *options])
+    restored = set() if next_run.no_cache else hits
+    poisoned = None
+    hook = None
+    if next_run.during is not None and next_run.during[0] in stale - restored:
+        poisoned, source = next_run.during
+        hook = Path(f"{runlog}.{poisoned}")
+        kept = runlog.parent / "kept-bytes"
+        full = project / source
+        hook.write_text(
+            f'cp "{full}" "{kept}"; printf tampered > "{full}"; cat "{kept}" > "{full}"\n'
+        )
+    try:
+        result = mlbuild_run(project, runlog, [*extra, *options])
+    finally:
+        if hook is not None:
+            hook.unlink()
     context = f"{when} {next_run}\n--- pipeline.toml ---\n"
     context += pipeline_toml(model.targets, model.params)
     context += f"--- stdout ---\n{result.stdout}--- stderr ---\n{result.stderr}"
@@ -401,7 +441,6 @@ def check_run(
     assert executed == set(matching(STARTED, result.stdout)), context
     everything = {t.name for t in model.targets}
     assert set(matching(SKIPPED, result.stdout)) == everything - stale, context
-    restored = set() if next_run.no_cache else hits
     assert set(matching(RESTORED, result.stdout)) == restored, context
     assert executed == stale - restored, context
     if restored:
@@ -412,10 +451,22 @@ def check_run(
         if upstream & stale and t.name not in stale:
             event("early cutoff: an upstream target ran, its consumer did not")
 
-    # Right after a successful run, `status` with the same settings finds nothing stale.
+    # Right after a successful run, `status` with the same settings finds nothing stale,
+    # but a target whose input changed during its step, and what depends on it.
     status = mlbuild_cli(["status", "-f", str(project / "pipeline.toml"), *extra], runlog)
-    assert status.code == 0, context + f"--- status ---\n{status.stdout}{status.stderr}"
+    shown = context + f"--- status ---\n{status.stdout}{status.stderr}"
     assert status.logged == ()
+    if poisoned is None:
+        assert status.code == 0, shown
+    else:
+        assert f"`{poisoned}`: input '{source}' changed while the step ran" in result.stderr
+        assert status.code == 1, shown
+        assert set(matching(STALE, status.stdout)) == model.downstream_of(poisoned), shown
+        record = model.records.pop(poisoned)
+        key = (poisoned, record[0], record[1], record[2])
+        if key not in seen_before:
+            model.seen.discard(key)  # it was not cached
+        event("an input changed while its step ran")
 
     assert read_outputs(project) == model.outputs(), context
     fresh = clean_build(project, scratch, runlog, extra)
