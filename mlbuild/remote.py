@@ -41,7 +41,6 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mlbuild import __version__
@@ -56,6 +55,7 @@ from mlbuild.cache import (
     Entry,
     cache_key,
     entry_payload,
+    install_verified,
     is_digest,
     load_entry,
 )
@@ -302,18 +302,16 @@ class Remote:
             # A short name: `dest` itself may have a name of 255 bytes.
             tmp = os.path.join(os.path.dirname(dest), f".mlbuild-{uuid.uuid4().hex}")
             try:
-                self.get_blob(digest, tmp, sizes.get(digest))
-                actual = hash_file(tmp, os.path.getsize(tmp))
-                if actual != digest:
-                    raise CorruptBlob(
-                        digest, f"blob {digest[:12]} is corrupted (its bytes hash to {actual[:12]})"
-                    )
-                os.chmod(tmp, mode & MODE_BITS)
-                os.replace(tmp, dest)
-                return os.path.getsize(dest)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+                install_verified(
+                    tmp,
+                    dest,
+                    digest,
+                    lambda path: self.get_blob(digest, path, sizes.get(digest)),
+                    mode & MODE_BITS,
+                )
+            except CorruptObject as exc:
+                raise CorruptBlob(digest, str(exc)) from None
+            return os.path.getsize(dest)
 
         moved = list(pool.map(one, items))
         return Transfer(len(moved), sum(moved))

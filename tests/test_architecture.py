@@ -8,6 +8,7 @@ function (a lazy import is still a dependency); imports under
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mlbuild"
@@ -35,8 +36,12 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def imports_of(path: Path, *, top_level_only: bool = False) -> set[str]:
-    """The mlbuild modules `path` imports (at run time)."""
+def _imported(path: Path, *, top_level_only: bool = False) -> set[str]:
+    """Every dotted `mlbuild...` name `path` imports at run time.
+
+    `from mlbuild.x import y` gives `mlbuild.x` and `mlbuild.x.y` (`y` may be
+    a submodule, or a name of `mlbuild/x/__init__.py`).
+    """
     found: set[str] = set()
 
     def visit(nodes: list[ast.stmt], depth: int) -> None:
@@ -46,9 +51,10 @@ def imports_of(path: Path, *, top_level_only: bool = False) -> set[str]:
                 continue
             if isinstance(node, ast.ImportFrom) and node.module:
                 if node.module.startswith("mlbuild."):
-                    found.add(node.module.split(".")[1])
+                    found.add(node.module)
+                    found.update(f"{node.module}.{a.name}" for a in node.names)
             elif isinstance(node, ast.Import):
-                found.update(a.name.split(".")[1] for a in node.names if a.name[:8] == "mlbuild.")
+                found.update(a.name for a in node.names if a.name[:8] == "mlbuild.")
             if top_level_only and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
             for field in ("body", "orelse", "finalbody", "handlers"):
@@ -60,20 +66,79 @@ def imports_of(path: Path, *, top_level_only: bool = False) -> set[str]:
                             visit(handler.body, depth + 1)
 
     visit(ast.parse(path.read_text()).body, 0)
-    return found - {path.stem}
+    return found
+
+
+def _module_of(path: Path) -> str:
+    """The layered module a file belongs to: its stem, or its subpackage (`cache/entry.py`)."""
+    if path.parent != PACKAGE and path.is_relative_to(PACKAGE):
+        return path.relative_to(PACKAGE).parts[0]
+    return path.stem
+
+
+def imports_of(path: Path, *, top_level_only: bool = False) -> set[str]:
+    """The mlbuild modules `path` imports (at run time); `mlbuild.cache.entry` counts as cache."""
+    found = {name.split(".")[1] for name in _imported(path, top_level_only=top_level_only)}
+    return found - {_module_of(path)}
+
+
+def subpackages() -> list[Path]:
+    return sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").is_file())
 
 
 def graph() -> dict[str, set[str]]:
-    return {path.stem: imports_of(path) for path in sorted(PACKAGE.glob("*.py"))}
+    """Module -> the modules it imports; a subpackage is one module, all its files together."""
+    edges = {path.stem: imports_of(path) for path in sorted(PACKAGE.glob("*.py"))}
+    for package in subpackages():
+        edges[package.name] = set().union(*(imports_of(p) for p in package.rglob("*.py")))
+    return edges
+
+
+def package_graph(package: Path) -> dict[str, set[str]]:
+    """The imports between the modules of one subpackage (`__init__` for the package itself)."""
+    prefix = f"mlbuild.{package.name}"
+    modules = {path.stem for path in package.glob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for path in sorted(package.glob("*.py")):
+        deps = set()
+        for name in _imported(path):
+            if name == prefix:
+                deps.add("__init__")
+            elif name.startswith(prefix + "."):
+                part = name[len(prefix) + 1 :].split(".")[0]
+                deps.add(part if part in modules else "__init__")
+        edges[path.stem] = deps - {path.stem}
+    return edges
+
+
+def find_cycle(edges: Mapping[str, Iterable[str]]) -> str | None:
+    """One import cycle of `edges`, as `a -> b -> a`, or None."""
+    done: set[str] = set()
+
+    def walk(module: str, path: tuple[str, ...]) -> str | None:
+        if module in path:
+            return " -> ".join((*path[path.index(module) :], module))
+        if module in done:
+            return None
+        for dep in sorted(edges.get(module, ())):
+            cycle = walk(dep, (*path, module))
+            if cycle is not None:
+                return cycle
+        done.add(module)
+        return None
+
+    for module in sorted(edges):
+        cycle = walk(module, ())
+        if cycle is not None:
+            return cycle
+    return None
 
 
 def layer_of(module: str) -> int:
     for number, (_, members) in enumerate(LAYERS):
         if module in members:
             return number
-    raise AssertionError(
-        f"mlbuild/{module}.py is in no layer: add it to LAYERS and ARCHITECTURE.md"
-    )
+    raise AssertionError(f"mlbuild/{module} is in no layer: add it to LAYERS and ARCHITECTURE.md")
 
 
 def test_every_module_is_in_a_layer() -> None:
@@ -92,21 +157,15 @@ def test_imports_point_down_the_layers() -> None:
 
 
 def test_there_is_no_import_cycle() -> None:
-    edges = graph()
-    done: set[str] = set()
+    cycle = find_cycle(graph())
+    assert cycle is None, f"import cycle: {cycle}"
 
-    def walk(module: str, path: tuple[str, ...]) -> None:
-        if module in path:
-            cycle = " -> ".join((*path[path.index(module) :], module))
-            raise AssertionError(f"import cycle: {cycle}")
-        if module in done:
-            return
-        for dep in sorted(edges.get(module, ())):
-            walk(dep, (*path, module))
-        done.add(module)
 
-    for module in sorted(edges):
-        walk(module, ())
+def test_there_is_no_import_cycle_inside_a_subpackage() -> None:
+    assert subpackages(), "no subpackage found: is PACKAGE right?"
+    for package in subpackages():
+        cycle = find_cycle(package_graph(package))
+        assert cycle is None, f"import cycle in mlbuild/{package.name}/: {cycle}"
 
 
 def test_the_step_side_imports_only_the_standard_library() -> None:
@@ -131,3 +190,22 @@ def test_the_checker_sees_lazy_imports_and_ignores_type_checking(tmp_path: Path)
     )
     assert imports_of(sample) == {"errors", "runner", "cache"}
     assert imports_of(sample, top_level_only=True) == {"errors"}
+
+
+def test_the_checker_maps_a_subpackage_and_its_modules(tmp_path: Path) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from mlbuild.pkg.low import thing\n")
+    (package / "low.py").write_text("from mlbuild.errors import UserError\n")
+    (package / "high.py").write_text(
+        "def f() -> None:\n    from mlbuild.pkg import thing\n    import mlbuild.pkg.low\n"
+    )
+    assert package_graph(package) == {
+        "__init__": {"low"},
+        "low": set(),
+        "high": {"__init__", "low"},
+    }
+    assert find_cycle(package_graph(package)) is None
+    (package / "low.py").write_text("from mlbuild.pkg.high import g\n")
+    assert find_cycle(package_graph(package)) == "__init__ -> low -> high -> __init__"
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == "a -> b -> c -> a"

@@ -425,7 +425,7 @@ def test_too_many_entries_and_deep_json_are_refused(
     for checkout in checkouts:
         checkout.pipeline(TREE.format(cache=f'remote = "{folder}"'))
     assert checkouts[0].run().code == 0
-    monkeypatch.setattr(mlbuild.cache, "MAX_ITEMS", 3)  # the tree has 7 entries
+    monkeypatch.setattr(mlbuild.cache.entry, "MAX_ITEMS", 3)  # the tree has 7 entries
     result = checkouts[1].run()
     assert result.code == 0
     assert (
@@ -618,7 +618,7 @@ def test_restore_onto_another_filesystem_stages_beside_the_output(
         pytest.skip("needs /dev/shm on another filesystem than the project")
     other = Path(tempfile.mkdtemp(dir="/dev/shm"))
     request.addfinalizer(lambda: shutil.rmtree(other, ignore_errors=True))
-    monkeypatch.setattr(mlbuild.cache, "staging_dir", lambda root: other / "staging")
+    monkeypatch.setattr(mlbuild.cache.restore, "staging_dir", lambda root: other / "staging")
     tree.run()
     edit_entries(tree, set_duration(1e6))
     tree.run("run", "--set", "v=2")
@@ -627,7 +627,7 @@ def test_restore_onto_another_filesystem_stages_beside_the_output(
     assert sorted(os.listdir(tree.root / "build")) == ["d", "f.txt"]
     assert os.listdir(other / "staging") == []
     # A restore killed midway: its folder beside the output is found through its marker.
-    monkeypatch.setattr(mlbuild.cache._Staging, "remove", lambda self: None)
+    monkeypatch.setattr(mlbuild.cache.restore._Staging, "remove", lambda self: None)
     tree.run("run", "--set", "v=2")
     assert [n for n in os.listdir(tree.root / "build") if n.startswith(".mlbuild-")]
     assert clear_staging(tree.root) >= 1

@@ -1,0 +1,126 @@
+"""Maintenance of the local cache: `mlbuild gc` and `mlbuild cache verify`.
+
+gc keeps the entries of every target's current outputs, then the newest
+others within `--max-size` and `--keep-runs`, and deletes every object no kept
+entry names; verify hashes every object and deletes the corrupted ones (a
+missing object is a cache miss, a wrong one would be a wrong output).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from mlbuild.cache.entry import Entry
+from mlbuild.cache.objects import hash_path
+
+# parse_size lives in config (resource sizes); wrapped here for `mlbuild gc --max-size`.
+from mlbuild.config import parse_size as _parse_size
+from mlbuild.errors import UsageError
+
+if TYPE_CHECKING:
+    from mlbuild.cache.local import Cache
+
+
+class GcReport(NamedTuple):
+    """What `mlbuild gc` removed and kept."""
+
+    entries_removed: int
+    objects_removed: int
+    bytes_freed: int
+    entries_kept: int
+    bytes_kept: int
+
+
+def parse_size(text: str) -> int:
+    """`--max-size`: config's sizes (`10GB`, `500M`), finite and not negative."""
+    try:
+        size = _parse_size(text)
+    except OverflowError:
+        raise ValueError(f"not a size: {text!r}") from None
+    if size < 0:
+        raise ValueError(f"{text!r} is negative")
+    return size
+
+
+def collect_garbage(
+    cache: Cache,
+    current: Mapping[str, Mapping[str, str]],
+    *,
+    max_size: int | None = None,
+    keep_runs: int | None = None,
+) -> GcReport:
+    """Delete entries and objects that are neither current nor among the newest kept.
+
+    `current` maps each target to the output fingerprints of its manifest: the
+    entries producing exactly those are always kept. Of the others, the newest
+    are kept up to `max_size` bytes of objects in all and `keep_runs` entries
+    per target; with neither limit every entry is kept and only objects no
+    entry references (and leftover temp files, old and invalid entries) are
+    removed. A negative limit is a UsageError.
+    """
+    if keep_runs is not None and keep_runs < 0:
+        raise UsageError(f"--keep-runs {keep_runs}: must be 0 or more")
+    if max_size is not None and max_size < 0:
+        raise UsageError(f"--max-size {max_size}: must be 0 or more")
+    entries = list(cache.entries())
+    sizes = {digest: path.stat().st_size for digest, path in cache.object_files()}
+    kept: list[Entry] = []
+    others: list[tuple[Path, Entry]] = []
+    for path, entry in entries:
+        outputs = {p: o["fingerprint"] for p, o in entry.outputs.items()}
+        if current.get(entry.target) == outputs:
+            kept.append(entry)
+        else:
+            others.append((path, entry))
+    others.sort(key=lambda item: item[1].created, reverse=True)
+    kept_objects = set().union(*(e.objects() for e in kept)) if kept else set()
+    per_target: dict[str, int] = {}
+    removed_entries = 0
+    for path, entry in others:
+        count = per_target.get(entry.target, 0)
+        objects = entry.objects()
+        grown = kept_objects | objects
+        too_many = keep_runs is not None and count >= keep_runs
+        too_big = max_size is not None and sum(sizes.get(d, 0) for d in grown) > max_size
+        if too_many or too_big:
+            path.unlink(missing_ok=True)
+            removed_entries += 1
+            continue
+        per_target[entry.target] = count + 1
+        kept.append(entry)
+        kept_objects = grown
+    objects_removed = bytes_freed = 0
+    for digest, path in cache.object_files():
+        if digest not in kept_objects:
+            bytes_freed += sizes.get(digest, 0)
+            path.unlink(missing_ok=True)
+            objects_removed += 1
+    _remove_stale_temp_files(cache.root)
+    bytes_kept = sum(sizes.get(d, 0) for d in kept_objects)
+    return GcReport(removed_entries, objects_removed, bytes_freed, len(kept), bytes_kept)
+
+
+def _remove_stale_temp_files(root: Path, older_than: float = 3600.0) -> None:
+    """Temp files of writers that died (an hour old: no live writer takes that long)."""
+    limit = time.time() - older_than
+    for tmp in root.glob("*/*/.tmp-*"):
+        try:
+            if tmp.stat().st_mtime < limit:
+                tmp.unlink()
+        except OSError:
+            continue
+
+
+def verify_objects(cache: Cache) -> tuple[int, list[str]]:
+    """Hash every object; delete and return the digests of corrupted ones."""
+    checked = 0
+    corrupt: list[str] = []
+    for digest, path in cache.object_files():
+        checked += 1
+        if hash_path(str(path)) != digest:
+            path.unlink(missing_ok=True)
+            corrupt.append(digest)
+    return checked, corrupt
