@@ -164,20 +164,23 @@ def test_input_edited_and_put_back_during_the_step_is_not_cached(project: Projec
 
 
 def test_clean_waits_for_a_running_build(project: Project) -> None:
+    cmd = "echo start > {outputs}; while [ ! -e go ]; do sleep 0.02; done; echo end >> {outputs}"
     project.pipeline(
-        """
+        f"""
         [targets.big]
         outputs = ["out.txt"]
-        cmd = "echo start > {outputs}; sleep 1; echo end >> {outputs}"
+        cmd = "{cmd}"
         """
     )
     proc = _mlbuild(project.root, "run")
     _wait_for(lambda: (project.root / "out.txt").exists())
     clean = _mlbuild(project.root, "clean")
-    _, clean_err = clean.communicate(timeout=30)
+    assert clean.stderr is not None
+    assert "waiting for another mlbuild" in clean.stderr.readline()
+    project.write("go", "")
+    clean.communicate(timeout=30)
     proc.communicate(timeout=30)
     assert proc.returncode == 0 and clean.returncode == 0
-    assert "waiting for another mlbuild" in clean_err
     assert not (project.root / "out.txt").exists()
     status = project.run("status")
     assert "stale  big" in status.out
