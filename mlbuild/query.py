@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mlbuild.code import CodeScanner, Parsed
 from mlbuild.config import Target
@@ -98,7 +98,7 @@ class Query:
         check_sources(self.graph, selected)
         check_code(self.graph, selected, self.code)
         actions: dict[str, Action] = {}
-        restored: dict[str, Mapping[str, object]] = {}  # output path -> its entry's record
+        restored = _Restores()
         predictions: list[Prediction] = []
         for name in selected:
             is_forced = force is not None and (not force or name in force)
@@ -117,7 +117,7 @@ class Query:
         forced: bool,
         no_cache: bool,
         actions: Mapping[str, Action],
-        restored: dict[str, Mapping[str, object]],
+        restored: _Restores,
     ) -> Prediction:
         target = self.graph.targets[name]
         deps = self.graph.deps[name]
@@ -127,7 +127,7 @@ class Query:
         now = observe_target(target, before, self.fp, self.code, self.packages, where)
         waiting = [d for d in deps if actions[d] is Action.RUN]
         unknown: tuple[str, ...] = ()
-        if not waiting and restored:  # discovered inputs may read outputs of non-deps too
+        if not waiting and restored.outputs:  # discovered inputs may read outputs of non-deps too
             now, unknown = self._after_restores(target, now, actions, restored)
         decision = decide(
             target, now, before, self.store.load_tree, forced=forced, stored=stored is not None
@@ -140,8 +140,7 @@ class Query:
         entry = None if no_cache or forced else self._entry(target, now)
         if entry is None:
             return Prediction(name, Action.RUN, decision.reasons, decision)
-        for path, out in entry.outputs.items():
-            restored[path] = out
+        restored.add(entry.outputs)
         return Prediction(name, Action.RESTORE, decision.reasons, decision)
 
     def _after_restores(
@@ -149,7 +148,7 @@ class Query:
         target: Target,
         now: Observation,
         actions: Mapping[str, Action],
-        restored: Mapping[str, Mapping[str, object]],
+        restored: _Restores,
     ) -> tuple[Observation, tuple[str, ...]]:
         """`now` with what it reads of restored outputs as the restore will leave it.
 
@@ -166,7 +165,7 @@ class Query:
         discovered = dict(fingerprint.discovered)
         for paths in (inputs, discovered):
             for path in paths:
-                digest = _restored_digest(path, restored)
+                digest = restored.digest(path)
                 if digest == "":
                     return now, (f"what '{path}' holds after a restore is not known until then",)
                 if digest is not None:
@@ -207,28 +206,43 @@ class Query:
         return self._cache
 
 
-def _restored_digest(path: str, restored: Mapping[str, Mapping[str, object]]) -> str | None:
-    """The digest `path` will have once the restores are done; None if no restore touches it.
+class _Restores:
+    """The outputs the predicted restores put in place, as their entries record them."""
 
-    "" when a restore touches it but the entry cannot tell its digest (a
-    directory or a symlink inside a restored directory).
-    """
-    out = restored.get(path)
-    if out is not None:
-        return str(out["fingerprint"])
-    parts = path.split("/")
-    for cut in range(len(parts) - 1, 0, -1):
-        out = restored.get("/".join(parts[:cut]))
-        if out is None:
-            continue
-        rel = "/".join(parts[cut:])
-        tree = out.get("tree")
-        for item in tree if isinstance(tree, list) else ():
-            if item[0] == rel:
-                value = str(item[1])
-                return value if value.startswith("file:") else ""
-        return MISSING  # the restore replaces the whole directory: not in it, not there
-    return None
+    def __init__(self) -> None:
+        self.outputs: dict[str, Mapping[str, Any]] = {}  # path -> {"fingerprint"[, "tree"]}
+        self.holders: set[str] = set()  # directories above a restored output
+        self.trees: dict[str, dict[str, str]] = {}  # restored directory -> {relative: digest}
+
+    def add(self, outputs: Mapping[str, Mapping[str, Any]]) -> None:
+        for path, out in outputs.items():
+            self.outputs[path] = out
+            if "tree" in out:
+                self.trees[path] = {str(item[0]): str(item[1]) for item in out["tree"]}
+            parts = path.split("/")
+            self.holders.update("/".join(parts[:cut]) for cut in range(1, len(parts)))
+
+    def digest(self, path: str) -> str | None:
+        """The digest `path` will have once the restores are done; None if none touches it.
+
+        "" when a restore touches it but the entry cannot tell its digest (a
+        directory holding a restored output; a directory or a symlink inside one).
+        """
+        if path in self.holders:
+            return ""
+        out = self.outputs.get(path)
+        if out is not None:
+            return str(out["fingerprint"])
+        parts = path.split("/")
+        for cut in range(len(parts) - 1, 0, -1):
+            tree = self.trees.get("/".join(parts[:cut]))
+            if tree is None:
+                continue
+            value = tree.get("/".join(parts[cut:]))
+            if value is None:
+                return MISSING  # the restore replaces the whole directory: not in it, not there
+            return value if value.startswith("file:") else ""
+        return None
 
 
 _OUTCOMES = {Action.SKIP: Outcome.SKIPPED, Action.RESTORE: Outcome.WOULD_RESTORE}

@@ -240,3 +240,32 @@ def test_status_during_a_build_answers_and_writes_nothing(project: Project) -> N
         assert build.wait(timeout=60) == 0
     assert project.run("status", "--set", "p=2").code == 0
     assert os.path.exists(project.root / "slow.txt")
+
+
+def test_a_directory_around_a_restored_output_is_not_guessed(project: Project) -> None:
+    """The entry gives the restored file's digest, not its directory's: say "would run"."""
+    project.pipeline(
+        """
+        [params]
+        p = 1
+
+        [targets.producer]
+        cmd = "echo {params.p} > {outputs}"
+        outputs = ["data/made.txt"]
+        params = ["p"]
+
+        [targets.consumer]
+        cmd = "ls {inputs} > {outputs}; cat {inputs}/made.txt >> {outputs}"
+        inputs = ["data"]
+        outputs = ["listing.txt"]
+        """
+    )
+    project.run()
+    project.run("run", "--set", "p=2")
+    status = project.run("status")
+    assert "stale  producer: param p changed 2 -> 1 (would restore from cache)\n" in status.out
+    assert (
+        "stale  consumer: what 'data' holds after a restore is not known until then\n" in status.out
+    )
+    done = happened(project)
+    assert done == {"producer": "restore", "consumer": "restore"}
