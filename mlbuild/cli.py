@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
@@ -29,7 +30,14 @@ from mlbuild.errors import Interrupted, MlbuildError, UsageError
 from mlbuild.graph import Graph, build_graph
 from mlbuild.lock import hold_workspace
 from mlbuild.report import PlainReporter, silence_stdout, stdout_closed
-from mlbuild.results import BuildOptions, BuildPlan, CliReporter, Outcome, Reporter
+from mlbuild.results import (
+    BuildOptions,
+    BuildPlan,
+    BuildResult,
+    CliReporter,
+    Outcome,
+    Reporter,
+)
 from mlbuild.runner import check_writable, clear_outputs, run_build
 from mlbuild.store import Store, open_existing_store, open_store
 from mlbuild.workspace import cache_dir, empty_trash, forget_made, load_made, log_path, state_dir
@@ -262,10 +270,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise UsageError(f"-j {args.jobs}: needs at least 1")
     reporter = make_reporter(args)
+    if args.dry_run:
+        return dry_run(args, pipeline, graph, reporter)
     options = BuildOptions(
         targets=tuple(args.targets),
         force=None if args.force is None else frozenset(args.force),
-        dry_run=args.dry_run,
         keep_going=args.keep_going,
         no_cache=args.no_cache,
         jobs=args.jobs,
@@ -283,11 +292,43 @@ def cmd_run(args: argparse.Namespace) -> int:
             reporter.planned(BuildPlan(selected, deps, options.jobs, store.load_durations()))
             result = run_build(graph, store, reporter, options)
             # Read after the build: a restored target's duration is now its original run's.
-            recorded = {} if options.dry_run else store.load_durations()
+            recorded = store.load_durations()
         reporter.summary(result, recorded)
     finally:
         reporter.close()  # gives the terminal back after Ctrl-C too
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def dry_run(
+    args: argparse.Namespace, pipeline: Pipeline, graph: Graph, reporter: CliReporter
+) -> int:
+    """`run -n`: what `run` would do, told as it would be (the query; nothing runs)."""
+    from mlbuild.query import Action, Query, as_result
+
+    force = None if args.force is None else frozenset(args.force)
+    start = time.perf_counter()
+    try:
+        with hold_workspace(
+            pipeline.root, args.command_line, wait=not args.no_wait, warn=reporter.warn
+        ) as store:
+            selected = graph.select((*args.targets, *(force or ())))
+            deps = {name: graph.deps[name] for name in selected}
+            reporter.planned(BuildPlan(selected, deps, args.jobs, store.load_durations()))
+            query = Query(graph, store)
+            predictions = query.predict(args.targets, force=force, no_cache=args.no_cache)
+            query.save()
+        for p in predictions:
+            if p.action is Action.SKIP:
+                reporter.skipped(p.name, p.decision)
+            elif p.action is Action.RESTORE:
+                reporter.would_restore(p.name, p.reasons)
+            else:
+                reporter.would_run(p.name, p.reasons)
+        results = tuple(as_result(p) for p in predictions)
+        reporter.summary(BuildResult(results, time.perf_counter() - start), {})
+    finally:
+        reporter.close()
+    return EXIT_OK
 
 
 def make_reporter(args: argparse.Namespace) -> CliReporter:
@@ -362,6 +403,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     """Upload the outputs of up-to-date targets to the remote; 1 if any could not be."""
+    from mlbuild.query import Action, Query
     from mlbuild.remote import RemoteCache, local_cache, push_targets
 
     pipeline, graph = load(args)
@@ -371,41 +413,46 @@ def cmd_push(args: argparse.Namespace) -> int:
     reporter = PlainReporter()
     remote = RemoteCache(pipeline.cache, local_cache(pipeline), reporter.warn)
     with hold_workspace(pipeline.root, args.command_line, wait=True, warn=reporter.warn) as store:
-        silent = PlainReporter(verbosity=-1)
-        options = BuildOptions(targets=tuple(args.targets), dry_run=True, read_only=True)
-        checked = run_build(graph, store, silent, options).results
-        fresh = [r.name for r in checked if r.outcome is Outcome.SKIPPED]
+        checked = Query(graph, store).predict(args.targets)
+        fresh = [p.name for p in checked if p.action is Action.SKIP]
         try:
             pushed = push_targets(pipeline, store, fresh, remote)
         finally:
             remote.finish()
-    for r in checked:
-        if r.outcome is not Outcome.SKIPPED:
-            print(f"`{r.name}` not pushed: not up to date (`mlbuild run` it first)")
-    for p in pushed:
-        print(f"`{p.target}` {p.note}")
-    left = len(checked) - sum(1 for p in pushed if p.ok)
+    for p in checked:
+        if p.action is not Action.SKIP:
+            print(f"`{p.name}` not pushed: not up to date (`mlbuild run` it first)")
+    for done in pushed:
+        print(f"`{done.target}` {done.note}")
+    left = len(checked) - sum(1 for done in pushed if done.ok)
     return EXIT_FAILED if left or remote.disabled else EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Fresh, would restore, or would run, and why; 1 if anything is stale. Writes nothing
+    and takes no lock, so it answers while a build runs."""
+    from mlbuild.query import Action, Query, restore_note
+
     pipeline, graph = load(args)
-    silent = PlainReporter(verbosity=-1)
-    options = BuildOptions(targets=tuple(args.targets), dry_run=True, read_only=True)
-    with open_state(pipeline, silent) as store:
-        result = run_build(graph, store, silent, options)
-    stale = [r for r in result.results if r.outcome is not Outcome.SKIPPED]
+    with open_state(pipeline, PlainReporter(verbosity=-1)) as store:
+        predictions = Query(graph, store).predict(args.targets)
+    stale = [p for p in predictions if p.action is not Action.SKIP]
     if args.json:
         rows = [
-            {"target": r.name, "fresh": r.outcome is Outcome.SKIPPED, "reasons": list(r.reasons)}
-            for r in result.results
+            {
+                "target": p.name,
+                "fresh": p.action is Action.SKIP,
+                "action": p.action.value,
+                "reasons": list(p.reasons),
+            }
+            for p in predictions
         ]
         print(json.dumps({"stale": len(stale), "targets": rows}, indent=2))
     else:
-        for r in result.results:
-            state = "fresh" if r.outcome is Outcome.SKIPPED else "stale"
-            detail = f": {'; '.join(r.reasons)}" if r.reasons else ""
-            print(f"{state:6} {r.name}{detail}")
+        for p in predictions:
+            state = "fresh" if p.action is Action.SKIP else "stale"
+            detail = f": {'; '.join(p.reasons)}" if p.reasons else ""
+            print(f"{state:6} {p.name}{detail}{restore_note(p)}")
     return EXIT_FAILED if stale else EXIT_OK
 
 
@@ -416,10 +463,11 @@ def cmd_dag(args: argparse.Namespace) -> int:
     names = graph.select(args.targets)
     status = None
     if args.status:
-        silent = PlainReporter(verbosity=-1)
-        options = BuildOptions(targets=tuple(args.targets), dry_run=True, read_only=True)
-        with open_state(pipeline, silent) as store:
-            status = {r.name: r for r in run_build(graph, store, silent, options).results}
+        from mlbuild.query import Query, as_result
+
+        with open_state(pipeline, PlainReporter(verbosity=-1)) as store:
+            predictions = Query(graph, store).predict(args.targets)
+        status = {p.name: as_result(p, noted=True) for p in predictions}
     render = render_dot if args.dot else render_mermaid if args.mermaid else render_text
     sys.stdout.write(render(graph, names, status))
     return EXIT_OK

@@ -206,6 +206,10 @@ class LiveReporter:
         self._decided(target)
         self._print(f"Step `{target}` would run: {'; '.join(reasons)}.")
 
+    def would_restore(self, target: str, reasons: Sequence[str]) -> None:
+        self._decided(target)
+        self._print(f"Step `{target}` would restore from cache: {'; '.join(reasons)}.", "cyan")
+
     def warn(self, message: str) -> None:
         self._error(f"mlbuild: warning: {message}", style="yellow")
 

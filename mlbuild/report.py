@@ -226,6 +226,9 @@ class PlainReporter:
     def would_run(self, target: str, reasons: Sequence[str]) -> None:
         self._say(f"Step `{target}` would run: {'; '.join(reasons)}.")
 
+    def would_restore(self, target: str, reasons: Sequence[str]) -> None:
+        self._say(f"Step `{target}` would restore from cache: {'; '.join(reasons)}.")
+
     def warn(self, message: str) -> None:
         self._write_err(f"mlbuild: warning: {message}\n")
 

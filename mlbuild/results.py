@@ -23,7 +23,8 @@ class Outcome(enum.Enum):
     RESTORED = "restored"  # stale, and its outputs for this key came from the cache
     FAILED = "failed"
     NOT_RUN = "not run"  # an upstream target failed, or the build stopped first
-    PENDING = "would run"  # dry run: stale, or waiting on a stale upstream
+    PENDING = "would run"  # a prediction (query.py): stale, or waiting on a stale upstream
+    WOULD_RESTORE = "would restore"  # a prediction: stale, and the local cache has its outputs
 
 
 class RunStatus(enum.Enum):
@@ -57,11 +58,9 @@ class BuildOptions(NamedTuple):
 
     targets: tuple[str, ...] = ()
     force: frozenset[str] | None = None  # None: nothing; empty: every selected target
-    dry_run: bool = False
     keep_going: bool = False
     no_cache: bool = False  # do not restore from the output cache (still store)
     jobs: int = 1  # steps running at once
-    read_only: bool = False  # write nothing to the state (status: never blocks a run)
     command_line: str = "run"
     executor: str | None = None  # `--executor`: overrides [executor] kind
     address: str | None = None  # `--address`: the Ray cluster
@@ -121,5 +120,6 @@ class CliReporter(Reporter, Protocol):
     """
 
     def planned(self, plan: BuildPlan) -> None: ...
+    def would_restore(self, target: str, reasons: Sequence[str]) -> None: ...
     def summary(self, result: BuildResult, recorded: Mapping[str, float] | None = None) -> None: ...
     def close(self) -> None: ...

@@ -149,6 +149,35 @@ def _delete(full: str) -> None:
         os.unlink(full)
 
 
+def observe_target(
+    target: Target,
+    before: Fingerprint | None,
+    fp: Fingerprinter,
+    code: CodeScanner,
+    packages: dict[str, str | None],
+    where: str,
+) -> Observation:
+    """`target` as it stands now (code closure and tracked packages included).
+
+    `before` (its manifest) names the files its step was seen using; `packages`
+    caches the versions looked up so far in this build or query.
+    """
+    try:
+        closure = code.fingerprint(target, before.imported if before is not None else ())
+    except CodeError as exc:
+        raise PipelineError(where, str(exc), f"targets.{target.name}.python") from None
+    missing = [n for n in target.track if n not in packages]
+    packages.update(package_versions(tuple(missing)))
+    tracked = {n: packages[n] for n in target.track}
+    return observe(target, fp, code=closure, packages=tracked, previous=before)
+
+
+def save_checked(store: Store, fp: Fingerprinter, code: CodeScanner) -> None:
+    """Keep what checking learnt (file stats, parsed code): the next check is cheaper."""
+    store.save_stats(fp.take_updates())
+    store.save_parsed({raw: p.to_json() for raw, p in code.new_parsed.items()})
+
+
 class Build:
     """The state of one build in progress."""
 
@@ -203,15 +232,12 @@ class Build:
                     self._interrupt()
             if self._remote is not None:
                 self._remote.finish(wait=status is not RunStatus.INTERRUPTED)  # background uploads
-            if not self.options.read_only:
-                self.store.save_stats(self.fp.take_updates())
-                self.store.save_parsed({r: p.to_json() for r, p in self.code.new_parsed.items()})
-                if not self.options.dry_run:
-                    rows = [
-                        RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons))
-                        for r in self.results
-                    ]
-                    self.store.record_run(started_at, self.options.command_line, status.value, rows)
+            save_checked(self.store, self.fp, self.code)
+            rows = [
+                RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons))
+                for r in self.results
+            ]
+            self.store.record_run(started_at, self.options.command_line, status.value, rows)
         failures = tuple(r.failure for r in self.results if r.failure is not None)
         return BuildResult(tuple(self.results), time.perf_counter() - start, failures)
 
@@ -279,16 +305,6 @@ class Build:
         decision = decide(
             target, now, before, self.store.load_tree, forced=forced, stored=stored is not None
         )
-        if self.options.dry_run:
-            waiting = [d for d in deps if self.outcomes[d] is Outcome.PENDING]
-            if decision.fresh and not waiting:
-                self._finish(TargetResult(name, Outcome.SKIPPED))
-                self.reporter.skipped(name, decision)
-            else:
-                reasons = decision.reasons + tuple(f"upstream '{d}' would run" for d in waiting)
-                self._finish(TargetResult(name, Outcome.PENDING, reasons))
-                self.reporter.would_run(name, reasons)
-            return False
         if decision.fresh:
             # A skipped target's duration is what checking it cost.
             cost = time.perf_counter() - checking
@@ -376,15 +392,8 @@ class Build:
 
     def _observe(self, target: Target, before: Fingerprint | None = None) -> Observation:
         """The target now; `before` (its manifest) names the files its step was seen using."""
-        try:
-            code = self.code.fingerprint(target, before.imported if before is not None else ())
-        except CodeError as exc:
-            key = f"targets.{target.name}.python"
-            raise PipelineError(self.graph.pipeline.display_file, str(exc), key) from None
-        missing = [n for n in target.track if n not in self.packages]
-        self.packages.update(package_versions(tuple(missing)))
-        packages = {n: self.packages[n] for n in target.track}
-        return observe(target, self.fp, code=code, packages=packages, previous=before)
+        where = self.graph.pipeline.display_file
+        return observe_target(target, before, self.fp, self.code, self.packages, where)
 
     def _start(self, name: str) -> None:
         target = self.graph.targets[name]
@@ -620,7 +629,7 @@ class Build:
     def remote(self) -> RemoteCache | None:
         """The shared remote cache (`[cache] remote`), or None; see remote.py."""
         settings = self.graph.pipeline.cache
-        if self._remote is None and settings.remote is not None and not self.options.dry_run:
+        if self._remote is None and settings.remote is not None:
             from mlbuild.remote import RemoteCache
 
             write = settings.remote_write and not self.options.remote_read_only
@@ -689,5 +698,5 @@ def _command(target: Target) -> str:
 
 
 def run_build(graph: Graph, store: Store, reporter: Reporter, options: BuildOptions) -> BuildResult:
-    """Bring the selected targets up to date (or, with `dry_run`, say what would run)."""
+    """Bring the selected targets up to date (`query.predict` says what that would do)."""
     return Build(graph, store, reporter, options).run()

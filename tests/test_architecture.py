@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("analysis", frozenset({"code", "staleness", "observed"})),
     ("storage", frozenset({"results", "cache", "remote"})),
     ("execution", frozenset({"worker", "executor", "ray_executor", "lock"})),
-    ("build", frozenset({"runner"})),
+    ("build", frozenset({"runner", "query"})),
     ("interface", frozenset({"report", "progress", "history", "dag", "watch"})),
     ("entry", frozenset({"cli", "__main__", "__init__"})),
 )
