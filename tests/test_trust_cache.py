@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+import mlbuild.cache.restore
 from mlbuild.fingerprint import hash_bytes
 from tests.conftest import Project
 
@@ -172,7 +173,10 @@ def test_255_byte_names_are_restored(project: Project) -> None:
 # -- 5. a restore slower than the step runs it, and sparse files -----------------------
 
 
-def test_restore_expected_slower_than_the_step_runs_it(tree: Project) -> None:
+def test_restore_expected_slower_than_the_step_runs_it(
+    tree: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mlbuild.cache.restore, "RESTORE_SECONDS_PER_FILE", 1.0)  # 5 s
     tree.pipeline(TREE.format(cache=f'remote = "{tree.root / "remote"}"'))  # for pull
     tree.run()
     edit_entries(tree, set_duration(0.0), "tree")
@@ -442,8 +446,9 @@ def test_too_many_entries_and_deep_json_are_refused(
 
 
 def test_remote_restore_slower_than_the_step_runs_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(mlbuild.cache.restore, "RESTORE_SECONDS_PER_FILE", 1.0)  # 5 s
     folder = tmp_path / "remote"
     first = Project(tmp_path / "a", capsys)
     first.pipeline(TREE.format(cache=f'remote = "{folder}"'))

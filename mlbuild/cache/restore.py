@@ -50,6 +50,7 @@ from mlbuild.workspace import OutsideProject, staging_dir, writable_path
 RESTORE_SECONDS_PER_FILE = 40e-6
 RESTORE_SECONDS_PER_OTHER = 15e-6
 RESTORE_BYTES_PER_SECOND = 400e6
+SLOWER_SLACK_SECONDS = 1.0
 
 
 class SlowerThanRunning(MlbuildError):
@@ -185,7 +186,9 @@ def check_cost(entry: Entry) -> None:
         + others * RESTORE_SECONDS_PER_OTHER
         + entry.size / RESTORE_BYTES_PER_SECOND
     )
-    if estimate > entry.duration:
+    # The slack keeps small restores from flipping with the machine's load: a restore
+    # is skipped only when it would cost noticeably more than running the step.
+    if estimate > entry.duration + SLOWER_SLACK_SECONDS:
         raise SlowerThanRunning(
             f"restoring {files:,} file{'' if files == 1 else 's'}"
             f" ({entry.size / 1e6:,.1f} MB) would take about"
