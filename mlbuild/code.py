@@ -149,24 +149,28 @@ class Parsed(NamedTuple):
 
     @staticmethod
     def from_json(text: str) -> Parsed | None:
-        """The cached parse, or None if it was written by another version of this code."""
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != PARSED_VERSION:
-            return None
-        functions = {}
-        for name, (pos, req, kw, req_kw, var_kw, pos_only, is_async) in data["functions"].items():
-            functions[name] = Signature(
-                tuple(pos), req, tuple(kw), tuple(req_kw), var_kw, tuple(pos_only), is_async
+        """The cached parse, or None if another version of this code wrote it, or it is damaged."""
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or data.get("version") != PARSED_VERSION:
+                return None
+            functions = {}
+            for name, fields in data["functions"].items():
+                pos, req, kw, req_kw, var_kw, pos_only, is_async = fields
+                functions[name] = Signature(
+                    tuple(pos), req, tuple(kw), tuple(req_kw), var_kw, tuple(pos_only), is_async
+                )
+            return Parsed(
+                data["digest"],
+                tuple((lvl, mod, tuple(names)) for lvl, mod, names in data["imports"]),
+                functions,
+                None if data["defines"] is None else frozenset(data["defines"]),
+                bool(data["reads_docs"]),
+                bool(data["dynamic"]),
+                data["doc_digest"],
             )
-        return Parsed(
-            data["digest"],
-            tuple((lvl, mod, tuple(names)) for lvl, mod, names in data["imports"]),
-            functions,
-            None if data["defines"] is None else frozenset(data["defines"]),
-            bool(data["reads_docs"]),
-            bool(data["dynamic"]),
-            data["doc_digest"],
-        )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None  # a damaged row: the file is simply parsed again
 
 
 class CodeFingerprint(NamedTuple):

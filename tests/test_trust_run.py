@@ -443,3 +443,22 @@ def test_gc_on_a_disk_that_takes_no_write_is_one_line(project: Project) -> None:
     assert "Traceback" not in result.err
     assert result.code == 1 and len(result.err.splitlines()) == 1, result
     assert "state.db" in result.err
+
+
+def test_a_damaged_parsed_code_row_is_parsed_again(project: Project) -> None:
+    import sqlite3
+
+    project.write("steps/s.py", "def go(out):\n    out.write_text('x')\n")
+    project.pipeline(
+        """
+        [targets.s]
+        outputs = { out = "out.txt" }
+        python = "steps.s:go"
+        """
+    )
+    assert project.run().code == 0
+    with sqlite3.connect(project.root / ".mlbuild/state.db") as conn:
+        assert conn.execute("UPDATE parsed SET data = '{not json'").rowcount >= 1
+    result = project.run()
+    assert result.code == 0 and "Traceback" not in result.err, result
+    assert result.started() == []
