@@ -7,7 +7,6 @@ the CLI can print it as one line.
 
 from __future__ import annotations
 
-import difflib
 import os
 import posixpath
 import re
@@ -170,6 +169,8 @@ def find_pipeline(start: Path) -> Path:
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str:
     """A ` (did you mean 'x'?)` suffix, or "" when nothing is close."""
+    import difflib  # only when something is misspelt: off the no-op path
+
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 

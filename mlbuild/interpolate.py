@@ -22,7 +22,6 @@ otherwise reach the shell as text. Any other brace is left to the shell
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import shlex
@@ -38,10 +37,10 @@ KINDS = ("inputs", "outputs", "params")
 _PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_]\w*)(?:\.([\w.-]*))?\}")
 # What a user may have meant as a placeholder but the strict form does not match:
 # `{ inputs }`, `{inputs[0]}`, `{Params . lr}` (not `{inputs: .x}`, a jq object).
-_NEAR_RE = re.compile(r"\{\s*(inputs?|outputs?|params?)\b\s*(?:[.\[]([^{}:]*))?\}", re.I)
+_NEAR = (r"\{\s*(inputs?|outputs?|params?)\b\s*(?:[.\[]([^{}:]*))?\}", re.I)
 _SINGULAR = {"input": "inputs", "output": "outputs", "param": "params"}
 # A here-document operator and its delimiter word: <<EOF, <<-EOF, <<'EOF', <<"EOF", <<\EOF.
-_HEREDOC_RE = re.compile(r"<<(-?)[ \t]*(?:'([^'\n]*)'|\"([^\"\n]*)\"|\\?([^\s;&|()<>'\"]+))")
+_HEREDOC = (r"<<(-?)[ \t]*(?:'([^'\n]*)'|\"([^\"\n]*)\"|\\?([^\s;&|()<>'\"]+))", 0)
 # A word starts after these (so `#` begins a comment and `-x` would be an option there).
 _WORD_BREAKS = frozenset(" \t\n;&|()<>`")
 # Characters after which the quoting context can change; templates without any skip the scan.
@@ -49,17 +48,19 @@ _CONTEXT_RE = re.compile(r"['\"`\\<#$(]")
 # Templates whose quoting one regex can follow: no substitution, comment, here-document
 # or $'...'. Its tokens: a quoted span (an unclosed one runs to the end), an escape, `{`.
 _NEEDS_WALK = re.compile(r"\$[('\"]|`|<<|#")
-_PLAIN_TOKENS = re.compile(r"'[^']*'?|\"(?:[^\"\\]|\\.)*\"?|\\.|\{", re.S)
+_PLAIN_TOKENS = (r"'[^']*'?|\"(?:[^\"\\]|\\.)*\"?|\\.|\{", re.S)
 # Per quoting context, the characters the scan must look at (see _Scanner._walk).
-_CODE_NEXT = re.compile(r"[\\{`$\"'()#<\n]")
+_CODE_NEXT = (r"[\\{`$\"'()#<\n]", 0)
 _NEXT = {
-    "'": re.compile(r"['{]"),
-    "$'": re.compile(r"['{\\]"),
-    '"': re.compile(r"[\\{`$\"]"),
+    "'": (r"['{]", 0),
+    "$'": (r"['{\\]", 0),
+    '"': (r"[\\{`$\"]", 0),
     "top": _CODE_NEXT,
     "$(": _CODE_NEXT,
     "`": _CODE_NEXT,
 }
+# The patterns above are compiled on first use (re's own cache keeps them): most
+# templates never need them, and compiling all at import cost every no-op ~0.5 ms.
 
 
 class TemplateError(ValueError):
@@ -176,6 +177,8 @@ def _param_name(ref: Ref, params: Mapping[str, Any]) -> str:
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    import difflib  # only when something is misspelt: off the no-op path
+
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -249,7 +252,7 @@ class _Scanner:
     def _plain_quotes(self) -> None:
         """Quotes and backslashes only: quoted spans and braces come from one regex."""
         text = self.text
-        for token in _PLAIN_TOKENS.finditer(text):
+        for token in re.compile(*_PLAIN_TOKENS).finditer(text):
             first = text[token.start()]
             if first == "{":
                 self._brace(token.start(), "top")
@@ -266,7 +269,7 @@ class _Scanner:
         while i < n:
             frame = stack[-1]
             # Jump to the next character that matters in this context.
-            found = _NEXT[frame.kind].search(text, i)
+            found = re.compile(*_NEXT[frame.kind]).search(text, i)
             if found is None:
                 break
             i = found.start()
@@ -323,7 +326,7 @@ class _Scanner:
                 i = n if end < 0 else end
                 continue
             elif ch == "<" and not frame.depth and text.startswith("<<", i):
-                match = _HEREDOC_RE.match(text, i)
+                match = re.compile(*_HEREDOC).match(text, i)
                 if match and not text.startswith("<<<", i):
                     delimiter = next(g for g in match.group(2, 3, 4) if g is not None)
                     self.heredocs.append((delimiter, match.group(1) == "-", match.group(0)))
@@ -361,7 +364,7 @@ class _Scanner:
         text = self.text
         match = _PLACEHOLDER_RE.match(text, i)
         if match is None:
-            near = _NEAR_RE.match(text, i)
+            near = re.compile(*_NEAR).match(text, i)
             if near is not None:
                 raise TemplateError(_near_miss(near.group(0), near.group(1), near.group(2)))
             return i + 1

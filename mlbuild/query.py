@@ -73,6 +73,7 @@ class Query:
 
     def __init__(self, graph: Graph, store: Store) -> None:
         self.graph = graph
+        self.where = graph.pipeline.display_file  # for messages; computed once, not per target
         self.store = store
         self.root = graph.pipeline.root
         self.manifests = store.load_manifests()
@@ -124,8 +125,7 @@ class Query:
         deps = self.graph.deps[name]
         stored = self.manifests.get(name)
         before = Fingerprint.from_json(stored.data) if stored is not None else None
-        where = self.graph.pipeline.display_file
-        now = observe_target(target, before, self.fp, self.code, self.packages, where)
+        now = observe_target(target, before, self.fp, self.code, self.packages, self.where)
         waiting = [d for d in deps if actions[d] is Action.RUN]
         unknown: tuple[str, ...] = ()
         if not waiting and restored.outputs:  # discovered inputs may read outputs of non-deps too

@@ -189,6 +189,7 @@ class Build:
         self.reporter = reporter
         self.options = options
         self.root = graph.pipeline.root
+        self.where = graph.pipeline.display_file  # for messages; computed once, not per target
         self.manifests = store.load_manifests()
         self.fp = Fingerprinter(self.root, store.load_stats(), reuse_walks=True)
         parsed = {raw: Parsed.from_json(data) for raw, data in store.load_parsed().items()}
@@ -314,9 +315,8 @@ class Build:
         # Output digests mlbuild can show it made: those it may delete.
         known = before.outputs if before is not None else load_made(self.root, name)
         check_kept_sources(self.graph, target, known)
-        where = self.graph.pipeline.display_file
         for port in target.outputs:
-            check_writable(self.root, where, target, port.path)
+            check_writable(self.root, self.where, target, port.path)
         self.fp.expire()  # outputs are removed, restored or written from here on
         if self.options.restore_only:  # `mlbuild pull`: restore or leave alone, never run
             if not self._restore(target, now, decision, clear=known):
@@ -335,8 +335,7 @@ class Build:
         return True
 
     def _clear(self, target: Target, current: Mapping[str, str], known: Mapping[str, str]) -> None:
-        where = self.graph.pipeline.display_file
-        for path, dest in clear_outputs(self.root, where, target, current, known):
+        for path, dest in clear_outputs(self.root, self.where, target, current, known):
             self.reporter.warn(
                 f"`{target.name}`: '{path}' was not made by mlbuild (or changed since it was);"
                 f" moved it to {dest}"
@@ -392,8 +391,7 @@ class Build:
 
     def _observe(self, target: Target, before: Fingerprint | None = None) -> Observation:
         """The target now; `before` (its manifest) names the files its step was seen using."""
-        where = self.graph.pipeline.display_file
-        return observe_target(target, before, self.fp, self.code, self.packages, where)
+        return observe_target(target, before, self.fp, self.code, self.packages, self.where)
 
     def _start(self, name: str) -> None:
         target = self.graph.targets[name]
