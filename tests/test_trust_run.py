@@ -61,7 +61,8 @@ def test_first_build_moves_existing_files_aside_instead_of_deleting(project: Pro
     assert str(kept[0].parent.parent.relative_to(project.root)) in result.err
 
 
-def test_a_hand_edited_output_is_moved_aside_not_deleted(project: Project) -> None:
+def built_copy(project: Project) -> None:
+    """A one-target project copying in.txt ("a") to out.txt, built once."""
     project.write("in.txt", "a\n")
     project.pipeline(
         """
@@ -72,6 +73,10 @@ def test_a_hand_edited_output_is_moved_aside_not_deleted(project: Project) -> No
         """
     )
     assert project.run().code == 0
+
+
+def test_a_hand_edited_output_is_moved_aside_not_deleted(project: Project) -> None:
+    built_copy(project)
     project.write("out.txt", "my notes\n")
     result = project.run()
     assert result.code == 0
@@ -81,16 +86,7 @@ def test_a_hand_edited_output_is_moved_aside_not_deleted(project: Project) -> No
 
 
 def test_an_output_mlbuild_made_is_replaced_without_a_trash_copy(project: Project) -> None:
-    project.write("in.txt", "a\n")
-    project.pipeline(
-        """
-        [targets.copy]
-        inputs = ["in.txt"]
-        outputs = ["out.txt"]
-        cmd = "cp {inputs} {outputs}"
-        """
-    )
-    assert project.run().code == 0
+    built_copy(project)
     project.write("in.txt", "b\n")
     result = project.run()
     assert result.code == 0 and "moved" not in result.err
