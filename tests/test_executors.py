@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -135,3 +138,99 @@ def test_a_registered_executor_runs_a_pipeline_end_to_end(project: Project, fake
     assert again.code == 0, again.err
     assert again.started() == []
     assert len(Delegating.made) == 1
+
+
+class Sandboxed:
+    """A fake remote executor: runs each step in a private directory, as a Ray worker in cas
+    mode does, uploads its outputs to the remote cache and returns only their description."""
+
+    def __init__(self, context: ExecutorContext) -> None:
+        self.context = context
+        self.done: list[Done] = []
+
+    def start(self, step: Step) -> None:
+        from mlbuild.executor import ExecResult, render_command
+        from mlbuild.ray_executor import _returned_outputs, _upload_outputs
+
+        remote_cache = self.context.remote()
+        assert remote_cache is not None
+        remote = remote_cache.remote()
+        assert remote is not None
+        sandbox = Path(tempfile.mkdtemp())
+        command = render_command(step.target, sandbox)
+        code = subprocess.run(["/bin/sh", "-c", command], cwd=sandbox).returncode
+        outputs, blobs = _upload_outputs(remote, sandbox, step.target, remote_cache.io)
+        shutil.rmtree(sandbox)
+        returned = {"outputs": outputs, "blobs": blobs, "duration": 0.1}
+        message, elsewhere = _returned_outputs(step.target, returned)
+        assert elsewhere is not None, message
+        step.log_path.parent.mkdir(parents=True, exist_ok=True)
+        step.log_path.write_bytes(b"")
+        result = ExecResult(code, 0.1, step.log_path, message, elsewhere)
+        self.done.append(Done(step.target.name, result))
+
+    def wait(self, timeout: float | None = None) -> Iterator[Output | Done]:
+        while self.done:
+            yield self.done.pop(0)
+
+    @property
+    def running(self) -> list[str]:
+        return [done.target for done in self.done]
+
+    def stop_all(self, grace: float = TERM_GRACE_SECONDS) -> list[str]:
+        names = self.running
+        self.done.clear()
+        return names
+
+
+ELSEWHERE = """
+[cache]
+remote = "{remote}"
+
+[targets.far]
+cmd = "mkdir -p {{outputs.o}} && echo made elsewhere > {{outputs.o}}/x.txt"
+outputs = {{ o = "build/far" }}
+"""
+
+
+@pytest.fixture
+def sandboxed_kind(monkeypatch: pytest.MonkeyPatch) -> str:
+    from mlbuild import executors
+
+    monkeypatch.setattr(executors, "_FACTORIES", dict(executors._FACTORIES))
+    register_executor("sandboxed", Sandboxed)
+    return "sandboxed"
+
+
+def test_outputs_left_in_the_remote_are_restored_by_the_runner(
+    project: Project, sandboxed_kind: str
+) -> None:
+    project.pipeline(ELSEWHERE.format(remote=project.root / "remote"))
+    ok, shown = _build(project.root, BuildOptions(executor=sandboxed_kind))
+    assert ok, shown
+    assert project.read("build/far/x.txt") == "made elsewhere\n"
+    # Restored through the local cache, as a cache hit is: its object is there.
+    objects = [p for p in (project.root / ".mlbuild/cache/objects").rglob("*") if p.is_file()]
+    assert [p.read_text() for p in objects] == ["made elsewhere\n"]
+    again = project.run("run")
+    assert again.code == 0, again.err
+    assert again.started() == []
+
+
+def test_a_corrupted_blob_from_the_executor_fails_the_target(
+    project: Project, sandboxed_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlbuild.remote import Remote
+
+    project.pipeline(ELSEWHERE.format(remote=project.root / "remote"))
+
+    def get_other_bytes(self: Remote, digest: str, dest: str, size: int | None = None) -> None:
+        Path(dest).write_text("not what was made\n")  # as a damaged remote would serve it
+
+    monkeypatch.setattr(Remote, "get_blob", get_other_bytes)
+    ok, shown = _build(project.root, BuildOptions(executor=sandboxed_kind))
+    assert not ok
+    assert "fetching its outputs from the remote cache failed" in shown, shown
+    assert not (project.root / "build/far").exists()
+    objects = [p for p in (project.root / ".mlbuild/cache/objects").rglob("*") if p.is_file()]
+    assert objects == []  # bytes that do not match their digest never enter the local cache
