@@ -33,12 +33,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, NamedTuple, Protocol
 
-from mlbuild.config import Target, render_value
+from mlbuild.config import ExecutorSettings, Target, render_value
 from mlbuild.fingerprint import expand_port
 from mlbuild.interpolate import fill, parse_template
 from mlbuild.reaper import (
@@ -56,9 +56,28 @@ from mlbuild.reaper import (
 from mlbuild.worker import EXIT_RAISED
 from mlbuild.workspace import running_dir, short_name
 
+if TYPE_CHECKING:
+    from mlbuild.cache import Entry
+    from mlbuild.fingerprint import Digest
+    from mlbuild.remote import RemoteCache
+    from mlbuild.staleness import Observation
+
 TERM_GRACE_SECONDS = 5.0  # SIGTERM to SIGKILL when a build is interrupted
 DRAIN_SECONDS = 0.2  # output read after a step's main process exited
 _TAIL_LINES = 15
+
+
+class RemoteOutputs(NamedTuple):
+    """Outputs a step wrote away from the workspace, whose bytes are in the remote cache's CAS.
+
+    `entry` describes them as a cache entry (already checked: cache.check_entry)
+    and `sizes` gives each blob's size. An executor never puts them in place
+    itself: the runner does, through the same fetch and restore as a cache hit
+    (runner.Build._bring_back), so restoring has one owner.
+    """
+
+    entry: Entry
+    sizes: Mapping[str, int]
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,7 @@ class ExecResult:
     log_path: Path
     message: str = ""  # why it failed, when more is known than the exit status: what a
     # Python step raised, a lost Ray worker, a step that could not be started
+    remote_outputs: RemoteOutputs | None = None  # outputs still to bring back (Ray, cas)
 
     @property
     def ok(self) -> bool:
@@ -92,10 +112,50 @@ class Done:
     result: ExecResult
 
 
-class Executor(Protocol):
-    """Runs steps somewhere and reports their output and exit (LocalExecutor, RayExecutor)."""
+class ExecutorContext(NamedTuple):
+    """What an executor is given when the build creates it (executors.make_executor).
 
-    def start(self, target: Target, log_path: Path) -> None: ...
+    This is all it sees of the build: it learns of a step only from the Step
+    given to `start`, and reports back only through `wait`.
+    """
+
+    root: Path  # the project directory
+    settings: ExecutorSettings  # `[executor]`, with `--address` applied
+    # The build's remote cache (None: none configured), opened on the first call:
+    # an executor that ships files through its CAS asks for it.
+    remote: Callable[[], RemoteCache | None]
+    digest: Callable[[str], Digest]  # a project file's digest, through the build's stat cache
+
+
+class Step(NamedTuple):
+    """One step to run, as the runner hands it to `Executor.start`."""
+
+    target: Target
+    log_path: Path  # where its output goes (the executor creates or truncates it)
+    # The target as fingerprinted just before the step: the input digests its
+    # manifest will record, so an executor that ships inputs ships exactly these.
+    observation: Observation
+
+
+class Executor(Protocol):
+    """Runs steps somewhere and reports their output and end (the contract of every executor).
+
+    Registered by kind in executors.py and created once per build, on the
+    first stale target, from an ExecutorContext. The runner has already
+    cleared the outputs and made their parent directories; it records,
+    caches and restores, never the executor.
+
+    - `start(step)` returns at once. A step that cannot be started is not an
+      exception: it ends with a Done whose result says why.
+    - `wait(timeout)` yields what happened since the last call: Output as it
+      comes, and exactly one Done per started step, after its output. It
+      blocks at most `timeout` seconds (None: no limit) and may yield nothing.
+    - `running` names the steps started and not yet reported Done.
+    - `stop_all(grace)` stops every running step (SIGTERM, SIGKILL after
+      `grace` seconds) and returns their names; no Done follows for them.
+    """
+
+    def start(self, step: Step) -> None: ...
     def wait(self, timeout: float | None = None) -> Iterator[Output | Done]: ...
     @property
     def running(self) -> list[str]: ...
@@ -202,8 +262,9 @@ class LocalExecutor:
             path.mkdir(parents=True, exist_ok=True)
             self.made_dirs.add(path)
 
-    def start(self, target: Target, log_path: Path) -> None:
+    def start(self, step: Step) -> None:
         """Spawn the step; its events come from `wait` (also when it cannot be started)."""
+        target, log_path = step.target, step.log_path
         try:
             self._spawn(target, log_path)
         except OSError as exc:  # a log or marker that cannot be written, no /bin/sh, ...

@@ -19,9 +19,11 @@ How files travel, chosen once per build (`[executor] files`, default `auto`):
   is required, and must be writable); the task builds a private sandbox in
   the node's temp directory, fetches each file by digest (verified), runs
   the step there, uploads the outputs' blobs and returns only their digests
-  and the log; the driver then fetches the blobs into the local cache
-  (verified) and restores the outputs into the workspace. A step sees
-  exactly its declared inputs and code: anything undeclared is missing.
+  and the log. The driver checks them as a cache entry and hands them to the
+  runner (ExecResult.remote_outputs), which fetches the blobs into the local
+  cache (verified) and restores the outputs as it restores any cache hit. A
+  step sees exactly its declared inputs and code: anything undeclared is
+  missing.
 - `auto`: one probe task per alive node checks for a token file the driver
   wrote under `.mlbuild/`: `shared` when every node sees it, else `cas`.
 
@@ -54,7 +56,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,13 +64,16 @@ from typing import Any
 
 from mlbuild import reaper
 from mlbuild.cache import CacheError, Entry, check_entry, describe_outputs
-from mlbuild.config import ExecutorSettings, Target
+from mlbuild.config import Target
 from mlbuild.errors import MlbuildError, UsageError
 from mlbuild.executor import (
     TERM_GRACE_SECONDS,
     Done,
     ExecResult,
+    ExecutorContext,
     Output,
+    RemoteOutputs,
+    Step,
     raised_message,
     step_argv,
     step_environment,
@@ -83,7 +88,7 @@ from mlbuild.reaper import (
     pid_mark,
     signal_leftovers,
 )
-from mlbuild.remote import BadRecord, Remote, RemoteCache, RemoteError
+from mlbuild.remote import BadRecord, Remote, RemoteError
 from mlbuild.staleness import Observation, observe_paths
 from mlbuild.worker import EXIT_RAISED
 from mlbuild.workspace import ray_dir, short_name
@@ -100,6 +105,7 @@ class TransferFailed(MlbuildError):
 class _Task:
     target: Target
     log_path: Path
+    observation: Observation  # the target before the step: in cas mode, what is uploaded
     start: float
     mode: str  # "shared" or "cas"
     ref: Any = None
@@ -148,19 +154,11 @@ def infeasible(
 class RayExecutor:
     """Runs steps as Ray tasks; the same interface as executor.LocalExecutor."""
 
-    def __init__(
-        self,
-        root: Path,
-        settings: ExecutorSettings,
-        remote: RemoteCache | None,
-        fp: Fingerprinter,
-        observation: Callable[[str], Observation],
-    ) -> None:
-        self.root = root
-        self.settings = settings
-        self.remote = remote
-        self.fp = fp
-        self.observation = observation
+    def __init__(self, context: ExecutorContext) -> None:
+        self.root = context.root
+        self.settings = settings = context.settings
+        self.remote = context.remote()
+        self.digest = context.digest
         self.tasks: dict[str, _Task] = {}
         self.immediate: list[Done] = []  # targets failed before submission
         self.mode: str | None = None if settings.files == "auto" else settings.files
@@ -233,8 +231,9 @@ class RayExecutor:
 
     # -- starting ---------------------------------------------------------------
 
-    def start(self, target: Target, log_path: Path) -> None:
+    def start(self, step: Step) -> None:
         """Submit the step as a Ray task (or fail it at once if it can never be placed)."""
+        target, log_path = step.target, step.log_path
         self._connect()
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_bytes(b"")
@@ -253,7 +252,7 @@ class RayExecutor:
         if problem is not None:
             self.immediate.append(Done(target.name, ExecResult(-1, 0.0, log_path, problem)))
             return
-        task = _Task(target, log_path, start, mode)
+        task = _Task(target, log_path, step.observation, start, mode)
         try:
             spec = self._spec(task)
         except (RemoteError, CacheError, BadRecord, OSError) as exc:
@@ -303,7 +302,7 @@ class RayExecutor:
         assert self.remote is not None
         remote = self.remote.remote()
         assert remote is not None
-        files, dirs, links, uploads = self._sandbox_files(target)
+        files, dirs, links, uploads = self._sandbox_files(target, task.observation)
         remote.put_blobs(uploads, self.io)
         spec.update(
             remote=self.remote.url,
@@ -324,10 +323,9 @@ class RayExecutor:
         return self._pool
 
     def _sandbox_files(
-        self, target: Target
+        self, target: Target, observation: Observation
     ) -> tuple[list[Any], list[str], list[Any], dict[str, tuple[str, int]]]:
         """Inputs and code of a target: files [rel, digest, mode], dirs, links, and uploads."""
-        observation = self.observation(target.name)
         files: list[Any] = []
         dirs: list[str] = []
         links: list[Any] = []
@@ -363,7 +361,7 @@ class RayExecutor:
                     code.add(init)
                 parent = os.path.dirname(parent)
         for rel in sorted(code):
-            found = self.fp.digest(rel)
+            found = self.digest(rel)
             if found.kind == "file":
                 add_file(rel, found.digest)
         return files, dirs, links, uploads
@@ -427,38 +425,12 @@ class RayExecutor:
         if data:
             yield Output(name, data)
         message = str(result.get("message", ""))
+        outputs: RemoteOutputs | None = None
         if task.mode == "cas" and result["returncode"] == 0:
-            message = self._restore(task.target, result)
+            message, outputs = _returned_outputs(task.target, result)
         duration = time.perf_counter() - task.start
-        yield Done(name, ExecResult(result["returncode"], duration, task.log_path, message))
-
-    def _restore(self, target: Target, result: Mapping[str, Any]) -> str:
-        """Fetch a sandboxed step's outputs (verified) into the workspace; a problem or ""."""
-        assert self.remote is not None
-        remote = self.remote.remote()
-        if remote is None:
-            return "its outputs are in the remote cache, which became unreachable"
-        declared = {p.path for p in target.outputs}
-        outputs = {p: o for p, o in result["outputs"].items() if p in declared}
-        if not outputs:
-            return ""  # nothing to fetch; the runner reports the missing outputs
-        entry = Entry("0" * 64, target.name, time.time(), result["duration"], outputs, 0)
-        problem = check_entry(entry)
-        if problem is not None:
-            return f"the Ray worker returned unusable outputs: {problem}"
-        sizes = result["blobs"]
-        cache = self.remote.cache
-        try:
-            missing = [d for d in sorted(entry.objects()) if not cache.object_path(d).exists()]
-
-            def fetch(digest: str) -> None:
-                cache.receive(digest, lambda tmp: remote.get_blob(digest, tmp, sizes.get(digest)))
-
-            list(self.io.map(fetch, missing))
-            cache.restore(entry, self.root, self.fp)
-        except (RemoteError, BadRecord, CacheError, OSError) as exc:
-            return f"fetching its outputs from the remote cache failed: {exc}"
-        return ""
+        code = result["returncode"]
+        yield Done(name, ExecResult(code, duration, task.log_path, message, outputs))
 
     def stop_all(self, grace: float = TERM_GRACE_SECONDS) -> list[str]:
         """Cancel every task: the step gets SIGTERM, and after `grace` seconds Ray kills it."""
@@ -479,6 +451,25 @@ class RayExecutor:
                     ray.cancel(ref, force=True)
             self.tasks.clear()
         return names
+
+
+def _returned_outputs(
+    target: Target, result: Mapping[str, Any]
+) -> tuple[str, RemoteOutputs | None]:
+    """A sandboxed step's outputs as a checked cache entry: (a problem or "", the outputs).
+
+    Outputs the target does not declare are ignored; none at all is no
+    problem here (the runner reports the missing outputs).
+    """
+    declared = {p.path for p in target.outputs}
+    outputs = {p: o for p, o in result["outputs"].items() if p in declared}
+    if not outputs:
+        return "", None
+    entry = Entry("0" * 64, target.name, time.time(), result["duration"], outputs, 0)
+    problem = check_entry(entry)
+    if problem is not None:
+        return f"the Ray worker returned unusable outputs: {problem}", None
+    return "", RemoteOutputs(entry, dict(result["blobs"]))
 
 
 def _failure_message(exc: BaseException, retries: int) -> str:

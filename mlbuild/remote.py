@@ -384,21 +384,37 @@ def fetch_entry(
         raise BadRecord(f"its record is the record of another target ({entry.target[:80]!r})")
     if admit is not None:
         admit(entry)
+    moved = receive_blobs(remote, cache, entry, sizes, pool)
+    try:
+        cache.write_entry(entry)
+    except OSError as exc:  # the local cache: full disk, not writable
+        raise CacheError(f"cannot write the cache in {cache.root}: {exc.strerror}") from exc
+    return entry, moved
+
+
+def receive_blobs(
+    remote: Remote, cache: Cache, entry: Entry, sizes: Mapping[str, int], pool: ThreadPoolExecutor
+) -> Transfer:
+    """Copy the blobs of `entry` the local cache lacks into it, each verified by its digest.
+
+    The one way bytes come from the remote into the local cache: for a
+    record (fetch_entry) and for a Ray worker's outputs (RemoteCache.receive).
+    Raises CorruptBlob, RemoteError, or CacheError (the local cache cannot
+    be written).
+    """
     missing = [d for d in sorted(entry.objects()) if not os.path.exists(cache.object_path(d))]
 
     def one(digest: str) -> None:
         try:
-            cache.receive(digest, lambda tmp: remote.get_blob(digest, tmp, sizes[digest]))
+            cache.receive(digest, lambda tmp: remote.get_blob(digest, tmp, sizes.get(digest)))
         except CorruptObject as exc:
             raise CorruptBlob(digest, str(exc)) from None
 
     try:
         list(pool.map(one, missing))
-        cache.write_entry(entry)
     except OSError as exc:  # the local cache: full disk, not writable
         raise CacheError(f"cannot write the cache in {cache.root}: {exc.strerror}") from exc
-    size = sum(sizes[d] for d in missing)
-    return entry, Transfer(len(missing), size)
+    return Transfer(len(missing), sum(sizes.get(d, 0) for d in missing))
 
 
 def upload_entry(remote: Remote, cache: Cache, entry: Entry, pool: ThreadPoolExecutor) -> Transfer:
@@ -496,6 +512,19 @@ class RemoteCache:
             self.warn(f"remote cache entry of `{target}` not used: {exc}; running it")
             return None
         return found[0] if found is not None else None
+
+    def receive(self, entry: Entry, sizes: Mapping[str, int]) -> bool:
+        """Bring the blobs of `entry` into the local cache, verified; False if unreachable.
+
+        For outputs a Ray worker uploaded (no record names them yet: the
+        driver's upload writes it once the runner recorded the step). Raises
+        as receive_blobs; the caller decides what a failure means.
+        """
+        remote = self.remote()
+        if remote is None:
+            return False
+        receive_blobs(remote, self.cache, entry, sizes, self.io)
+        return True
 
     def upload_later(self, target: str, entry: Entry) -> None:
         """Queue an entry's upload (blobs, then record); the build does not wait for it here."""

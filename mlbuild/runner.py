@@ -408,13 +408,18 @@ class Build:
                         f"targets.{name}.outputs",
                     ) from None
                 self.made_dirs.add(parent)
-        self.reporter.started(name, self._running[name][1], _command(target))
-        self.executor.start(target, log_path(self.root, name))
+        now, decision, _ = self._running[name]
+        self.reporter.started(name, decision, _command(target))
+        from mlbuild.executor import Step
+
+        self.executor.start(Step(target, log_path(self.root, name), now))
 
     def _complete(self, name: str, result: ExecResult) -> None:
         """A step exited: check its outputs, record it, store its outputs in the cache."""
         target = self.graph.targets[name]
         before, decision, taken = self._running.pop(name)
+        if result.remote_outputs is not None:
+            result = self._bring_back(result)
         self.fp.expire()  # the step wrote files
         failure = self._check(target, result)
         if failure is None and target.python is not None:
@@ -568,6 +573,32 @@ class Build:
         self.reporter.restored(target.name, duration, entry.created, source=source)
         return True
 
+    def _bring_back(self, result: ExecResult) -> ExecResult:
+        """Put in place the outputs a step left in the remote cache (a Ray worker's sandbox).
+
+        The same path as a remote cache hit: the blobs into the local cache,
+        verified (RemoteCache.receive), then Cache.restore. A failure fails
+        the step; the time it took counts as the step's.
+        """
+        from dataclasses import replace
+
+        from mlbuild.cache import CacheError
+        from mlbuild.remote import BadRecord, RemoteError
+
+        assert result.remote_outputs is not None
+        start = time.perf_counter()
+        entry, sizes = result.remote_outputs
+        message = ""
+        try:
+            if self.remote is None or not self.remote.receive(entry, sizes):
+                message = "its outputs are in the remote cache, which became unreachable"
+            else:
+                self.cache.restore(entry, self.root, self.fp)
+        except (RemoteError, BadRecord, CacheError, OSError) as exc:
+            message = f"fetching its outputs from the remote cache failed: {exc}"
+        duration = result.duration + time.perf_counter() - start
+        return replace(result, duration=duration, message=message, remote_outputs=None)
+
     def _store_outputs(self, target: Target, done: Observation, duration: float) -> None:
         """Copy a finished target's outputs into the cache, in a background thread.
 
@@ -636,22 +667,16 @@ class Build:
 
     @property
     def executor(self) -> Executor:
+        """This build's executor, made through the registry (executors.py) on first use."""
         if self._executor is None:
+            from mlbuild.executor import ExecutorContext
+            from mlbuild.executors import make_executor
+
             settings = self.graph.pipeline.executor
-            if (self.options.executor or settings.kind) == "ray":
-                from mlbuild.ray_executor import RayExecutor
-
-                self._executor = RayExecutor(
-                    self.root,
-                    settings._replace(address=self.options.address or settings.address),
-                    self.remote,
-                    self.fp,
-                    lambda name: self._running[name][0],
-                )
-            else:
-                from mlbuild.executor import LocalExecutor
-
-                self._executor = LocalExecutor(self.root)
+            settings = settings._replace(address=self.options.address or settings.address)
+            kind = self.options.executor or settings.kind
+            context = ExecutorContext(self.root, settings, lambda: self.remote, self.fp.digest)
+            self._executor = make_executor(kind, context)
         return self._executor
 
     def _not_run(self, name: str, because: str) -> None:

@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("state", frozenset({"workspace", "fingerprint", "graph", "store"})),
     ("analysis", frozenset({"code", "staleness", "observed"})),
     ("storage", frozenset({"results", "cache", "remote"})),
-    ("execution", frozenset({"worker", "executor", "ray_executor", "lock"})),
+    ("execution", frozenset({"worker", "executor", "executors", "ray_executor", "lock"})),
     ("build", frozenset({"runner", "query"})),
     ("interface", frozenset({"report", "progress", "history", "dag", "watch"})),
     ("entry", frozenset({"cli", "__main__", "__init__"})),
