@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
+from mlbuild import messages
 from mlbuild.config import (
     EXECUTOR_KINDS,
     Pipeline,
@@ -655,23 +656,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         _flush_stdout()
         return code
     except KeyboardInterrupt:
-        _tell("mlbuild: interrupted; finished targets are recorded.")
+        _tell(messages.interrupted())
         return EXIT_INTERRUPTED
     except Interrupted as exc:
         _tell(f"mlbuild: {exc}")
         return EXIT_INTERRUPTED
     except MlbuildError as exc:
-        _tell(f"mlbuild: error: {one_line(str(exc))}")
+        _tell(messages.error(str(exc)))
         return exc.exit_code
     except OSError as exc:
         if exc.errno not in (errno.EPIPE, errno.EIO) or not stdout_closed():
             raise
         silence_stdout(sys.stdout)
         if _interrupted(exc):  # a closed terminal: SIGHUP, then the last redraw failed
-            _tell("mlbuild: interrupted; finished targets are recorded.")
+            _tell(messages.interrupted())
             return EXIT_INTERRUPTED
         if command_word(words) in ("run", "watch", "pull", "push"):
-            _tell(f"mlbuild: error: cannot write to stdout: {exc.strerror}")
+            _tell(messages.error(f"cannot write to stdout: {exc.strerror}"))
             return EXIT_FAILED
         # `mlbuild list | head -1`: the reader took what it wanted.
         return EXIT_OK
@@ -715,11 +716,6 @@ def _tell(line: str) -> None:
     """One line on stderr, if stderr is still there (not after a closed terminal)."""
     with contextlib.suppress(OSError, ValueError):
         print(line, file=sys.stderr)
-
-
-def one_line(text: str) -> str:
-    """Control characters (a newline in a quoted TOML key) escaped: errors are one line."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
 
 
 def run_main() -> NoReturn:

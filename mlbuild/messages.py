@@ -2,8 +2,9 @@
 
 The plain log (report.py) and the live view (progress.py) tell the same events
 in the same words, so a user (or a script reading the log) sees one wording
-whichever view is on. The texts live here once; how a line is shown (colors,
-above the live area, stdout or stderr) stays with each reporter.
+whichever view is on; `mlbuild` and `mlbuild watch` end on the same error line.
+The texts live here once; how a line is shown (colors, above the live area,
+stdout or stderr) stays with each reporter.
 """
 
 from __future__ import annotations
@@ -70,6 +71,21 @@ def step_failed(failure: Failure, duration: float) -> list[str]:
 
 def warning(message: str) -> str:
     return f"mlbuild: warning: {message}"
+
+
+def error(text: str) -> str:
+    """The one line a user error (exit 2) or a stopped command says, on stderr."""
+    return f"mlbuild: error: {one_line(text)}"
+
+
+def interrupted() -> str:
+    """Ctrl-C, SIGTERM, a closed terminal: what was recorded stays recorded."""
+    return "mlbuild: interrupted; finished targets are recorded."
+
+
+def one_line(text: str) -> str:
+    """Control characters (a newline in a quoted TOML key) escaped: errors are one line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
 
 
 def summary_with_failures(summary: str, failures: Sequence[Failure]) -> str:

@@ -69,6 +69,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
+from mlbuild import messages
 from mlbuild.code import CodeError, CodeScanner, Parsed
 from mlbuild.config import STATE_DIR, Pipeline, Port, load_pipeline
 from mlbuild.errors import Interrupted, MlbuildError
@@ -781,7 +782,7 @@ class Watcher:
             self.out.flush()
 
     def _error(self, exc: Exception) -> None:
-        self.err.write(f"mlbuild: error: {exc}\n")
+        self.err.write(messages.error(str(exc)) + "\n")
         self.err.flush()
 
 
