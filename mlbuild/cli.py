@@ -288,9 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         with hold_workspace(
             pipeline.root, args.command_line, wait=not args.no_wait, warn=reporter.warn
         ) as store:
-            selected = graph.select((*options.targets, *(options.force or ())))
-            deps = {name: graph.deps[name] for name in selected}
-            reporter.planned(BuildPlan(selected, deps, options.jobs, store.load_durations()))
+            _plan(reporter, graph, store, options.targets, options.force, options.jobs)
             result = run_build(graph, store, reporter, options)
             # Read after the build: a restored target's duration is now its original run's.
             recorded = store.load_durations()
@@ -298,6 +296,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         reporter.close()  # gives the terminal back after Ctrl-C too
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _plan(
+    reporter: CliReporter,
+    graph: Graph,
+    store: Store,
+    targets: Sequence[str],
+    force: frozenset[str] | None,
+    jobs: int,
+) -> None:
+    """Tell the reporter what the build will decide (its bar and time left), before it starts."""
+    selected = graph.select((*targets, *(force or ())))
+    deps = {name: graph.deps[name] for name in selected}
+    reporter.planned(BuildPlan(selected, deps, jobs, store.load_durations()))
 
 
 def dry_run(
@@ -312,9 +324,7 @@ def dry_run(
         with hold_workspace(
             pipeline.root, args.command_line, wait=not args.no_wait, warn=reporter.warn
         ) as store:
-            selected = graph.select((*args.targets, *(force or ())))
-            deps = {name: graph.deps[name] for name in selected}
-            reporter.planned(BuildPlan(selected, deps, args.jobs, store.load_durations()))
+            _plan(reporter, graph, store, args.targets, force, args.jobs)
             query = Query(graph, store)
             predictions = query.predict(args.targets, force=force, no_cache=args.no_cache)
             query.save()
