@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from mlbuild.config import Pipeline, Port, Target, did_you_mean
@@ -35,6 +35,18 @@ def ancestors(path: str) -> Iterator[str]:
     while "/" in path:
         path = path.rpartition("/")[0]
         yield path
+
+
+def _reachable(start: Iterable[str], edges: Mapping[str, Sequence[str]]) -> set[str]:
+    """`start` and every name reached from it along `edges` (dependencies, or users)."""
+    seen: set[str] = set()
+    stack = list(start)
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(edges[name])
+    return seen
 
 
 def glob_base(pattern: str) -> str:
@@ -113,13 +125,7 @@ class Graph(NamedTuple):
                     f"unknown target '{name}' in {self.pipeline.display_file}"
                     + did_you_mean(name, list(self.targets))
                 )
-        keep: set[str] = set()
-        stack = list(wanted)
-        while stack:
-            name = stack.pop()
-            if name not in keep:
-                keep.add(name)
-                stack.extend(self.deps[name])
+        keep = _reachable(wanted, self.deps)
         return tuple(name for name in self.order if name in keep)
 
     def downstream(self, names: Iterable[str]) -> set[str]:
@@ -128,14 +134,7 @@ class Graph(NamedTuple):
         for name, needs in self.deps.items():
             for need in needs:
                 users[need].append(name)
-        seen: set[str] = set()
-        stack = list(names)
-        while stack:
-            name = stack.pop()
-            if name not in seen:
-                seen.add(name)
-                stack.extend(users[name])
-        return seen
+        return _reachable(names, users)
 
     def affected(self, paths: Iterable[str]) -> set[str]:
         """Targets that read any of `paths` (project-relative) directly."""
