@@ -33,6 +33,12 @@ def independent(*names: str) -> dict[str, tuple[str, ...]]:
     return {name: () for name in names}
 
 
+def one_gpu(*order: str) -> Scheduler:
+    """Independent targets, all in a pool of one `gpu`, with job slots to spare."""
+    pool_of: dict[str, str | None] = {name: "gpu" for name in order}
+    return Scheduler(order, independent(*order), jobs=3, pools={"gpu": 1}, pool_of=pool_of)
+
+
 # -- order -------------------------------------------------------------------------------
 
 
@@ -117,10 +123,8 @@ def test_a_pool_limits_its_steps_while_others_start() -> None:
 
 
 def test_a_target_of_a_pool_that_never_ran_gives_the_pool_nothing_back() -> None:
-    order = ("fresh", "gpu1", "gpu2")
-    pool_of: dict[str, str | None] = {name: "gpu" for name in order}
-    sched = Scheduler(order, independent(*order), jobs=3, pools={"gpu": 1}, pool_of=pool_of)
-    assert checkable(sched) == list(order)
+    sched = one_gpu("fresh", "gpu1", "gpu2")
+    assert checkable(sched) == ["fresh", "gpu1", "gpu2"]
     sched.finished("fresh")  # fresh: it never took the pool's slot
     sched.want_run("gpu1")
     sched.want_run("gpu2")
@@ -128,9 +132,7 @@ def test_a_target_of_a_pool_that_never_ran_gives_the_pool_nothing_back() -> None
 
 
 def test_a_step_waiting_for_its_pool_keeps_its_place_in_build_order() -> None:
-    order = ("gpu1", "gpu2", "gpu3")
-    pool_of: dict[str, str | None] = {name: "gpu" for name in order}
-    sched = Scheduler(order, independent(*order), jobs=3, pools={"gpu": 1}, pool_of=pool_of)
+    sched = one_gpu("gpu1", "gpu2", "gpu3")
     for name in reversed(checkable(sched)):
         sched.want_run(name)
     assert sched.startable() == ["gpu1"]
