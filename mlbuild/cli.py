@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
+from mlbuild import messages
 from mlbuild.config import (
     EXECUTOR_KINDS,
     Pipeline,
@@ -287,9 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         with hold_workspace(
             pipeline.root, args.command_line, wait=not args.no_wait, warn=reporter.warn
         ) as store:
-            selected = graph.select((*options.targets, *(options.force or ())))
-            deps = {name: graph.deps[name] for name in selected}
-            reporter.planned(BuildPlan(selected, deps, options.jobs, store.load_durations()))
+            _plan(reporter, graph, store, options.targets, options.force, options.jobs)
             result = run_build(graph, store, reporter, options)
             # Read after the build: a restored target's duration is now its original run's.
             recorded = store.load_durations()
@@ -297,6 +296,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         reporter.close()  # gives the terminal back after Ctrl-C too
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _plan(
+    reporter: CliReporter,
+    graph: Graph,
+    store: Store,
+    targets: Sequence[str],
+    force: frozenset[str] | None,
+    jobs: int,
+) -> None:
+    """Tell the reporter what the build will decide (its bar and time left), before it starts."""
+    selected = graph.select((*targets, *(force or ())))
+    deps = {name: graph.deps[name] for name in selected}
+    reporter.planned(BuildPlan(selected, deps, jobs, store.load_durations()))
 
 
 def dry_run(
@@ -311,9 +324,7 @@ def dry_run(
         with hold_workspace(
             pipeline.root, args.command_line, wait=not args.no_wait, warn=reporter.warn
         ) as store:
-            selected = graph.select((*args.targets, *(force or ())))
-            deps = {name: graph.deps[name] for name in selected}
-            reporter.planned(BuildPlan(selected, deps, args.jobs, store.load_durations()))
+            _plan(reporter, graph, store, args.targets, force, args.jobs)
             query = Query(graph, store)
             predictions = query.predict(args.targets, force=force, no_cache=args.no_cache)
             query.save()
@@ -655,23 +666,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         _flush_stdout()
         return code
     except KeyboardInterrupt:
-        _tell("mlbuild: interrupted; finished targets are recorded.")
+        _tell(messages.interrupted())
         return EXIT_INTERRUPTED
     except Interrupted as exc:
         _tell(f"mlbuild: {exc}")
         return EXIT_INTERRUPTED
     except MlbuildError as exc:
-        _tell(f"mlbuild: error: {one_line(str(exc))}")
+        _tell(messages.error(str(exc)))
         return exc.exit_code
     except OSError as exc:
         if exc.errno not in (errno.EPIPE, errno.EIO) or not stdout_closed():
             raise
         silence_stdout(sys.stdout)
         if _interrupted(exc):  # a closed terminal: SIGHUP, then the last redraw failed
-            _tell("mlbuild: interrupted; finished targets are recorded.")
+            _tell(messages.interrupted())
             return EXIT_INTERRUPTED
         if command_word(words) in ("run", "watch", "pull", "push"):
-            _tell(f"mlbuild: error: cannot write to stdout: {exc.strerror}")
+            _tell(messages.error(f"cannot write to stdout: {exc.strerror}"))
             return EXIT_FAILED
         # `mlbuild list | head -1`: the reader took what it wanted.
         return EXIT_OK
@@ -715,11 +726,6 @@ def _tell(line: str) -> None:
     """One line on stderr, if stderr is still there (not after a closed terminal)."""
     with contextlib.suppress(OSError, ValueError):
         print(line, file=sys.stderr)
-
-
-def one_line(text: str) -> str:
-    """Control characters (a newline in a quoted TOML key) escaped: errors are one line."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
 
 
 def run_main() -> NoReturn:

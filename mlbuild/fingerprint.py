@@ -237,6 +237,11 @@ def _unreadable(path: str, exc: OSError, *, folder: bool = False) -> Fingerprint
     return FingerprintError(f"cannot read '{path}': {exc.strerror or exc}")
 
 
+def _unreadable_folder(rel: str, below: str, exc: OSError) -> FingerprintError:
+    """`_unreadable` for a folder of the tree `rel`; `below` is its path inside, with a `/`."""
+    return _unreadable(f"{rel}/{below[:-1]}" if below else rel, exc, folder=True)
+
+
 def _encode_default(value: Any) -> Any:
     if isinstance(value, _dt.datetime | _dt.date | _dt.time):
         return {"$" + type(value).__name__: value.isoformat()}
@@ -390,8 +395,7 @@ class Fingerprinter:
             try:
                 fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError as exc:
-                where = f"{rel}/{below[:-1]}" if below else rel
-                raise _unreadable(where, exc, folder=True) from None
+                raise _unreadable_folder(rel, below, exc) from None
             try:
                 with os.scandir(fd) as entries:
                     for entry in entries:
@@ -414,8 +418,7 @@ class Fingerprinter:
                             mode = entry.stat(follow_symlinks=False).st_mode
                             raise FingerprintError(_not_regular(f"{rel}/{name}", mode))
             except OSError as exc:
-                where = f"{rel}/{below[:-1]}" if below else rel
-                raise _unreadable(where, exc, folder=True) from None
+                raise _unreadable_folder(rel, below, exc) from None
             finally:
                 os.close(fd)
         return files, others

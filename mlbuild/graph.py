@@ -22,25 +22,35 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import posixpath
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 from mlbuild.config import Pipeline, Port, Target, did_you_mean
 from mlbuild.errors import PipelineError, UsageError
 
 
-def _ancestors(path: str) -> Iterable[str]:
-    """`a/b/c` -> `a/b`, `a`."""
-    while True:
-        path = posixpath.dirname(path)
-        if not path:
-            return
+def ancestors(path: str) -> Iterator[str]:
+    """`a/b/c` -> `a/b`, `a` (of a relative, normalized path; watch mode follows events
+    with it too, so it is plain string operations)."""
+    while "/" in path:
+        path = path.rpartition("/")[0]
         yield path
 
 
-def _glob_base(pattern: str) -> str:
-    """The leading directories of a glob pattern that hold no wildcard."""
+def _reachable(start: Iterable[str], edges: Mapping[str, Sequence[str]]) -> set[str]:
+    """`start` and every name reached from it along `edges` (dependencies, or users)."""
+    seen: set[str] = set()
+    stack = list(start)
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(edges[name])
+    return seen
+
+
+def glob_base(pattern: str) -> str:
+    """The leading directories of a glob pattern that hold no wildcard (all of a plain path)."""
     parts: list[str] = []
     for part in pattern.split("/"):
         if any(ch in part for ch in "*?["):
@@ -115,13 +125,7 @@ class Graph(NamedTuple):
                     f"unknown target '{name}' in {self.pipeline.display_file}"
                     + did_you_mean(name, list(self.targets))
                 )
-        keep: set[str] = set()
-        stack = list(wanted)
-        while stack:
-            name = stack.pop()
-            if name not in keep:
-                keep.add(name)
-                stack.extend(self.deps[name])
+        keep = _reachable(wanted, self.deps)
         return tuple(name for name in self.order if name in keep)
 
     def downstream(self, names: Iterable[str]) -> set[str]:
@@ -130,14 +134,7 @@ class Graph(NamedTuple):
         for name, needs in self.deps.items():
             for need in needs:
                 users[need].append(name)
-        seen: set[str] = set()
-        stack = list(names)
-        while stack:
-            name = stack.pop()
-            if name not in seen:
-                seen.add(name)
-                stack.extend(users[name])
-        return seen
+        return _reachable(names, users)
 
     def affected(self, paths: Iterable[str]) -> set[str]:
         """Targets that read any of `paths` (project-relative) directly."""
@@ -153,7 +150,7 @@ class Graph(NamedTuple):
 
 def _reads(port: Port, path: str) -> bool:
     if port.is_glob:
-        return fnmatch.fnmatchcase(path, port.path) or path.startswith(_glob_base(port.path) + "/")
+        return fnmatch.fnmatchcase(path, port.path) or path.startswith(glob_base(port.path) + "/")
     return path == port.path or path.startswith(port.path + "/")
 
 
@@ -161,7 +158,7 @@ def _outputs_below(producers: Mapping[str, str]) -> dict[str, set[str]]:
     """Directory -> targets writing something strictly inside it."""
     below: dict[str, set[str]] = {}
     for path, name in producers.items():
-        for parent in _ancestors(path):
+        for parent in ancestors(path):
             below.setdefault(parent, set()).add(name)
     return below
 
@@ -175,7 +172,7 @@ def _producers_of(
     found: set[str] = set()
     if port.path in producers:
         found.add(producers[port.path])
-    for parent in _ancestors(port.path):
+    for parent in ancestors(port.path):
         if parent in producers:
             found.add(producers[parent])
     found.update(below.get(port.path, ()))
@@ -269,7 +266,7 @@ def build_graph(pipeline: Pipeline) -> Graph:
             tree.add(port.path, target.name)
     below = _outputs_below(producers)
     for path, name in producers.items():
-        for parent in _ancestors(path):
+        for parent in ancestors(path):
             if parent in producers:
                 raise PipelineError(
                     shown,
@@ -341,7 +338,7 @@ def _covering(path: str, producers: Mapping[str, str]) -> str | None:
     """The output that is `path` or a directory around it, if any."""
     if path in producers:
         return path
-    return next((a for a in _ancestors(path) if a in producers), None)
+    return next((a for a in ancestors(path) if a in producers), None)
 
 
 def _held_paths(pipeline: Pipeline, producers: Mapping[str, str]) -> dict[str, tuple[Held, ...]]:

@@ -1,13 +1,13 @@
 """The live view of a build on a terminal: targets done of total, running steps, time left.
 
 Above a live area that rich redraws in place, the log scrolls with the same
-lines as the plain reporter (report.py) for what happened: finished, restored,
-failed, not run, and the steps' own output. Fresh targets are only counted, and
-why a step runs is shown beside it while it runs; `-v` adds both to the log,
-with each step's command. The live area, erased when the build ends, holds a
-bar of targets decided out of those selected, the elapsed time, an estimate of
-the time left from the durations the same targets took last time, and each
-running step with its elapsed time.
+lines as the plain reporter (report.py; both take their words from messages.py)
+for what happened: finished, restored, failed, not run, and the steps' own
+output. Fresh targets are only counted, and why a step runs is shown beside it
+while it runs; `-v` adds both to the log, with each step's command. The live
+area, erased when the build ends, holds a bar of targets decided out of those
+selected, the elapsed time, an estimate of the time left from the durations the
+same targets took last time, and each running step with its elapsed time.
 
 rich is imported only when something is drawn: when a step starts or a line
 is printed. A no-op build prints just its summary, as plain text, and pays
@@ -35,7 +35,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple, TextIO
 
-from mlbuild.report import failure_lines, format_duration, summary_line
+from mlbuild import messages
+from mlbuild.report import format_duration, summary_line
 from mlbuild.results import BuildPlan, BuildResult, Failure
 from mlbuild.staleness import Decision
 
@@ -159,14 +160,14 @@ class LiveReporter:
     def skipped(self, target: str, decision: Decision) -> None:
         self._decided(target)
         if self.explain:
-            self._print(f"Step `{target}` is up to date (skipped): {decision.compared}.", "dim")
+            self._print(messages.step_skipped(target, decision.compared), "dim")
 
     def started(self, target: str, decision: Decision, command: str) -> None:
         with self._lock:
             self.running[target] = (self.clock(), "; ".join(decision.reasons))
         if self.verbose:
-            self._print(f"Step `{target}` has started: {'; '.join(decision.reasons)}.")
-            self._print(f"  $ {command}", "dim")
+            self._print(messages.step_started(target, decision.reasons))
+            self._print(messages.step_command(command), "dim")
         self._start_live()
 
     def output(self, target: str, data: bytes) -> None:
@@ -183,42 +184,39 @@ class LiveReporter:
     def finished(self, target: str, duration: float) -> None:
         self._flush_partial(target)
         self._decided(target)
-        self._print(f"Step `{target}` has finished in {duration:.3f}s.", "green")
+        self._print(messages.step_finished(target, duration), "green")
 
     def restored(
         self, target: str, duration: float, original_run: float, *, source: str = "cache"
     ) -> None:
         self._decided(target)
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(original_run))
-        line = f"Step `{target}` restored from {source} in {duration:.3f}s (run {when})."
-        self._print(line, "cyan")
+        self._print(messages.step_restored(target, duration, original_run, source), "cyan")
 
     def failed(self, failure: Failure, duration: float) -> None:
         self._flush_partial(failure.target)
         self._decided(failure.target)
-        self._error("\n".join(failure_lines(failure, duration)))
+        self._error("\n".join(messages.step_failed(failure, duration)))
 
     def not_run(self, target: str, because: str) -> None:
         self._decided(target)
-        self._print(f"Step `{target}` was not run: {because}.", "yellow")
+        self._print(messages.step_not_run(target, because), "yellow")
 
     def would_run(self, target: str, reasons: Sequence[str]) -> None:
         self._decided(target)
-        self._print(f"Step `{target}` would run: {'; '.join(reasons)}.")
+        self._print(messages.step_would_run(target, reasons))
 
     def would_restore(self, target: str, reasons: Sequence[str]) -> None:
         self._decided(target)
-        self._print(f"Step `{target}` would restore from cache: {'; '.join(reasons)}.", "cyan")
+        self._print(messages.step_would_restore(target, reasons), "cyan")
 
     def warn(self, message: str) -> None:
-        self._error(f"mlbuild: warning: {message}", style="yellow")
+        self._error(messages.warning(message), style="yellow")
 
     def summary(self, result: BuildResult, recorded: Mapping[str, float] | None = None) -> None:
         self.close()
         line = summary_line(result, recorded)
         if result.failures:
-            names = ", ".join(f.target for f in result.failures)
-            self._error(f"{line} Failed: {names}.", style="bold red")
+            self._error(messages.summary_with_failures(line, result.failures), style="bold red")
         elif self._console is None:
             self.out.write(line + "\n")  # nothing was drawn: rich stays unimported
             self.out.flush()

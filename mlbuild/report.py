@@ -1,4 +1,6 @@
-"""Everything the user reads during a build: one plain line per event, and the summary.
+"""The plain log of a build: one line per event, and the summary.
+
+The events' words are messages.py's, shared with the live view.
 
 Lines go to stdout, failures and warnings to stderr. Steps' own output is
 passed through as it arrives (and is always in `.mlbuild/logs/`). This is
@@ -15,10 +17,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from typing import TextIO
 
+from mlbuild import messages
 from mlbuild.results import BuildPlan, BuildResult, Failure, Outcome
 from mlbuild.staleness import Decision
 
@@ -61,18 +63,6 @@ def time_saved(result: BuildResult, recorded: Mapping[str, float]) -> tuple[floa
     if not how:
         return None
     return saved, " and ".join(sorted(how, reverse=True))
-
-
-def failure_lines(failure: Failure, duration: float) -> list[str]:
-    """What a failed step tells: target, why, command, the tail of its output, its log."""
-    lines = [f"Step `{failure.target}` failed after {duration:.3f}s: {failure.message}."]
-    lines.append(f"  command: {failure.command}")
-    if failure.tail:
-        lines.append("  last lines of its output:")
-        lines.extend(f"    {line}" for line in failure.tail)
-    if failure.log_path is not None:
-        lines.append(f"  full log: {failure.log_path}")
-    return lines
 
 
 def summary_line(result: BuildResult, recorded: Mapping[str, float] | None = None) -> str:
@@ -165,8 +155,11 @@ class PlainReporter:
             self.out_closed = True
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self._write_err(
-                f"mlbuild: warning: cannot write to stdout ({why.lower()}); the build goes on"
-                " (steps' output is in .mlbuild/logs/)\n"
+                messages.warning(
+                    f"cannot write to stdout ({why.lower()}); the build goes on"
+                    " (steps' output is in .mlbuild/logs/)"
+                )
+                + "\n"
             )
             silence_stdout(self.out)
 
@@ -178,15 +171,12 @@ class PlainReporter:
             pass  # stderr is gone too (a closed terminal): nobody is left to tell
 
     def skipped(self, target: str, decision: Decision) -> None:
-        if self.explain:
-            self._say(f"Step `{target}` is up to date (skipped): {decision.compared}.")
-        else:
-            self._say(f"Step `{target}` is up to date (skipped).")
+        self._say(messages.step_skipped(target, decision.compared if self.explain else None))
 
     def started(self, target: str, decision: Decision, command: str) -> None:
-        self._say(f"Step `{target}` has started: {'; '.join(decision.reasons)}.")
+        self._say(messages.step_started(target, decision.reasons))
         if self.verbosity > 0:
-            self._say(f"  $ {command}")
+            self._say(messages.step_command(command))
 
     def output(self, target: str, data: bytes) -> None:
         if self.verbosity < 0:
@@ -208,29 +198,28 @@ class PlainReporter:
 
     def finished(self, target: str, duration: float) -> None:
         self._flush_partial(target)
-        self._say(f"Step `{target}` has finished in {duration:.3f}s.")
+        self._say(messages.step_finished(target, duration))
 
     def restored(
         self, target: str, duration: float, original_run: float, *, source: str = "cache"
     ) -> None:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(original_run))
-        self._say(f"Step `{target}` restored from {source} in {duration:.3f}s (run {when}).")
+        self._say(messages.step_restored(target, duration, original_run, source))
 
     def failed(self, failure: Failure, duration: float) -> None:
         self._flush_partial(failure.target)
-        self._write_err("\n".join(failure_lines(failure, duration)) + "\n")
+        self._write_err("\n".join(messages.step_failed(failure, duration)) + "\n")
 
     def not_run(self, target: str, because: str) -> None:
-        self._say(f"Step `{target}` was not run: {because}.")
+        self._say(messages.step_not_run(target, because))
 
     def would_run(self, target: str, reasons: Sequence[str]) -> None:
-        self._say(f"Step `{target}` would run: {'; '.join(reasons)}.")
+        self._say(messages.step_would_run(target, reasons))
 
     def would_restore(self, target: str, reasons: Sequence[str]) -> None:
-        self._say(f"Step `{target}` would restore from cache: {'; '.join(reasons)}.")
+        self._say(messages.step_would_restore(target, reasons))
 
     def warn(self, message: str) -> None:
-        self._write_err(f"mlbuild: warning: {message}\n")
+        self._write_err(messages.warning(message) + "\n")
 
     def planned(self, plan: BuildPlan) -> None:
         """The plain log needs no plan: each line stands alone."""
@@ -241,7 +230,6 @@ class PlainReporter:
     def summary(self, result: BuildResult, recorded: Mapping[str, float] | None = None) -> None:
         line = summary_line(result, recorded)
         if result.failures:
-            names = ", ".join(f.target for f in result.failures)
-            self._write_err(f"{line} Failed: {names}.\n")
+            self._write_err(messages.summary_with_failures(line, result.failures) + "\n")
         else:
             self._write_out(line + "\n")

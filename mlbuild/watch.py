@@ -69,11 +69,12 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
+from mlbuild import messages
 from mlbuild.code import CodeError, CodeScanner, Parsed
 from mlbuild.config import STATE_DIR, Pipeline, Port, load_pipeline
 from mlbuild.errors import Interrupted, MlbuildError
 from mlbuild.fingerprint import Digest, Fingerprinter, expand_port
-from mlbuild.graph import Graph, build_graph
+from mlbuild.graph import Graph, ancestors, build_graph, glob_base
 from mlbuild.lock import hold_workspace
 from mlbuild.results import BuildOptions, BuildResult, CliReporter, Failure, Outcome, Reporter
 from mlbuild.runner import run_build
@@ -112,22 +113,6 @@ def is_ignored(rel: str) -> bool:
     if name.startswith("#") and name.endswith("#"):  # emacs auto-save
         return True
     return name.startswith(_IGNORED_PREFIXES) or name.endswith(_IGNORED_SUFFIXES)
-
-
-def _ancestors(rel: str) -> Iterator[str]:
-    while "/" in rel:
-        rel = rel.rpartition("/")[0]
-        yield rel
-
-
-def _static_base(pattern: str) -> str:
-    """The directories of a glob pattern before its first wildcard."""
-    parts: list[str] = []
-    for part in pattern.split("/")[:-1]:
-        if any(ch in part for ch in "*?["):
-            break
-        parts.append(part)
-    return "/".join(parts)
 
 
 @dataclass(frozen=True)
@@ -215,7 +200,7 @@ class Scope:
         """False for paths no build should ever follow: state, outputs, temp files."""
         if rel == STATE_DIR or rel.startswith(STATE_DIR + "/") or rel in self.output_dirs:
             return False
-        if rel in self.outputs or any(a in self.outputs for a in _ancestors(rel)):
+        if rel in self.outputs or any(a in self.outputs for a in ancestors(rel)):
             return False
         return rel in self.known or not is_ignored(rel)
 
@@ -224,15 +209,15 @@ def scope_of(graph: Graph, code: Mapping[str, frozenset[str]]) -> Scope:
     sources = [(base, port) for name in graph.targets for base, port in _sources(graph, name)]
     known = {port.path for _, port in sources if not port.is_glob}.union(*code.values())
     inside = known | {base + "/*" for base, port in sources if port.is_glob}
-    output_dirs = set(graph.below).difference(a for path in inside for a in _ancestors(path))
+    output_dirs = set(graph.below).difference(a for path in inside for a in ancestors(path))
     return Scope(frozenset(graph.producers), frozenset(output_dirs), frozenset(known))
 
 
 def _sources(graph: Graph, name: str) -> Iterator[tuple[str, Port]]:
     """(static base, port) of a target's inputs that no target writes."""
     for port in graph.targets[name].inputs:
-        base = _static_base(port.path) if port.is_glob else port.path
-        if not any(p in graph.producers for p in (base, *_ancestors(base))):
+        base = glob_base(port.path) if port.is_glob else port.path
+        if not any(p in graph.producers for p in (base, *ancestors(base))):
             yield base, port
 
 
@@ -295,12 +280,12 @@ class Readers:
         for name in selected:
             for port in graph.targets[name].inputs:
                 if port.is_glob:
-                    self.globs.append((port.path, _static_base(port.path), name))
+                    self.globs.append((port.path, glob_base(port.path), name))
                 else:
                     self.inputs.setdefault(port.path, set()).add(name)
             files = code.get(name, frozenset())
             bases = [base for base, _ in _sources(graph, name)]
-            for path in (*files, *(a for f in (*files, *bases) for a in _ancestors(f))):
+            for path in (*files, *(a for f in (*files, *bases) for a in ancestors(f))):
                 self.around.setdefault(path, set()).add(name)
 
     def affected(self, paths: Iterable[str]) -> dict[str, set[str]]:
@@ -308,7 +293,7 @@ class Readers:
         hits: dict[str, set[str]] = {}
         for path in paths:
             found = set(self.around.get(path, ()))
-            for key in (path, *_ancestors(path)):
+            for key in (path, *ancestors(path)):
                 found.update(self.inputs.get(key, ()))
             for pattern, base, name in self.globs:
                 if name not in found and (
@@ -333,7 +318,7 @@ class Wrote(NamedTuple):
 
 def _inside(path: str, port: Port) -> bool:
     """Whether a changed path belongs to a source input (a glob: to its static base)."""
-    base = _static_base(port.path) if port.is_glob else port.path
+    base = glob_base(port.path) if port.is_glob else port.path
     return not base or path == base or path.startswith(base + "/")
 
 
@@ -395,7 +380,7 @@ class OwnWrites:
             old, new = _files(before.get(key, ())), _files(after[key])
             paths.update(p for p in old.keys() | new.keys() if old.get(p) != new.get(p))
         # A directory's own entry changes with what is inside it: name the insides.
-        named = paths.difference(a for p in paths for a in _ancestors(p))
+        named = paths.difference(a for p in paths for a in ancestors(p))
         runs = self.wrote[name].runs + 1 if name in self.wrote else 1
         self.wrote[name] = Wrote(runs, end, tuple(sorted(named)))
 
@@ -781,7 +766,7 @@ class Watcher:
             self.out.flush()
 
     def _error(self, exc: Exception) -> None:
-        self.err.write(f"mlbuild: error: {exc}\n")
+        self.err.write(messages.error(str(exc)) + "\n")
         self.err.flush()
 
 

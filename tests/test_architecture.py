@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("storage", frozenset({"results", "cache", "remote"})),
     ("execution", frozenset({"worker", "executor", "executors", "ray_executor", "lock"})),
     ("build", frozenset({"runner", "query"})),
-    ("interface", frozenset({"report", "progress", "history", "dag", "watch"})),
+    ("interface", frozenset({"messages", "report", "progress", "history", "dag", "watch"})),
     ("entry", frozenset({"cli", "__main__", "__init__"})),
 )
 # Run in every step's own interpreter: the standard library and these only.

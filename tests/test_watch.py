@@ -420,6 +420,21 @@ def test_a_broken_pipeline_edit_keeps_the_last_good_one_until_fixed(tmp_path: Pa
         assert (tmp_path / "first.txt").read_text() == "LLITS\n"
 
 
+def test_a_broken_edit_with_a_newline_in_a_key_is_told_in_one_line(tmp_path: Path) -> None:
+    """The same one error line as `mlbuild run`: a quoted key's newline is escaped."""
+    make_chain(tmp_path)
+    with watching(tmp_path) as w:
+        mark = w.mark()
+        count = 'outputs = { n = "data/raw.count" }'
+        broken = CHAIN.replace(count, count + '\n"out\\nputs" = ["x"]')
+        write(tmp_path, "pipeline.toml", broken)
+        seen = w.wait_text("keeping the last good pipeline", mark)
+        errors = [line for line in seen.splitlines() if line.startswith("mlbuild: error: ")]
+        assert len(errors) == 1
+        assert "targets.count.out\\nputs: unknown key" in errors[0]
+        assert "puts: unknown key" not in seen.replace(errors[0], "")
+
+
 def test_a_failing_target_does_not_stop_the_watcher_and_a_fix_reruns_it(
     tmp_path: Path,
 ) -> None:
