@@ -62,7 +62,8 @@ from mlbuild.cache import (
 from mlbuild.config import CacheSettings, Pipeline
 from mlbuild.errors import MlbuildError
 from mlbuild.fingerprint import hash_file
-from mlbuild.staleness import Fingerprint, Observation
+from mlbuild.manifest import Fingerprint, is_dir
+from mlbuild.staleness import Observation
 from mlbuild.store import Store
 from mlbuild.workspace import cache_dir
 
@@ -575,7 +576,7 @@ def push_targets(
             if entry is None:
                 listings: dict[str, tuple[tuple[str, str], ...]] = {}
                 for value in fingerprint.outputs.values():
-                    if value.startswith("dir:"):
+                    if is_dir(value):
                         listings[value] = tuple(store.load_tree(value) or ())
                 observation = Observation(fingerprint, listings)
                 entry = remote.cache.save(key, name, pipeline.root, observation, stored.duration)
