@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import blake3
 
-from mlbuild.config import EMPTY
+from mlbuild.config import EMPTY, Target
 
 # 2: ports, env digests, discovered inputs, imported and dynamic code. A manifest of
 # another version reads as stale ("written by another version"), never as fresh.
@@ -183,3 +183,9 @@ def cache_key(target_name: str, fingerprint: Fingerprint, output_paths: Iterable
     data["target"] = target_name
     data["output_paths"] = sorted(output_paths)
     return blake3.blake3(_dumps(data).encode()).hexdigest()
+
+
+def target_key(target: Target, fingerprint: Fingerprint) -> str:
+    """`target`'s cache key for `fingerprint`: the one way the runner, the query and
+    `push` derive it from a manifest."""
+    return cache_key(target.name, fingerprint, [port.path for port in target.outputs])

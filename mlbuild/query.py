@@ -37,7 +37,7 @@ from mlbuild.code import CodeScanner, Parsed
 from mlbuild.config import Target
 from mlbuild.fingerprint import Fingerprinter
 from mlbuild.graph import Graph
-from mlbuild.manifest import MISSING_TEXT, Fingerprint, file_hex
+from mlbuild.manifest import MISSING_TEXT, Fingerprint, file_hex, target_key
 from mlbuild.results import Outcome, TargetResult
 from mlbuild.runner import check_code, check_sources, observe_target, save_checked
 from mlbuild.staleness import Decision, Observation, decide
@@ -179,9 +179,9 @@ class Query:
         """The local cache entry a build would restore `target` from, or None."""
         if not target.cache or target.always_run:
             return None
-        from mlbuild.cache import BadEntry, SlowerThanRunning, cache_key, load_entry
+        from mlbuild.cache import BadEntry, SlowerThanRunning, load_entry
 
-        key = cache_key(target.name, now.fingerprint, [p.path for p in target.outputs])
+        key = target_key(target, now.fingerprint)
         cache = self.cache
         try:
             with open(cache.entry_path(key), "rb") as handle:

@@ -28,7 +28,7 @@ from mlbuild.config import Target, missing_hint
 from mlbuild.errors import FingerprintError, PipelineError
 from mlbuild.fingerprint import Fingerprinter, StatEntry, expand_port
 from mlbuild.graph import Graph, check_kept_sources
-from mlbuild.manifest import CHANGED_DURING_STEP, Fingerprint, is_dir, is_missing
+from mlbuild.manifest import CHANGED_DURING_STEP, Fingerprint, is_dir, is_missing, target_key
 from mlbuild.results import (
     BuildOptions,
     BuildResult,
@@ -520,10 +520,10 @@ class Build:
         """
         if not self._cacheable(target) or self.options.no_cache or decision.forced:
             return False
-        from mlbuild.cache import CacheError, SlowerThanRunning, cache_key
+        from mlbuild.cache import CacheError, SlowerThanRunning
 
         start = time.perf_counter()
-        key = cache_key(target.name, now.fingerprint, [p.path for p in target.outputs])
+        key = target_key(target, now.fingerprint)
         quick = not self.options.restore_only  # `mlbuild pull` restores whatever it costs
         try:
             entry = self.cache.lookup(key)
@@ -574,13 +574,11 @@ class Build:
         """
         if not self._cacheable(target):
             return
-        from mlbuild.cache import cache_key
-
         if self._saver is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbuild-cache")
-        key = cache_key(target.name, done.fingerprint, [p.path for p in target.outputs])
+        key = target_key(target, done.fingerprint)
         save = self._saver.submit(self.cache.save, key, target.name, self.root, done, duration)
         self._saves.append(save)
         self._collect_saves(wait=False)

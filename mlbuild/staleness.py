@@ -40,6 +40,7 @@ from mlbuild.fingerprint import (
 )
 from mlbuild.manifest import DigestKind, Fingerprint, PortEntry, kind_of
 
+_DIR = DigestKind.DIR  # a module global: an enum attribute costs a lookup in its class
 _MAX_LISTED = 3  # entries named per directory in a reason before "and N more"
 
 
@@ -94,7 +95,7 @@ def observe_paths(
     for path in paths:
         digest = fp.digest(path)
         text = digest.text
-        if digest.kind is DigestKind.DIR:
+        if digest.kind is _DIR:
             listings[text] = digest.listing
         result[path] = text
     return result
