@@ -181,8 +181,8 @@ def bench_download(
 
     from mlbuild.cache import Cache, cache_key
     from mlbuild.config import load_pipeline
+    from mlbuild.manifest import Fingerprint
     from mlbuild.remote import Remote, fetch_entry
-    from mlbuild.staleness import Fingerprint
     from mlbuild.store import open_store
 
     prefix = f"big{time.time_ns()}"

@@ -555,7 +555,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from mlbuild.cache import Cache, collect_garbage, parse_size
-    from mlbuild.staleness import Fingerprint
+    from mlbuild.manifest import Fingerprint
 
     pipeline, _ = load(args)
     try:
@@ -617,7 +617,8 @@ def _size(n: int) -> str:
 def cmd_clean(args: argparse.Namespace) -> int:
     """Remove targets' outputs: those mlbuild made are deleted, anything else moved aside."""
     from mlbuild.fingerprint import Fingerprinter
-    from mlbuild.staleness import Fingerprint, observe_paths
+    from mlbuild.manifest import Fingerprint, is_missing
+    from mlbuild.staleness import observe_paths
 
     pipeline, graph = load(args)
     names = list(args.targets) or list(graph.order)
@@ -642,7 +643,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
             for path in paths:
                 if path in moved:
                     print(f"moved {path} to {moved[path]} (not made by mlbuild, or changed since)")
-                elif not current[path].startswith("missing:"):
+                elif not is_missing(current[path]):
                     print(f"removed {path}")
     return EXIT_OK
 

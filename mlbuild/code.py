@@ -48,6 +48,7 @@ from mlbuild.errors import MlbuildError
 if TYPE_CHECKING:
     import ast  # at run time imported where a file is parsed: a no-op parses nothing
 from mlbuild.fingerprint import Fingerprinter, hash_bytes
+from mlbuild.manifest import DigestKind
 
 SCRIPT_SUFFIXES = (".py", ".sh", ".bash", ".zsh", ".R", ".r", ".jl", ".pl", ".rb")
 # A cheap test before tokenizing: a word ending in a script suffix, or `-m`.
@@ -358,7 +359,7 @@ class CodeScanner:
         None when the file is missing. A `.py` that does not parse counts by its bytes.
         """
         digest = self.fp.digest(rel)
-        if digest.kind != "file":
+        if digest.kind is not DigestKind.FILE:
             return None
         if not rel.endswith(".py"):
             return digest.digest

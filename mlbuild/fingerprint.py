@@ -46,6 +46,7 @@ import blake3
 
 from mlbuild.config import Port
 from mlbuild.errors import FingerprintError
+from mlbuild.manifest import DIR_IN_LISTING, DigestKind
 
 # Files at least this large are mmapped and hashed on every core.
 MMAP_THRESHOLD = 8 * 1024 * 1024
@@ -131,12 +132,21 @@ class StatCache:
 class Digest(NamedTuple):
     """The fingerprint of one path: a file, a directory with its listing, or missing."""
 
-    kind: str  # "file", "dir", "link" or "missing"
+    kind: DigestKind  # FILE, DIR, LINK or MISSING
     digest: str
-    listing: tuple[tuple[str, str], ...] = ()  # for directories: (relative path, "kind:digest")
+    listing: tuple[tuple[str, str], ...] = ()  # for directories: (relative path, digest text)
+
+    @property
+    def text(self) -> str:
+        """The digest as manifests write it (`manifest.Ref`)."""
+        return self.kind + ":" + self.digest
 
 
-MISSING = Digest("missing", "")
+MISSING = Digest(DigestKind.MISSING, "")
+_FILE = DigestKind.FILE
+_DIR = DigestKind.DIR
+_FILE_PREFIX = DigestKind.FILE + ":"
+_LINK_PREFIX = DigestKind.LINK + ":"
 
 # A walked file: (path below the directory, size, mtime_ns, ctime_ns, inode).
 WalkedFile = tuple[str, int, int, int, int]
@@ -332,7 +342,7 @@ class Fingerprinter:
         try:
             st = os.stat(full)
         except (FileNotFoundError, NotADirectoryError):
-            return Digest("link", hash_bytes(b"link:" + os.fsencode(target)))
+            return Digest(DigestKind.LINK, hash_bytes(b"link:" + os.fsencode(target)))
         except OSError as exc:
             raise _unreadable(rel, exc) from None
         if _stat.S_ISDIR(st.st_mode):
@@ -345,7 +355,7 @@ class Fingerprinter:
     def _file_digest(self, rel: str, st: os.stat_result) -> Digest:
         entry = self.stats.get(rel)
         if entry is not None and entry.matches(st):
-            return Digest("file", entry.digest)
+            return Digest(_FILE, entry.digest)
         checked_ns = time.time_ns()
         # The stat was taken before the read: a write during or after the read
         # either changes the stat or lands inside the racy window of checked_ns.
@@ -356,7 +366,7 @@ class Fingerprinter:
         entry = StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, checked_ns, digest, st.st_ctime_ns)
         self.stats[rel] = entry
         self.updates[rel] = entry
-        return Digest("file", digest)
+        return Digest(_FILE, digest)
 
     def _digest_dir(self, rel: str, full: str) -> Digest:
         if self._reuse_walks and rel in self._walked:
@@ -374,11 +384,11 @@ class Fingerprinter:
         else:
             known = self.dirs[rel] = self._load_dir(rel)
         if known is not None and known.summary == summary:
-            return Digest("dir", known.digest, known.listing)
+            return Digest(_DIR, known.digest, known.listing)
         record = self._rehash_dir(rel, files, others, summary, known)
         self.dirs[rel] = record
         self.updates[rel] = record
-        return Digest("dir", record.digest, record.listing)
+        return Digest(_DIR, record.digest, record.listing)
 
     def _walk(self, rel: str, full: str) -> tuple[list[WalkedFile], list[tuple[str, str]]]:
         """Every entry below a directory: files with their stat, others as (path, value).
@@ -409,11 +419,11 @@ class Fingerprinter:
                                 (name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
                             )
                         elif entry.is_dir(follow_symlinks=False):
-                            others.append((name, "dir:"))
+                            others.append((name, DIR_IN_LISTING))
                             stack.append((f"{folder}/{entry.name}", name + "/"))
                         elif entry.is_symlink():
                             link = os.readlink(entry.name, dir_fd=fd)
-                            others.append((name, "link:" + hash_bytes(os.fsencode(link))))
+                            others.append((name, _LINK_PREFIX + hash_bytes(os.fsencode(link))))
                         else:
                             mode = entry.stat(follow_symlinks=False).st_mode
                             raise FingerprintError(_not_regular(f"{rel}/{name}", mode))
@@ -463,7 +473,7 @@ class Fingerprinter:
             for (name, size, mtime_ns, ctime_ns, ino), digest in zip(todo, digests, strict=True):
                 entries[name] = StatEntry(size, mtime_ns, ino, checked_ns, digest, ctime_ns)
                 trusted = trusted and is_trusted(mtime_ns, ctime_ns, checked_ns)
-        listing = [(name, "file:" + entry.digest) for name, entry in entries.items()]
+        listing = [(name, _FILE_PREFIX + entry.digest) for name, entry in entries.items()]
         listing = sorted(listing + others)
         text = "".join(f"{value} {name}\n" for name, value in listing)
         digest = hash_bytes(text.encode("utf-8", "surrogateescape"))

@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mlbuild.manifest import Fingerprint, split
 from mlbuild.report import format_duration
 from mlbuild.results import Outcome
-from mlbuild.staleness import Fingerprint
 from mlbuild.store import RunRecord, RunRow, StoredManifest, TargetRun
 
 NAMES_SHOWN = 8  # target names listed per outcome in `log` before "and N more"
@@ -161,10 +161,10 @@ def _action(action: str) -> str:
 
 def _digest(text: str) -> str:
     """`file:1a2b...` shortened to DIGEST_SHOWN hex digits; other forms unchanged."""
-    kind, sep, digest = text.partition(":")
-    if not sep:
+    kind, digest = split(text)
+    if kind is None:
         return text[:DIGEST_SHOWN]
-    return f"{kind}:{digest[:DIGEST_SHOWN]}" if digest else kind
+    return f"{kind}:{digest[:DIGEST_SHOWN]}" if digest else str(kind)
 
 
 def manifest_json(

@@ -311,7 +311,9 @@ def _covered(rel: str, declared: list[str]) -> bool:
 
 def _file_text(fp: Fingerprinter, rel: str) -> str | None:
     digest = fp.digest(rel)
-    return None if digest.kind == "missing" else f"{digest.kind}:{digest.digest}"
+    from mlbuild.manifest import DigestKind  # not at the top: the worker imports this module
+
+    return None if digest.kind is DigestKind.MISSING else digest.text
 
 
 def _unchanged(

@@ -37,9 +37,10 @@ from mlbuild.code import CodeScanner, Parsed
 from mlbuild.config import Target
 from mlbuild.fingerprint import Fingerprinter
 from mlbuild.graph import Graph
+from mlbuild.manifest import MISSING_TEXT, Fingerprint, file_hex, target_key
 from mlbuild.results import Outcome, TargetResult
 from mlbuild.runner import check_code, check_sources, observe_target, save_checked
-from mlbuild.staleness import Decision, Fingerprint, Observation, decide
+from mlbuild.staleness import Decision, Observation, decide
 from mlbuild.store import Store
 from mlbuild.workspace import cache_dir
 
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from mlbuild.cache import Cache, Entry
 
 # A digest that matches nothing: what a consumer reads of a restore that the entry cannot tell.
-MISSING = "missing:"
+MISSING = MISSING_TEXT
 RESTORE_NOTE = "would restore from cache"
 
 
@@ -178,9 +179,9 @@ class Query:
         """The local cache entry a build would restore `target` from, or None."""
         if not target.cache or target.always_run:
             return None
-        from mlbuild.cache import BadEntry, SlowerThanRunning, cache_key, load_entry
+        from mlbuild.cache import BadEntry, SlowerThanRunning, load_entry
 
-        key = cache_key(target.name, now.fingerprint, [p.path for p in target.outputs])
+        key = target_key(target, now.fingerprint)
         cache = self.cache
         try:
             with open(cache.entry_path(key), "rb") as handle:
@@ -242,7 +243,7 @@ class _Restores:
             value = tree.get("/".join(parts[cut:]))
             if value is None:
                 return MISSING  # the restore replaces the whole directory: not in it, not there
-            return value if value.startswith("file:") else ""
+            return value if file_hex(value) is not None else ""
         return None
 
 

@@ -80,6 +80,7 @@ from mlbuild.executor import (
     timing_path,
 )
 from mlbuild.fingerprint import Fingerprinter
+from mlbuild.manifest import DigestKind, split
 from mlbuild.reaper import (
     find_leftovers,
     kill_leftovers,
@@ -337,18 +338,19 @@ class RayExecutor:
             uploads[digest] = (str(self.root / rel), st.st_size)
 
         for path, value in observation.fingerprint.inputs.items():
-            kind, _, digest = value.partition(":")
-            if kind == "file":
+            kind, digest = split(value)
+            if kind is DigestKind.FILE:
                 add_file(path, digest)
-            elif kind == "link":
+            elif kind is DigestKind.LINK:
                 links.append([path, os.readlink(self.root / path)])
-            elif kind == "dir":
+            elif kind is DigestKind.DIR:
                 dirs.append(path)
                 for rel, child in observation.listings[value]:
                     full = f"{path}/{rel}"
-                    if child.startswith("file:"):
-                        add_file(full, child[5:])
-                    elif child == "dir:":
+                    child_kind, child_digest = split(child)
+                    if child_kind is DigestKind.FILE:
+                        add_file(full, child_digest)
+                    elif child_kind is DigestKind.DIR:
                         dirs.append(full)
                     else:
                         links.append([full, os.readlink(self.root / full)])
@@ -362,7 +364,7 @@ class RayExecutor:
                 parent = os.path.dirname(parent)
         for rel in sorted(code):
             found = self.digest(rel)
-            if found.kind == "file":
+            if found.kind is DigestKind.FILE:
                 add_file(rel, found.digest)
         return files, dirs, links, uploads
 

@@ -4,7 +4,7 @@ Layout under the configured URL, in the style of Bazel's remote cache:
 
 - `cas/<d[:2]>/<d>`: the bytes of one file, named by its BLAKE3 digest `d`.
 - `ac/<key>`: the record of one target's run for cache key `key` (cache.py's
-  `cache_key`): the local cache's entry (outputs with fingerprints, modes and
+  `manifest.cache_key`): the local cache's entry (outputs with fingerprints, modes and
   directory trees) plus `blobs` (digest -> size) and `producer` (host,
   mlbuild version, upload time). It is written after every blob it names, so a
   record never names a blob that was not complete: the record is the commit
@@ -53,7 +53,6 @@ from mlbuild.cache import (
     CacheError,
     CorruptObject,
     Entry,
-    cache_key,
     entry_payload,
     install_verified,
     is_digest,
@@ -62,7 +61,8 @@ from mlbuild.cache import (
 from mlbuild.config import CacheSettings, Pipeline
 from mlbuild.errors import MlbuildError
 from mlbuild.fingerprint import hash_file
-from mlbuild.staleness import Fingerprint, Observation
+from mlbuild.manifest import Fingerprint, is_dir, target_key
+from mlbuild.staleness import Observation
 from mlbuild.store import Store
 from mlbuild.workspace import cache_dir
 
@@ -598,13 +598,13 @@ def push_targets(
         if stored is None or fingerprint is None:
             results.append(Pushed(name, False, "not pushed: no manifest"))
             continue
-        key = cache_key(name, fingerprint, [p.path for p in target.outputs])
+        key = target_key(target, fingerprint)
         try:
             entry = remote.cache.lookup(key)
             if entry is None:
                 listings: dict[str, tuple[tuple[str, str], ...]] = {}
                 for value in fingerprint.outputs.values():
-                    if value.startswith("dir:"):
+                    if is_dir(value):
                         listings[value] = tuple(store.load_tree(value) or ())
                 observation = Observation(fingerprint, listings)
                 entry = remote.cache.save(key, name, pipeline.root, observation, stored.duration)

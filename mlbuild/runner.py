@@ -28,6 +28,7 @@ from mlbuild.config import Target, missing_hint
 from mlbuild.errors import FingerprintError, PipelineError
 from mlbuild.fingerprint import Fingerprinter, StatEntry, expand_port
 from mlbuild.graph import Graph, check_kept_sources
+from mlbuild.manifest import CHANGED_DURING_STEP, Fingerprint, is_dir, is_missing, target_key
 from mlbuild.results import (
     BuildOptions,
     BuildResult,
@@ -40,7 +41,6 @@ from mlbuild.results import (
 from mlbuild.scheduler import Scheduler
 from mlbuild.staleness import (
     Decision,
-    Fingerprint,
     Observation,
     decide,
     expand_inputs,
@@ -72,8 +72,6 @@ if TYPE_CHECKING:
 StatMap = Mapping[str, "StatEntry | None"]
 # Keys of `StatMap` entries that hold a symlink's own lstat rather than its target's.
 LINK_PREFIX = "\0link:"
-# The digest recorded for an input that changed while its step ran: equal to none.
-CHANGED_DURING_STEP = "changed:during its step"
 
 
 def check_sources(graph: Graph, selected: Sequence[str]) -> None:
@@ -123,7 +121,7 @@ def clear_outputs(
     for port in target.outputs:
         full = check_writable(root, where, target, port.path)
         digest = current.get(port.path)
-        if digest is None or digest.startswith("missing:") or not os.path.lexists(full):
+        if digest is None or is_missing(digest) or not os.path.lexists(full):
             continue
         if known.get(port.path) == digest:
             _delete(full)
@@ -283,7 +281,7 @@ class Build:
             made = observe_paths(self.fp, [p.path for p in target.outputs], {})
         except FingerprintError:
             return  # a FIFO, say: left for the user, moved aside next time
-        left = {path: digest for path, digest in made.items() if not digest.startswith("missing:")}
+        left = {path: digest for path, digest in made.items() if not is_missing(digest)}
         if left:
             save_made(self.root, target.name, left)
 
@@ -356,7 +354,7 @@ class Build:
             link = _link_stat(prefix + path)
             if link is not None:  # retargeting the link (`ln -sfn`) changes the read too
                 taken[LINK_PREFIX + path] = link
-            if digest.startswith("dir:"):
+            if is_dir(digest):
                 record = self.fp.dirs.get(path)
                 below = record.files if record is not None else {}
                 for name, _ in now.listings.get(digest, ()):
@@ -527,10 +525,10 @@ class Build:
         """
         if not self._cacheable(target) or self.options.no_cache or decision.forced:
             return False
-        from mlbuild.cache import CacheError, SlowerThanRunning, cache_key
+        from mlbuild.cache import CacheError, SlowerThanRunning
 
         start = time.perf_counter()
-        key = cache_key(target.name, now.fingerprint, [p.path for p in target.outputs])
+        key = target_key(target, now.fingerprint)
         quick = not self.options.restore_only  # `mlbuild pull` restores whatever it costs
         try:
             entry = self.cache.lookup(key)
@@ -607,13 +605,11 @@ class Build:
         """
         if not self._cacheable(target):
             return
-        from mlbuild.cache import cache_key
-
         if self._saver is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbuild-cache")
-        key = cache_key(target.name, done.fingerprint, [p.path for p in target.outputs])
+        key = target_key(target, done.fingerprint)
         save = self._saver.submit(self.cache.save, key, target.name, self.root, done, duration)
         self._saves.append(save)
         self._collect_saves(wait=False)

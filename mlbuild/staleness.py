@@ -25,93 +25,23 @@ compared on their own, so a changed parameter reads as `param epochs changed
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from mlbuild.code import AT_RUN_TIME, CodeFingerprint
 from mlbuild.config import EMPTY, Target
 from mlbuild.fingerprint import (
-    Digest,
     Fingerprinter,
     diff_listings,
     encode_value,
     expand_port,
     hash_bytes,
 )
+from mlbuild.manifest import DigestKind, Fingerprint, PortEntry, kind_of
 
-# 2: ports, env digests, discovered inputs, imported and dynamic code. A manifest of
-# another version reads as stale ("written by another version"), never as fresh.
-MANIFEST_VERSION = 2
+_DIR = DigestKind.DIR  # a module global: an enum attribute costs a lookup in its class
 _MAX_LISTED = 3  # entries named per directory in a reason before "and N more"
-
-
-# A port as the manifest keeps it: [direction, name or None, path or pattern, matches].
-# Matches are listed for patterns only (a plain path matches itself).
-PortEntry = tuple[str, str | None, str, tuple[str, ...]]
-
-
-class Fingerprint(NamedTuple):
-    """Everything a target's result depends on, as comparable text."""
-
-    action: str
-    params: Mapping[str, str]  # name -> canonical encoding
-    env: Mapping[str, str | None]  # name -> BLAKE3 of the value, None when unset
-    inputs: Mapping[str, str]  # path -> "kind:digest" (globs expanded to their matches)
-    outputs: Mapping[str, str] = EMPTY
-    code: Mapping[str, str] = EMPTY  # code file -> digest
-    packages: Mapping[str, str | None] = EMPTY
-    ports: tuple[PortEntry, ...] = ()  # the declared interface, in order
-    discovered: Mapping[str, str] = EMPTY  # undeclared files the step read -> "kind:digest"
-    imported: tuple[str, ...] = ()  # code files seen imported at run time, not found statically
-    dynamic: tuple[str, ...] = ()  # code files importing modules by computed names
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "version": MANIFEST_VERSION,
-                "action": self.action,
-                "params": dict(self.params),
-                "env": dict(self.env),
-                "inputs": dict(self.inputs),
-                "outputs": dict(self.outputs),
-                "code": dict(self.code),
-                "packages": dict(self.packages),
-                "ports": self.ports,
-                "discovered": dict(self.discovered),
-                "imported": self.imported,
-                "dynamic": self.dynamic,
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        )
-
-    @staticmethod
-    def from_json(text: str) -> Fingerprint | None:
-        """The stored fingerprint, or None when it is of another manifest version or unreadable."""
-        try:
-            data: dict[str, Any] = json.loads(text)
-            if data.get("version") != MANIFEST_VERSION:
-                return None
-            return Fingerprint(
-                action=data["action"],
-                params=data["params"],
-                env=data["env"],
-                inputs=data["inputs"],
-                outputs=data["outputs"],
-                code=data["code"],
-                packages=data["packages"],
-                ports=tuple(
-                    (kind, name, path, tuple(matches))
-                    for kind, name, path, matches in data["ports"]
-                ),
-                discovered=data["discovered"],
-                imported=tuple(data["imported"]),
-                dynamic=tuple(data["dynamic"]),
-            )
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None  # a damaged row: as if there were no manifest, so the target reruns
 
 
 class Observation(NamedTuple):
@@ -157,19 +87,15 @@ def env_digest(value: str | None) -> str | None:
     return hash_bytes(value.encode("utf-8", "surrogateescape"))
 
 
-def _digest_text(digest: Digest) -> str:
-    return f"{digest.kind}:{digest.digest}"
-
-
 def observe_paths(
     fp: Fingerprinter, paths: list[str], listings: dict[str, tuple[tuple[str, str], ...]]
 ) -> dict[str, str]:
-    """`path -> "kind:digest"` for each path, collecting directory listings on the way."""
+    """`path -> digest text` (`manifest.Ref`) for each path; directory listings go in `listings`."""
     result: dict[str, str] = {}
     for path in paths:
         digest = fp.digest(path)
-        text = _digest_text(digest)
-        if digest.kind == "dir":
+        text = digest.text
+        if digest.kind is _DIR:
             listings[text] = digest.listing
         result[path] = text
     return result
@@ -399,9 +325,9 @@ def _path_reasons(
             reasons.append(f"{what} added: {path}")
         elif new is None:
             reasons.append(f"{what} removed: {path}")
-        elif new.startswith("missing:"):
+        elif (kind := kind_of(new)) is DigestKind.MISSING:
             reasons.append(f"{what} missing: {path}")
-        elif new.startswith("dir:") and old.startswith("dir:"):
+        elif kind is DigestKind.DIR and kind_of(old) is DigestKind.DIR:
             detail = _dir_detail(old, new, listings, old_listing)
             reasons.append(f"{what} {changed}: {path}{detail}")
         else:

@@ -324,14 +324,14 @@ def _inside(path: str, port: Port) -> bool:
 
 def _summary(observed: Observed) -> tuple[str, ...]:
     """What equality needs of an input: a directory's digest covers everything in it."""
-    return tuple(f"{path} {digest.kind}:{digest.digest}" for path, digest in observed)
+    return tuple(f"{path} {digest.text}" for path, digest in observed)
 
 
 def _files(observed: Observed) -> dict[str, str]:
     """Path -> `kind:digest` of every file of an input, to name what changed."""
     files: dict[str, str] = {}
     for path, digest in observed:
-        files[path] = f"{digest.kind}:{digest.digest}"
+        files[path] = digest.text
         for rel, value in digest.listing:
             files[f"{path}/{rel}"] = value
     return files

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlbuild"
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundation", frozenset({"errors", "interpolate", "scheduler", "reaper"})),
     ("pipeline", frozenset({"config"})),
-    ("state", frozenset({"workspace", "fingerprint", "graph", "store"})),
+    ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store"})),
     ("analysis", frozenset({"code", "staleness", "observed"})),
     ("storage", frozenset({"results", "cache", "remote"})),
     ("execution", frozenset({"worker", "executor", "executors", "ray_executor", "lock"})),

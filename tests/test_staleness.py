@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from mlbuild.cache import cache_key
-from mlbuild.staleness import Fingerprint
+from mlbuild.manifest import Fingerprint
 from tests.conftest import Project
 
 

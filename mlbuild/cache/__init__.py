@@ -32,7 +32,6 @@ from mlbuild.cache.entry import (
     CorruptObject,
     Entry,
     Uncacheable,
-    cache_key,
     check_entry,
     describe_outputs,
     dir_mode_ok,
@@ -53,6 +52,7 @@ from mlbuild.cache.restore import (
     SlowerThanRunning,
     clear_staging,
 )
+from mlbuild.manifest import cache_key
 
 __all__ = [
     "ENTRY_VERSION",

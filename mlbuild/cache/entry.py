@@ -4,7 +4,7 @@ An entry is written to `runs/` by the local cache (local.py) and, extended
 with `blobs` and `producer`, to a remote's `ac/` (remote.py). Format version 2,
 the JSON of `entry_payload`:
 `{"version": 2, "key", "target", "created", "duration", "size", "outputs"}`
-where `key` is the target's cache key (`cache_key`: a digest over the
+where `key` is the target's cache key (`manifest.cache_key`: a digest over the
 target's name, action, code, params, env, packages, input digests and output
 paths), and `outputs` maps each output path to `{"fingerprint": "file:<d>",
 "mode"}` or `{"fingerprint": "dir:<d>", "mode", "tree"}`, and a tree lists
@@ -34,14 +34,14 @@ import os
 import re
 import stat as _stat
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from mlbuild.config import STATE_DIR
 from mlbuild.errors import MlbuildError
 from mlbuild.fingerprint import hash_bytes
-from mlbuild.staleness import Fingerprint
+from mlbuild.manifest import DIR_IN_LISTING, DigestKind, file_hex, split
 
 ENTRY_VERSION = 2
 _DIGEST = re.compile("[0-9a-f]{64}")
@@ -99,12 +99,10 @@ class Entry(NamedTuple):
         """Digests of every object the entry needs."""
         found: set[str] = set()
         for out in self.outputs.values():
-            fp = out["fingerprint"]
-            if fp.startswith("file:"):
-                found.add(fp[5:])
-            for _, value, _, _ in out.get("tree", ()):
-                if value.startswith("file:"):
-                    found.add(value[5:])
+            for value in (out["fingerprint"], *(item[1] for item in out.get("tree", ()))):
+                digest = file_hex(value)
+                if digest is not None:
+                    found.add(digest)
         return found
 
     def counts(self) -> tuple[int, int]:
@@ -116,7 +114,7 @@ class Entry(NamedTuple):
                 continue
             others += 1
             for _, value, _, _ in out["tree"]:
-                if value.startswith("file:"):
+                if file_hex(value) is not None:
                     files += 1
                 else:
                     others += 1
@@ -271,12 +269,12 @@ def _check_output(path: str, out: Any) -> int:
     if not isinstance(out, dict) or not isinstance(out.get("fingerprint"), str):
         raise BadEntry("it has no fingerprint")
     fingerprint = out["fingerprint"]
-    kind, _, digest = fingerprint.partition(":")
-    if kind == "file" and is_digest(digest) and set(out) == {"fingerprint", "mode"}:
+    kind, digest = split(fingerprint)
+    if kind is DigestKind.FILE and is_digest(digest) and set(out) == {"fingerprint", "mode"}:
         if not file_mode_ok(out["mode"]):
             raise BadEntry(f"file mode {_show_mode(out['mode'])} is not allowed")
         return 0
-    if kind == "dir" and is_digest(digest) and set(out) == {"fingerprint", "mode", "tree"}:
+    if kind is DigestKind.DIR and is_digest(digest) and set(out) == {"fingerprint", "mode", "tree"}:
         if not dir_mode_ok(out["mode"]):
             raise BadEntry(f"directory mode {_show_mode(out['mode'])} is not allowed")
         return _check_tree(out["tree"], digest)
@@ -302,16 +300,17 @@ def _check_tree(tree: Any, digest: str) -> int:
             raise BadEntry(f"directory entry {child[:80]!r} does not lie below a directory")
         if not isinstance(value, str) or not isinstance(link, str):
             raise BadEntry(f"directory entry {child[:80]!r} is malformed")
-        if value == "dir:" and link == "":
+        kind, hex_ = split(value)
+        if value == DIR_IN_LISTING and link == "":
             if not dir_mode_ok(mode):
                 raise BadEntry(f"directory {child[:80]!r}: mode {_show_mode(mode)} is not allowed")
             kinds[child] = "dir"
-        elif value.startswith("file:") and is_digest(value[5:]) and link == "":
+        elif kind is DigestKind.FILE and is_digest(hex_) and link == "":
             if not file_mode_ok(mode):
                 raise BadEntry(f"file {child[:80]!r}: mode {_show_mode(mode)} is not allowed")
             kinds[child] = "file"
-        elif value.startswith("link:") and mode == 0 and not isinstance(mode, bool):
-            _check_link(child, value[5:], link)
+        elif kind is DigestKind.LINK and mode == 0 and not isinstance(mode, bool):
+            _check_link(child, hex_, link)
             kinds[child] = "link"
             links[child] = link
         else:
@@ -369,15 +368,6 @@ def _link_stays_inside(
     return True
 
 
-def cache_key(target_name: str, fingerprint: Fingerprint, output_paths: Iterable[str]) -> str:
-    """The run-cache key: everything the outputs depend on, and where they go."""
-    data = json.loads(fingerprint.to_json())
-    data.pop("outputs", None)
-    data["target"] = target_name
-    data["output_paths"] = sorted(output_paths)
-    return hash_bytes(json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
-
-
 def is_digest(text: str) -> bool:
     """A 64-character lowercase hex digest (anything else is never used as a path)."""
     return _DIGEST.fullmatch(text) is not None
@@ -412,23 +402,26 @@ def describe_outputs(
     files: dict[str, tuple[str, int]] = {}
     for path, fingerprint in fingerprints.items():
         full = os.path.join(project, path)
-        if fingerprint.startswith("file:"):
+        kind, digest = split(fingerprint)
+        if kind is DigestKind.FILE:
             st = os.stat(full)
-            files[fingerprint[5:]] = (full, st.st_size)
+            files[digest] = (full, st.st_size)
             outputs[path] = {"fingerprint": fingerprint, "mode": portable_mode(st.st_mode, False)}
-        elif fingerprint.startswith("dir:"):
+        elif kind is DigestKind.DIR:
             tree: list[list[Any]] = []
             for rel, value in listings[fingerprint]:
                 child = f"{full}/{rel}"
-                if value.startswith("link:"):
+                child_kind, child_digest = split(value)
+                if child_kind is DigestKind.LINK:
                     tree.append([rel, value, 0, os.readlink(child)])
                     continue
                 st = os.lstat(child)
-                if value.startswith("file:"):
-                    files[value[5:]] = (child, st.st_size)
-                tree.append([rel, value, portable_mode(st.st_mode, value == "dir:"), ""])
+                if child_kind is DigestKind.FILE:
+                    files[child_digest] = (child, st.st_size)
+                is_dir = child_kind is DigestKind.DIR
+                tree.append([rel, value, portable_mode(st.st_mode, is_dir), ""])
             mode = portable_mode(os.stat(full).st_mode, True)
             outputs[path] = {"fingerprint": fingerprint, "mode": mode, "tree": tree}
         else:
-            raise Uncacheable(f"output {path} cannot be cached ({fingerprint.split(':')[0]})")
+            raise Uncacheable(f"output {path} cannot be cached ({kind or 'unknown'})")
     return outputs, files

@@ -43,6 +43,7 @@ from mlbuild.cache.objects import (
 )
 from mlbuild.errors import MlbuildError
 from mlbuild.fingerprint import Fingerprinter, StatEntry
+from mlbuild.manifest import DigestKind, split
 from mlbuild.workspace import OutsideProject, staging_dir, writable_path
 
 # Restore cost model (measured with bench/features.py on a 2-CPU VM, ext4):
@@ -114,19 +115,21 @@ def _restore(
         os.makedirs(parent, exist_ok=True)
         staged = staging.new_name(parent)
         fingerprint, mode = out["fingerprint"], out["mode"]
-        if fingerprint.startswith("file:"):
-            files.append(_Staged(staged, fingerprint[5:], mode, path, umask))
+        kind, digest = split(fingerprint)
+        if kind is DigestKind.FILE:
+            files.append(_Staged(staged, digest, mode, path, umask))
             planned.append((path, dest, staged, False))
             continue
         _make_dir(staged, mode, umask)
         for child, value, child_mode, link in out["tree"]:
             full = f"{staged}/{child}"
-            if value == "dir:":
+            kind, digest = split(value)
+            if kind is DigestKind.DIR:
                 _make_dir(full, child_mode, umask)
-            elif value.startswith("link:"):
+            elif kind is DigestKind.LINK:
                 os.symlink(link, full)
             else:
-                files.append(_Staged(full, value[5:], child_mode, f"{path}/{child}", umask))
+                files.append(_Staged(full, digest, child_mode, f"{path}/{child}", umask))
         planned.append((path, dest, staged, True))
     stats = in_parts(lambda part: _fill_some(objects, part), files)
     for _, dest, staged, is_dir in planned:
