@@ -1,6 +1,6 @@
 """What observing a Python step costs: the worker with and without observation.
 
-Runs real step functions through `python -m mlbuild.worker`, once with a
+Runs real step functions through `python -m mlbuild.exec.worker`, once with a
 timing path in the call (the worker then records the files and modules the
 step uses, see mlbuild/observed.py) and once without (nothing recorded: no
 switch is needed, the call the runner builds always has one), alternating
@@ -79,8 +79,8 @@ def make_project(root: Path) -> None:
 
 def calls(root: Path) -> dict[str, dict[str, object]]:
     """Each step's worker call, observed (with a timing path), as the runner builds it."""
-    from mlbuild.config import load_pipeline
-    from mlbuild.executor import worker_call
+    from mlbuild.exec.base import worker_call
+    from mlbuild.pipeline.load import load_pipeline
 
     timing = root / "step.timing.json"
     pipeline = load_pipeline(root / "pipeline.toml")
@@ -106,7 +106,7 @@ def run_worker(root: Path, call: dict[str, object], observed: bool) -> tuple[flo
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "mlbuild.worker", json.dumps(call)],
+        [sys.executable, "-m", "mlbuild.exec.worker", json.dumps(call)],
         cwd=root,
         check=True,
         stdout=subprocess.DEVNULL,

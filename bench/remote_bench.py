@@ -180,8 +180,8 @@ def bench_download(
     import s3fs
 
     from mlbuild.cache import Cache, cache_key
-    from mlbuild.config import load_pipeline
     from mlbuild.manifest import Fingerprint
+    from mlbuild.pipeline.load import load_pipeline
     from mlbuild.remote import Remote, fetch_entry
     from mlbuild.store import open_store
 

@@ -19,19 +19,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
-from mlbuild import messages
-from mlbuild.config import (
-    EXECUTOR_KINDS,
-    Pipeline,
-    find_pipeline,
-    load_pipeline,
-    parse_overrides,
-)
-from mlbuild.errors import Interrupted, MlbuildError, UsageError
-from mlbuild.graph import Graph, build_graph
-from mlbuild.lock import hold_workspace
-from mlbuild.report import PlainReporter, silence_stdout, stdout_closed
-from mlbuild.results import (
+from mlbuild.build.lock import hold_workspace
+from mlbuild.build.results import (
     BuildOptions,
     BuildPlan,
     BuildResult,
@@ -39,8 +28,14 @@ from mlbuild.results import (
     Outcome,
     Reporter,
 )
-from mlbuild.runner import check_writable, clear_outputs, run_build
+from mlbuild.build.runner import check_writable, clear_outputs, run_build
+from mlbuild.errors import Interrupted, MlbuildError, UsageError
+from mlbuild.graph import Graph, build_graph
+from mlbuild.pipeline.load import find_pipeline, load_pipeline, parse_overrides
+from mlbuild.pipeline.schema import EXECUTOR_KINDS, Pipeline
 from mlbuild.store import Store, open_existing_store, open_store
+from mlbuild.ui import messages
+from mlbuild.ui.report import PlainReporter, silence_stdout, stdout_closed
 from mlbuild.workspace import cache_dir, empty_trash, forget_made, load_made, log_path, state_dir
 
 EXIT_OK = 0
@@ -316,7 +311,7 @@ def dry_run(
     args: argparse.Namespace, pipeline: Pipeline, graph: Graph, reporter: CliReporter
 ) -> int:
     """`run -n`: what `run` would do, told as it would be (the query; nothing runs)."""
-    from mlbuild.query import Action, Query, as_result
+    from mlbuild.build.query import Action, Query, as_result
 
     force = None if args.force is None else frozenset(args.force)
     start = time.perf_counter()
@@ -347,7 +342,7 @@ def make_reporter(args: argparse.Namespace) -> CliReporter:
     prefix = args.jobs > 1
     terminal = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
     if terminal and not (args.quiet or args.plain):
-        from mlbuild.progress import LiveReporter  # rich itself only once something is drawn
+        from mlbuild.ui.progress import LiveReporter  # rich itself only once something is drawn
 
         return LiveReporter(verbose=args.verbose, explain=args.explain, prefix=prefix)
     verbosity = -1 if args.quiet else (1 if args.verbose else 0)
@@ -414,7 +409,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     """Upload the outputs of up-to-date targets to the remote; 1 if any could not be."""
-    from mlbuild.query import Action, Query
+    from mlbuild.build.query import Action, Query
     from mlbuild.remote import RemoteCache, local_cache, push_targets
 
     pipeline, graph = load(args)
@@ -442,7 +437,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Fresh, would restore, or would run, and why; 1 if anything is stale. Writes nothing
     and takes no lock, so it answers while a build runs."""
-    from mlbuild.query import Action, Query, restore_note
+    from mlbuild.build.query import Action, Query, restore_note
 
     pipeline, graph = load(args)
     with open_state(pipeline, PlainReporter(verbosity=-1)) as store:
@@ -468,13 +463,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dag(args: argparse.Namespace) -> int:
-    from mlbuild.dag import render_dot, render_mermaid, render_text
+    from mlbuild.ui.dag import render_dot, render_mermaid, render_text
 
     pipeline, graph = load(args)
     names = graph.select(args.targets)
     status = None
     if args.status:
-        from mlbuild.query import Query, as_result
+        from mlbuild.build.query import Query, as_result
 
         with open_state(pipeline, PlainReporter(verbosity=-1)) as store:
             predictions = Query(graph, store).predict(args.targets)
@@ -485,7 +480,7 @@ def cmd_dag(args: argparse.Namespace) -> int:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    from mlbuild.history import render_runs, render_target_runs
+    from mlbuild.ui.history import render_runs, render_target_runs
 
     if args.n < 1:
         raise UsageError(f"-n {args.n}: needs at least 1")
@@ -498,7 +493,7 @@ def cmd_log(args: argparse.Namespace) -> int:
             text = render_target_runs(args.target, store.load_target_runs(args.target, args.n))
             log = log_path(store.path.parent.parent, args.target)
             if log.exists():
-                from mlbuild.config import display_path
+                from mlbuild.pipeline.schema import display_path
 
                 text += f"output of its last step: {display_path(log)}\n"
     sys.stdout.write(text)
@@ -507,8 +502,8 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """A target's last manifest; exit 1 when it has none (never built, or its last run failed)."""
-    from mlbuild.config import display_path
-    from mlbuild.history import manifest_json, render_manifest
+    from mlbuild.pipeline.schema import display_path
+    from mlbuild.ui.history import manifest_json, render_manifest
 
     name = args.target
     with _history(args, name) as store:

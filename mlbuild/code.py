@@ -42,8 +42,8 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
-from mlbuild.config import EMPTY, Target
 from mlbuild.errors import MlbuildError
+from mlbuild.pipeline.schema import EMPTY, Target
 
 if TYPE_CHECKING:
     import ast  # at run time imported where a file is parsed: a no-op parses nothing

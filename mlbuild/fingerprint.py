@@ -44,9 +44,9 @@ from typing import Any, NamedTuple
 
 import blake3
 
-from mlbuild.config import Port
 from mlbuild.errors import FingerprintError
 from mlbuild.manifest import DIR_IN_LISTING, DigestKind
+from mlbuild.pipeline.schema import Port
 
 # Files at least this large are mmapped and hashed on every core.
 MMAP_THRESHOLD = 8 * 1024 * 1024

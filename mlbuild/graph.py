@@ -25,8 +25,9 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
-from mlbuild.config import Pipeline, Port, Target, did_you_mean
 from mlbuild.errors import PipelineError, UsageError
+from mlbuild.pipeline.load import did_you_mean
+from mlbuild.pipeline.schema import Pipeline, Port, Target
 
 
 def ancestors(path: str) -> Iterator[str]:

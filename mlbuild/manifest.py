@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import blake3
 
-from mlbuild.config import EMPTY, Target
+from mlbuild.pipeline.schema import EMPTY, Target
 
 # 2: ports, env digests, discovered inputs, imported and dynamic code. A manifest of
 # another version reads as stale ("written by another version"), never as fresh.

@@ -52,8 +52,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from mlbuild.code import CodeScanner
-    from mlbuild.config import Target
     from mlbuild.fingerprint import Fingerprinter
+    from mlbuild.pipeline.schema import Target
     from mlbuild.staleness import Observation
 
 OBSERVED_VERSION = 1
@@ -61,7 +61,7 @@ OBSERVED_VERSION = 1
 CHANGED_WHILE_RUNNING = "changed-while-running:"
 _TIMING_SUFFIX = ".timing.json"
 _OBSERVED_SUFFIX = ".observed.json"
-_STATE_DIR = ".mlbuild"  # config.STATE_DIR, not imported: config pulls in tomli
+_STATE_DIR = ".mlbuild"  # pipeline.schema.STATE_DIR; the worker imports this module: stdlib only
 
 Stat = tuple[int, int]  # (size, mtime_ns)
 

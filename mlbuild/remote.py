@@ -58,10 +58,10 @@ from mlbuild.cache import (
     is_digest,
     load_entry,
 )
-from mlbuild.config import CacheSettings, Pipeline
 from mlbuild.errors import MlbuildError
 from mlbuild.fingerprint import hash_file
 from mlbuild.manifest import Fingerprint, is_dir, target_key
+from mlbuild.pipeline.schema import CacheSettings, Pipeline
 from mlbuild.staleness import Observation
 from mlbuild.store import Store
 from mlbuild.workspace import cache_dir

@@ -30,7 +30,6 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 from mlbuild.code import AT_RUN_TIME, CodeFingerprint
-from mlbuild.config import EMPTY, Target
 from mlbuild.fingerprint import (
     Fingerprinter,
     diff_listings,
@@ -39,6 +38,7 @@ from mlbuild.fingerprint import (
     hash_bytes,
 )
 from mlbuild.manifest import DigestKind, Fingerprint, PortEntry, kind_of
+from mlbuild.pipeline.schema import EMPTY, Target
 
 _DIR = DigestKind.DIR  # a module global: an enum attribute costs a lookup in its class
 _MAX_LISTED = 3  # entries named per directory in a reason before "and N more"

@@ -48,9 +48,9 @@ from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 import blake3
 
-from mlbuild.config import display_path
 from mlbuild.errors import StateError
 from mlbuild.fingerprint import DirStat, StatCache, StatEntry
+from mlbuild.pipeline.schema import display_path
 
 SCHEMA_VERSION = "3"
 UPGRADABLE = {"2"}  # schema versions opened by dropping their stat cache

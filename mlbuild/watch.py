@@ -69,17 +69,18 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
-from mlbuild import messages
+from mlbuild.build.lock import hold_workspace
+from mlbuild.build.results import BuildOptions, BuildResult, CliReporter, Failure, Outcome, Reporter
+from mlbuild.build.runner import run_build
 from mlbuild.code import CodeError, CodeScanner, Parsed
-from mlbuild.config import STATE_DIR, Pipeline, Port, load_pipeline
 from mlbuild.errors import Interrupted, MlbuildError
 from mlbuild.fingerprint import Digest, Fingerprinter, expand_port
 from mlbuild.graph import Graph, ancestors, build_graph, glob_base
-from mlbuild.lock import hold_workspace
-from mlbuild.results import BuildOptions, BuildResult, CliReporter, Failure, Outcome, Reporter
-from mlbuild.runner import run_build
+from mlbuild.pipeline.load import load_pipeline
+from mlbuild.pipeline.schema import STATE_DIR, Pipeline, Port
 from mlbuild.staleness import Decision
 from mlbuild.store import Store
+from mlbuild.ui import messages
 
 DEFAULT_DEBOUNCE = 0.15  # seconds of quiet after the last event before a cycle starts
 DEFAULT_POLL_INTERVAL = 1.0  # seconds between directory scans when polling

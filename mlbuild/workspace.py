@@ -27,8 +27,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from mlbuild.config import STATE_DIR
 from mlbuild.errors import StateError, UserError
+from mlbuild.pipeline.schema import STATE_DIR
 
 TRASH_KEEP_SECONDS = 7 * 24 * 3600.0  # what `mlbuild gc` keeps of the trash by default
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,80}")

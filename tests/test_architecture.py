@@ -8,26 +8,45 @@ function (a lazy import is still a dependency); imports under
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "mlbuild"
 
 # Bottom to top. A module may import modules of its own layer or of layers below it,
-# never above. Keep in step with the table in docs/ARCHITECTURE.md.
+# never above. Keep in step with the table in docs/ARCHITECTURE.md. A module is named
+# from mlbuild/ (`exec.worker` is mlbuild/exec/worker.py); a subpackage named alone
+# (`cache`) is one module, all its files together. A subpackage is one layer's modules.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("foundation", frozenset({"errors", "interpolate", "scheduler", "reaper"})),
-    ("pipeline", frozenset({"config"})),
+    ("foundation", frozenset({"errors", "scheduler"})),
+    ("pipeline", frozenset({"pipeline.schema", "pipeline.load", "pipeline.interpolate"})),
     ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store"})),
     ("analysis", frozenset({"code", "staleness", "observed"})),
-    ("storage", frozenset({"results", "cache", "remote"})),
-    ("execution", frozenset({"worker", "executor", "executors", "ray_executor", "lock"})),
-    ("build", frozenset({"runner", "query"})),
-    ("interface", frozenset({"messages", "report", "progress", "history", "dag", "watch"})),
+    ("storage", frozenset({"cache", "remote"})),
+    (
+        "execution",
+        frozenset(
+            {"exec.base", "exec.local", "exec.registry", "exec.worker", "exec.reaper", "exec.ray"}
+        ),
+    ),
+    ("build", frozenset({"build.runner", "build.query", "build.results", "build.lock"})),
+    (
+        "interface",
+        frozenset({"ui.messages", "ui.report", "ui.progress", "ui.history", "ui.dag", "watch"}),
+    ),
     ("entry", frozenset({"cli", "__main__", "__init__"})),
 )
-# Run in every step's own interpreter: the standard library and these only.
-WORKER_SIDE = {"worker": {"observed"}, "observed": set(), "reaper": set()}
+MODULES = frozenset().union(*(members for _, members in LAYERS))
+# Run in every step's own interpreter: the standard library and these only. The
+# package __init__ files run first (`python -m mlbuild.exec.worker`), so they import nothing.
+WORKER_SIDE = {
+    "exec/worker.py": {"observed"},
+    "observed.py": set(),
+    "exec/reaper.py": set(),
+    "__init__.py": set(),
+    "exec/__init__.py": set(),
+}
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -70,15 +89,32 @@ def _imported(path: Path, *, top_level_only: bool = False) -> set[str]:
 
 
 def _module_of(path: Path) -> str:
-    """The layered module a file belongs to: its stem, or its subpackage (`cache/entry.py`)."""
-    if path.parent != PACKAGE and path.is_relative_to(PACKAGE):
-        return path.relative_to(PACKAGE).parts[0]
-    return path.stem
+    """The layered module a file is: `exec.worker`, a whole subpackage (`cache`), or its stem.
+
+    A subpackage's `__init__.py` is the subpackage's name (`exec`).
+    """
+    if not path.is_relative_to(PACKAGE):
+        return path.stem
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if len(parts) == 1 or parts[0] in MODULES:
+        return parts[0]
+    if parts[-1] == "__init__":
+        return ".".join(parts[:-1])
+    return ".".join(parts)
+
+
+def resolve(name: str) -> str:
+    """The layered module a dotted `mlbuild.x.y.z` import is of (`exec.base`, `cache`, `exec`)."""
+    parts = name.split(".")[1:]
+    for size in range(len(parts), 0, -1):
+        if ".".join(parts[:size]) in MODULES:
+            return ".".join(parts[:size])
+    return parts[0]
 
 
 def imports_of(path: Path, *, top_level_only: bool = False) -> set[str]:
     """The mlbuild modules `path` imports (at run time); `mlbuild.cache.entry` counts as cache."""
-    found = {name.split(".")[1] for name in _imported(path, top_level_only=top_level_only)}
+    found = {resolve(name) for name in _imported(path, top_level_only=top_level_only)}
     return found - {_module_of(path)}
 
 
@@ -87,10 +123,10 @@ def subpackages() -> list[Path]:
 
 
 def graph() -> dict[str, set[str]]:
-    """Module -> the modules it imports; a subpackage is one module, all its files together."""
-    edges = {path.stem: imports_of(path) for path in sorted(PACKAGE.glob("*.py"))}
-    for package in subpackages():
-        edges[package.name] = set().union(*(imports_of(p) for p in package.rglob("*.py")))
+    """Module -> the modules it imports; a subpackage named in LAYERS is one module."""
+    edges: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        edges.setdefault(_module_of(path), set()).update(imports_of(path))
     return edges
 
 
@@ -135,8 +171,9 @@ def find_cycle(edges: Mapping[str, Iterable[str]]) -> str | None:
 
 
 def layer_of(module: str) -> int:
+    """The layer of a module, or of a subpackage's `__init__` (its modules' layer)."""
     for number, (_, members) in enumerate(LAYERS):
-        if module in members:
+        if module in members or any(m.startswith(module + ".") for m in members):
             return number
     raise AssertionError(f"mlbuild/{module} is in no layer: add it to LAYERS and ARCHITECTURE.md")
 
@@ -161,6 +198,16 @@ def test_there_is_no_import_cycle() -> None:
     assert cycle is None, f"import cycle: {cycle}"
 
 
+def test_a_subpackage_is_one_layers_modules() -> None:
+    for package in subpackages():
+        layers = {
+            LAYERS[layer_of(_module_of(path))][0]
+            for path in package.rglob("*.py")
+            if path.name != "__init__.py"
+        }
+        assert len(layers) == 1, f"mlbuild/{package.name}/ spans the layers {sorted(layers)}"
+
+
 def test_there_is_no_import_cycle_inside_a_subpackage() -> None:
     assert subpackages(), "no subpackage found: is PACKAGE right?"
     for package in subpackages():
@@ -168,11 +215,25 @@ def test_there_is_no_import_cycle_inside_a_subpackage() -> None:
         assert cycle is None, f"import cycle in mlbuild/{package.name}/: {cycle}"
 
 
+def _top_level_roots(path: Path) -> set[str]:
+    """The top-level packages `path` imports when it starts (not inside functions)."""
+    roots: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
 def test_the_step_side_imports_only_the_standard_library() -> None:
     """The worker and the Ray guard start in every step: no tomli, no blake3, no config."""
-    for module, allowed in WORKER_SIDE.items():
-        imported = imports_of(PACKAGE / f"{module}.py", top_level_only=True)
-        assert imported <= allowed, f"{module} imports {sorted(imported - allowed)} at start"
+    for file, allowed in WORKER_SIDE.items():
+        path = PACKAGE / file
+        imported = imports_of(path, top_level_only=True)
+        assert imported <= allowed, f"{file} imports {sorted(imported - allowed)} at start"
+        outside = _top_level_roots(path) - set(sys.stdlib_module_names) - {"mlbuild"}
+        assert not outside, f"{file} imports {sorted(outside)} at start"
 
 
 def test_the_checker_sees_lazy_imports_and_ignores_type_checking(tmp_path: Path) -> None:
@@ -184,11 +245,11 @@ def test_the_checker_sees_lazy_imports_and_ignores_type_checking(tmp_path: Path)
         "    from mlbuild.cli import main\n"
         "def f() -> None:\n"
         "    try:\n"
-        "        from mlbuild.runner import run_build\n"
+        "        from mlbuild.build.runner import run_build\n"
         "    except ImportError:\n"
         "        import mlbuild.cache\n"
     )
-    assert imports_of(sample) == {"errors", "runner", "cache"}
+    assert imports_of(sample) == {"errors", "build.runner", "cache"}
     assert imports_of(sample, top_level_only=True) == {"errors"}
 
 

@@ -1,4 +1,4 @@
-"""The pipeline loader and command interpolation (config.py, interpolate.py); no step runs."""
+"""The pipeline loader and command templates (pipeline/load.py, interpolate.py); no step runs."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mlbuild.config import Pipeline, Port, load_pipeline, missing_hint, parse_overrides
 from mlbuild.errors import PipelineError, UsageError
-from mlbuild.executor import render_command
-from mlbuild.interpolate import Ref, TemplateError, parse_template
+from mlbuild.exec.base import render_command
+from mlbuild.pipeline.interpolate import Ref, TemplateError, parse_template
+from mlbuild.pipeline.load import load_pipeline, missing_hint, parse_overrides
+from mlbuild.pipeline.schema import Pipeline, Port
 
 
 def load(tmp_path: Path, toml: str, overrides: dict[str, object] | None = None) -> Pipeline:

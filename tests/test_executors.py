@@ -12,24 +12,18 @@ from typing import ClassVar
 
 import pytest
 
-from mlbuild.config import ExecutorSettings, load_pipeline
+from mlbuild.build.lock import hold_workspace
+from mlbuild.build.results import BuildOptions
+from mlbuild.build.runner import run_build
 from mlbuild.errors import UsageError
-from mlbuild.executor import (
-    TERM_GRACE_SECONDS,
-    Done,
-    Executor,
-    ExecutorContext,
-    LocalExecutor,
-    Output,
-    Step,
-)
-from mlbuild.executors import executor_kinds, make_executor, register_executor
+from mlbuild.exec.base import TERM_GRACE_SECONDS, Done, Executor, ExecutorContext, Output, Step
+from mlbuild.exec.local import LocalExecutor
+from mlbuild.exec.registry import executor_kinds, make_executor, register_executor
 from mlbuild.fingerprint import Fingerprinter
 from mlbuild.graph import build_graph
-from mlbuild.lock import hold_workspace
-from mlbuild.report import PlainReporter
-from mlbuild.results import BuildOptions
-from mlbuild.runner import run_build
+from mlbuild.pipeline.load import load_pipeline
+from mlbuild.pipeline.schema import ExecutorSettings
+from mlbuild.ui.report import PlainReporter
 from tests.conftest import Project
 
 PIPELINE = """
@@ -78,10 +72,10 @@ def _fake(context: ExecutorContext) -> Executor:
 @pytest.fixture
 def fake_kind(monkeypatch: pytest.MonkeyPatch) -> str:
     """The kind `fake`, registered for one test only."""
-    from mlbuild import executors
+    from mlbuild.exec import registry
 
     Delegating.made.clear()
-    monkeypatch.setattr(executors, "_FACTORIES", dict(executors._FACTORIES))
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))
     assert register_executor("fake", _fake) is None
     return "fake"
 
@@ -97,7 +91,7 @@ def _build(root: Path, options: BuildOptions) -> tuple[bool, str]:
 
 
 def test_every_kind_the_pipeline_accepts_has_an_executor() -> None:
-    from mlbuild.config import EXECUTOR_KINDS
+    from mlbuild.pipeline.schema import EXECUTOR_KINDS
 
     assert set(EXECUTOR_KINDS) <= set(executor_kinds())
 
@@ -149,8 +143,8 @@ class Sandboxed:
         self.done: list[Done] = []
 
     def start(self, step: Step) -> None:
-        from mlbuild.executor import ExecResult, render_command
-        from mlbuild.ray_executor import _returned_outputs, _upload_outputs
+        from mlbuild.exec.base import ExecResult, render_command
+        from mlbuild.exec.ray import _returned_outputs, _upload_outputs
 
         remote_cache = self.context.remote()
         assert remote_cache is not None
@@ -195,9 +189,9 @@ outputs = {{ o = "build/far" }}
 
 @pytest.fixture
 def sandboxed_kind(monkeypatch: pytest.MonkeyPatch) -> str:
-    from mlbuild import executors
+    from mlbuild.exec import registry
 
-    monkeypatch.setattr(executors, "_FACTORIES", dict(executors._FACTORIES))
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))
     register_executor("sandboxed", Sandboxed)
     return "sandboxed"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mlbuild.config import load_pipeline
 from mlbuild.errors import PipelineError, UsageError
 from mlbuild.graph import Graph, Held, build_graph, check_kept_sources
+from mlbuild.pipeline.load import load_pipeline
 
 
 def graph(tmp_path: Path, toml: str) -> Graph:

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mlbuild.progress import LiveReporter, estimate_remaining
-from mlbuild.results import BuildPlan, BuildResult, Failure, Outcome, TargetResult
+from mlbuild.build.results import BuildPlan, BuildResult, Failure, Outcome, TargetResult
 from mlbuild.staleness import Decision
+from mlbuild.ui.progress import LiveReporter, estimate_remaining
 
 CHAIN = {"prepare": (), "train": ("prepare",), "evaluate": ("train",)}
 NEVER = Decision(False, ("never built",))

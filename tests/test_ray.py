@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from mlbuild.ray_executor import infeasible
+from mlbuild.exec.ray import infeasible
 from tests.conftest import Project
 from tests.seaweed import BUCKET, SeaweedS3, weed_binary
 from tests.test_parallel import alive, wait_for
@@ -350,7 +350,8 @@ def test_resources_are_parsed_and_ignored_by_the_local_executor(project: Project
         retries = 3
         """
     )
-    from mlbuild.config import Resources, load_pipeline
+    from mlbuild.pipeline.load import load_pipeline
+    from mlbuild.pipeline.schema import Resources
 
     target = load_pipeline(project.root / "pipeline.toml").targets["t"]
     assert target.resources == Resources(0.5, 1.0, int(1.5 * 2**30), {"a100": 2.0})

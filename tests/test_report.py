@@ -7,8 +7,8 @@ import sqlite3
 
 import pytest
 
-from mlbuild.report import format_duration, summary_line
-from mlbuild.results import BuildResult, Outcome, TargetResult
+from mlbuild.build.results import BuildResult, Outcome, TargetResult
+from mlbuild.ui.report import format_duration, summary_line
 from tests.conftest import Project
 
 

@@ -168,10 +168,10 @@ def test_an_interrupt_while_a_step_is_being_started_stops_it(
     project: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C landing after the fork, before mlbuild tracks the step (a loaded machine)."""
-    import mlbuild.executor
+    import mlbuild.exec.local
 
     project.pipeline(HUNG_UP)
-    real = mlbuild.executor._pidfd
+    real = mlbuild.exec.local._pidfd
 
     def interrupted(pid: int) -> int | None:
         pid_in(project, "escaped.pid")  # written, not only created: the race is mlbuild's
@@ -180,7 +180,7 @@ def test_an_interrupt_while_a_step_is_being_started_stops_it(
             os.close(fd)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mlbuild.executor, "_pidfd", interrupted)
+    monkeypatch.setattr(mlbuild.exec.local, "_pidfd", interrupted)
     assert project.run().code == 130
     step = pid_in(project, "step.pid")
     escaped = pid_in(project, "escaped.pid")
@@ -328,7 +328,7 @@ def test_a_python_step_that_raises_is_reported_with_the_users_traceback(
     assert "killed by signal" not in result.err
     assert "Traceback (most recent call last):" in result.err
     assert 'steps.py", line' in result.err  # the user's frame...
-    assert "mlbuild/worker.py" not in result.err  # ...and none of the worker's
+    assert "mlbuild/exec/worker.py" not in result.err  # ...and none of the worker's
     assert result.err.count(f"    {last_line}\n") == 1
     assert "stale  step: never built" in project.run("status").out
 

@@ -39,8 +39,8 @@ from mlbuild.fingerprint import FINE_WINDOW_NS
 for _module in (
     "concurrent.futures.thread",
     "mlbuild.cache",
-    "mlbuild.executor",
-    "mlbuild.history",
+    "mlbuild.exec.local",
+    "mlbuild.ui.history",
 ):
     importlib.import_module(_module)
 

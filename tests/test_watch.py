@@ -27,12 +27,12 @@ from pathlib import Path
 
 import pytest
 
+from mlbuild.build.lock import WorkspaceLock
+from mlbuild.build.results import BuildOptions
 from mlbuild.cli import main
-from mlbuild.config import load_pipeline
 from mlbuild.graph import build_graph
-from mlbuild.lock import WorkspaceLock
-from mlbuild.report import PlainReporter
-from mlbuild.results import BuildOptions
+from mlbuild.pipeline.load import load_pipeline
+from mlbuild.ui.report import PlainReporter
 from mlbuild.watch import Debouncer, Readers, Watcher, WatchOptions, plan_watches, scope_of
 
 CHAIN = """

@@ -38,10 +38,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from mlbuild.config import STATE_DIR
 from mlbuild.errors import MlbuildError
 from mlbuild.fingerprint import hash_bytes
 from mlbuild.manifest import DIR_IN_LISTING, DigestKind, file_hex, split
+from mlbuild.pipeline.schema import STATE_DIR
 
 ENTRY_VERSION = 2
 _DIGEST = re.compile("[0-9a-f]{64}")

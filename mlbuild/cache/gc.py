@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from mlbuild.cache.entry import Entry
 from mlbuild.cache.objects import hash_path
+from mlbuild.errors import UsageError
 
 # parse_size lives in config (resource sizes); wrapped here for `mlbuild gc --max-size`.
-from mlbuild.config import parse_size as _parse_size
-from mlbuild.errors import UsageError
+from mlbuild.pipeline.load import parse_size as _parse_size
 
 if TYPE_CHECKING:
     from mlbuild.cache.local import Cache

@@ -20,9 +20,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TextIO
 
-from mlbuild import messages
-from mlbuild.results import BuildPlan, BuildResult, Failure, Outcome
+from mlbuild.build.results import BuildPlan, BuildResult, Failure, Outcome
 from mlbuild.staleness import Decision
+from mlbuild.ui import messages
 
 MIN_SAVED = 0.01  # less saved than this goes unsaid: "saved 0.002s" is noise
 

@@ -1,4 +1,4 @@
-"""The worker process of a Python target: `python -m mlbuild.worker CALL_JSON`.
+"""The worker process of a Python target: `python -m mlbuild.exec.worker CALL_JSON`.
 
 Each step runs in a fresh interpreter so that heavy libraries (TensorFlow) are
 never imported into mlbuild itself and every step starts with clean memory.

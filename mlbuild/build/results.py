@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from mlbuild.config import EMPTY
+from mlbuild.pipeline.schema import EMPTY
 from mlbuild.staleness import Decision
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Mapping, Sequence
 
+from mlbuild.build.results import Outcome, TargetResult
 from mlbuild.graph import Graph
-from mlbuild.results import Outcome, TargetResult
 
 WIDTH = 100  # the text form wraps long lists of dependencies here
 FRESH_COLOR = "#d9f2d9"

@@ -6,7 +6,7 @@ submits every stale target as a Ray task asking for the target's
 that has them. A request that no node of the cluster could ever satisfy
 fails that target before submission, naming what is missing, instead of
 waiting forever in Ray's queue. The task runs the step exactly as the local
-executor does (`/bin/sh -c` or the `mlbuild.worker` process, in its own
+executor does (`/bin/sh -c` or the `mlbuild.exec.worker` process, in its own
 process group), so Python targets work the same way.
 
 How files travel, chosen once per build (`[executor] files`, default `auto`):
@@ -62,11 +62,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlbuild import reaper
 from mlbuild.cache import CacheError, Entry, check_entry, describe_outputs
-from mlbuild.config import Target
 from mlbuild.errors import MlbuildError, UsageError
-from mlbuild.executor import (
+from mlbuild.exec import reaper
+from mlbuild.exec.base import (
     TERM_GRACE_SECONDS,
     Done,
     ExecResult,
@@ -79,9 +78,7 @@ from mlbuild.executor import (
     step_environment,
     timing_path,
 )
-from mlbuild.fingerprint import Fingerprinter
-from mlbuild.manifest import DigestKind, split
-from mlbuild.reaper import (
+from mlbuild.exec.reaper import (
     find_leftovers,
     kill_leftovers,
     kill_started,
@@ -89,9 +86,12 @@ from mlbuild.reaper import (
     pid_mark,
     signal_leftovers,
 )
+from mlbuild.exec.worker import EXIT_RAISED
+from mlbuild.fingerprint import Fingerprinter
+from mlbuild.manifest import DigestKind, split
+from mlbuild.pipeline.schema import Target
 from mlbuild.remote import BadRecord, Remote, RemoteError
 from mlbuild.staleness import Observation, observe_paths
-from mlbuild.worker import EXIT_RAISED
 from mlbuild.workspace import ray_dir, short_name
 
 POLL_SECONDS = 0.2  # how often the driver looks at finished tasks and growing logs
@@ -153,7 +153,7 @@ def infeasible(
 
 
 class RayExecutor:
-    """Runs steps as Ray tasks; the same interface as executor.LocalExecutor."""
+    """Runs steps as Ray tasks; the same interface as local.LocalExecutor."""
 
     def __init__(self, context: ExecutorContext) -> None:
         self.root = context.root

@@ -35,10 +35,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple, TextIO
 
-from mlbuild import messages
-from mlbuild.report import format_duration, summary_line
-from mlbuild.results import BuildPlan, BuildResult, Failure
+from mlbuild.build.results import BuildPlan, BuildResult, Failure
 from mlbuild.staleness import Decision
+from mlbuild.ui import messages
+from mlbuild.ui.report import format_duration, summary_line
 
 if TYPE_CHECKING:
     from rich.console import Console, ConsoleOptions, RenderableType

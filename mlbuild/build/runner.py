@@ -23,13 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
-from mlbuild.config import Target, missing_hint
-from mlbuild.errors import FingerprintError, PipelineError
-from mlbuild.fingerprint import Fingerprinter, StatEntry, expand_port
-from mlbuild.graph import Graph, check_kept_sources
-from mlbuild.manifest import CHANGED_DURING_STEP, Fingerprint, is_dir, is_missing, target_key
-from mlbuild.results import (
+from mlbuild.build.results import (
     BuildOptions,
     BuildResult,
     Failure,
@@ -38,6 +32,13 @@ from mlbuild.results import (
     RunStatus,
     TargetResult,
 )
+from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
+from mlbuild.errors import FingerprintError, PipelineError
+from mlbuild.fingerprint import Fingerprinter, StatEntry, expand_port
+from mlbuild.graph import Graph, check_kept_sources
+from mlbuild.manifest import CHANGED_DURING_STEP, Fingerprint, is_dir, is_missing, target_key
+from mlbuild.pipeline.load import missing_hint
+from mlbuild.pipeline.schema import Target
 from mlbuild.scheduler import Scheduler
 from mlbuild.staleness import (
     Decision,
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from mlbuild.cache import Cache
-    from mlbuild.executor import ExecResult, Executor
+    from mlbuild.exec.base import ExecResult, Executor
     from mlbuild.remote import RemoteCache
 
 
@@ -259,7 +260,7 @@ class Build:
                 if sched.idle:
                     return
                 continue
-            from mlbuild.executor import Done
+            from mlbuild.exec.base import Done
 
             for event in self._executor.wait():
                 if isinstance(event, Done):
@@ -408,7 +409,7 @@ class Build:
                 self.made_dirs.add(parent)
         now, decision, _ = self._running[name]
         self.reporter.started(name, decision, _command(target))
-        from mlbuild.executor import Step
+        from mlbuild.exec.base import Step
 
         self.executor.start(Step(target, log_path(self.root, name), now))
 
@@ -456,7 +457,7 @@ class Build:
         self._store_outputs(target, done, result.duration)
 
     def _check(self, target: Target, result: ExecResult) -> Failure | None:
-        from mlbuild.executor import log_tail
+        from mlbuild.exec.base import log_tail
 
         if result.message:  # the executor's own account (a Ray worker that died)
             message = result.message
@@ -478,7 +479,7 @@ class Build:
 
         With `strict_inputs`, reading an undeclared project file fails the target.
         """
-        from mlbuild.executor import timing_path
+        from mlbuild.exec.base import timing_path
         from mlbuild.observed import observed_path, read_observed, settle
 
         path = observed_path(str(timing_path(result.log_path)))
@@ -663,10 +664,10 @@ class Build:
 
     @property
     def executor(self) -> Executor:
-        """This build's executor, made through the registry (executors.py) on first use."""
+        """This build's executor, made through the registry (exec/registry.py) on first use."""
         if self._executor is None:
-            from mlbuild.executor import ExecutorContext
-            from mlbuild.executors import make_executor
+            from mlbuild.exec.base import ExecutorContext
+            from mlbuild.exec.registry import make_executor
 
             settings = self.graph.pipeline.executor
             settings = settings._replace(address=self.options.address or settings.address)

@@ -6,7 +6,7 @@ words itself, so that:
 
 - a step receives exactly the paths mlbuild hashed: glob inputs are expanded
   by `fingerprint.expand_port` when the step starts (after its producers ran;
-  `executor.render_command`),
+  `exec.base.render_command`),
   never by /bin/sh, which knows no `**` and splits a directory name at spaces;
 - a value or a path never becomes shell syntax (quotes, `$(...)`, `;`, `*`);
 - a path starting with `-` is passed as `./-x`, so that it is not an option.
@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
-    # Type names only: config imports this module to check templates at load.
-    from mlbuild.config import Port
+    # Type names only: load imports this module to check templates.
+    from mlbuild.pipeline.schema import Port
 
 KINDS = ("inputs", "outputs", "params")
 # `{kind}` or `{kind.item}`; the item may be empty so that `{inputs.}` can be reported.

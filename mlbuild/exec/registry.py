@@ -1,7 +1,7 @@
 """The executor registry: each kind of `[executor] kind` / `--executor` and how to make it.
 
 The runner creates its executor only here (`make_executor`), from an
-ExecutorContext; the contract every executor keeps is `executor.Executor`.
+ExecutorContext; the contract every executor keeps is `base.Executor`.
 A factory imports its module when called, so a build that runs nothing
 imports no executor, and Ray is imported only when `ray` is chosen.
 """
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from mlbuild.errors import UsageError
 
 if TYPE_CHECKING:
-    from mlbuild.executor import Executor, ExecutorContext
+    from mlbuild.exec.base import Executor, ExecutorContext
 
 ExecutorFactory = Callable[["ExecutorContext"], "Executor"]
 
@@ -43,13 +43,13 @@ def make_executor(kind: str, context: ExecutorContext) -> Executor:
 
 
 def _local(context: ExecutorContext) -> Executor:
-    from mlbuild.executor import LocalExecutor
+    from mlbuild.exec.local import LocalExecutor
 
     return LocalExecutor(context.root)
 
 
 def _ray(context: ExecutorContext) -> Executor:
-    from mlbuild.ray_executor import RayExecutor
+    from mlbuild.exec.ray import RayExecutor
 
     return RayExecutor(context)
 

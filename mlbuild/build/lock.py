@@ -99,7 +99,7 @@ def hold_workspace(
             clear_staging(root)
         running = running_dir(root)
         if running.is_dir() and any(running.iterdir()):
-            from mlbuild.executor import reap_orphans
+            from mlbuild.exec.local import reap_orphans
 
             for name in reap_orphans(root):
                 warn(f"stopped step `{name}` left running by an mlbuild that was killed")

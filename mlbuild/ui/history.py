@@ -14,10 +14,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mlbuild.build.results import Outcome
 from mlbuild.manifest import Fingerprint, split
-from mlbuild.report import format_duration
-from mlbuild.results import Outcome
 from mlbuild.store import RunRecord, RunRow, StoredManifest, TargetRun
+from mlbuild.ui.report import format_duration
 
 NAMES_SHOWN = 8  # target names listed per outcome in `log` before "and N more"
 DIGEST_SHOWN = 16  # hex digits of a digest in `show` (`--json` has them whole)

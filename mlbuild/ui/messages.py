@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from mlbuild.results import Failure
+from mlbuild.build.results import Failure
 
 
 def _why(reasons: Sequence[str]) -> str:

@@ -1,4 +1,4 @@
-"""pipeline.toml to immutable values: validation, parameters, `--set`, interpolation.
+"""pipeline.toml to the values of `schema`: validation, parameters, `--set`, sizes.
 
 Everything here is pure: the only disk access is reading the pipeline file.
 Every error names the file, the key (`targets.NAME.key`) and what is wrong, so
@@ -12,25 +12,29 @@ import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 import tomli
 
 from mlbuild.errors import PipelineError, UsageError
-from mlbuild.interpolate import TemplateError, fill, parse_template
-from mlbuild.interpolate import render_value as render_value  # where executor.py finds it
-
-# Default for mapping fields of the value types here: shared, so read-only.
-EMPTY: Mapping[str, Any] = MappingProxyType({})
-PIPELINE_FILE = "pipeline.toml"
-STATE_DIR = ".mlbuild"
+from mlbuild.pipeline.interpolate import TemplateError, fill, parse_template
+from mlbuild.pipeline.schema import (
+    EXECUTOR_KINDS,
+    FILE_MODES,
+    PIPELINE_FILE,
+    STATE_DIR,
+    CacheSettings,
+    ExecutorSettings,
+    Pipeline,
+    Port,
+    Resources,
+    Target,
+    display_path,
+)
 
 _TOP_KEYS = ("params", "pools", "targets", "cache", "executor")
 _CACHE_KEYS = ("remote", "remote_write", "remote_options")
 _EXECUTOR_KEYS = ("kind", "address", "files")
-EXECUTOR_KINDS = ("local", "ray")
-FILE_MODES = ("auto", "shared", "cas")
 _RESOURCE_KEYS = ("cpus", "gpus", "memory", "custom")
 _TARGET_KEYS = (
     "cmd",
@@ -54,108 +58,6 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _PORT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PYTHON_REF_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 _GLOB_CHARS = frozenset("*?[")
-
-
-class Port(NamedTuple):
-    """One declared input or output path; `name` is None in the list form."""
-
-    name: str | None
-    path: str  # normalized, relative to the pipeline directory, POSIX separators
-    is_glob: bool = False
-
-
-class Resources(NamedTuple):
-    """What one step needs of a Ray node (`resources = { cpus = 2, gpus = 1, ... }`)."""
-
-    cpus: float = 1.0
-    gpus: float = 0.0
-    memory: int | None = None  # bytes
-    custom: Mapping[str, float] = EMPTY
-
-
-class CacheSettings(NamedTuple):
-    """`[cache]`: the optional shared remote cache (see remote.py)."""
-
-    remote: str | None = None  # an fsspec URL or a local path (made absolute)
-    remote_write: bool = True  # upload what ran; false: only read what others wrote
-    remote_options: Mapping[str, Any] = EMPTY  # fsspec storage options
-
-
-class ExecutorSettings(NamedTuple):
-    """`[executor]`: where stale steps run (`local`, or `ray` on a cluster)."""
-
-    kind: str = "local"
-    address: str | None = None  # the Ray cluster's address; None: RAY_ADDRESS or a local one
-    files: str = "auto"  # how files reach Ray workers: auto, shared (in place) or cas
-
-
-class Target(NamedTuple):
-    """One step of the pipeline, fully resolved (parameters and command)."""
-
-    name: str
-    cmd: str | None  # the command template as written
-    # The command as shown to the user: placeholders filled, glob inputs as their
-    # pattern. What runs is executor.render_command, globs expanded at the start.
-    command: str | None
-    python: str | None  # "module.path:function"
-    inputs: tuple[Port, ...]
-    outputs: tuple[Port, ...]
-    params: Mapping[str, Any]  # name -> value, locals and the globals it reads
-    env: tuple[str, ...] = ()
-    after: tuple[str, ...] = ()
-    always_run: bool = False
-    persist: bool = False
-    cache: bool = True  # store outputs in the output cache and restore them from it
-    pool: str | None = None  # a [pools] name limiting how many such steps run at once
-    track: tuple[str, ...] = ()
-    description: str = ""
-    resources: Resources | None = None  # for the Ray executor; None: one CPU
-    retries: int = 0  # reruns after a lost worker or node (Ray executor)
-    strict_inputs: bool = False  # a Python step reading an undeclared project file fails
-
-    def call_names(self) -> list[str]:
-        """The keyword arguments a Python target's function receives, in order."""
-        names: list[str] = []
-        for kind, ports in (("inputs", self.inputs), ("outputs", self.outputs)):
-            if ports and ports[0].name is None:
-                names.append(kind)
-            else:
-                names.extend(p.name for p in ports if p.name is not None)
-        return names + list(self.params)
-
-    @property
-    def action(self) -> str:
-        """What the step does, as compared for "command changed"."""
-        return self.cmd if self.cmd is not None else f"python:{self.python}"
-
-
-class Pipeline(NamedTuple):
-    """A loaded pipeline file: its location, global params and targets in file order."""
-
-    file: Path  # absolute path of pipeline.toml
-    params: Mapping[str, Any]
-    targets: Mapping[str, Target] = EMPTY
-    pools: Mapping[str, int] = EMPTY  # name -> concurrent steps
-    cache: CacheSettings = CacheSettings()
-    executor: ExecutorSettings = ExecutorSettings()
-
-    @property
-    def root(self) -> Path:
-        """The project directory: paths are relative to it and steps run in it."""
-        return self.file.parent
-
-    @property
-    def display_file(self) -> str:
-        """The file name as the user should read it in messages."""
-        return display_path(self.file)
-
-
-def display_path(path: Path) -> str:
-    """A path relative to the working directory when it is below it."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def find_pipeline(start: Path) -> Path:

@@ -33,13 +33,13 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from mlbuild.build.results import Outcome, TargetResult
+from mlbuild.build.runner import check_code, check_sources, observe_target, save_checked
 from mlbuild.code import CodeScanner, Parsed
-from mlbuild.config import Target
 from mlbuild.fingerprint import Fingerprinter
 from mlbuild.graph import Graph
 from mlbuild.manifest import MISSING_TEXT, Fingerprint, file_hex, target_key
-from mlbuild.results import Outcome, TargetResult
-from mlbuild.runner import check_code, check_sources, observe_target, save_checked
+from mlbuild.pipeline.schema import Target
 from mlbuild.staleness import Decision, Observation, decide
 from mlbuild.store import Store
 from mlbuild.workspace import cache_dir

@@ -1,0 +1,1 @@
+"""One build and what it would do: `runner`, `query`, their `results`, the workspace `lock`."""

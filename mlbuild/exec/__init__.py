@@ -1,0 +1,1 @@
+"""Running steps. No imports here: `python -m mlbuild.exec.worker` runs this file in every step."""

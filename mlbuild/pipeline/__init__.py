@@ -1,0 +1,1 @@
+"""The pipeline file: `schema` its values, `load` reading and checking it, `interpolate`."""

@@ -1,0 +1,1 @@
+"""What the user reads: `messages` (the words), `report` and `progress`, `history`, `dag`."""
