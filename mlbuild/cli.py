@@ -32,7 +32,7 @@ from mlbuild.build.runner import check_writable, clear_outputs, run_build
 from mlbuild.errors import Interrupted, MlbuildError, UsageError
 from mlbuild.graph import Graph, build_graph
 from mlbuild.pipeline.load import find_pipeline, load_pipeline, parse_overrides
-from mlbuild.pipeline.schema import EXECUTOR_KINDS, Pipeline
+from mlbuild.pipeline.schema import EXECUTOR_KINDS, ActionKind, Pipeline
 from mlbuild.store import Store, open_existing_store, open_store
 from mlbuild.ui import messages
 from mlbuild.ui.report import PlainReporter, silence_stdout, stdout_closed
@@ -542,7 +542,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     _, graph = load(args)
     for name in graph.order:
         target = graph.targets[name]
-        action = target.cmd if target.cmd is not None else f"python {target.python}"
+        action = target.cmd if target.kind is ActionKind.SHELL else target.shown
         needs = f"  (after {', '.join(graph.deps[name])})" if graph.deps[name] else ""
         print(f"{name}: {target.description or action}{needs}")
     return EXIT_OK

@@ -312,7 +312,7 @@ class CodeScanner:
         ran (observed.py); those the static closure lacks are added, like the
         headers a compiler's depfile names.
         """
-        if target.python is not None:
+        if target.python is not None:  # the function's module and its imports
             module = target.python.partition(":")[0]
             rel = self.resolve(module, "")
             if rel is None:

@@ -321,7 +321,7 @@ def _check_nothing_destroyed(pipeline: Pipeline, producers: Mapping[str, str]) -
     if own in producers:
         raise fail(own, "the pipeline file")
     for target in pipeline.targets.values():
-        if target.python is None:
+        if target.python is None:  # a shell target: no module of its own
             continue
         rel = target.python.partition(":")[0].replace(".", "/")
         candidates = (rel + "/__init__.py", rel + ".py")

@@ -38,7 +38,7 @@ from mlbuild.fingerprint import (
     hash_bytes,
 )
 from mlbuild.manifest import DigestKind, Fingerprint, PortEntry, kind_of
-from mlbuild.pipeline.schema import EMPTY, Target
+from mlbuild.pipeline.schema import EMPTY, ActionKind, Target
 
 _DIR = DigestKind.DIR  # a module global: an enum attribute costs a lookup in its class
 _MAX_LISTED = 3  # entries named per directory in a reason before "and N more"
@@ -166,7 +166,7 @@ def decide(
         reasons.append("always_run")
     cur = now.fingerprint
     if cur.action != before.action:
-        reasons.append("command changed" if target.cmd is not None else "function changed")
+        reasons.append("command changed" if target.kind is ActionKind.SHELL else "function changed")
     reasons += _code_reasons(cur.code, before.code, now.imported_by, before.imported)
     reasons += _param_reasons(cur.params, before.params)
     reasons += _env_reasons(cur.env, before.env)

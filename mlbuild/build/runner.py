@@ -38,7 +38,7 @@ from mlbuild.fingerprint import Fingerprinter, StatEntry, expand_port
 from mlbuild.graph import Graph, check_kept_sources
 from mlbuild.manifest import CHANGED_DURING_STEP, Fingerprint, is_dir, is_missing, target_key
 from mlbuild.pipeline.load import missing_hint
-from mlbuild.pipeline.schema import Target
+from mlbuild.pipeline.schema import ActionKind, Target
 from mlbuild.scheduler import Scheduler
 from mlbuild.staleness import (
     Decision,
@@ -97,7 +97,7 @@ def check_code(graph: Graph, selected: Sequence[str], scanner: CodeScanner) -> N
     """Python targets: the module exists, parses, and its function takes the declared names."""
     for name in selected:
         target = graph.targets[name]
-        if target.python is not None:
+        if target.kind is ActionKind.PYTHON:
             try:
                 check_function(scanner, target, target.call_names())
             except CodeError as exc:
@@ -408,7 +408,7 @@ class Build:
                     ) from None
                 self.made_dirs.add(parent)
         now, decision, _ = self._running[name]
-        self.reporter.started(name, decision, _command(target))
+        self.reporter.started(name, decision, target.shown)
         from mlbuild.exec.base import Step
 
         self.executor.start(Step(target, log_path(self.root, name), now))
@@ -421,7 +421,7 @@ class Build:
             result = self._bring_back(result)
         self.fp.expire()  # the step wrote files
         failure = self._check(target, result)
-        if failure is None and target.python is not None:
+        if failure is None and target.kind is ActionKind.PYTHON:
             before, failure = self._take_observed(target, before, result)
         changed: str | None = None
         done: Observation | None = None
@@ -432,7 +432,7 @@ class Build:
                     before = _poisoned(before, changed)
                 done = self._record(target, before, result.duration)
             except FingerprintError as exc:  # the step left a FIFO or an unreadable file
-                failure = Failure(name, _command(target), str(exc), result.log_path)
+                failure = Failure(name, target.shown, str(exc), result.log_path)
         if failure is not None or done is None:
             assert failure is not None
             self._remember_made(target)
@@ -470,7 +470,7 @@ class Build:
                 return None
             message = "did not write declared output " + ", ".join(f"'{p}'" for p in missing)
         tail = tuple(log_tail(result.log_path))
-        return Failure(target.name, _command(target), message, result.log_path, tail)
+        return Failure(target.name, target.shown, message, result.log_path, tail)
 
     def _take_observed(
         self, target: Target, before: Observation, result: ExecResult
@@ -494,7 +494,7 @@ class Build:
                 f"read {shown}, not declared in its inputs"
                 f" (strict_inputs = true: add to `targets.{target.name}.inputs`)"
             )
-            return before, Failure(target.name, _command(target), message, result.log_path)
+            return before, Failure(target.name, target.shown, message, result.log_path)
         return settled.observation, None
 
     def _record(self, target: Target, before_run: Observation, duration: float) -> Observation:
@@ -711,10 +711,6 @@ def _poisoned(observed: Observation, changed: str) -> Observation:
         discovered = {**fp.discovered, changed: CHANGED_DURING_STEP}
         return observed._replace(fingerprint=fp._replace(discovered=discovered))
     return observed
-
-
-def _command(target: Target) -> str:
-    return target.command if target.command is not None else f"python {target.python}"
 
 
 def run_build(graph: Graph, store: Store, reporter: Reporter, options: BuildOptions) -> BuildResult:

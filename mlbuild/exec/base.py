@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 from mlbuild.exec.reaper import STEP_ID_VAR, new_token
 from mlbuild.fingerprint import expand_port
 from mlbuild.pipeline.interpolate import fill, parse_template, render_value
-from mlbuild.pipeline.schema import ExecutorSettings, Target
+from mlbuild.pipeline.schema import ActionKind, ExecutorSettings, Target
 
 if TYPE_CHECKING:
     from mlbuild.cache import Entry
@@ -155,7 +155,7 @@ def render_command(target: Target, root: Path) -> str:
 
 def step_argv(target: Target, root: Path, timing: Path) -> list[str]:
     """The process a target runs: `/bin/sh -c COMMAND` or the Python worker."""
-    if target.command is not None:
+    if target.kind is ActionKind.SHELL:
         return ["/bin/sh", "-c", render_command(target, root)]
     return [sys.executable, "-m", "mlbuild.exec.worker", worker_call(target, root, timing)]
 

@@ -58,7 +58,7 @@ from mlbuild.exec.reaper import (
     signal_leftovers,
 )
 from mlbuild.exec.worker import EXIT_RAISED
-from mlbuild.pipeline.schema import Target
+from mlbuild.pipeline.schema import ActionKind, Target
 from mlbuild.workspace import running_dir, short_name
 
 DRAIN_SECONDS = 0.2  # output read after a step's main process exited
@@ -119,7 +119,7 @@ class LocalExecutor:
     def _spawn(self, target: Target, log_path: Path) -> None:
         self._mkdir(log_path.parent)
         self._mkdir(self.running_dir)
-        if target.python is not None:
+        if target.kind is ActionKind.PYTHON:
             timing_path(log_path).unlink(missing_ok=True)
         token = new_token()
         marker = self.running_dir / short_name(target.name)
@@ -144,7 +144,7 @@ class LocalExecutor:
             self.selector.register(proc.stdout, selectors.EVENT_READ, (target.name, _PIPE))
             if pidfd is not None:
                 self.selector.register(pidfd, selectors.EVENT_READ, (target.name, _EXIT))
-            python = target.python is not None
+            python = target.kind is ActionKind.PYTHON
             step = _Running(
                 target.name, proc, log, log_path, time.perf_counter(), marker, token, python, pidfd
             )

@@ -7,6 +7,7 @@ need these types stay cheap to import.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -88,9 +89,26 @@ class Target(NamedTuple):
         return names + list(self.params)
 
     @property
+    def kind(self) -> ActionKind:
+        """Shell command or Python function: the one place that tells them apart."""
+        return ActionKind.SHELL if self.python is None else ActionKind.PYTHON
+
+    @property
     def action(self) -> str:
         """What the step does, as compared for "command changed"."""
         return self.cmd if self.cmd is not None else f"python:{self.python}"
+
+    @property
+    def shown(self) -> str:
+        """What the step does, as the user reads it (failures, `-v`, `list`)."""
+        return self.command if self.command is not None else f"python {self.python}"
+
+
+class ActionKind(enum.Enum):
+    """What a target's step is: a `cmd` run by /bin/sh, or a `python` function in a worker."""
+
+    SHELL = "cmd"
+    PYTHON = "python"
 
 
 class Pipeline(NamedTuple):
