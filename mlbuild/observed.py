@@ -77,8 +77,10 @@ class Recorder:
     def __init__(self, root: str) -> None:
         self.root = os.path.normpath(root)
         self.prefix = self.root + os.sep
-        # Never project files: mlbuild's state, and an environment living in the project.
-        ignored = {os.path.join(self.root, _STATE_DIR)}
+        # Never project files: mlbuild's state, an environment living in the project, and
+        # mlbuild itself (its worker runs every step; a checkout of mlbuild may be the
+        # project, as its own demo is: the worker's source is no step's code).
+        ignored = {os.path.join(self.root, _STATE_DIR), os.path.dirname(os.path.abspath(__file__))}
         for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix):
             if prefix.startswith(self.prefix):
                 ignored.add(os.path.normpath(prefix))

@@ -482,3 +482,60 @@ def test_a_module_changed_while_the_step_ran_reruns(project: Project) -> None:
     assert "has started: code changed: lib/helper.py (imported when the step last ran)." in (
         result.out
     )
+
+
+def test_mlbuild_inside_the_project_is_not_a_steps_code(project: Project) -> None:
+    """mlbuild's own checkout is a project too (its demo): the worker is no step's code.
+
+    Before, the worker's source joined the step's code as "seen at run time", so a
+    key computed before any run (after `clean`, in a fresh checkout) never matched
+    the cached one and nothing was restored.
+    """
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlbuild
+
+    shutil.copytree(
+        Path(mlbuild.__file__).parent,
+        project.root / "mlbuild",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    project.write("steps/__init__.py", "")
+    # As a library does when it formats a warning or a traceback: read the source of
+    # every frame on the stack, the worker's included.
+    project.write(
+        "steps/make.py",
+        "import sys\n"
+        "def make(out):\n"
+        "    open(sys.modules['__main__'].__file__).read()\n"
+        "    out.write_text('made')\n",
+    )
+    project.pipeline(
+        """
+        [targets.make]
+        outputs = { out = "out.txt" }
+        python = "steps.make:make"
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(project.root)}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "mlbuild", *args],
+            cwd=project.root,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout
+
+    assert "has started" in cli("run")
+    assert "mlbuild/exec/worker.py" not in cli("show", "make")
+    cli("clean")
+    again = cli("run")
+    assert "restored from cache" in again and "has started" not in again
+    assert project.read("out.txt") == "made"
