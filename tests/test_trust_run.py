@@ -458,3 +458,29 @@ def test_a_damaged_parsed_code_row_is_parsed_again(project: Project) -> None:
     result = project.run()
     assert result.code == 0 and "Traceback" not in result.err, result
     assert result.started() == []
+
+
+def test_a_step_that_fills_the_disk_fails_alone_and_records_nothing(project: Project) -> None:
+    """A full disk in the step (`ulimit -f`: writes fail with EFBIG): one failure, no record."""
+    project.pipeline(
+        """
+        [params]
+        blocks = 1
+        [targets.big]
+        outputs = ["big.bin"]
+        params = ["blocks"]
+        cmd = "ulimit -f {params.blocks}; head -c 100000 /dev/zero > {outputs}"
+        [targets.small]
+        outputs = ["small.txt"]
+        cmd = "echo ok > {outputs}"
+        """
+    )
+    result = project.run("run", "-k", "-j", "1")
+    assert result.code == 1 and "Traceback" not in result.err + result.out
+    assert "Step `big` failed" in result.out + result.err
+    assert project.read("small.txt") == "ok\n"
+    assert "stale  big" in project.run("status").out
+    result = project.run("run", "--set", "blocks=unlimited")
+    assert result.code == 0, result
+    assert (project.root / "big.bin").stat().st_size == 100000
+    assert _trash(project.root) == []  # what the failed step left was mlbuild's own
