@@ -97,14 +97,15 @@ def command_word(words: Sequence[str]) -> str | None:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `command`, only that subcommand gets its options (see _subcommand)."""
-    common = _Parser(add_help=False)
-    common.add_argument(
+    file_only = _Parser(add_help=False)
+    file_only.add_argument(
         "-f",
         "--file",
         type=Path,
         default=argparse.SUPPRESS,
         help="the pipeline file (default: the nearest pipeline.toml upward)",
     )
+    common = _Parser(add_help=False, parents=[file_only])
     common.add_argument(
         "--set",
         action="append",
@@ -115,6 +116,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mlbuild", description="Make for machine-learning pipelines.", parents=[common]
     )
+    parser.add_argument("--version", action="version", version=f"mlbuild {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = _subcommand(sub, command, "run", parents=[common], help="bring targets up to date")
@@ -198,6 +200,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     watch.add_argument("-q", "--quiet", action="store_true", help="only failures and summaries")
     watch.add_argument(
+        "--plain", action="store_true", help="one line per event (watch always writes this way)"
+    )
+    watch.add_argument(
         "-v", "--verbose", action="store_true", help="also show commands and ignored changes"
     )
     watch.set_defaults(handler=cmd_watch)
@@ -207,7 +212,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status)
 
-    lister = _subcommand(sub, command, "list", parents=[common], help="the targets, in build order")
+    lister = _subcommand(
+        sub, command, "list", parents=[file_only], help="the targets, in build order"
+    )
     lister.set_defaults(handler=cmd_list)
 
     dag = _subcommand(sub, command, "dag", parents=[common], help="the graph: text, DOT or Mermaid")
@@ -219,29 +226,31 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     dag.set_defaults(handler=cmd_dag)
 
     log = _subcommand(
-        sub, command, "log", parents=[common], help="past runs, or one target's history"
+        sub, command, "log", parents=[file_only], help="past runs, or one target's history"
     )
     log.add_argument("target", nargs="?", metavar="TARGET")
     log.add_argument("-n", type=int, default=10, metavar="N", help="the last N (default: 10)")
     log.set_defaults(handler=cmd_log)
 
-    show = _subcommand(sub, command, "show", parents=[common], help="a target's last manifest")
+    show = _subcommand(sub, command, "show", parents=[file_only], help="a target's last manifest")
     show.add_argument("target", metavar="TARGET")
     show.add_argument("--json", action="store_true", help="machine-readable, whole digests")
     show.set_defaults(handler=cmd_show)
 
-    gc = _subcommand(sub, command, "gc", parents=[common], help="prune the output cache")
+    gc = _subcommand(sub, command, "gc", parents=[file_only], help="prune the output cache")
     gc.add_argument("--max-size", metavar="SIZE", help="keep the newest entries up to SIZE (10GB)")
     gc.add_argument("--keep-runs", type=int, metavar="N", help="keep N older entries per target")
     gc.set_defaults(handler=cmd_gc)
 
-    cache = _subcommand(sub, command, "cache", parents=[common], help="inspect the output cache")
-    cache_sub = cache.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
-    verify = cache_sub.add_parser("verify", parents=[common], help="find corrupted objects")
+    cache = _subcommand(sub, command, "cache", parents=[file_only], help="inspect the output cache")
+    cache_sub = cache.add_subparsers(
+        dest="cache_command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
+    verify = cache_sub.add_parser("verify", parents=[file_only], help="find corrupted objects")
     verify.set_defaults(handler=cmd_cache_verify)
 
     clean = _subcommand(
-        sub, command, "clean", parents=[common], help="remove targets' declared outputs"
+        sub, command, "clean", parents=[file_only], help="remove targets' declared outputs"
     )
     clean.add_argument("targets", nargs="*", metavar="TARGET")
     clean.set_defaults(handler=cmd_clean)
@@ -643,7 +652,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # handled like Ctrl-C (SIGINT)
+# SIGINT is installed too: a shell starts background jobs of a script with SIGINT ignored,
+# and Python then leaves it ignored, so `kill -INT` would not stop `mlbuild watch &`.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -706,6 +717,9 @@ def _interrupted(exc: BaseException) -> bool:
     return False
 
 
+SET_COMMANDS = ("run", "watch", "status", "dag", "push", "pull")  # where parameters matter
+
+
 def _dispatch(words: list[str]) -> int:
     args, unknown = build_parser(command_word(words)).parse_known_args(words)
     if unknown:
@@ -713,9 +727,25 @@ def _dispatch(words: list[str]) -> int:
         raise UsageError(
             f"unrecognized arguments: {' '.join(unknown)} (see `mlbuild {args.command} --help`)"
         )
+    if getattr(args, "set", None) and args.command not in SET_COMMANDS:
+        # Given before the subcommand, --set is taken by the top-level parser.
+        raise UsageError(
+            f"--set has no effect on `mlbuild {args.command}`"
+            f" (it applies to {', '.join(SET_COMMANDS)})"
+        )
     args.command_line = " ".join(words)
     handler: Any = args.handler
     return int(handler(args))
+
+
+def _version() -> str:
+    """The installed distribution's version (read only for --version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mlbuild")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def _tell(line: str) -> None:

@@ -1,0 +1,107 @@
+"""What a new user trips on in the first hour (issue 17): each test is what they read."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import Project
+
+SIMPLE = """
+[params]
+epochs = 1
+
+[targets.a]
+cmd = "echo {params.epochs} > {outputs}"
+outputs = ["a.txt"]
+params = ["epochs"]
+"""
+
+
+def mlbuild(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mlbuild", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_version_is_printed(tmp_path: Path) -> None:
+    result = mlbuild(tmp_path, "--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("mlbuild ")
+    assert result.stdout.split()[1][0].isdigit() or "not installed" in result.stdout
+
+
+def test_cache_help_names_its_subcommand_not_an_internal_field(tmp_path: Path) -> None:
+    result = mlbuild(tmp_path, "cache", "--help")
+    assert result.returncode == 0
+    assert "cache_command" not in result.stdout
+    assert "COMMAND" in result.stdout
+
+
+def test_set_is_refused_where_it_does_nothing(project: Project) -> None:
+    project.pipeline(SIMPLE)
+    for command in ("list", "log", "gc", "clean", "show"):
+        words = [command, "--set", "epochs=2"] + (["a"] if command == "show" else [])
+        result = project.run(*words)
+        assert result.code == 2, (command, result.err)
+        assert result.err.count("\n") == 1 and "--set" in result.err
+    assert not (project.root / "a.txt").exists()
+
+
+def test_set_before_the_subcommand_still_works_for_run(tmp_path: Path) -> None:
+    (tmp_path / "pipeline.toml").write_text(SIMPLE)
+    result = mlbuild(tmp_path, "--set", "epochs=3", "run")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "a.txt").read_text() == "3\n"
+    refused = mlbuild(tmp_path, "--set", "epochs=3", "list")
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        "mlbuild: error: --set has no effect on `mlbuild list`"
+        " (it applies to run, watch, status, dag, push, pull)\n"
+    )
+
+
+def test_watch_accepts_plain(tmp_path: Path) -> None:
+    result = mlbuild(tmp_path, "watch", "--help")
+    assert "--plain" in result.stdout
+
+
+def test_kill_int_stops_watch_started_in_the_background_of_a_script(tmp_path: Path) -> None:
+    """A shell starts a script's background jobs with SIGINT ignored; mlbuild still stops."""
+    (tmp_path / "pipeline.toml").write_text(SIMPLE)
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlbuild", "watch"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=ignore_sigint,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "a.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "a.txt").exists()
+        time.sleep(0.3)  # past the first build, into waiting for changes
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=20)
+        assert proc.stdout is not None
+        seen = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert code == 0  # watch ends on a stop signal as on Ctrl-C: "stopped.", exit 0
+    assert "stopped." in seen
