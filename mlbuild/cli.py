@@ -581,10 +581,14 @@ def cmd_gc(args: argparse.Namespace) -> int:
         report = collect_garbage(cache, current, max_size=max_size, keep_runs=args.keep_runs)
         trashed = empty_trash(pipeline.root)
     if trashed:
-        print(f"mlbuild gc: emptied {trashed} trash folders older than a week (.mlbuild/trash/)")
+        print(
+            f"mlbuild gc: emptied {messages.plural(trashed, 'trash folder')} older than a week"
+            " (.mlbuild/trash/)"
+        )
     print(
-        f"mlbuild gc: removed {report.entries_removed} entries and {report.objects_removed}"
-        f" objects, freed {_size(report.bytes_freed)}; kept {report.entries_kept} entries"
+        f"mlbuild gc: removed {_entries(report.entries_removed)} and"
+        f" {messages.plural(report.objects_removed, 'object')},"
+        f" freed {_size(report.bytes_freed)}; kept {_entries(report.entries_kept)}"
         f" ({_size(report.bytes_kept)})."
     )
     if max_size is None and args.keep_runs is None:
@@ -601,8 +605,14 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
         checked, corrupt = verify_objects(Cache(cache_dir(pipeline.root)))
     for digest in corrupt:
         print(f"corrupted object {digest} removed (its entries will be dropped when used)")
-    print(f"mlbuild cache verify: {checked} objects checked, {len(corrupt)} corrupted.")
+    print(
+        f"mlbuild cache verify: {messages.plural(checked, 'object')} checked, {len(corrupt)} corrupted."
+    )
     return EXIT_FAILED if corrupt else EXIT_OK
+
+
+def _entries(n: int) -> str:
+    return f"{n} {'entry' if n == 1 else 'entries'}"
 
 
 def _size(n: int) -> str:

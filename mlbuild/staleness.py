@@ -191,15 +191,15 @@ def decide(
     )
     reasons += output_reasons
     compared = ", ".join(
-        f"{len(items)} {label}"
+        f"{len(items)} {label}{'' if len(items) == 1 else 's'}"
         for label, items in (
-            ("code files", cur.code),
-            ("params", cur.params),
-            ("env vars", cur.env),
-            ("packages", cur.packages),
-            ("inputs", cur.inputs),
-            ("discovered inputs", cur.discovered),
-            ("outputs", cur.outputs),
+            ("code file", cur.code),
+            ("param", cur.params),
+            ("env var", cur.env),
+            ("package", cur.packages),
+            ("input", cur.inputs),
+            ("discovered input", cur.discovered),
+            ("output", cur.outputs),
         )
         if items
     )

@@ -95,4 +95,4 @@ def test_verbose_plain_log_adds_the_reasons_of_fresh_targets_and_commands(
     )
     project.run("run", "--set", "v=3")
     fresh = project.run("run", "-v", "--set", "v=3")
-    assert "Step `slow` is up to date (skipped): same action, 1 params, 1 outputs." in fresh.out
+    assert "Step `slow` is up to date (skipped): same action, 1 param, 1 output." in fresh.out

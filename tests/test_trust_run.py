@@ -227,7 +227,7 @@ def test_gc_rejects_negative_limits_and_empties_old_trash(project: Project) -> N
     for slot in (project.root / ".mlbuild/trash").iterdir():
         os.utime(slot, (long_ago, long_ago))
     result = project.run("gc")
-    assert "emptied 1 trash folders" in result.out
+    assert "emptied 1 trash folder older" in result.out
     assert _trash(project.root) == []
     assert project.read("a.txt") == "a\n"
 

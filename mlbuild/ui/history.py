@@ -17,6 +17,7 @@ from typing import Any
 from mlbuild.build.results import Outcome
 from mlbuild.manifest import Fingerprint, split
 from mlbuild.store import RunRecord, RunRow, StoredManifest, TargetRun
+from mlbuild.ui.messages import plural
 from mlbuild.ui.report import format_duration
 
 NAMES_SHOWN = 8  # target names listed per outcome in `log` before "and N more"
@@ -71,7 +72,7 @@ def render_target_runs(target: str, rows: Sequence[TargetRun]) -> str:
     """`mlbuild log TARGET`: the target in each run, newest first, and its run times."""
     if not rows:
         return f"No runs of `{target}` recorded yet.\n"
-    lines = [f"{target}: the last {_plural(len(rows), 'run')} that decided it", ""]
+    lines = [f"{target}: the last {plural(len(rows), 'run')} that decided it", ""]
     for row in rows:
         reason = f"  {row.reason}" if row.reason else ""
         took = format_duration(row.duration)
@@ -82,17 +83,13 @@ def render_target_runs(target: str, rows: Sequence[TargetRun]) -> str:
     lines.append("")
     if ran:
         lines.append(
-            f"ran {_plural(len(ran), 'time')}: last {format_duration(ran[0])},"
+            f"ran {plural(len(ran), 'time')}: last {format_duration(ran[0])},"
             f" median {format_duration(statistics.median(ran))},"
             f" fastest {format_duration(min(ran))}, slowest {format_duration(max(ran))}"
         )
     else:
         lines.append("its step did not run in these runs")
     return "\n".join(lines) + "\n"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def render_manifest(

@@ -91,3 +91,8 @@ def one_line(text: str) -> str:
 def summary_with_failures(summary: str, failures: Sequence[Failure]) -> str:
     """The summary line of a build that failed, naming the failed targets."""
     return f"{summary} Failed: {', '.join(f.target for f in failures)}."
+
+
+def plural(n: int, word: str) -> str:
+    """`1 entry`-style counts: "1 object", "2 objects" (words that take an s)."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
