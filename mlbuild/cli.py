@@ -605,9 +605,8 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
         checked, corrupt = verify_objects(Cache(cache_dir(pipeline.root)))
     for digest in corrupt:
         print(f"corrupted object {digest} removed (its entries will be dropped when used)")
-    print(
-        f"mlbuild cache verify: {messages.plural(checked, 'object')} checked, {len(corrupt)} corrupted."
-    )
+    checked_objects = messages.plural(checked, "object")
+    print(f"mlbuild cache verify: {checked_objects} checked, {len(corrupt)} corrupted.")
     return EXIT_FAILED if corrupt else EXIT_OK
 
 
