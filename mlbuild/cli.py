@@ -628,26 +628,41 @@ def _size(n: int) -> str:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    """Remove targets' outputs: those mlbuild made are deleted, anything else moved aside."""
+    """Remove targets' outputs: those mlbuild made are deleted, anything else moved aside.
+
+    A target removed from the pipeline can still be named: its outputs are the
+    ones its last manifest recorded. Without names, only the pipeline's targets
+    are cleaned, and the removed ones with outputs on record are pointed out.
+    """
     from mlbuild.fingerprint import Fingerprinter
     from mlbuild.manifest import Fingerprint, is_missing
+    from mlbuild.pipeline.schema import Port, Target
     from mlbuild.staleness import observe_paths
 
     pipeline, graph = load(args)
     names = list(args.targets) or list(graph.order)
-    graph.select(names)  # unknown names are a usage error
     root = pipeline.root
     reporter = PlainReporter()
     with hold_workspace(root, args.command_line, wait=True, warn=reporter.warn) as store:
         manifests = store.load_manifests()
+        removed = {
+            name: Fingerprint.from_json(stored.data)
+            for name, stored in manifests.items()
+            if name not in graph.targets
+        }
+        graph.select(name for name in names if name not in removed)  # unknown: usage error
         fp = Fingerprinter(root, store.load_stats())
         for name in names:
-            target = graph.targets[name]
+            before = Fingerprint.from_json(manifests[name].data) if name in manifests else None
+            if name in graph.targets:
+                target = graph.targets[name]
+            else:  # no longer in the pipeline: what its manifest says it made
+                recorded = before.outputs if before is not None else {}
+                ports = tuple(Port(None, path) for path in recorded)
+                target = Target(name, None, None, None, (), ports, {})
             paths = [p.path for p in target.outputs]
             for path in paths:
                 check_writable(root, pipeline.display_file, target, path)
-            stored = manifests.get(name)
-            before = Fingerprint.from_json(stored.data) if stored is not None else None
             current = observe_paths(fp, paths, {})
             known = before.outputs if before is not None else load_made(root, name)
             store.forget([name])
@@ -658,6 +673,13 @@ def cmd_clean(args: argparse.Namespace) -> int:
                     print(f"moved {path} to {moved[path]} (not made by mlbuild, or changed since)")
                 elif not is_missing(current[path]):
                     print(f"removed {path}")
+    left = sorted(set(removed) - set(names))
+    if left:
+        print(
+            f"kept the outputs of {messages.plural(len(left), 'target')} no longer in"
+            f" {pipeline.display_file}: {', '.join(left)}"
+            f" (`mlbuild clean {' '.join(left)}` removes them)"
+        )
     return EXIT_OK
 
 

@@ -105,3 +105,40 @@ def test_kill_int_stops_watch_started_in_the_background_of_a_script(tmp_path: Pa
             proc.stdout.close()
     assert code == 0  # watch ends on a stop signal as on Ctrl-C: "stopped.", exit 0
     assert "stopped." in seen
+
+
+TWO = """
+[targets.good]
+cmd = "echo good > {outputs}"
+outputs = ["build/good.txt"]
+
+[targets.other]
+cmd = "echo other > {outputs}"
+outputs = ["build/other.txt"]
+"""
+
+
+def test_outputs_of_a_removed_target_can_be_cleaned(project: Project) -> None:
+    project.pipeline(TWO)
+    assert project.run("run").code == 0
+    project.pipeline(TWO.split("[targets.other]")[0].replace("good", "kept"))
+    project.run("run")
+    cleaned = project.run("clean", "kept")
+    assert cleaned.code == 0, cleaned.err
+    assert (project.root / "build/good.txt").exists()  # not named: kept
+    everything = project.run("clean")
+    assert everything.code == 0
+    assert "no longer in" in everything.out and "good, other" in everything.out
+    assert (project.root / "build/other.txt").exists()
+
+    (project.root / "build/other.txt").write_text("edited by hand\n")
+    removed = project.run("clean", "good", "other")
+    assert removed.code == 0, removed.err
+    assert "removed build/good.txt" in removed.out
+    assert not (project.root / "build/good.txt").exists()
+    assert "moved build/other.txt to .mlbuild/trash/" in removed.out  # an edit is never lost
+    trashed = list((project.root / ".mlbuild/trash").rglob("other.txt"))
+    assert [p.read_text() for p in trashed] == ["edited by hand\n"]
+    assert "no longer in" not in project.run("clean").out
+    unknown = project.run("clean", "nothere")
+    assert unknown.code == 2 and "unknown target 'nothere'" in unknown.err
