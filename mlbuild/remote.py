@@ -118,11 +118,13 @@ class Transfer:
 
 def open_fs(url: str, options: Mapping[str, Any]) -> tuple[Any, str]:
     """The fsspec filesystem and base path of `url`; RemoteError with a hint if unusable."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
     try:
         import fsspec
-    except ImportError:
-        raise RemoteError("fsspec is not installed (pip install 'mlbuild[s3]')") from None
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    except ImportError:  # a base install has it; only a broken environment gets here
+        extra = _EXTRAS.get(protocol)
+        hint = f"pip install 'mlbuild[{extra}]'" if extra else "pip install fsspec"
+        raise RemoteError(f"fsspec is not installed ({hint})") from None
     kwargs = dict(options)
     if protocol in ("s3", "s3a") and "config_kwargs" not in kwargs:
         # botocore's defaults retry an unreachable endpoint for ~10 s per call.

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Project
 
 SIMPLE = """
@@ -142,3 +144,21 @@ def test_outputs_of_a_removed_target_can_be_cleaned(project: Project) -> None:
     assert "no longer in" not in project.run("clean").out
     unknown = project.run("clean", "nothere")
     assert unknown.code == 2 and "unknown target 'nothere'" in unknown.err
+
+
+def test_a_directory_remote_does_not_ask_for_the_s3_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlbuild.remote import RemoteError, open_fs
+
+    monkeypatch.setitem(sys.modules, "fsspec", None)  # as if it were not installed
+    with pytest.raises(RemoteError) as caught:
+        open_fs("/srv/cache", {})
+    assert "mlbuild[s3]" not in str(caught.value)
+    with pytest.raises(RemoteError, match=r"mlbuild\[s3\]"):
+        open_fs("s3://bucket/cache", {})
+
+
+def test_fsspec_is_a_dependency_of_the_base_install() -> None:
+    from importlib.metadata import requires
+
+    base = [r for r in requires("mlbuild") or [] if "extra ==" not in r]
+    assert any(r.startswith("fsspec") for r in base)
