@@ -7,7 +7,7 @@ each skipped or restored step, and mlbuild's own overhead per run: wall time
 minus the time spent in the steps' own code (importing the step module and
 calling the function, as the worker measured it).
 
-    python examples/mnist/demo.py [--keep DIR] [--epochs N]
+    .venv/bin/python examples/mnist/demo.py [--keep DIR] [--epochs N]
 """
 
 from __future__ import annotations
