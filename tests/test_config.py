@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 import unicodedata
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from mlbuild.pipeline.load import load_pipeline, missing_hint, parse_overrides
 from mlbuild.pipeline.schema import Pipeline, Port
 
 
-def load(tmp_path: Path, toml: str, overrides: dict[str, object] | None = None) -> Pipeline:
+def load(tmp_path: Path, toml: str, overrides: Mapping[str, object] | None = None) -> Pipeline:
     file = tmp_path / "pipeline.toml"
     file.write_text(textwrap.dedent(toml))
     return load_pipeline(file, overrides)
@@ -58,7 +59,7 @@ def test_global_and_local_overrides(tmp_path: Path) -> None:
         cmd = "echo {params.lr}"
         params = ["lr"]
     """
-    pipeline = load(tmp_path, toml, parse_overrides(["lr=0.5", "t.k='x y'"]))
+    pipeline = load(tmp_path, toml, parse_overrides(["lr=0.5", "t.k:='x y'"]))
     assert pipeline.targets["t"].params == {"k": "x y"}
     assert pipeline.targets["u"].params == {"lr": 0.5}
     assert pipeline.targets["t"].command == "echo 'x y'"
@@ -230,3 +231,46 @@ def test_missing_hint_none_when_nothing_is_close(tmp_path: Path) -> None:
     (tmp_path / "other.csv").write_text("")
     assert missing_hint(tmp_path, "data.csv") == ""
     assert missing_hint(tmp_path, "no/such/dir.csv") == ""
+
+
+TYPED = """
+    [params]
+    epochs = 1
+    lr = 0.1
+    tag = "a"
+    flag = false
+
+    [targets.t]
+    cmd = "echo {params.epochs} {params.lr} {params.tag} {params.flag} {params.k}"
+    params = ["epochs", "lr", "tag", "flag"]
+
+    [targets.u]
+    cmd = "echo {params.k}"
+    params = { k = 1 }
+"""
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("epochs=two", "--set epochs=two: epochs is an integer (1) and this is a string;"),
+        ("epochs=2.5", "--set epochs=2.5: epochs is an integer (1) and this is a float;"),
+        ("flag=1", "--set flag=1: flag is a boolean (false) and this is an integer;"),
+        ("lr=[1]", "--set lr=[1]: lr is a float (0.1) and this is an array;"),
+        ("u.k=x", "--set u.k=x: u.k is an integer (1) and this is a string;"),
+    ],
+)
+def test_a_set_value_of_another_type_is_refused(tmp_path: Path, given: str, message: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        load(tmp_path, TYPED.replace(" {params.k}", ""), parse_overrides([given]))
+    assert str(caught.value).startswith(message)
+    name = given.split("=")[0]
+    assert str(caught.value).endswith(f"write --set {name}:=VALUE")
+
+
+def test_set_types_that_are_meant(tmp_path: Path) -> None:
+    toml = TYPED.replace(" {params.k}", "")
+    given = ["epochs:=two", "lr=1", "tag=2", "flag=true", "u.k=3"]
+    pipeline = load(tmp_path, toml, parse_overrides(given))
+    assert pipeline.targets["t"].params == {"epochs": "two", "lr": 1.0, "tag": "2", "flag": True}
+    assert pipeline.targets["u"].params == {"k": 3}

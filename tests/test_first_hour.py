@@ -162,3 +162,16 @@ def test_fsspec_is_a_dependency_of_the_base_install() -> None:
 
     base = [r for r in requires("mlbuild") or [] if "extra ==" not in r]
     assert any(r.startswith("fsspec") for r in base)
+
+
+def test_set_of_the_wrong_type_is_one_line_and_builds_nothing(project: Project) -> None:
+    project.pipeline(SIMPLE)
+    result = project.run("run", "--set", "epochs=two")
+    assert result.code == 2
+    assert result.err == (
+        "mlbuild: error: --set epochs=two: epochs is an integer (1) and this is a string;"
+        " to change its type on purpose, write --set epochs:=VALUE\n"
+    )
+    assert not (project.root / "a.txt").exists()
+    assert project.run("run", "--set", "epochs:=two").code == 0
+    assert project.read("a.txt") == "two\n"

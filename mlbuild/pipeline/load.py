@@ -7,12 +7,13 @@ the CLI can print it as one line.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import tomli
 
@@ -137,15 +138,77 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """`NAME=VALUE` strings from the command line to a dict of typed values."""
-    result: dict[str, Any] = {}
+class Override(NamedTuple):
+    """One `--set`: the TOML-typed value, the text as written, and whether `:=` was used."""
+
+    value: Any
+    text: str
+    retyped: bool = False  # NAME:=VALUE: the value may replace the declared type
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Override]:
+    """`NAME=VALUE` strings from the command line, by name (the last one of a name wins)."""
+    result: dict[str, Override] = {}
     for item in items:
         name, sep, raw = item.partition("=")
-        if not sep or not name.strip():
+        retyped = name.endswith(":")
+        name = name.removesuffix(":").strip()
+        if not sep or not name:
             raise UsageError(f"--set {item!r}: expected NAME=VALUE")
-        result[name.strip()] = parse_value(raw.strip())
+        result[name] = Override(parse_value(raw.strip()), raw.strip(), retyped)
     return result
+
+
+def toml_type(value: Any) -> str:
+    """The TOML type of a parameter value, as a user reads it in an error."""
+    for kind, name in _TOML_TYPES:
+        if isinstance(value, kind):
+            return name
+    return "a date or time"
+
+
+_TOML_TYPES: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"),  # before int: bool is an int in Python
+    (int, "an integer"),
+    (float, "a float"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "a table"),
+)
+
+
+def typed_override(key: str, declared: Any, given: Any) -> Any:
+    """The value `--set` gives a parameter declared as `declared`.
+
+    It must have the declared TOML type (`--set epochs=two` for `epochs = 1` is
+    a mistake), except that an integer for a float is that float (`lr=1` is
+    1.0) and, for a string, the text as written is the string (`tag=2` is
+    "2"). `NAME:=VALUE` takes the value with whatever type it has.
+    """
+    if not isinstance(given, Override):  # from code, not the command line: as it is
+        given = Override(given, str(given))
+    if given.retyped:
+        return given.value
+    want, got = toml_type(declared), toml_type(given.value)
+    if want == got:
+        return given.value
+    if want == "a float" and got == "an integer":
+        return float(given.value)
+    if want == "a string":
+        return given.text
+    raise UsageError(
+        f"--set {key}={given.text}: {key} is {want} ({_shown(declared)}) and this is {got};"
+        f" to change its type on purpose, write --set {key}:=VALUE"
+    )
+
+
+def _shown(value: Any) -> str:
+    """A value as TOML writes it (`"two"`, `true`, `1`), for messages."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def load_pipeline(file: Path, overrides: Mapping[str, Any] | None = None) -> Pipeline:
@@ -270,11 +333,12 @@ class _Loader:
         local: dict[str, dict[str, Any]] = {}
         for key, value in self.overrides.items():
             if key in params:
-                params[key] = value
+                params[key] = typed_override(key, params[key], value)
                 continue
             target, _, pname = key.rpartition(".")
             if (target, pname) in local_names:
-                local.setdefault(target, {})[pname] = value
+                declared = self.data["targets"][target]["params"][pname]
+                local.setdefault(target, {})[pname] = typed_override(key, declared, value)
                 continue
             known = sorted(params) + sorted(f"{t}.{p}" for t, p in local_names)
             raise UsageError(
