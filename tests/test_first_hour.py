@@ -175,3 +175,13 @@ def test_set_of_the_wrong_type_is_one_line_and_builds_nothing(project: Project) 
     assert not (project.root / "a.txt").exists()
     assert project.run("run", "--set", "epochs:=two").code == 0
     assert project.read("a.txt") == "two\n"
+
+
+def test_pull_restores_from_the_local_cache_without_a_remote(project: Project) -> None:
+    project.pipeline(SIMPLE)
+    assert project.run("run").code == 0
+    assert project.run("clean").code == 0
+    pulled = project.run("pull")
+    assert pulled.code == 0, pulled.err
+    assert "restored from cache" in pulled.out
+    assert project.read("a.txt") == "1\n"
