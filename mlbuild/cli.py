@@ -215,6 +215,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     lister = _subcommand(
         sub, command, "list", parents=[file_only], help="the targets, in build order"
     )
+    lister.add_argument(
+        "--names", action="store_true", help="target names only, one per line (for completion)"
+    )
     lister.set_defaults(handler=cmd_list)
 
     dag = _subcommand(sub, command, "dag", parents=[common], help="the graph: text, DOT or Mermaid")
@@ -254,6 +257,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     clean.add_argument("targets", nargs="*", metavar="TARGET")
     clean.set_defaults(handler=cmd_clean)
+
+    init = _subcommand(sub, command, "init", help="start a project: a pipeline that builds")
+    init.add_argument("dir", nargs="?", default=".", metavar="DIR", help="(default: here)")
+    init.set_defaults(handler=cmd_init)
+    schema = _subcommand(sub, command, "schema", help="print pipeline.toml's JSON Schema")
+    schema.set_defaults(handler=cmd_schema)
+    completion = _subcommand(sub, command, "completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=("bash", "zsh", "fish"))
+    completion.set_defaults(handler=cmd_completion)
     return parser
 
 
@@ -548,6 +560,9 @@ def _history(args: argparse.Namespace, target: str | None) -> Iterator[Store | N
 
 def cmd_list(args: argparse.Namespace) -> int:
     _, graph = load(args)
+    if args.names:
+        sys.stdout.write("".join(f"{name}\n" for name in graph.order))
+        return EXIT_OK
     for name in graph.order:
         target = graph.targets[name]
         action = target.cmd if target.kind is ActionKind.SHELL else target.shown
@@ -679,6 +694,32 @@ def cmd_clean(args: argparse.Namespace) -> int:
             f" {pipeline.display_file}: {', '.join(left)}"
             f" (`mlbuild clean {' '.join(left)}` removes them)"
         )
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from shlex import quote
+
+    from mlbuild.scaffold import write_scaffold
+
+    written = write_scaffold(Path(args.dir))
+    print(f"mlbuild init: wrote {', '.join(written)}")
+    go = "" if args.dir == "." else f"cd {quote(args.dir)} && "
+    print(f"next: {go}mlbuild run  (a second `mlbuild run` finds nothing to do)")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from mlbuild.pipeline.schema_file import schema_text
+
+    sys.stdout.write(schema_text())
+    return EXIT_OK
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from mlbuild.ui.completion import completion_script
+
+    sys.stdout.write(completion_script(build_parser(None), args.shell))
     return EXIT_OK
 
 

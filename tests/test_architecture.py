@@ -20,7 +20,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlbuild"
 # (`cache`) is one module, all its files together. A subpackage is one layer's modules.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundation", frozenset({"errors", "scheduler"})),
-    ("pipeline", frozenset({"pipeline.schema", "pipeline.load", "pipeline.interpolate"})),
+    (
+        "pipeline",
+        frozenset(
+            {
+                "pipeline.schema",
+                "pipeline.load",
+                "pipeline.interpolate",
+                "pipeline.schema_file",
+            }
+        ),
+    ),
     ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store"})),
     ("analysis", frozenset({"code", "staleness", "observed"})),
     ("storage", frozenset({"cache", "remote"})),
@@ -33,7 +43,18 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("build", frozenset({"build.runner", "build.query", "build.results", "build.lock"})),
     (
         "interface",
-        frozenset({"ui.messages", "ui.report", "ui.progress", "ui.history", "ui.dag", "watch"}),
+        frozenset(
+            {
+                "ui.messages",
+                "ui.report",
+                "ui.progress",
+                "ui.history",
+                "ui.dag",
+                "ui.completion",
+                "watch",
+                "scaffold",
+            }
+        ),
     ),
     ("entry", frozenset({"cli", "__main__", "__init__"})),
 )
