@@ -39,7 +39,9 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 def errors_of(text: str) -> list[str]:
     """The schema's complaints about a pipeline.toml text (empty: accepted)."""
     data = tomllib.loads(textwrap.dedent(text))
-    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in VALIDATOR.iter_errors(data)]
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in VALIDATOR.iter_errors(data)
+    ]
 
 
 def loader_accepts(tmp_path: Path, text: str) -> bool:
