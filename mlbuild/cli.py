@@ -58,6 +58,18 @@ class _Ignored:
         return lambda *args, **kwargs: self
 
 
+class _Version(argparse.Action):
+    """`--version`, reading the installed version only when asked: importlib.metadata costs
+    tens of milliseconds, which every no-op `mlbuild run` would pay to build the parser."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
+        print(f"mlbuild {_version()}")
+        parser.exit()
+
+
 def _subcommand(sub: Any, command: str | None, name: str, **kwargs: Any) -> Any:
     """A subparser with its options only if `name` is the command being run.
 
@@ -116,7 +128,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mlbuild", description="Make for machine-learning pipelines.", parents=[common]
     )
-    parser.add_argument("--version", action="version", version=f"mlbuild {_version()}")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = _subcommand(sub, command, "run", parents=[common], help="bring targets up to date")
