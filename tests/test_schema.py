@@ -179,6 +179,20 @@ def test_a_pipeline_the_loader_accepts_the_schema_accepts(tmp_path: Path, where:
     assert errors_of(text) == []
 
 
+def readme_pipelines() -> list[str]:
+    """The ```toml blocks of README.md that are pipelines (they have targets)."""
+    blocks = (REPO / "README.md").read_text().split("```toml\n")[1:]
+    return [block.split("```")[0] for block in blocks if "[targets." in block]
+
+
+def test_the_pipelines_in_the_readme_are_accepted() -> None:
+    """Including the side-by-side with DVC, Make and Snakemake (params_files, metrics)."""
+    pipelines = readme_pipelines()
+    assert len(pipelines) >= 2
+    for text in pipelines:
+        assert errors_of(text) == [], text
+
+
 def test_the_scaffold_of_mlbuild_init_is_accepted(tmp_path: Path) -> None:
     assert main(["init", str(tmp_path / "new")]) == 0
     text = (tmp_path / "new" / "pipeline.toml").read_text()
@@ -186,7 +200,7 @@ def test_the_scaffold_of_mlbuild_init_is_accepted(tmp_path: Path) -> None:
     assert errors_of(text) == []
 
 
-# Keys of the branches merged alongside (params files, metrics, plots): the schema knows them.
+# Keys of the branches merged alongside (params files, metrics, plots, warm workers).
 NEWER_KEYS = {
     "params_files": """
         params_files = ["params.yaml", "train.json"]
@@ -206,11 +220,15 @@ NEWER_KEYS = {
         cmd = "python evaluate.py"
         plots = ["eval/roc.csv", "eval/prc.tsv", "eval/loss.json"]
         """,
+    "workers": """
+        [workers]
+        keep_warm = "10m"
+        """,
 }
 
 
 @pytest.mark.parametrize("key", sorted(NEWER_KEYS))
-def test_keys_of_params_files_metrics_and_plots_are_accepted(key: str) -> None:
+def test_keys_of_the_branches_merged_alongside_are_accepted(key: str) -> None:
     assert errors_of(NEWER_KEYS[key]) == []
 
 
@@ -402,8 +420,17 @@ def test_a_mistake_the_schema_can_express_is_rejected(tmp_path: Path, name: str)
         ('[targets.t]\ncmd = "true"\nplots = ["eval/roc.png"]\n', "targets.t.plots"),
         ('[targets.t]\ncmd = "true"\nmetrics = ["eval/*.json"]\n', "targets.t.metrics"),
         ('params_files = [""]\n', "params_files"),
+        ('[workers]\nkeep_warm = "10 minutes"\n', "workers.keep_warm"),
+        ("[workers]\nkeep_warm = 600\n", "workers.keep_warm"),
     ],
-    ids=["metrics-format", "plots-format", "metrics-glob", "empty-params-file"],
+    ids=[
+        "metrics-format",
+        "plots-format",
+        "metrics-glob",
+        "empty-params-file",
+        "keep-warm-words",
+        "keep-warm-number",
+    ],
 )
 def test_newer_keys_are_checked_too(text: str, complaint: str) -> None:
     errors = errors_of(text)
