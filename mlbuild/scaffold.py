@@ -140,8 +140,8 @@ def write_scaffold(root: Path) -> tuple[str, ...]:
                 out.write(file.text)
         except FileExistsError:
             raise UsageError(
-                f"init: {file.path} appeared while writing; kept it, wrote {len(written)} files"
-                f" before it ({', '.join(written) or 'none'})"
+                f"init: {file.path} appeared while writing; kept it, and wrote only"
+                f" {', '.join(written) or 'nothing'} before it"
             ) from None
         written.append(file.path)
     return tuple(written)

@@ -2,8 +2,8 @@
 
 The bash script is driven as bash does it (COMP_WORDS, COMP_CWORD, then the
 completion function), with an `mlbuild` on PATH that runs this checkout; fish
-is asked with `complete -C`. zsh is only syntax-checked: driving its completion
-needs a pseudo-terminal (zpty).
+is asked with `complete -C`; zsh is typed at in a pseudo-terminal (zpty), as its
+completion runs only inside its line editor.
 """
 
 from __future__ import annotations
@@ -175,6 +175,44 @@ def test_fish_completes_target_names(
     )
     assert result.returncode == 0, result.stderr
     assert [line.split("\t")[0] for line in result.stdout.splitlines()] == ["train"]
+
+
+# zsh completes only inside its line editor: a pseudo-terminal (zpty) runs an interactive zsh
+# with the script on $fpath, types the words and TAB, and compadd writes what it was offered.
+ZSH_DRIVER = r"""
+zmodload zsh/zpty
+zpty z zsh -f -i
+zpty -w z "PS1=''"
+zpty -w z "fpath=($1 \$fpath); autoload -Uz compinit; compinit -u -D"
+zpty -w z 'compadd () {'
+zpty -w z '  builtin compadd -O m "$@"; print -r -- "${(j: :)m}" >> '$2
+zpty -w z '  builtin compadd "$@"; }'
+zpty -w z "cd $3"
+zpty -wn z "$4"$'\t'
+for i in {1..600}; do [[ -s $2 ]] && break; sleep 0.1; done
+zpty -d z
+"""
+
+
+def test_zsh_completes_target_names(
+    tmp_path: Path, workdir: Path, shell_env: dict[str, str]
+) -> None:
+    if shutil.which("zsh") is None:
+        pytest.skip("zsh is not installed here")
+    fpath = tmp_path / "zfunc"
+    fpath.mkdir()
+    script("zsh", tmp_path).rename(fpath / "_mlbuild")  # installed as the README says
+    driver = tmp_path / "drive.zsh"
+    driver.write_text(ZSH_DRIVER)
+    offered = tmp_path / "offered.txt"
+    subprocess.run(
+        ["zsh", "-f", str(driver), str(fpath), str(offered), str(workdir), "mlbuild show r"],
+        env=shell_env,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert offered.read_text().split() == ["report"]
 
 
 def test_list_names_prints_one_name_per_line_in_build_order(workdir: Path) -> None:
