@@ -15,6 +15,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import shutil
+import subprocess
 import sys
 import textwrap
 import tomllib
@@ -198,6 +200,38 @@ def test_the_scaffold_of_mlbuild_init_is_accepted(tmp_path: Path) -> None:
     text = (tmp_path / "new" / "pipeline.toml").read_text()
     assert text.startswith(f"#:schema ./{SCHEMA_NAME}\n")
     assert errors_of(text) == []
+
+
+TAPLO = Path(__file__).parent / "taplo" / "node_modules" / ".bin" / "taplo"
+
+
+def taplo_check(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Taplo's `check`, the validation Even Better TOML runs in the editor, offline."""
+    if shutil.which("node") is None or not TAPLO.exists():
+        pytest.skip("Taplo is not installed: npm ci --prefix tests/taplo")
+    return subprocess.run(
+        [str(TAPLO), "check", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_taplo_follows_the_schema_line_that_init_writes(tmp_path: Path) -> None:
+    assert main(["init", str(tmp_path)]) == 0
+    good = taplo_check(tmp_path, "pipeline.toml")
+    assert good.returncode == 0, good.stderr
+    pipeline = tmp_path / "pipeline.toml"
+    pipeline.write_text(
+        pipeline.read_text().replace("outputs = { sorted", "ouputs = { sorted")
+        + "always_run = 'yes'\n"
+    )
+    bad = taplo_check(tmp_path, "pipeline.toml")
+    assert bad.returncode != 0
+    assert "'ouputs' was unexpected" in bad.stderr
+    assert '"yes" is not of type "boolean"' in bad.stderr
 
 
 # Keys of the branches merged alongside (params files, metrics, plots, warm workers).
