@@ -240,6 +240,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     verify = cache_sub.add_parser("verify", parents=[common], help="find corrupted objects")
     verify.set_defaults(handler=cmd_cache_verify)
 
+    plots = _subcommand(
+        sub, command, "plots", parents=[common], help="draw declared plots into one offline page"
+    )
+    plots.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="PAGE",
+        help="the HTML page, PNGs beside it (default: mlbuild_plots/index.html in the project)",
+    )
+    plots.add_argument(
+        "--rows", metavar="ID,ID", help="overlay these experiment rows (from the cache)"
+    )
+    plots.add_argument("--x", metavar="PARAM", help="with --y: metrics against PARAM, all rows")
+    plots.add_argument("--y", metavar="METRIC[,METRIC]", help="the metrics --x is drawn against")
+    plots.set_defaults(handler=cmd_plots)
+
     clean = _subcommand(
         sub, command, "clean", parents=[common], help="remove targets' declared outputs"
     )
@@ -607,6 +624,21 @@ def _size(n: int) -> str:
         if value < 1000 or unit == units[-1]:
             return f"{value:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+def cmd_plots(args: argparse.Namespace) -> int:
+    """Draw the declared plots (or metrics against a parameter) into one offline HTML page."""
+    from mlbuild.pipeline.schema import display_path
+    from mlbuild.ui.plots import make_report, plot_request
+
+    pipeline, _ = load(args)
+    report = make_report(pipeline, plot_request(args.output, args.rows, args.x, args.y))
+    for note in report.notes:
+        _tell(f"mlbuild plots: left out {note}")
+    print(
+        f"mlbuild plots: wrote {display_path(report.page)} and {len(report.images)} PNG beside it"
+    )
+    return EXIT_OK
 
 
 def cmd_clean(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundation", frozenset({"errors", "scheduler"})),
     ("pipeline", frozenset({"pipeline.schema", "pipeline.load", "pipeline.interpolate"})),
     ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store"})),
-    ("analysis", frozenset({"code", "staleness", "observed"})),
+    ("analysis", frozenset({"code", "staleness", "observed", "plotdata"})),
     ("storage", frozenset({"cache", "remote"})),
     (
         "execution",
@@ -33,7 +33,17 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("build", frozenset({"build.runner", "build.query", "build.results", "build.lock"})),
     (
         "interface",
-        frozenset({"ui.messages", "ui.report", "ui.progress", "ui.history", "ui.dag", "watch"}),
+        frozenset(
+            {
+                "ui.messages",
+                "ui.report",
+                "ui.progress",
+                "ui.history",
+                "ui.dag",
+                "ui.plots",
+                "watch",
+            }
+        ),
     ),
     ("entry", frozenset({"cli", "__main__", "__init__"})),
 )

@@ -173,7 +173,8 @@ def worker_call(target: Target, root: Path, timing: Path) -> str:
             paths[kind] = [p for port in ports for p in expand_port(port, str(root))]
             continue
         for port in ports:
-            assert port.name is not None
+            if port.name is None:  # a plot file joined to named outputs (load.py)
+                continue
             paths[port.name] = expand_port(port, str(root)) if port.is_glob else port.path
     call = {
         "ref": target.python,

@@ -22,6 +22,7 @@ from mlbuild.pipeline.schema import (
     EXECUTOR_KINDS,
     FILE_MODES,
     PIPELINE_FILE,
+    PLOT_SUFFIXES,
     STATE_DIR,
     CacheSettings,
     ExecutorSettings,
@@ -53,6 +54,7 @@ _TARGET_KEYS = (
     "resources",
     "retries",
     "strict_inputs",
+    "plots",
 )
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _PORT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -307,6 +309,8 @@ class _Loader:
             raise self.fail(f"{where}.python", "must look like 'package.module:function'")
         inputs = self._ports(f"{where}.inputs", raw.get("inputs", []), allow_glob=True)
         outputs = self._ports(f"{where}.outputs", raw.get("outputs", []), allow_glob=False)
+        plots = self._declared_files(f"{where}.plots", raw.get("plots", []), PLOT_SUFFIXES, "plot")
+        outputs = with_declared_outputs(outputs, plots)
         target_params = self._params(where, raw.get("params"), params, overrides)
         command = None
         if cmd is not None:
@@ -333,6 +337,7 @@ class _Loader:
             resources=self._resources(f"{where}.resources", raw.get("resources")),
             retries=self._count(f"{where}.retries", raw.get("retries", 0)),
             strict_inputs=self._bool(f"{where}.strict_inputs", raw.get("strict_inputs", False)),
+            plots=plots,
         )
         if target.strict_inputs and python is None:
             raise self.fail(
@@ -376,6 +381,29 @@ class _Loader:
             seen.add(path)
             ports.append(Port(port_name, path, is_glob))
         return tuple(ports)
+
+    def _declared_files(
+        self, key: str, raw: Any, suffixes: tuple[str, ...], what: str
+    ) -> tuple[str, ...]:
+        """`plots = [...]` and the like: files a step writes in one of the formats `suffixes`."""
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list):
+            raise self.fail(key, "must be a list of paths")
+        paths: list[str] = []
+        for value in raw:
+            if not isinstance(value, str) or not value.strip():
+                raise self.fail(key, "must be a list of paths")
+            if any(ch in _GLOB_CHARS for ch in value):
+                raise self.fail(key, f"{value!r}: {what} files cannot be glob patterns")
+            path = self._project_path(key, value)
+            if not path.lower().endswith(suffixes):
+                known = ", ".join(suffixes)
+                raise self.fail(key, f"{value!r}: unknown {what} format (known: {known})")
+            if path in paths:
+                raise self.fail(key, f"{value!r} is listed twice")
+            paths.append(path)
+        return tuple(paths)
 
     def _project_path(self, key: str, value: str) -> str:
         """Normalize a path and refuse one that leaves the project or touches .mlbuild."""
@@ -474,6 +502,23 @@ class _Loader:
         if not isinstance(raw, bool):
             raise self.fail(key, "must be true or false")
         return raw
+
+
+def with_declared_outputs(outputs: tuple[Port, ...], files: tuple[str, ...]) -> tuple[Port, ...]:
+    """`outputs` plus each declared plot (or metrics) file that is not already one or inside one.
+
+    Such a file is an output like the others (cleared before its step, checked,
+    cached, restored). One not listed joins them without a name, as if written
+    in `outputs`: a shell command's `{outputs}` includes it; a Python function
+    with named outputs is not given it (it writes to the path it knows), one
+    with a list of outputs finds it in `outputs`.
+    """
+    added = tuple(
+        Port(None, path)
+        for path in files
+        if not any(path == o.path or path.startswith(o.path + "/") for o in outputs)
+    )
+    return outputs + added
 
 
 def parse_size(text: str) -> int:

@@ -19,6 +19,8 @@ PIPELINE_FILE = "pipeline.toml"
 STATE_DIR = ".mlbuild"
 EXECUTOR_KINDS = ("local", "ray")
 FILE_MODES = ("auto", "shared", "cas")
+# The plot file formats `plots = [...]` accepts, by file name ending (mlbuild.plotdata reads them).
+PLOT_SUFFIXES = (".csv", ".tsv", ".json")
 
 
 class Port(NamedTuple):
@@ -77,6 +79,7 @@ class Target(NamedTuple):
     resources: Resources | None = None  # for the Ray executor; None: one CPU
     retries: int = 0  # reruns after a lost worker or node (Ray executor)
     strict_inputs: bool = False  # a Python step reading an undeclared project file fails
+    plots: tuple[str, ...] = ()  # plot files (`plots = [...]`), each also one of `outputs`
 
     def call_names(self) -> list[str]:
         """The keyword arguments a Python target's function receives, in order."""

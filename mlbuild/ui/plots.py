@@ -1,0 +1,394 @@
+"""`mlbuild plots`: every declared plot file drawn into one offline HTML page, PNGs beside it.
+
+What is drawn: each file of a target's `plots = [...]`, read by plotdata.py,
+as one panel per numeric column (its own y scale); from the workspace, or
+with `--rows ID,ID` from those experiment rows' cache entries, overlaid one
+line per row. `--x PARAM --y METRIC[,METRIC]` draws instead a metric against
+a parameter, one point per row of the experiment table.
+
+Charts are Vega-Lite specifications rendered here by vl-convert (Vega's own
+renderer run offline in the library: no browser, no network). The page holds
+each chart as an SVG image in a `data:` URL, so it is one file that loads
+nothing: no script, no font, no stylesheet from elsewhere (an SVG shown as an
+image cannot load anything either). Each PNG is written beside the page,
+named after the page and the plot file.
+
+Never overwrites a file it did not make: the page carries
+`<meta name="generator" content="mlbuild plots">` and every PNG a tEXt chunk
+`Software: mlbuild plots`; an existing file without that mark is refused.
+vl-convert is imported only here, and only by this command.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import os
+import re
+import struct
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from mlbuild.errors import UsageError
+from mlbuild.pipeline.schema import Pipeline, display_path
+from mlbuild.plotdata import PlotTable, UnreadablePlot, read_plot
+
+INSTALL_HINT = "mlbuild plots needs vl-convert-python: pip install 'mlbuild[plots]'"
+GENERATOR = "mlbuild plots"
+DEFAULT_PAGE = "mlbuild_plots/index.html"  # relative to the project directory
+WORKSPACE = "workspace"  # the label of the files in the workspace
+PANEL_WIDTH = 320
+PANEL_HEIGHT = 200
+PNG_SCALE = 2.0  # pixels per Vega-Lite unit: sharp on high-density screens
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_MARK = b"Software\x00" + GENERATOR.encode()
+_SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class PlotRow(NamedTuple):
+    """One experiment row as plots sees it: a label, its values, and its cache key per target."""
+
+    id: str
+    label: str  # its name, else its short id
+    params: Mapping[str, Any]
+    metrics: Mapping[str, float]
+    keys: Mapping[str, str]  # target -> cache key of the run that row's outputs came from
+
+
+class Source(NamedTuple):
+    """One plot file of one configuration: where it was declared, whose it is, its table."""
+
+    target: str
+    path: str
+    label: str  # WORKSPACE or a row's label
+    table: PlotTable
+
+
+class Chart(NamedTuple):
+    """One chart of the page: its heading, a line under it, its file name part and its spec."""
+
+    title: str
+    note: str
+    slug: str
+    spec: dict[str, Any]
+
+
+class Report(NamedTuple):
+    """What `mlbuild plots` wrote, and what it had to leave out (one line each)."""
+
+    page: Path
+    images: tuple[Path, ...]
+    notes: tuple[str, ...]
+
+
+class PlotRequest(NamedTuple):
+    """The command line of `mlbuild plots`."""
+
+    output: Path | None = None  # the page; None: DEFAULT_PAGE in the project
+    rows: tuple[str, ...] = ()  # row ids or names to overlay; () the workspace
+    x: str | None = None  # a parameter (`--x`), with `y`: metrics against it across rows
+    y: tuple[str, ...] = ()  # metric names (`--y`)
+
+
+def plot_request(
+    output: Path | None, rows: str | None, x: str | None, y: str | None
+) -> PlotRequest:
+    """The command line checked: `--x` and `--y` go together, lists are comma-separated."""
+    if (x is None) != (y is None):
+        raise UsageError("--x PARAM and --y METRIC go together (a metric against a parameter)")
+    ys = _names("--y", y)
+    chosen = _names("--rows", rows)
+    return PlotRequest(output, chosen, x.strip() if x is not None else None, ys)
+
+
+def _names(option: str, text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return ()
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise UsageError(f"{option} {text!r}: expected names separated by commas")
+    return names
+
+
+# -- what to draw ---------------------------------------------------------------
+
+
+def workspace_sources(pipeline: Pipeline) -> tuple[list[Source], list[str]]:
+    """Every declared plot file as it is in the workspace, and a note for each one left out."""
+    sources: list[Source] = []
+    notes: list[str] = []
+    for target in pipeline.targets.values():
+        for path in target.plots:
+            try:
+                data = (pipeline.root / path).read_bytes()
+            except FileNotFoundError:
+                notes.append(
+                    f"{path} (target {target.name}): not built yet (`mlbuild run {target.name}`)"
+                )
+                continue
+            except OSError as exc:
+                notes.append(f"{path} (target {target.name}): cannot be read: {exc.strerror}")
+                continue
+            _add(sources, notes, target.name, path, WORKSPACE, data)
+    return sources, notes
+
+
+def _add(
+    sources: list[Source], notes: list[str], target: str, path: str, label: str, data: bytes
+) -> None:
+    try:
+        table = read_plot(path, data)
+    except UnreadablePlot as exc:
+        where = "" if label == WORKSPACE else f" of row {label}"
+        notes.append(f"{path} (target {target}){where}: not drawn: {exc}")
+        return
+    sources.append(Source(target, path, label, table))
+
+
+def file_charts(sources: Sequence[Source]) -> list[Chart]:
+    """A chart per plot file, a panel per column, a line per configuration (rows overlaid)."""
+    groups: dict[tuple[str, str], list[Source]] = {}
+    for source in sources:
+        groups.setdefault((source.target, source.path), []).append(source)
+    charts: list[Chart] = []
+    for (target, path), group in groups.items():
+        labels = list(dict.fromkeys(s.label for s in group))
+        values = [
+            {"x": x, "y": y, "column": series.name, "run": source.label}
+            for source in group
+            for series in source.table.series
+            for x, y in series.points
+        ]
+        x_titles = sorted({s.table.x for s in group})
+        overlaid = len(labels) > 1
+        x_axis: dict[str, Any] = {
+            "field": "x",
+            "type": "quantitative",
+            "title": " / ".join(x_titles),
+        }
+        if all(
+            x.is_integer() for s in group for series in s.table.series for x, _ in series.points
+        ):  # steps, epochs, row numbers
+            x_axis["axis"] = {"tickMinStep": 1, "format": "d"}
+        layer: dict[str, Any] = {
+            "mark": {"type": "line", "point": True, "tooltip": True},
+            "encoding": {
+                "x": x_axis,
+                "y": {
+                    "field": "y",
+                    "type": "quantitative",
+                    "title": None,
+                    "scale": {"zero": False},
+                },
+            },
+        }
+        if overlaid:
+            layer["encoding"]["color"] = {
+                "field": "run",
+                "type": "nominal",
+                "title": "row",
+                "sort": labels,
+            }
+        spec = {
+            "data": {"values": values},
+            "facet": {"field": "column", "type": "nominal", "title": None, "sort": _columns(group)},
+            "columns": 2,
+            "spec": {"width": PANEL_WIDTH, "height": PANEL_HEIGHT, **layer},
+            "resolve": {"scale": {"y": "independent"}},
+        }
+        note = f"target {target}; " + ("rows " + ", ".join(labels) if overlaid else labels[0])
+        charts.append(Chart(path, note, _slug(path), spec))
+    return charts
+
+
+def _columns(group: Iterable[Source]) -> list[str]:
+    """The numeric columns of a plot file in the order the files list them."""
+    names: dict[str, None] = {}
+    for source in group:
+        names.update(dict.fromkeys(series.name for series in source.table.series))
+    return list(names)
+
+
+def param_charts(
+    rows: Sequence[PlotRow], x: str, ys: Sequence[str]
+) -> tuple[list[Chart], list[str]]:
+    """Each metric of `ys` against parameter `x`, one point per row that has both."""
+    charts: list[Chart] = []
+    notes: list[str] = []
+    for y in ys:
+        points = [
+            {"x": row.params[x], "y": row.metrics[y], "row": row.label}
+            for row in rows
+            if x in row.params and y in row.metrics
+        ]
+        if len(points) < len(rows):
+            notes.append(f"{y} against {x}: {len(rows) - len(points)} rows lack one of them")
+        if not points:
+            continue
+        numeric = all(
+            isinstance(p["x"], int | float) and not isinstance(p["x"], bool) for p in points
+        )
+        spec = {
+            "data": {"values": points},
+            "width": 2 * PANEL_WIDTH,
+            "height": PANEL_HEIGHT + 80,
+            "mark": {"type": "point", "filled": True, "size": 80, "tooltip": True},
+            "encoding": {
+                "x": {
+                    "field": "x",
+                    "type": "quantitative" if numeric else "ordinal",
+                    "title": x,
+                    **({"scale": {"zero": False}} if numeric else {}),
+                },
+                "y": {"field": "y", "type": "quantitative", "title": y, "scale": {"zero": False}},
+                "tooltip": [
+                    {"field": "row"},
+                    {"field": "x", "title": x},
+                    {"field": "y", "title": y},
+                ],
+            },
+        }
+        note = f"{len(points)} rows of the experiment table"
+        charts.append(Chart(f"{y} against {x}", note, _slug(f"{y}-vs-{x}"), spec))
+    return charts, notes
+
+
+def _slug(text: str) -> str:
+    return _SLUG.sub("_", text.replace("/", "_")).strip("_") or "plot"
+
+
+# -- drawing and writing ----------------------------------------------------------
+
+
+def make_report(pipeline: Pipeline, request: PlotRequest, rows: Sequence[PlotRow] = ()) -> Report:
+    """Draw what `request` asks for and write the page and its PNGs; UsageError if nothing."""
+    if request.x is not None:
+        charts, notes = param_charts(rows, request.x, request.y)
+        if not charts:
+            raise UsageError(f"--x {request.x} --y {','.join(request.y)}: no row has both")
+    else:
+        if not any(t.plots for t in pipeline.targets.values()):
+            raise UsageError(
+                f"{pipeline.display_file}: no target declares plots"
+                ' (add plots = ["history.csv"] to the target that writes one)'
+            )
+        sources, notes = workspace_sources(pipeline)
+        charts = file_charts(sources)
+        if not charts:
+            raise UsageError("mlbuild plots: nothing to draw: " + "; ".join(notes))
+    page = request.output or pipeline.root / DEFAULT_PAGE
+    return _write(pipeline, page, charts, tuple(notes))
+
+
+def _converter() -> Any:
+    try:
+        import vl_convert  # the plots command alone pays for it (a 33 MB native library)
+    except ImportError:
+        raise UsageError(INSTALL_HINT) from None
+    return vl_convert
+
+
+def _write(
+    pipeline: Pipeline, page: Path, charts: Sequence[Chart], notes: tuple[str, ...]
+) -> Report:
+    vlc = _converter()
+    images = [page.with_name(f"{page.stem}-{chart.slug}.png") for chart in charts]
+    for path in (page, *images):
+        _check_ours(path)
+    drawn: list[tuple[Chart, str, Path]] = []
+    for chart, image in zip(charts, images, strict=True):
+        svg = vlc.vegalite_to_svg(chart.spec)
+        png = vlc.vegalite_to_png(chart.spec, scale=PNG_SCALE)
+        _write_file(image, mark_png(png))
+        drawn.append((chart, svg, image))
+    _write_file(page, render_page(pipeline, drawn, notes).encode())
+    return Report(page, tuple(images), notes)
+
+
+def render_page(
+    pipeline: Pipeline, drawn: Sequence[tuple[Chart, str, Path]], notes: Sequence[str]
+) -> str:
+    """The HTML page: a section per chart, its SVG inline as a `data:` image, a link to its PNG."""
+    title = f"Plots of {pipeline.root.name}"
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M")
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta name="generator" content="{GENERATOR}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;color:#222;background:#fff}"
+        "h2{font-size:1.1em;margin-bottom:.2em}.note{color:#666;margin-top:0}"
+        "img{max-width:100%;height:auto}section{margin-bottom:2.5em}</style>",
+        "</head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="note">Drawn by <code>mlbuild plots</code> on {when} from '
+        f"{html.escape(pipeline.display_file)}.</p>",
+    ]
+    for note in notes:
+        parts.append(f'<p class="note">Left out: {html.escape(note)}</p>')
+    for chart, svg, image in drawn:
+        data = base64.b64encode(svg.encode()).decode()
+        link = html.escape(image.name)
+        parts += [
+            "<section>",
+            f"<h2>{html.escape(chart.title)}</h2>",
+            f'<p class="note">{html.escape(chart.note)}</p>',
+            f'<img alt="{html.escape(chart.title)}" src="data:image/svg+xml;base64,{data}">',
+            f'<p class="note"><a href="{link}">{link}</a></p>',
+            "</section>",
+        ]
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def mark_png(png: bytes) -> bytes:
+    """`png` with a tEXt chunk `Software: mlbuild plots` after its header, to know it later."""
+    if not png.startswith(_PNG_SIGNATURE):
+        raise ValueError("not a PNG")
+    (header_length,) = struct.unpack(">I", png[8:12])
+    end = 8 + 12 + header_length  # signature, then IHDR: length, type, data, CRC
+    chunk = b"tEXt" + _PNG_MARK
+    text = struct.pack(">I", len(_PNG_MARK)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return png[:end] + text + png[end:]
+
+
+def _is_ours(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if path.suffix == ".png":
+        return head.startswith(_PNG_SIGNATURE) and _PNG_MARK in head[:256]
+    return f'<meta name="generator" content="{GENERATOR}">'.encode() in head
+
+
+def _check_ours(path: Path) -> None:
+    """Refuse to replace a file mlbuild plots did not write (UsageError: nothing is written)."""
+    try:
+        ours = _is_ours(path)
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        ours = False
+    except OSError as exc:
+        raise UsageError(
+            f"mlbuild plots: cannot check {display_path(path)}: {exc.strerror}"
+        ) from None
+    if not ours:
+        raise UsageError(
+            f"mlbuild plots: {display_path(path)} exists and was not written by mlbuild plots;"
+            " not replaced (choose another page with -o)"
+        )
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write by temp file and rename: a reader never sees half a page."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
