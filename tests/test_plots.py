@@ -1,0 +1,367 @@
+"""`plots = [...]` and `mlbuild plots`, through the real CLI on a small project.
+
+The page is opened in a real headless Chromium (Debian's package; .ci/run
+installs it) and its screenshot decoded by hand (zlib and the PNG filters
+below): the charts' own line colour must be on screen, not just the headings.
+The PNGs written beside the page are decoded the same way.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+from tests.conftest import Project
+
+CHROMIUM = "/usr/bin/chromium"
+# Vega-Lite's first two category colours (its default "tableau10" scheme): a chart's one
+# line, or the first and second experiment row of an overlay.
+BLUE = (0x4C, 0x78, 0xA8)
+ORANGE = (0xF5, 0x85, 0x18)
+
+TRAIN = """\
+    import json, math, os, sys
+    rate = float(sys.argv[1]) if len(sys.argv) > 1 else 3.0
+    os.makedirs("eval", exist_ok=True)
+    with open("eval/history.csv", "w") as f:
+        f.write("epoch,loss,accuracy,note\\n")
+        for e in range(8):
+            f.write(f"{e},{2 * math.exp(-e / rate):.4f},{1 - 0.5 * math.exp(-e / rate):.4f},ok\\n")
+    with open("eval/steps.json", "w") as f:
+        json.dump([{"lr": 0.1 / (s + 1), "grad_norm": 5 - s} for s in range(5)], f)
+"""
+
+PIPELINE = """\
+    [targets.train]
+    cmd = "python3 train.py"
+    inputs = ["train.py"]
+    outputs = ["eval/history.csv"]
+    plots = ["eval/history.csv", "eval/steps.json"]
+"""
+
+
+class Image(NamedTuple):
+    width: int
+    height: int
+    pixels: np.ndarray  # height x width x RGB (alpha dropped), as int16
+
+
+def decode_png(data: bytes) -> Image:
+    """An 8-bit RGB or RGBA, non-interlaced PNG (what Chromium and vl-convert write)."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat = 8, []
+    width = height = ctype = 0
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"bad CRC in {kind!r}"
+        if kind == b"IHDR":
+            width, height, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", body)
+            assert (depth, interlace) == (8, 0) and ctype in (2, 6), (depth, ctype, interlace)
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    raw = zlib.decompress(b"".join(idat))
+    bpp = 3 if ctype == 2 else 4
+    stride = width * bpp
+    assert len(raw) == height * (stride + 1)
+    prev = np.zeros(stride, dtype=np.uint8)
+    rows: list[np.ndarray] = []
+    for y in range(height):
+        start = y * (stride + 1)
+        kind_ = raw[start]
+        line = np.frombuffer(raw, dtype=np.uint8, count=stride, offset=start + 1).copy()
+        if kind_ == 1:  # Sub: a running sum along the row, per channel, modulo 256
+            line = (
+                (np.cumsum(line.reshape(-1, bpp), axis=0, dtype=np.uint64) % 256)
+                .astype(np.uint8)
+                .reshape(-1)
+            )
+        elif kind_ == 2:  # Up
+            line = line + prev  # uint8 wraps modulo 256
+        elif kind_ in (3, 4):  # Average and Paeth depend on the byte just decoded: one by one
+            out = bytearray(line.tobytes())
+            up = prev.tolist()
+            for i in range(stride):
+                a = out[i - bpp] if i >= bpp else 0
+                b = up[i]
+                if kind_ == 3:
+                    out[i] = (out[i] + ((a + b) >> 1)) & 255
+                    continue
+                c = up[i - bpp] if i >= bpp else 0
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                out[i] = (out[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+            line = np.frombuffer(bytes(out), dtype=np.uint8)
+        else:
+            assert kind_ == 0, f"filter {kind_}"
+        rows.append(line)
+        prev = line
+    pixels = np.stack(rows).reshape(height, width, bpp)[:, :, :3].astype(np.int16)
+    return Image(width, height, pixels)
+
+
+def count_near(image: Image, colour: tuple[int, int, int], tolerance: int = 24) -> int:
+    """Pixels within `tolerance` of `colour` in each channel (anti-aliasing blends edges)."""
+    close = np.abs(image.pixels - np.array(colour, dtype=np.int16)) <= tolerance
+    return int(close.all(axis=2).sum())
+
+
+def non_white(image: Image) -> int:
+    return int((image.pixels.min(axis=2) < 245).sum())
+
+
+def screenshot(page: Path, tmp_path: Path) -> Image:
+    """The page as headless Chromium draws it in a 1200x900 window, from a file:// URL."""
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium package")
+        pytest.skip(f"no {CHROMIUM} (apt-get install -y chromium)")
+    shot = tmp_path / "screenshot.png"
+    subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            page.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return decode_png(shot.read_bytes())
+
+
+def make_project(project: Project) -> None:
+    project.write("train.py", TRAIN)
+    project.pipeline(PIPELINE)
+
+
+def svgs(page: Path) -> list[str]:
+    """The charts of a page: the SVG documents inside its `data:` images."""
+    found = re.findall(r'src="data:image/svg\+xml;base64,([A-Za-z0-9+/=]+)"', page.read_text())
+    return [base64.b64decode(data).decode() for data in found]
+
+
+def test_page_opens_offline_in_chromium_with_its_charts_drawn(
+    project: Project, tmp_path: Path
+) -> None:
+    make_project(project)
+    assert project.run("run").code == 0
+    result = project.run("plots")
+    assert result.code == 0, result
+    assert result.out.startswith("mlbuild plots: wrote ")
+    assert result.out.endswith("/mlbuild_plots/index.html and 2 PNG beside it\n")
+    assert result.err == ""
+    folder = project.root / "mlbuild_plots"
+    page = folder / "index.html"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "index-eval_history.csv.png",
+        "index-eval_steps.json.png",
+        "index.html",
+    ]
+    text = page.read_text()
+    # Nothing to fetch: no URL at all in the page, no script, no stylesheet link.
+    assert "http:" not in text and "https:" not in text
+    assert "<script" not in text and "<link" not in text and "@import" not in text
+    history, steps = svgs(page)
+    # One panel per numeric column (the text column `note` is not drawn), x from `epoch`.
+    for title in (">loss<", ">accuracy<", ">epoch<"):
+        assert title in history
+    assert ">note<" not in history
+    # JSON records with no step or epoch column: x is the row number.
+    for title in (">lr<", ">grad_norm<", ">row<"):
+        assert title in steps
+
+    shown = screenshot(page, tmp_path)
+    assert (shown.width, shown.height) == (1200, 900)
+    assert non_white(shown) > 0.01 * 1200 * 900
+    assert count_near(shown, BLUE) > 400, "no chart line on screen"
+
+    for name in ("index-eval_history.csv.png", "index-eval_steps.json.png"):
+        image = decode_png((folder / name).read_bytes())
+        assert 600 <= image.width <= 3000 and 300 <= image.height <= 2000, image[:2]
+        assert count_near(image, BLUE) > 1000
+        assert non_white(image) < 0.5 * image.width * image.height  # a chart, not a smear
+
+
+def test_a_plot_file_is_an_output_of_its_target(project: Project) -> None:
+    """steps.json is not in `outputs`, yet the step fails when it does not write it."""
+    project.write(
+        "train.py",
+        "import os; os.makedirs('eval', exist_ok=True)\n"
+        "open('eval/history.csv', 'w').write('epoch,loss\\n0,1\\n')\n",
+    )
+    project.pipeline(PIPELINE)
+    result = project.run("run")
+    assert result.code == 1
+    assert "eval/steps.json" in result.out + result.err
+
+
+def test_python_step_with_named_outputs_and_a_further_plot_file(project: Project) -> None:
+    """The plot file joins named outputs unnamed: the function is not given it, and runs."""
+    project.write(
+        "steps.py",
+        """\
+        from pathlib import Path
+
+        def train(model: Path) -> None:
+            model.write_text("weights")
+            Path("history.tsv").write_text("step\\tloss\\n1\\t0.5\\n2\\t0.25\\n")
+        """,
+    )
+    project.pipeline(
+        """\
+        [targets.train]
+        python = "steps:train"
+        outputs = { model = "model.txt" }
+        plots = ["history.tsv"]
+        """
+    )
+    result = project.run("run")
+    assert result.code == 0, result
+    assert (project.root / "history.tsv").exists()
+    assert project.run("plots").code == 0
+    (chart,) = svgs(project.root / "mlbuild_plots" / "index.html")
+    assert ">step<" in chart and ">loss<" in chart
+
+
+@pytest.mark.parametrize(
+    ("plots", "needle"),
+    [
+        ('["eval/history.xlsx"]', "'eval/history.xlsx': unknown plot format"),
+        ('["eval/*.csv"]', "plot files cannot be glob patterns"),
+        ('["../history.csv"]', "leaves the project"),
+        ('"eval/a.csv"', None),  # a single string is fine, as for outputs
+    ],
+)
+def test_bad_plots_key_is_one_line_naming_file_target_and_key(
+    project: Project, plots: str, needle: str | None
+) -> None:
+    project.pipeline(
+        f"""\
+        [targets.train]
+        cmd = "true"
+        plots = {plots}
+        """
+    )
+    result = project.run("list")
+    if needle is None:
+        assert result.code == 0, result
+        return
+    assert result.code == 2
+    assert result.out == ""
+    (line,) = result.err.splitlines()
+    assert "pipeline.toml: targets.train.plots: " in line and needle in line, line
+
+
+def test_without_vl_convert_it_says_what_to_install(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_project(project)
+    assert project.run("run").code == 0
+    monkeypatch.setitem(sys.modules, "vl_convert", None)  # import raises ImportError
+    result = project.run("plots")
+    assert result.code == 2
+    assert result.err == (
+        "mlbuild: error: mlbuild plots needs vl-convert-python: pip install 'mlbuild[plots]'\n"
+    )
+    assert not (project.root / "mlbuild_plots").exists()
+
+
+def test_a_file_it_did_not_write_is_never_replaced(project: Project) -> None:
+    make_project(project)
+    assert project.run("run").code == 0
+    mine = project.write("report/index.html", "<html>my own notes</html>\n")
+    result = project.run("plots", "-o", str(mine))
+    assert result.code == 2
+    assert "report/index.html exists and was not written by mlbuild plots" in result.err
+    assert mine.read_text() == "<html>my own notes</html>\n"
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["index.html"]
+    # Its own page and PNGs it replaces: a second run over the first is fine.
+    page = project.root / "report" / "plots.html"
+    assert project.run("plots", "-o", str(page)).code == 0
+    assert project.run("plots", "-o", str(page)).code == 0
+    # A PNG of the user's where one would go: refused, and the page is not written either.
+    png = project.root / "report" / "other-eval_steps.json.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\nnot mine to replace")
+    result = project.run("plots", "-o", str(project.root / "report" / "other.html"))
+    assert result.code == 2 and "other-eval_steps.json.png exists" in result.err
+    assert not (project.root / "report" / "other.html").exists()
+
+
+def test_an_unreadable_plot_file_is_left_out_with_one_line(project: Project) -> None:
+    project.write(
+        "train.py",
+        "import os; os.makedirs('eval', exist_ok=True)\n"
+        "open('eval/history.csv', 'w').write('epoch,loss\\n0,1\\n1,0.5\\n')\n"
+        "open('eval/steps.json', 'w').write('{\"loss\": [1, 2], \"acc\": [1]}')\n",
+    )
+    project.pipeline(PIPELINE)
+    assert project.run("run").code == 0
+    result = project.run("plots")
+    assert result.code == 0, result
+    assert result.err == (
+        "mlbuild plots: left out eval/steps.json (target train): not drawn:"
+        " an object of lists of different lengths (columns must match)\n"
+    )
+    assert "1 PNG beside it" in result.out
+
+
+def test_plots_before_the_first_run_and_without_plots(project: Project) -> None:
+    make_project(project)
+    result = project.run("plots")
+    assert result.code == 2
+    (line,) = result.err.splitlines()
+    assert "eval/history.csv (target train): not built yet (`mlbuild run train`)" in line
+    project.pipeline('[targets.a]\ncmd = "true"\n')
+    result = project.run("plots")
+    assert result.code == 2
+    assert "pipeline.toml: no target declares plots" in result.err
+
+
+def test_x_without_y_is_a_usage_error(project: Project) -> None:
+    make_project(project)
+    result = project.run("plots", "--x", "lr")
+    assert result.code == 2
+    assert result.err == (
+        "mlbuild: error: --x PARAM and --y METRIC go together (a metric against a parameter)\n"
+    )
+
+
+def test_no_op_run_imports_nothing_of_plots(project: Project) -> None:
+    make_project(project)
+    assert project.run("run").code == 0
+    found = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mlbuild", "run"],
+        cwd=project.root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        check=True,
+    )
+    assert "is up to date" in found.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in found.stderr.splitlines()}
+    assert not {"mlbuild.plotdata", "mlbuild.ui.plots", "vl_convert", "csv"} & imported
