@@ -20,7 +20,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlbuild"
 # (`cache`) is one module, all its files together. A subpackage is one layer's modules.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundation", frozenset({"errors", "scheduler"})),
-    ("pipeline", frozenset({"pipeline.schema", "pipeline.load", "pipeline.interpolate"})),
+    (
+        "pipeline",
+        frozenset({"pipeline.schema", "pipeline.load", "pipeline.interpolate", "pipeline.edit"}),
+    ),
     ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store"})),
     ("analysis", frozenset({"code", "staleness", "observed"})),
     ("storage", frozenset({"cache", "remote"})),
