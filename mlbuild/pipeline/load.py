@@ -21,6 +21,7 @@ from mlbuild.pipeline.interpolate import TemplateError, fill, parse_template
 from mlbuild.pipeline.schema import (
     EXECUTOR_KINDS,
     FILE_MODES,
+    METRICS_SUFFIXES,
     PIPELINE_FILE,
     STATE_DIR,
     CacheSettings,
@@ -53,6 +54,7 @@ _TARGET_KEYS = (
     "resources",
     "retries",
     "strict_inputs",
+    "metrics",
 )
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _PORT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -307,6 +309,8 @@ class _Loader:
             raise self.fail(f"{where}.python", "must look like 'package.module:function'")
         inputs = self._ports(f"{where}.inputs", raw.get("inputs", []), allow_glob=True)
         outputs = self._ports(f"{where}.outputs", raw.get("outputs", []), allow_glob=False)
+        metrics = self._metrics(f"{where}.metrics", raw.get("metrics", []))
+        outputs += tuple(Port(None, m) for m in metrics if m not in {p.path for p in outputs})
         target_params = self._params(where, raw.get("params"), params, overrides)
         command = None
         if cmd is not None:
@@ -333,6 +337,7 @@ class _Loader:
             resources=self._resources(f"{where}.resources", raw.get("resources")),
             retries=self._count(f"{where}.retries", raw.get("retries", 0)),
             strict_inputs=self._bool(f"{where}.strict_inputs", raw.get("strict_inputs", False)),
+            metrics=metrics,
         )
         if target.strict_inputs and python is None:
             raise self.fail(
@@ -376,6 +381,21 @@ class _Loader:
             seen.add(path)
             ports.append(Port(port_name, path, is_glob))
         return tuple(ports)
+
+    def _metrics(self, key: str, raw: Any) -> tuple[str, ...]:
+        """Metrics files: outputs too (added to `outputs` unless listed), of a known format."""
+        paths: list[str] = []
+        for value in self._strings(key, raw):
+            if any(ch in _GLOB_CHARS for ch in value):
+                raise self.fail(key, f"{value!r}: metrics files cannot be glob patterns")
+            suffix = posixpath.splitext(value)[1].lower()
+            if suffix not in METRICS_SUFFIXES:
+                known = ", ".join(METRICS_SUFFIXES)
+                raise self.fail(key, f"{value!r}: unknown metrics format (use {known})")
+            path = self._project_path(key, value)
+            if path not in paths:
+                paths.append(path)
+        return tuple(paths)
 
     def _project_path(self, key: str, value: str) -> str:
         """Normalize a path and refuse one that leaves the project or touches .mlbuild."""
