@@ -25,8 +25,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         frozenset({"pipeline.schema", "pipeline.load", "pipeline.interpolate", "pipeline.edit"}),
     ),
     ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store"})),
-    ("analysis", frozenset({"code", "staleness", "observed"})),
-    ("storage", frozenset({"cache", "remote"})),
+    ("analysis", frozenset({"code", "staleness", "observed", "metrics"})),
+    ("storage", frozenset({"cache", "remote", "experiments"})),
     (
         "execution",
         frozenset(
@@ -36,7 +36,17 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("build", frozenset({"build.runner", "build.query", "build.results", "build.lock"})),
     (
         "interface",
-        frozenset({"ui.messages", "ui.report", "ui.progress", "ui.history", "ui.dag", "watch"}),
+        frozenset(
+            {
+                "ui.messages",
+                "ui.report",
+                "ui.progress",
+                "ui.history",
+                "ui.dag",
+                "ui.experiments",
+                "watch",
+            }
+        ),
     ),
     ("entry", frozenset({"cli", "__main__", "__init__"})),
 )
