@@ -160,6 +160,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="read the remote cache but upload nothing to it",
     )
+    run.add_argument("--name", help="name the experiment row this run builds (`mlbuild exp show`)")
     run.set_defaults(handler=cmd_run)
 
     push = _subcommand(
@@ -240,6 +241,30 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     verify = cache_sub.add_parser("verify", parents=[common], help="find corrupted objects")
     verify.set_defaults(handler=cmd_cache_verify)
 
+    exp = _subcommand(sub, command, "exp", parents=[common], help="the experiment table")
+    exp_sub = exp.add_subparsers(dest="exp_command", required=True, parser_class=_Parser)
+    exp_show = exp_sub.add_parser("show", parents=[common], help="every configuration built")
+    exp_show.add_argument(
+        "--all", action="store_true", help="every parameter, not only those that differ"
+    )
+    exp_show.add_argument("--sort", metavar="NAME", help="order by this metric or parameter")
+    exp_show.add_argument("--reverse", action="store_true", help="largest first (with --sort)")
+    exp_show.add_argument("--json", action="store_true", help="machine-readable")
+    exp_show.set_defaults(handler=cmd_exp_show)
+    exp_diff = exp_sub.add_parser("diff", parents=[common], help="two rows side by side")
+    exp_diff.add_argument(
+        "rows",
+        nargs="*",
+        metavar="ROW",
+        help="id or name (default: the workspace and the row before it)",
+    )
+    exp_diff.set_defaults(handler=cmd_exp_diff)
+    exp_apply = exp_sub.add_parser(
+        "apply", parents=[common], help="set a row's params and rebuild it"
+    )
+    exp_apply.add_argument("row", metavar="ROW", help="id (or a unique prefix) or name")
+    exp_apply.set_defaults(handler=cmd_exp_apply)
+
     plots = _subcommand(
         sub, command, "plots", parents=[common], help="draw declared plots into one offline page"
     )
@@ -295,6 +320,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         executor=args.executor,
         address=args.address,
         remote_read_only=args.remote_read_only,
+        name=args.name,
     )
     try:
         with hold_workspace(
@@ -624,6 +650,121 @@ def _size(n: int) -> str:
         if value < 1000 or unit == units[-1]:
             return f"{value:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+def cmd_exp_show(args: argparse.Namespace) -> int:
+    from mlbuild.ui.experiments import print_rich, render_json, render_plain, sort_rows
+
+    table = _experiments(args)
+    if args.sort is not None:
+        table = sort_rows(table, _column(table, args.sort), args.reverse)
+    if args.json:
+        sys.stdout.write(render_json(table))
+    elif sys.stdout.isatty() and os.environ.get("TERM") != "dumb":
+        print_rich(table, args.all)
+    else:
+        sys.stdout.write(render_plain(table, args.all))
+    return EXIT_OK
+
+
+def cmd_exp_diff(args: argparse.Namespace) -> int:
+    from mlbuild.experiments import Row
+    from mlbuild.ui.experiments import render_diff
+
+    table = _experiments(args)
+    if len(args.rows) > 2:
+        raise UsageError("exp diff: takes at most two rows (A, then B)")
+    if len(table) < 2:
+        raise UsageError(
+            f"exp diff: {len(table)} experiment row{'' if len(table) == 1 else 's'} recorded;"
+            " nothing to compare (see `mlbuild exp show`)"
+        )
+    chosen = [_row(table, text, "diff") for text in args.rows]
+    if len(chosen) < 2:
+        current = next((row for row in table if row.current), None)
+        if current is None:
+            raise UsageError(
+                "exp diff: the workspace holds no recorded configuration (a build since failed,"
+                " or outputs were cleaned); name two rows"
+            )
+        if not chosen:
+            others = [row for row in table if row.id != current.id]
+            chosen.append(max(others, key=lambda row: (row.built, row.created)))
+        chosen.append(current)
+    first: Row = chosen[0]
+    sys.stdout.write(render_diff(first, chosen[1]))
+    return EXIT_OK
+
+
+def cmd_exp_apply(args: argparse.Namespace) -> int:
+    """Write a row's parameters into the pipeline's files, then build: what the cache
+    holds for that configuration is restored, the rest runs."""
+    from mlbuild.experiments import param_edits
+    from mlbuild.pipeline.edit import render, write_text
+
+    pipeline, _ = load(args)
+    row = _row(_experiments(args), args.row, "apply")
+    edits, gone = param_edits(pipeline, row)
+    texts = {path: render(path, values, root=pipeline.root) for path, values in edits.items()}
+    for path, text in texts.items():  # every file rendered before any is written
+        write_text(path, text)
+    for path, values in edits.items():
+        for dotted, value in values.items():
+            print(f"exp apply: set {dotted} = {_value(value)} in {_shown(path)}")
+    for name in gone:
+        print(f"exp apply: {name} is no longer a parameter of the pipeline; left alone")
+    run = build_parser("run").parse_args(["run", "-f", str(pipeline.file)])
+    run.command_line = args.command_line
+    return cmd_run(run)
+
+
+def _experiments(args: argparse.Namespace) -> list[Any]:
+    """Every experiment row (none when nothing was ever built)."""
+    from mlbuild.experiments import rows
+
+    pipeline, _ = load(args)
+    store = open_existing_store(state_dir(pipeline.root), PlainReporter().warn)
+    if store is None:
+        return []
+    with store:
+        return rows(store, pipeline.root)
+
+
+def _row(table: Sequence[Any], text: str, command: str) -> Any:
+    from mlbuild.experiments import find_rows
+
+    found = find_rows(table, text)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        ids = ", ".join(row.short for row in found[:5])
+        raise UsageError(f"exp {command} {text}: names several rows ({ids}); give more of the id")
+    raise UsageError(
+        f"exp {command} {text}: no experiment row has that id or name (see `mlbuild exp show`)"
+    )
+
+
+def _column(table: Sequence[Any], name: str) -> str:
+    from mlbuild.pipeline.load import did_you_mean
+
+    known = list(dict.fromkeys(k for row in table for k in (*row.metrics, *row.params)))
+    if name not in known and table:
+        raise UsageError(
+            f"exp show --sort {name}: no such metric or parameter" + did_you_mean(name, known)
+        )
+    return name
+
+
+def _value(value: Any) -> str:
+    from mlbuild.ui.experiments import value_text
+
+    return value_text(value)
+
+
+def _shown(path: Path) -> str:
+    from mlbuild.pipeline.schema import display_path
+
+    return display_path(path)
 
 
 def cmd_plots(args: argparse.Namespace) -> int:

@@ -20,10 +20,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlbuild"
 # (`cache`) is one module, all its files together. A subpackage is one layer's modules.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundation", frozenset({"errors", "scheduler"})),
-    ("pipeline", frozenset({"pipeline.schema", "pipeline.load", "pipeline.interpolate"})),
+    (
+        "pipeline",
+        frozenset({"pipeline.schema", "pipeline.load", "pipeline.interpolate", "pipeline.edit"}),
+    ),
     ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store"})),
-    ("analysis", frozenset({"code", "staleness", "observed", "plotdata"})),
-    ("storage", frozenset({"cache", "remote"})),
+    ("analysis", frozenset({"code", "staleness", "observed", "metrics", "plotdata"})),
+    ("storage", frozenset({"cache", "remote", "experiments"})),
     (
         "execution",
         frozenset(
@@ -40,6 +43,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "ui.progress",
                 "ui.history",
                 "ui.dag",
+                "ui.experiments",
                 "ui.plots",
                 "watch",
             }

@@ -173,9 +173,8 @@ def worker_call(target: Target, root: Path, timing: Path) -> str:
             paths[kind] = [p for port in ports for p in expand_port(port, str(root))]
             continue
         for port in ports:
-            if port.name is None:  # a plot file joined to named outputs (load.py)
-                continue
-            paths[port.name] = expand_port(port, str(root)) if port.is_glob else port.path
+            if port.name is not None:  # None: a metrics file added to named outputs
+                paths[port.name] = expand_port(port, str(root)) if port.is_glob else port.path
     call = {
         "ref": target.python,
         "root": str(root),

@@ -21,6 +21,7 @@ from mlbuild.pipeline.interpolate import TemplateError, fill, parse_template
 from mlbuild.pipeline.schema import (
     EXECUTOR_KINDS,
     FILE_MODES,
+    METRICS_SUFFIXES,
     PIPELINE_FILE,
     PLOT_SUFFIXES,
     STATE_DIR,
@@ -54,6 +55,7 @@ _TARGET_KEYS = (
     "resources",
     "retries",
     "strict_inputs",
+    "metrics",
     "plots",
 )
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -309,8 +311,11 @@ class _Loader:
             raise self.fail(f"{where}.python", "must look like 'package.module:function'")
         inputs = self._ports(f"{where}.inputs", raw.get("inputs", []), allow_glob=True)
         outputs = self._ports(f"{where}.outputs", raw.get("outputs", []), allow_glob=False)
+        metrics = self._declared_files(
+            f"{where}.metrics", raw.get("metrics", []), tuple(METRICS_SUFFIXES), "metrics"
+        )
         plots = self._declared_files(f"{where}.plots", raw.get("plots", []), PLOT_SUFFIXES, "plot")
-        outputs = with_declared_outputs(outputs, plots)
+        outputs = with_declared_outputs(outputs, metrics + plots)
         target_params = self._params(where, raw.get("params"), params, overrides)
         command = None
         if cmd is not None:
@@ -337,6 +342,7 @@ class _Loader:
             resources=self._resources(f"{where}.resources", raw.get("resources")),
             retries=self._count(f"{where}.retries", raw.get("retries", 0)),
             strict_inputs=self._bool(f"{where}.strict_inputs", raw.get("strict_inputs", False)),
+            metrics=metrics,
             plots=plots,
         )
         if target.strict_inputs and python is None:
@@ -399,7 +405,7 @@ class _Loader:
             path = self._project_path(key, value)
             if not path.lower().endswith(suffixes):
                 known = ", ".join(suffixes)
-                raise self.fail(key, f"{value!r}: unknown {what} format (known: {known})")
+                raise self.fail(key, f"{value!r}: unknown {what} format (use {known})")
             if path in paths:
                 raise self.fail(key, f"{value!r} is listed twice")
             paths.append(path)

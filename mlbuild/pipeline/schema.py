@@ -79,6 +79,7 @@ class Target(NamedTuple):
     resources: Resources | None = None  # for the Ray executor; None: one CPU
     retries: int = 0  # reruns after a lost worker or node (Ray executor)
     strict_inputs: bool = False  # a Python step reading an undeclared project file fails
+    metrics: tuple[str, ...] = ()  # metrics files (also among `outputs`); see metrics.py
     plots: tuple[str, ...] = ()  # plot files (`plots = [...]`), each also one of `outputs`
 
     def call_names(self) -> list[str]:
@@ -112,6 +113,22 @@ class ActionKind(enum.Enum):
 
     SHELL = "cmd"
     PYTHON = "python"
+
+
+class MetricsFormat(enum.Enum):
+    """How a metrics file is parsed, chosen by its extension (METRICS_SUFFIXES)."""
+
+    JSON = "json"
+    YAML = "yaml"
+    TOML = "toml"
+
+
+METRICS_SUFFIXES = {
+    ".json": MetricsFormat.JSON,
+    ".yaml": MetricsFormat.YAML,
+    ".yml": MetricsFormat.YAML,
+    ".toml": MetricsFormat.TOML,
+}
 
 
 class Pipeline(NamedTuple):
