@@ -9,6 +9,7 @@ The PNGs written beside the page are decoded the same way.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import struct
@@ -365,3 +366,128 @@ def test_no_op_run_imports_nothing_of_plots(project: Project) -> None:
     assert "is up to date" in found.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in found.stderr.splitlines()}
     assert not {"mlbuild.plotdata", "mlbuild.ui.plots", "vl_convert", "csv"} & imported
+
+
+# -- experiment rows: overlays from the cache, metrics against a parameter ------------
+
+SWEEP = """\
+    import json, math, os, sys
+    rate = float(sys.argv[1])
+    os.makedirs("eval", exist_ok=True)
+    with open("eval/history.csv", "w") as f:
+        # The column's name tells each run apart on the page: loss_r3.0, loss_r1.5, ...
+        f.write(f"epoch,loss_r{rate}\\n")
+        for e in range(6):
+            f.write(f"{e},{2 * math.exp(-e / rate):.4f}\\n")
+    with open("eval/metrics.json", "w") as f:
+        json.dump({"accuracy": 1 - 0.5 * math.exp(-5 / rate)}, f)
+"""
+
+SWEEP_PIPELINE = """\
+    [params]
+    rate = 3.0
+
+    [targets.train]
+    cmd = "python3 train.py {params.rate}"
+    inputs = ["train.py"]
+    params = ["rate"]
+    plots = ["eval/history.csv"]
+    metrics = ["eval/metrics.json"]
+"""
+
+
+def sweep(project: Project) -> dict[str, str]:
+    """Two rows: rate=3.0 (unnamed) then rate=1.5 named `fast`, which the workspace holds."""
+    project.write("train.py", SWEEP)
+    project.pipeline(SWEEP_PIPELINE)
+    assert project.run("run").code == 0
+    assert project.run("run", "--set", "rate=1.5", "--name", "fast").code == 0
+    listed = project.run("exp", "show", "--json")
+    return {str(row["params"]["rate"]): row["id"] for row in json.loads(listed.out)}
+
+
+def test_rows_are_overlaid_from_the_cache_and_the_workspace_is_not_touched(
+    project: Project,
+) -> None:
+    ids = sweep(project)
+    history = project.root / "eval" / "history.csv"
+    before = (history.read_bytes(), history.stat().st_mtime_ns)
+    assert b"loss_r1.5" in before[0]  # the workspace holds the second row
+
+    result = project.run("plots", "--rows", f"{ids['3.0']},fast")
+    assert result.code == 0, result
+    assert result.err == ""
+    assert (history.read_bytes(), history.stat().st_mtime_ns) == before
+    page = project.root / "mlbuild_plots" / "index.html"
+    (chart,) = svgs(page)
+    # The first row's file came from the cache: its column is on the page, beside the
+    # workspace's, and the legend names both rows (short id, and name).
+    assert ">loss_r3.0<" in chart and ">loss_r1.5<" in chart
+    assert f">{ids['3.0']}<" in chart and ">fast<" in chart
+    assert f"rows {ids['3.0']}, fast" in page.read_text()
+    image = decode_png((project.root / "mlbuild_plots" / "index-eval_history.csv.png").read_bytes())
+    assert count_near(image, BLUE) > 300 and count_near(image, ORANGE) > 300
+
+
+def test_a_row_whose_plot_left_the_cache_is_left_out_with_a_note(project: Project) -> None:
+    ids = sweep(project)
+    # Keep only the entries of what the workspace holds (the row `fast`).
+    assert project.run("gc", "--keep-runs", "0").code == 0
+    result = project.run("plots", "--rows", f"fast,{ids['3.0']}")
+    assert result.code == 0, result
+    assert result.err == (
+        f"mlbuild plots: left out eval/history.csv (target train) of row {ids['3.0']}:"
+        " no longer in the cache\n"
+    )
+    (chart,) = svgs(project.root / "mlbuild_plots" / "index.html")
+    assert ">loss_r1.5<" in chart and ">loss_r3.0<" not in chart
+
+
+def test_a_metric_against_a_parameter_across_all_rows(project: Project) -> None:
+    sweep(project)
+    assert project.run("run", "--set", "rate=6.0").code == 0
+    result = project.run("plots", "--x", "rate", "--y", "accuracy")
+    assert result.code == 0, result
+    folder = project.root / "mlbuild_plots"
+    assert sorted(p.name for p in folder.iterdir()) == ["index-accuracy-vs-rate.png", "index.html"]
+    (chart,) = svgs(folder / "index.html")
+    assert ">rate<" in chart and ">accuracy<" in chart and ">fast<" in chart
+    image = decode_png((folder / "index-accuracy-vs-rate.png").read_bytes())
+    assert count_near(image, BLUE) > 3 * 100  # three dots
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("--x", "rat", "--y", "accuracy"),
+            "--x rat: no experiment row has that parameter (did you mean 'rate'?)",
+        ),
+        (
+            ("--x", "rate", "--y", "accurcy"),
+            "--y accurcy: no experiment row has that metric (did you mean 'accuracy'?)",
+        ),
+        (
+            ("--rows", "nosuchrow"),
+            "--rows nosuchrow: no experiment row has that id or name (see `mlbuild exp show`)",
+        ),
+    ],
+)
+def test_unknown_rows_params_and_metrics_are_one_line(
+    project: Project, args: tuple[str, ...], message: str
+) -> None:
+    sweep(project)
+    result = project.run("plots", *args)
+    assert result.code == 2
+    assert result.err == f"mlbuild: error: {message}\n"
+    assert not (project.root / "mlbuild_plots").exists()
+
+
+def test_rows_before_any_row_was_recorded(project: Project) -> None:
+    project.write("train.py", SWEEP)
+    project.pipeline(SWEEP_PIPELINE)
+    result = project.run("plots", "--rows", "fast")
+    assert result.code == 2
+    assert result.err == (
+        "mlbuild: error: mlbuild plots: no experiment rows recorded yet (`mlbuild run` first)\n"
+    )

@@ -28,13 +28,20 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from mlbuild.cache import BadEntry, Cache, Entry
 from mlbuild.errors import UsageError
+from mlbuild.experiments import Row, find_rows, rows
+from mlbuild.fingerprint import hash_bytes
+from mlbuild.manifest import file_hex
+from mlbuild.pipeline.load import did_you_mean
 from mlbuild.pipeline.schema import Pipeline, display_path
 from mlbuild.plotdata import PlotTable, UnreadablePlot, read_plot
+from mlbuild.store import open_existing_store
+from mlbuild.workspace import cache_dir, state_dir
 
 INSTALL_HINT = "mlbuild plots needs vl-convert-python: pip install 'mlbuild[plots]'"
 GENERATOR = "mlbuild plots"
@@ -46,16 +53,6 @@ PNG_SCALE = 2.0  # pixels per Vega-Lite unit: sharp on high-density screens
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MARK = b"Software\x00" + GENERATOR.encode()
 _SLUG = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-class PlotRow(NamedTuple):
-    """One experiment row as plots sees it: a label, its values, and its cache key per target."""
-
-    id: str
-    label: str  # its name, else its short id
-    params: Mapping[str, Any]
-    metrics: Mapping[str, float]
-    keys: Mapping[str, str]  # target -> cache key of the run that row's outputs came from
 
 
 class Source(NamedTuple):
@@ -88,7 +85,7 @@ class PlotRequest(NamedTuple):
     """The command line of `mlbuild plots`."""
 
     output: Path | None = None  # the page; None: DEFAULT_PAGE in the project
-    rows: tuple[str, ...] = ()  # row ids or names to overlay; () the workspace
+    rows: tuple[str, ...] = ()  # row ids or names to overlay; () the workspace (or, with x, all)
     x: str | None = None  # a parameter (`--x`), with `y`: metrics against it across rows
     y: tuple[str, ...] = ()  # metric names (`--y`)
 
@@ -116,10 +113,9 @@ def _names(option: str, text: str | None) -> tuple[str, ...]:
 # -- what to draw ---------------------------------------------------------------
 
 
-def workspace_sources(pipeline: Pipeline) -> tuple[list[Source], list[str]]:
-    """Every declared plot file as it is in the workspace, and a note for each one left out."""
+def workspace_sources(pipeline: Pipeline, notes: list[str]) -> list[Source]:
+    """Every declared plot file as it is in the workspace; a note for each one left out."""
     sources: list[Source] = []
-    notes: list[str] = []
     for target in pipeline.targets.values():
         for path in target.plots:
             try:
@@ -133,7 +129,94 @@ def workspace_sources(pipeline: Pipeline) -> tuple[list[Source], list[str]]:
                 notes.append(f"{path} (target {target.name}): cannot be read: {exc.strerror}")
                 continue
             _add(sources, notes, target.name, path, WORKSPACE, data)
-    return sources, notes
+    return sources
+
+
+def row_sources(pipeline: Pipeline, chosen: Sequence[Row], notes: list[str]) -> list[Source]:
+    """Every declared plot file as each row's run wrote it, read from the local cache.
+
+    Nothing is written to the workspace: the bytes come from the cache's
+    objects (their digest checked), found through the entry of the row's
+    cache key for the plot's target.
+    """
+    cache = Cache(cache_dir(pipeline.root))
+    sources: list[Source] = []
+    for row in chosen:
+        label = row_label(row)
+        for target in pipeline.targets.values():
+            if not target.plots:
+                continue
+            key = row.keys.get(target.name)
+            if key is None:
+                notes.append(f"row {label}: built without target {target.name}, no plots of it")
+                continue
+            try:
+                entry = cache.lookup(key)
+            except BadEntry as exc:
+                entry = None
+                notes.append(f"row {label}: the cache entry of {target.name} is unusable: {exc}")
+            for path in target.plots:
+                data = cached_file(cache, entry, path) if entry is not None else None
+                if data is None:
+                    notes.append(
+                        f"{path} (target {target.name}) of row {label}: no longer in the cache"
+                    )
+                    continue
+                _add(sources, notes, target.name, path, label, data)
+    return sources
+
+
+def cached_file(cache: Cache, entry: Entry, path: str) -> bytes | None:
+    """The bytes `entry` recorded for the file `path` (an output, or a file in one), verified."""
+    digest: str | None = None
+    for out_path, out in entry.outputs.items():
+        if path == out_path:
+            digest = file_hex(out["fingerprint"])
+        elif path.startswith(out_path + "/"):
+            inside = path[len(out_path) + 1 :]
+            digest = next((file_hex(i[1]) for i in out.get("tree", ()) if i[0] == inside), None)
+        else:
+            continue
+        break
+    if digest is None:
+        return None
+    try:
+        data = cache.object_path(digest).read_bytes()
+    except OSError:
+        return None
+    return data if hash_bytes(data) == digest else None
+
+
+def row_label(row: Row) -> str:
+    """How a row is named on the page: its name, else its short id."""
+    return row.name or row.short
+
+
+def chosen_rows(pipeline: Pipeline, wanted: Sequence[str]) -> list[Row]:
+    """The experiment rows named by `--rows` (ids, unique id prefixes or names), or all of them."""
+    store = open_existing_store(state_dir(pipeline.root), lambda line: None)
+    if store is None:
+        table: list[Row] = []
+    else:
+        with store:
+            table = rows(store, pipeline.root)
+    if not table:
+        raise UsageError("mlbuild plots: no experiment rows recorded yet (`mlbuild run` first)")
+    if not wanted:
+        return table
+    chosen: list[Row] = []
+    for text in wanted:
+        found = find_rows(table, text)
+        if not found:
+            raise UsageError(
+                f"--rows {text}: no experiment row has that id or name (see `mlbuild exp show`)"
+            )
+        if len(found) > 1:
+            ids = ", ".join(row.short for row in found[:5])
+            raise UsageError(f"--rows {text}: names several rows ({ids}); give more of the id")
+        if found[0] not in chosen:
+            chosen.append(found[0])
+    return chosen
 
 
 def _add(
@@ -212,48 +295,79 @@ def _columns(group: Iterable[Source]) -> list[str]:
     return list(names)
 
 
-def param_charts(
-    rows: Sequence[PlotRow], x: str, ys: Sequence[str]
-) -> tuple[list[Chart], list[str]]:
+def param_charts(table: Sequence[Row], x: str, ys: Sequence[str], notes: list[str]) -> list[Chart]:
     """Each metric of `ys` against parameter `x`, one point per row that has both."""
+    _check_known("--x", x, [name for row in table for name in row.params], "parameter")
+    for y in ys:
+        _check_known("--y", y, [name for row in table for name in row.metrics], "metric")
     charts: list[Chart] = []
-    notes: list[str] = []
     for y in ys:
         points = [
-            {"x": row.params[x], "y": row.metrics[y], "row": row.label}
-            for row in rows
+            {"x": row.params[x], "y": row.metrics[y], "row": row_label(row)}
+            for row in table
             if x in row.params and y in row.metrics
         ]
-        if len(points) < len(rows):
-            notes.append(f"{y} against {x}: {len(rows) - len(points)} rows lack one of them")
+        if len(points) < len(table):
+            missing = len(table) - len(points)
+            notes.append(f"{y} against {x}: {missing} of {len(table)} rows lack one of them")
         if not points:
             continue
         numeric = all(
             isinstance(p["x"], int | float) and not isinstance(p["x"], bool) for p in points
         )
+        x_axis: dict[str, Any] = {"field": "x", "title": x}
+        x_axis.update(
+            {"type": "quantitative", "scale": {"zero": False, "padding": 24}}
+            if numeric
+            else {"type": "ordinal"}
+        )
         spec = {
             "data": {"values": points},
             "width": 2 * PANEL_WIDTH,
             "height": PANEL_HEIGHT + 80,
-            "mark": {"type": "point", "filled": True, "size": 80, "tooltip": True},
             "encoding": {
-                "x": {
-                    "field": "x",
-                    "type": "quantitative" if numeric else "ordinal",
-                    "title": x,
-                    **({"scale": {"zero": False}} if numeric else {}),
+                "x": x_axis,
+                "y": {
+                    "field": "y",
+                    "type": "quantitative",
+                    "title": y,
+                    "scale": {"zero": False, "padding": 24},
                 },
-                "y": {"field": "y", "type": "quantitative", "title": y, "scale": {"zero": False}},
-                "tooltip": [
-                    {"field": "row"},
-                    {"field": "x", "title": x},
-                    {"field": "y", "title": y},
-                ],
             },
+            "layer": [  # a dot per row, named beside it
+                {
+                    "mark": {
+                        "type": "point",
+                        "filled": True,
+                        "opacity": 1,
+                        "size": 80,
+                        "tooltip": True,
+                    },
+                    "encoding": {
+                        "tooltip": [
+                            {"field": "row"},
+                            {"field": "x", "title": x},
+                            {"field": "y", "title": y},
+                        ]
+                    },
+                },
+                {
+                    "mark": {"type": "text", "align": "left", "dx": 8, "color": "#555"},
+                    "encoding": {"text": {"field": "row"}},
+                },
+            ],
         }
         note = f"{len(points)} rows of the experiment table"
         charts.append(Chart(f"{y} against {x}", note, _slug(f"{y}-vs-{x}"), spec))
-    return charts, notes
+    return charts
+
+
+def _check_known(option: str, name: str, known: Sequence[str], what: str) -> None:
+    names = list(dict.fromkeys(known))
+    if name not in names:
+        raise UsageError(
+            f"{option} {name}: no experiment row has that {what}" + did_you_mean(name, names)
+        )
 
 
 def _slug(text: str) -> str:
@@ -263,19 +377,27 @@ def _slug(text: str) -> str:
 # -- drawing and writing ----------------------------------------------------------
 
 
-def make_report(pipeline: Pipeline, request: PlotRequest, rows: Sequence[PlotRow] = ()) -> Report:
+def make_report(pipeline: Pipeline, request: PlotRequest) -> Report:
     """Draw what `request` asks for and write the page and its PNGs; UsageError if nothing."""
+    notes: list[str] = []
     if request.x is not None:
-        charts, notes = param_charts(rows, request.x, request.y)
+        table = chosen_rows(pipeline, request.rows)
+        charts = param_charts(table, request.x, request.y, notes)
         if not charts:
-            raise UsageError(f"--x {request.x} --y {','.join(request.y)}: no row has both")
+            raise UsageError(
+                f"--x {request.x} --y {','.join(request.y)}: no row has both"
+                " (see `mlbuild exp show`)"
+            )
     else:
         if not any(t.plots for t in pipeline.targets.values()):
             raise UsageError(
                 f"{pipeline.display_file}: no target declares plots"
                 ' (add plots = ["history.csv"] to the target that writes one)'
             )
-        sources, notes = workspace_sources(pipeline)
+        if request.rows:
+            sources = row_sources(pipeline, chosen_rows(pipeline, request.rows), notes)
+        else:
+            sources = workspace_sources(pipeline, notes)
         charts = file_charts(sources)
         if not charts:
             raise UsageError("mlbuild plots: nothing to draw: " + "; ".join(notes))
