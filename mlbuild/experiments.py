@@ -23,6 +23,7 @@ is the public reading of them (`exp show`, `exp diff`, `mlbuild plots`).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -218,7 +219,7 @@ def rows(store: Store, root: Path) -> list[Row]:
         return []
     metrics_of = store.load_metrics()
     now = current_keys(store)
-    runs = cache_dir(root) / "runs"
+    runs = str(cache_dir(root) / "runs") + os.sep
     entry_seen: dict[str, bool] = {}
 
     def in_cache(key: str) -> bool:
@@ -226,7 +227,7 @@ def rows(store: Store, root: Path) -> list[Row]:
         if seen is None:
             # The cache's own layout (cache/local.py: runs/<k[:2]>/<k[2:]>.json);
             # a stat, not a parse: `exp show` reads every row's keys.
-            seen = entry_seen[key] = (runs / key[:2] / f"{key[2:]}.json").exists()
+            seen = entry_seen[key] = os.path.exists(f"{runs}{key[:2]}{os.sep}{key[2:]}.json")
         return seen
 
     parsed: list[tuple[StoredExperiment, dict[str, Any], dict[str, list[Any]]]] = []

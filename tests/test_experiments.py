@@ -270,11 +270,8 @@ def test_exp_show_plain_table_marks_the_workspace_row(dvc_project: Project) -> N
     dvc_project.run("run", "--name", "baseline")
     dvc_project.run("run", "--set", "n_est=20")
     out = dvc_project.run("exp", "show").out.splitlines()
-    assert out[0].split() == ["id", "name", "created", "n_est", "acc", "epochs"] + [
-        "loss.test",
-        "loss.train",
-        "restorable",
-    ]
+    columns = ["id", "name", "created", "n_est", "acc", "epochs", "loss.test", "loss.train"]
+    assert out[0].split() == [*columns, "restorable"]
     first, second = show(dvc_project)
     assert out[1].startswith(f"   {first['id']}  baseline  ")
     assert out[1].split()[-6:] == ["10", "0.9", "10", "0.2", "0.1", "yes"]
@@ -311,9 +308,8 @@ def test_exp_diff_shows_params_and_metrics_with_deltas(dvc_project: Project) -> 
     assert ["acc", "0.9", "0.95", "+0.05", "(+5.6%)"] in lines
     assert ["loss.test", "0.2", "0.1", "-0.1", "(-50.0%)"] in lines
     named = dvc_project.run("exp", "diff", second["id"], "baseline")
-    assert named.out.splitlines()[0].split() == [f"*{second['id']}", first["id"], "(baseline)"] + [
-        "change"
-    ]
+    header = [f"*{second['id']}", first["id"], "(baseline)", "change"]
+    assert named.out.splitlines()[0].split() == header
     assert ["n_est", "20", "10", "-10", "(-50.0%)"] in [r.split() for r in named.out.splitlines()]
 
 
