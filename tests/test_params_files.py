@@ -255,6 +255,39 @@ def test_a_python_step_receives_a_params_file_section_as_a_nested_table(
     assert json.loads(project.read("model.json")) == {"n_est": 5, "opt": {"lr": 0.1}}
 
 
+def test_a_python_step_reading_the_params_file_itself_reruns_only_for_its_keys(
+    project: Project,
+) -> None:
+    project.write("params.yaml", PARAMS_YAML)
+    project.write(
+        "steps.py",
+        """\
+        from ruamel.yaml import YAML
+
+        def train(outputs, train):  # `train` holds the listed keys; read the file anyway
+            with open("params.yaml") as handle:
+                p = YAML(typ="safe", pure=True).load(handle)
+            outputs[0].write_text(str(p["train"]["n_est"]))
+        """,
+    )
+    project.pipeline(
+        """\
+        params_files = ["params.yaml"]
+        [targets.train]
+        python = "steps:train"
+        outputs = ["model.txt"]
+        params = ["train.n_est"]
+        """
+    )
+    assert project.run("run", "--plain").code == 0
+    edit(project, "params.yaml", "seed: 1 ", "seed: 2 ")
+    assert project.run("run", "--plain").started() == []  # not a discovered input
+    edit(project, "params.yaml", "n_est: 50", "n_est: 51")
+    result = project.run("run", "--plain")
+    assert result.started() == ["train"]
+    assert project.read("model.txt") == "51"
+
+
 # --- bad input: one line, exit 2, nothing changed on disk ---------------------------
 
 
