@@ -435,3 +435,43 @@ def test_a_pipeline_without_params_files_imports_no_parser(tmp_path: Path) -> No
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert done.stdout.splitlines()[-1] == "[]", done.stdout
+
+
+# --- watch mode -----------------------------------------------------------------------
+
+
+def test_watch_reloads_on_a_params_file_edit_and_reruns_only_its_readers(tmp_path: Path) -> None:
+    from tests.test_watch import started, watching, write
+
+    write(tmp_path, "params.yaml", "a:\n  x: 1  # listed\n  y: 1\nb: 1\n")
+    write(
+        tmp_path,
+        "pipeline.toml",
+        """\
+        params_files = ["params.yaml"]
+        [targets.ax]
+        cmd = "echo {params.a.x} > {outputs.0}"
+        outputs = ["ax.txt"]
+        params = ["a.x"]
+        [targets.b]
+        cmd = "echo {params.b} > {outputs.0}"
+        outputs = ["b.txt"]
+        params = ["b"]
+        """,
+    )
+    with watching(tmp_path) as w:
+        assert started(w.since(0)) == ["ax", "b"]
+        mark = w.mark()
+        write(tmp_path, "params.yaml", "a:\n  x: 2  # listed\n  y: 1\nb: 1\n")
+        seen = w.wait_text("waiting for changes.", mark)
+        assert "mlbuild watch: params.yaml changed; checking ax, b." in seen
+        assert started(seen) == ["ax"]
+        assert (tmp_path / "ax.txt").read_text() == "2\n"
+        mark = w.mark()
+        write(tmp_path, "params.yaml", "a:\n  x: [2\n")
+        seen = w.wait_text("keeping the last good pipeline", mark)
+        assert "params.yaml:3:" in seen and "invalid YAML" in seen
+        mark = w.mark()
+        write(tmp_path, "params.yaml", "a:\n  x: 2  # listed\n  y: 5\nb: 3\n")
+        seen = w.wait_text("waiting for changes.", mark)
+        assert started(seen) == ["b"]  # a.y is listed by no target
