@@ -300,7 +300,7 @@ def write_params(pipeline: Pipeline, args: argparse.Namespace) -> dict[str, Any]
     Returns the overrides left to apply in memory (those of `[params]` and local ones).
     """
     overrides = parse_overrides(getattr(args, "set", None) or [])
-    if not pipeline.param_sources:
+    if not overrides or not pipeline.param_sources:
         return overrides
     from mlbuild.pipeline.edit import write_overrides
 

@@ -23,15 +23,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mlbuild.errors import ParamsFileError
+from mlbuild.pipeline.paramfiles import file_format, yaml_location, yaml_problem
 from mlbuild.pipeline.schema import STATE_DIR, Pipeline, display_path
 
-FORMATS = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".toml": "toml"}
 MISSING = object()  # the old value of a key the edit adds
 
 
@@ -73,11 +72,6 @@ def _same(old: object, new: object) -> bool:
 
 def _shown(value: object) -> str:
     return "absent" if value is MISSING else json.dumps(value, default=str, ensure_ascii=False)
-
-
-def file_format(path: Path) -> str | None:
-    """`yaml`, `json` or `toml` by the file's extension; None for any other."""
-    return FORMATS.get(path.suffix.lower())
 
 
 def set_value(path: Path, dotted: str, value: object, *, root: Path | None = None) -> None:
@@ -131,6 +125,8 @@ def render(
 
 def write_text(path: Path, text: str) -> None:
     """Replace the file's bytes atomically, keeping its permission bits."""
+    import tempfile  # off the read path: it pulls in random and hashlib
+
     real = os.path.realpath(path)
     folder = os.path.dirname(real)
     try:
@@ -230,21 +226,6 @@ def _render_yaml(
     except Exception as exc:  # ruamel raises RepresenterError and others for odd values
         raise ParamsFileError(shown, f"cannot write the value as YAML: {exc}") from None
     return out.getvalue()
-
-
-def yaml_location(shown: str, exc: Exception) -> str:
-    """`file:line` of a ruamel.yaml error (1-based), or the file alone."""
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    line = getattr(mark, "line", None)
-    return f"{shown}:{line + 1}" if isinstance(line, int) else shown
-
-
-def yaml_problem(exc: Exception) -> str:
-    """A ruamel.yaml error's description, on one line."""
-    problem = getattr(exc, "problem", None)
-    context = getattr(exc, "context", None)
-    text = " ".join(str(p) for p in (context, problem) if p) or str(exc)
-    return " ".join(text.split())
 
 
 def _render_toml(

@@ -24,8 +24,14 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from mlbuild.errors import ParamsFileError, PipelineError
-from mlbuild.pipeline.edit import FORMATS, file_format
 from mlbuild.pipeline.schema import STATE_DIR, display_path
+
+FORMATS = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".toml": "toml"}
+
+
+def file_format(path: Path) -> str | None:
+    """`yaml`, `json` or `toml` by the file's extension; None for any other."""
+    return FORMATS.get(path.suffix.lower())
 
 
 class ParamsFiles(NamedTuple):
@@ -120,8 +126,6 @@ def _parse(kind: str, shown: str, text: str) -> Any:
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 
-    from mlbuild.pipeline.edit import yaml_location, yaml_problem
-
     try:
         return YAML(typ="safe", pure=True).load(text)
     except YAMLError as exc:
@@ -180,3 +184,18 @@ def merge_params_files(
             )
     params.update(found.values)
     return found
+
+
+def yaml_location(shown: str, exc: Exception) -> str:
+    """`file:line` of a ruamel.yaml error (1-based), or the file alone."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line = getattr(mark, "line", None)
+    return f"{shown}:{line + 1}" if isinstance(line, int) else shown
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A ruamel.yaml error's description, on one line."""
+    problem = getattr(exc, "problem", None)
+    context = getattr(exc, "context", None)
+    text = " ".join(str(p) for p in (context, problem) if p) or str(exc)
+    return " ".join(text.split())
