@@ -302,8 +302,9 @@ def param_edits(pipeline: Pipeline, row: Row) -> tuple[dict[Path, dict[str, Any]
     """What `exp apply` writes to give the pipeline `row`'s parameter values.
 
     Returns file -> {dotted key in that file: value} for the values that
-    differ from the pipeline's now, and the row's parameters the pipeline no
-    longer has (left alone).
+    differ from the pipeline's now (a params file's key in that file,
+    `[params]` and a target's own table in pipeline.toml), and the row's
+    parameters the pipeline no longer has (left alone).
     """
     edits: dict[Path, dict[str, Any]] = {}
     gone: list[str] = []
@@ -312,18 +313,21 @@ def param_edits(pipeline: Pipeline, row: Row) -> tuple[dict[Path, dict[str, Any]
         if where is None:
             gone.append(name)
             continue
-        now, key = where
+        now, file, key = where
         if encode_value(now) != encode_value(value):
-            edits.setdefault(pipeline.file, {})[key] = value
+            edits.setdefault(file, {})[key] = value
     return edits, gone
 
 
-def _param_home(pipeline: Pipeline, name: str) -> tuple[Any, str] | None:
-    """(value now, key in pipeline.toml) of a parameter named as `--set` names it."""
+def _param_home(pipeline: Pipeline, name: str) -> tuple[Any, Path, str] | None:
+    """(value now, file, key in that file) of a parameter named as `--set` names it."""
+    source = pipeline.param_sources.get(name)
+    if source is not None:
+        return pipeline.params[name], pipeline.root / source, name
     if name in pipeline.params:
-        return pipeline.params[name], f"params.{name}"
+        return pipeline.params[name], pipeline.file, f"params.{name}"
     target_name, _, pname = name.rpartition(".")
     target = pipeline.targets.get(target_name)
     if target is None or pname not in target.params or "." in target_name:
         return None
-    return target.params[pname], f"targets.{target_name}.params.{pname}"
+    return target.params[pname], pipeline.file, f"targets.{target_name}.params.{pname}"

@@ -425,3 +425,63 @@ def test_the_no_op_imports_nothing_for_metrics_or_experiments(dvc_project: Proje
     assert done.returncode == 0, done.stderr
     assert "3 skipped" in done.stdout
     assert done.stdout.splitlines()[-1] == "[]"
+
+
+PARAMS_YAML = """\
+# DVC-style parameters
+train:
+  n_est: 50     # number of trees
+  seed: 1
+"""
+
+PARAMS_PIPELINE = f"""\
+params_files = ["params.yaml"]
+
+[targets.train]
+cmd = "{sys.executable} train.py {{outputs.0}}"
+inputs = ["train.py"]
+outputs = ["model.txt"]
+params = ["train.n_est"]
+
+[targets.evaluate]
+cmd = "{sys.executable} evaluate.py"
+inputs = ["model.txt", "evaluate.py"]
+metrics = ["eval/metrics.yaml"]
+"""
+
+
+def test_exp_apply_writes_a_params_file_key_back_with_its_comments(project: Project) -> None:
+    project.write("params.yaml", PARAMS_YAML)
+    project.pipeline(PARAMS_PIPELINE)
+    project.write(
+        "train.py",
+        """\
+        import sys
+        from ruamel.yaml import YAML
+        n = YAML(typ="safe", pure=True).load(open("params.yaml"))["train"]["n_est"]
+        open(sys.argv[1], "w").write(f"{n}\\n")
+        """,
+    )
+    project.write(
+        "evaluate.py",
+        """\
+        import os
+        n = int(open("model.txt").read())
+        os.makedirs("eval", exist_ok=True)
+        open("eval/metrics.yaml", "w").write(f"acc: {1 - 1 / n}\\nrun: {{name: x}}\\n")
+        """,
+    )
+    assert project.run("run", "--name", "baseline").code == 0
+    changed = project.run("run", "--set", "train.n_est=100")
+    assert changed.started() == ["train", "evaluate"]
+    assert [(r["params"], r["metrics"]) for r in show(project)] == [
+        ({"train.n_est": 50}, {"acc": 0.98}),
+        ({"train.n_est": 100}, {"acc": 0.99}),
+    ]
+    result = project.run("exp", "apply", "baseline")
+    assert result.code == 0, result
+    assert "exp apply: set train.n_est = 50 in " in result.out
+    assert result.started() == []
+    assert project.read("params.yaml") == PARAMS_YAML
+    assert project.read("model.txt") == "50\n"
+    assert [r["current"] for r in show(project)] == [True, False]
