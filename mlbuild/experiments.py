@@ -102,10 +102,21 @@ def record_build(
     add (or mark built again) the row of the configuration the `decided` targets are in.
 
     `made` are the targets that ran or were restored, `decided` those plus the
-    skipped ones.
+    skipped ones. A skipped target's metrics are read too when none are
+    recorded for its key (a state from before metrics were declared or
+    recorded): its file is the one its run wrote.
     """
     manifests = store.load_manifests()
-    _record_metrics(store, pipeline, made, manifests, warn)
+    known = store.load_metrics()
+    unread = [
+        t
+        for t in decided
+        if t not in made
+        and pipeline.targets[t].metrics
+        and t in manifests
+        and key_of(t, manifests[t]) not in known
+    ]
+    _record_metrics(store, pipeline, [*made, *unread], manifests, warn)
     if not ok:
         if name is not None:
             warn(f"--name {name}: the build failed, so no experiment row was recorded")

@@ -485,3 +485,17 @@ def test_exp_apply_writes_a_params_file_key_back_with_its_comments(project: Proj
     assert project.read("params.yaml") == PARAMS_YAML
     assert project.read("model.txt") == "50\n"
     assert [r["current"] for r in show(project)] == [True, False]
+
+
+def test_naming_a_built_configuration_reads_metrics_not_yet_recorded(
+    dvc_project: Project,
+) -> None:
+    """A state from before the metrics were recorded (here: the table emptied)."""
+    dvc_project.run()
+    with sqlite3.connect(dvc_project.root / ".mlbuild/state.db") as conn:
+        conn.execute("DELETE FROM metrics")
+        conn.execute("DELETE FROM experiments")
+    result = dvc_project.run("run", "--name", "kept")
+    assert result.code == 0 and result.started() == []
+    (row,) = show(dvc_project)
+    assert (row["name"], row["metrics"]["acc"], row["current"]) == ("kept", 0.9, True)
