@@ -499,3 +499,19 @@ def test_naming_a_built_configuration_reads_metrics_not_yet_recorded(
     assert result.code == 0 and result.started() == []
     (row,) = show(dvc_project)
     assert (row["name"], row["metrics"]["acc"], row["current"]) == ("kept", 0.9, True)
+
+
+def test_exp_show_on_a_terminal_is_drawn_by_rich_with_the_current_row_bold(
+    dvc_project: Project,
+) -> None:
+    from tests.test_progress import on_terminal
+
+    dvc_project.run("run", "--name", "baseline")
+    dvc_project.run("run", "--set", "n_est=20")
+    current = show(dvc_project)[1]["id"]
+    screen = on_terminal(dvc_project.root, "exp", "show")
+    lines = screen.splitlines()
+    assert "restorable" in lines[0] and "\x1b[1" in lines[0]  # the header, styled
+    (row,) = [line for line in lines if current in line]
+    assert row.startswith("\x1b[1m*  " + current), repr(row)  # bold, marked
+    assert "baseline" in screen
