@@ -326,6 +326,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         with hold_workspace(
             pipeline.root, args.command_line, wait=not args.no_wait, warn=reporter.warn
         ) as store:
+            write_params(pipeline, args)
             _plan(reporter, graph, store, options.targets, options.force, options.jobs)
             result = run_build(graph, store, reporter, options)
             # Read after the build: a restored target's duration is now its original run's.
@@ -334,6 +335,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         reporter.close()  # gives the terminal back after Ctrl-C too
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def write_params(pipeline: Pipeline, args: argparse.Namespace) -> dict[str, Any]:
+    """`--set` of a params-file key goes into the file (as `dvc exp run -S`), said in one line.
+
+    Returns the overrides left to apply in memory (those of `[params]` and local ones).
+    """
+    overrides = parse_overrides(getattr(args, "set", None) or [])
+    if not overrides or not pipeline.param_sources:
+        return overrides
+    from mlbuild.pipeline.edit import write_overrides
+
+    for line in write_overrides(pipeline, overrides):
+        print(f"mlbuild: {line}", flush=True)
+    return {k: v for k, v in overrides.items() if k not in pipeline.param_sources}
 
 
 def _plan(
@@ -406,13 +422,17 @@ def cmd_watch(args: argparse.Namespace) -> int:
     verbosity = -1 if args.quiet else (1 if args.verbose else 0)
     reporter = PlainReporter(verbosity=verbosity, explain=args.explain, prefix=args.jobs > 1)
     force = getattr(args, "force", None)  # `run --watch --force`: the first build only
+    # Params-file keys are written once; later edits of the file by the user then count.
+    overrides = parse_overrides(getattr(args, "set", None) or [])
+    if overrides:
+        overrides = write_params(load(args)[0], args)
     watcher = Watcher(
         getattr(args, "file", None) or find_pipeline(Path.cwd()),
         reporter,
         sys.stdout,
         sys.stderr,
         targets=args.targets,
-        overrides=parse_overrides(getattr(args, "set", None) or []),
+        overrides=overrides,
         options=WatchOptions(
             debounce=debounce_ms / 1000, poll=getattr(args, "poll", False), verbosity=verbosity
         ),

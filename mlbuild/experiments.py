@@ -23,6 +23,7 @@ is the public reading of them (`exp show`, `exp diff`, `mlbuild plots`).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -101,10 +102,21 @@ def record_build(
     add (or mark built again) the row of the configuration the `decided` targets are in.
 
     `made` are the targets that ran or were restored, `decided` those plus the
-    skipped ones.
+    skipped ones. A skipped target's metrics are read too when none are
+    recorded for its key (a state from before metrics were declared or
+    recorded): its file is the one its run wrote.
     """
     manifests = store.load_manifests()
-    _record_metrics(store, pipeline, made, manifests, warn)
+    known = store.load_metrics()
+    unread = [
+        t
+        for t in decided
+        if t not in made
+        and pipeline.targets[t].metrics
+        and t in manifests
+        and key_of(t, manifests[t]) not in known
+    ]
+    _record_metrics(store, pipeline, [*made, *unread], manifests, warn)
     if not ok:
         if name is not None:
             warn(f"--name {name}: the build failed, so no experiment row was recorded")
@@ -218,7 +230,7 @@ def rows(store: Store, root: Path) -> list[Row]:
         return []
     metrics_of = store.load_metrics()
     now = current_keys(store)
-    runs = cache_dir(root) / "runs"
+    runs = str(cache_dir(root) / "runs") + os.sep
     entry_seen: dict[str, bool] = {}
 
     def in_cache(key: str) -> bool:
@@ -226,7 +238,7 @@ def rows(store: Store, root: Path) -> list[Row]:
         if seen is None:
             # The cache's own layout (cache/local.py: runs/<k[:2]>/<k[2:]>.json);
             # a stat, not a parse: `exp show` reads every row's keys.
-            seen = entry_seen[key] = (runs / key[:2] / f"{key[2:]}.json").exists()
+            seen = entry_seen[key] = os.path.exists(f"{runs}{key[:2]}{os.sep}{key[2:]}.json")
         return seen
 
     parsed: list[tuple[StoredExperiment, dict[str, Any], dict[str, list[Any]]]] = []
@@ -301,8 +313,9 @@ def param_edits(pipeline: Pipeline, row: Row) -> tuple[dict[Path, dict[str, Any]
     """What `exp apply` writes to give the pipeline `row`'s parameter values.
 
     Returns file -> {dotted key in that file: value} for the values that
-    differ from the pipeline's now, and the row's parameters the pipeline no
-    longer has (left alone).
+    differ from the pipeline's now (a params file's key in that file,
+    `[params]` and a target's own table in pipeline.toml), and the row's
+    parameters the pipeline no longer has (left alone).
     """
     edits: dict[Path, dict[str, Any]] = {}
     gone: list[str] = []
@@ -311,18 +324,21 @@ def param_edits(pipeline: Pipeline, row: Row) -> tuple[dict[Path, dict[str, Any]
         if where is None:
             gone.append(name)
             continue
-        now, key = where
+        now, file, key = where
         if encode_value(now) != encode_value(value):
-            edits.setdefault(pipeline.file, {})[key] = value
+            edits.setdefault(file, {})[key] = value
     return edits, gone
 
 
-def _param_home(pipeline: Pipeline, name: str) -> tuple[Any, str] | None:
-    """(value now, key in pipeline.toml) of a parameter named as `--set` names it."""
+def _param_home(pipeline: Pipeline, name: str) -> tuple[Any, Path, str] | None:
+    """(value now, file, key in that file) of a parameter named as `--set` names it."""
+    source = pipeline.param_sources.get(name)
+    if source is not None:
+        return pipeline.params[name], pipeline.root / source, name
     if name in pipeline.params:
-        return pipeline.params[name], f"params.{name}"
+        return pipeline.params[name], pipeline.file, f"params.{name}"
     target_name, _, pname = name.rpartition(".")
     target = pipeline.targets.get(target_name)
     if target is None or pname not in target.params or "." in target_name:
         return None
-    return target.params[pname], f"targets.{target_name}.params.{pname}"
+    return target.params[pname], pipeline.file, f"targets.{target_name}.params.{pname}"

@@ -22,7 +22,15 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundation", frozenset({"errors", "scheduler"})),
     (
         "pipeline",
-        frozenset({"pipeline.schema", "pipeline.load", "pipeline.interpolate", "pipeline.edit"}),
+        frozenset(
+            {
+                "pipeline.schema",
+                "pipeline.load",
+                "pipeline.interpolate",
+                "pipeline.edit",
+                "pipeline.paramfiles",
+            }
+        ),
     ),
     ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store"})),
     ("analysis", frozenset({"code", "staleness", "observed", "metrics", "plotdata"})),

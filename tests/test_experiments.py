@@ -270,11 +270,8 @@ def test_exp_show_plain_table_marks_the_workspace_row(dvc_project: Project) -> N
     dvc_project.run("run", "--name", "baseline")
     dvc_project.run("run", "--set", "n_est=20")
     out = dvc_project.run("exp", "show").out.splitlines()
-    assert out[0].split() == ["id", "name", "created", "n_est", "acc", "epochs"] + [
-        "loss.test",
-        "loss.train",
-        "restorable",
-    ]
+    columns = ["id", "name", "created", "n_est", "acc", "epochs", "loss.test", "loss.train"]
+    assert out[0].split() == [*columns, "restorable"]
     first, second = show(dvc_project)
     assert out[1].startswith(f"   {first['id']}  baseline  ")
     assert out[1].split()[-6:] == ["10", "0.9", "10", "0.2", "0.1", "yes"]
@@ -311,9 +308,8 @@ def test_exp_diff_shows_params_and_metrics_with_deltas(dvc_project: Project) -> 
     assert ["acc", "0.9", "0.95", "+0.05", "(+5.6%)"] in lines
     assert ["loss.test", "0.2", "0.1", "-0.1", "(-50.0%)"] in lines
     named = dvc_project.run("exp", "diff", second["id"], "baseline")
-    assert named.out.splitlines()[0].split() == [f"*{second['id']}", first["id"], "(baseline)"] + [
-        "change"
-    ]
+    header = [f"*{second['id']}", first["id"], "(baseline)", "change"]
+    assert named.out.splitlines()[0].split() == header
     assert ["n_est", "20", "10", "-10", "(-50.0%)"] in [r.split() for r in named.out.splitlines()]
 
 
@@ -429,3 +425,93 @@ def test_the_no_op_imports_nothing_for_metrics_or_experiments(dvc_project: Proje
     assert done.returncode == 0, done.stderr
     assert "3 skipped" in done.stdout
     assert done.stdout.splitlines()[-1] == "[]"
+
+
+PARAMS_YAML = """\
+# DVC-style parameters
+train:
+  n_est: 50     # number of trees
+  seed: 1
+"""
+
+PARAMS_PIPELINE = f"""\
+params_files = ["params.yaml"]
+
+[targets.train]
+cmd = "{sys.executable} train.py {{outputs.0}}"
+inputs = ["train.py"]
+outputs = ["model.txt"]
+params = ["train.n_est"]
+
+[targets.evaluate]
+cmd = "{sys.executable} evaluate.py"
+inputs = ["model.txt", "evaluate.py"]
+metrics = ["eval/metrics.yaml"]
+"""
+
+
+def test_exp_apply_writes_a_params_file_key_back_with_its_comments(project: Project) -> None:
+    project.write("params.yaml", PARAMS_YAML)
+    project.pipeline(PARAMS_PIPELINE)
+    project.write(
+        "train.py",
+        """\
+        import sys
+        from ruamel.yaml import YAML
+        n = YAML(typ="safe", pure=True).load(open("params.yaml"))["train"]["n_est"]
+        open(sys.argv[1], "w").write(f"{n}\\n")
+        """,
+    )
+    project.write(
+        "evaluate.py",
+        """\
+        import os
+        n = int(open("model.txt").read())
+        os.makedirs("eval", exist_ok=True)
+        open("eval/metrics.yaml", "w").write(f"acc: {1 - 1 / n}\\nrun: {{name: x}}\\n")
+        """,
+    )
+    assert project.run("run", "--name", "baseline").code == 0
+    changed = project.run("run", "--set", "train.n_est=100")
+    assert changed.started() == ["train", "evaluate"]
+    assert [(r["params"], r["metrics"]) for r in show(project)] == [
+        ({"train.n_est": 50}, {"acc": 0.98}),
+        ({"train.n_est": 100}, {"acc": 0.99}),
+    ]
+    result = project.run("exp", "apply", "baseline")
+    assert result.code == 0, result
+    assert "exp apply: set train.n_est = 50 in " in result.out
+    assert result.started() == []
+    assert project.read("params.yaml") == PARAMS_YAML
+    assert project.read("model.txt") == "50\n"
+    assert [r["current"] for r in show(project)] == [True, False]
+
+
+def test_naming_a_built_configuration_reads_metrics_not_yet_recorded(
+    dvc_project: Project,
+) -> None:
+    """A state from before the metrics were recorded (here: the table emptied)."""
+    dvc_project.run()
+    with sqlite3.connect(dvc_project.root / ".mlbuild/state.db") as conn:
+        conn.execute("DELETE FROM metrics")
+        conn.execute("DELETE FROM experiments")
+    result = dvc_project.run("run", "--name", "kept")
+    assert result.code == 0 and result.started() == []
+    (row,) = show(dvc_project)
+    assert (row["name"], row["metrics"]["acc"], row["current"]) == ("kept", 0.9, True)
+
+
+def test_exp_show_on_a_terminal_is_drawn_by_rich_with_the_current_row_bold(
+    dvc_project: Project,
+) -> None:
+    from tests.test_progress import on_terminal
+
+    dvc_project.run("run", "--name", "baseline")
+    dvc_project.run("run", "--set", "n_est=20")
+    current = show(dvc_project)[1]["id"]
+    screen = on_terminal(dvc_project.root, "exp", "show")
+    lines = screen.splitlines()
+    assert "restorable" in lines[0] and "\x1b[1" in lines[0]  # the header, styled
+    (row,) = [line for line in lines if current in line]
+    assert row.startswith("\x1b[1m*  " + current), repr(row)  # bold, marked
+    assert "baseline" in screen

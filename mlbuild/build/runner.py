@@ -501,7 +501,8 @@ class Build:
         seen = read_observed(path, time.time() - result.duration - 1.0)
         if seen is None:
             return before, None
-        settled = settle(target, before, seen, self.fp, self.code)
+        counted = self.graph.pipeline.params_files
+        settled = settle(target, before, seen, self.fp, self.code, counted)
         if target.strict_inputs and settled.undeclared:
             shown = ", ".join(f"'{p}'" for p in settled.undeclared)
             message = (

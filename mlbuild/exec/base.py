@@ -179,7 +179,7 @@ def worker_call(target: Target, root: Path, timing: Path) -> str:
         "ref": target.python,
         "root": str(root),
         "paths": paths,
-        "params": target.params,
+        "params": target.call_params(),
         "timing": str(timing),
     }
     return json.dumps(call, default=str)

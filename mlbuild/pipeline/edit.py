@@ -23,20 +23,55 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mlbuild.errors import ParamsFileError
-from mlbuild.pipeline.schema import STATE_DIR, display_path
+from mlbuild.pipeline.paramfiles import file_format, yaml_location, yaml_problem
+from mlbuild.pipeline.schema import STATE_DIR, Pipeline, display_path
 
-FORMATS = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".toml": "toml"}
+MISSING = object()  # the old value of a key the edit adds
 
 
-def file_format(path: Path) -> str | None:
-    """`yaml`, `json` or `toml` by the file's extension; None for any other."""
-    return FORMATS.get(path.suffix.lower())
+def write_overrides(pipeline: Pipeline, overrides: Mapping[str, object]) -> list[str]:
+    """Write `--set` values of params-file keys into their files; one line per file changed.
+
+    Called once the whole pipeline loaded with the overrides applied, so a bad
+    `--set` has already failed. Every file is rendered before any is written.
+    A key that already holds the value leaves its file untouched.
+    """
+    by_file: dict[str, dict[str, object]] = {}
+    for name, value in overrides.items():
+        rel = pipeline.param_sources.get(name)
+        if rel is not None:
+            by_file.setdefault(rel, {})[name] = value
+    pending: list[tuple[Path, str, str]] = []
+    for rel, values in by_file.items():
+        path = pipeline.root / rel
+        old: dict[str, object] = {}
+        text = render(path, values, root=pipeline.root, old=old)
+        changed = [name for name, value in values.items() if not _same(old[name], value)]
+        if changed:
+            said = ", ".join(f"{name} = {_shown(values[name])}" for name in changed)
+            was = ", ".join(_shown(old[name]) for name in changed)
+            pending.append((path, text, f"{rel}: set {said} (was {was})"))
+    for path, text, _ in pending:
+        write_text(path, text)
+    return [line for _, _, line in pending]
+
+
+def _same(old: object, new: object) -> bool:
+    """Equal and of the same TOML type (`1`, `1.0` and `true` differ, as in a fingerprint)."""
+    kinds = (bool, int, float, str)
+    kind = next((k for k in kinds if isinstance(new, k)), None)
+    if kind is not None and kind is not next((k for k in kinds if isinstance(old, k)), None):
+        return False
+    return old == new
+
+
+def _shown(value: object) -> str:
+    return "absent" if value is MISSING else json.dumps(value, default=str, ensure_ascii=False)
 
 
 def set_value(path: Path, dotted: str, value: object, *, root: Path | None = None) -> None:
@@ -57,8 +92,18 @@ def set_values(path: Path, values: Mapping[str, object], *, root: Path | None = 
     write_text(path, render(path, values, root=root))
 
 
-def render(path: Path, values: Mapping[str, object], *, root: Path | None = None) -> str:
-    """The new text of `path` with `values` set, without writing anything."""
+def render(
+    path: Path,
+    values: Mapping[str, object],
+    *,
+    root: Path | None = None,
+    old: dict[str, object] | None = None,
+) -> str:
+    """The new text of `path` with `values` set, without writing anything.
+
+    `old`, if given, receives each key's value before the edit (MISSING if absent).
+    """
+    old = {} if old is None else old
     real = _real(path, root)
     shown = display_path(path)
     kind = file_format(path)
@@ -72,14 +117,16 @@ def render(path: Path, values: Mapping[str, object], *, root: Path | None = None
     except (OSError, UnicodeDecodeError) as exc:
         raise ParamsFileError(shown, f"cannot read: {exc}") from None
     if kind == "yaml":
-        return _render_yaml(shown, text, values)
+        return _render_yaml(shown, text, values, old)
     if kind == "toml":
-        return _render_toml(shown, text, values)
-    return _render_json(shown, text, values)
+        return _render_toml(shown, text, values, old)
+    return _render_json(shown, text, values, old)
 
 
 def write_text(path: Path, text: str) -> None:
     """Replace the file's bytes atomically, keeping its permission bits."""
+    import tempfile  # off the read path: it pulls in random and hashlib
+
     real = os.path.realpath(path)
     folder = os.path.dirname(real)
     try:
@@ -136,7 +183,9 @@ def _parent(shown: str, data: Any, dotted: str, make: Any) -> tuple[Any, str]:
     return node, parts[-1]
 
 
-def _render_yaml(shown: str, text: str, values: Mapping[str, object]) -> str:
+def _render_yaml(
+    shown: str, text: str, values: Mapping[str, object], old_values: dict[str, object]
+) -> str:
     import io
 
     from ruamel.yaml import YAML
@@ -151,7 +200,7 @@ def _render_yaml(shown: str, text: str, values: Mapping[str, object]) -> str:
         data, indent, block_seq_indent = load_yaml_guess_indent(text, yaml=yaml)
     except YAMLError as exc:
         raise ParamsFileError(
-            _yaml_where(shown, exc), f"invalid YAML: {_yaml_problem(exc)}"
+            yaml_location(shown, exc), f"invalid YAML: {yaml_problem(exc)}"
         ) from None
     if data is None:
         data = CommentedMap()
@@ -159,7 +208,8 @@ def _render_yaml(shown: str, text: str, values: Mapping[str, object]) -> str:
         raise ParamsFileError(shown, "the top level must be a mapping of keys")
     for dotted, value in values.items():
         parent, last = _parent(shown, data, dotted, CommentedMap)
-        old = parent.get(last)
+        old = parent.get(last, MISSING)
+        old_values[dotted] = old
         new: Any = value
         # Keep a list or table written inline (`[1, 2]`, `{a: 1}`) inline.
         if isinstance(value, list) and isinstance(old, CommentedSeq):
@@ -178,20 +228,9 @@ def _render_yaml(shown: str, text: str, values: Mapping[str, object]) -> str:
     return out.getvalue()
 
 
-def _yaml_where(shown: str, exc: Exception) -> str:
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    line = getattr(mark, "line", None)
-    return f"{shown}:{line + 1}" if isinstance(line, int) else shown
-
-
-def _yaml_problem(exc: Exception) -> str:
-    problem = getattr(exc, "problem", None)
-    context = getattr(exc, "context", None)
-    text = " ".join(str(p) for p in (context, problem) if p) or str(exc)
-    return " ".join(text.split())
-
-
-def _render_toml(shown: str, text: str, values: Mapping[str, object]) -> str:
+def _render_toml(
+    shown: str, text: str, values: Mapping[str, object], old_values: dict[str, object]
+) -> str:
     import tomlkit
     from tomlkit.exceptions import TOMLKitError
 
@@ -203,6 +242,8 @@ def _render_toml(shown: str, text: str, values: Mapping[str, object]) -> str:
         raise ParamsFileError(where, f"invalid TOML: {exc}") from None
     for dotted, value in values.items():
         parent, last = _parent(shown, doc, dotted, tomlkit.table)
+        old = parent.get(last, MISSING)
+        old_values[dotted] = old.unwrap() if hasattr(old, "unwrap") else old
         try:
             parent[last] = value
         except (TOMLKitError, TypeError, ValueError) as exc:
@@ -210,7 +251,9 @@ def _render_toml(shown: str, text: str, values: Mapping[str, object]) -> str:
     return tomlkit.dumps(doc)
 
 
-def _render_json(shown: str, text: str, values: Mapping[str, object]) -> str:
+def _render_json(
+    shown: str, text: str, values: Mapping[str, object], old_values: dict[str, object]
+) -> str:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -219,6 +262,7 @@ def _render_json(shown: str, text: str, values: Mapping[str, object]) -> str:
         raise ParamsFileError(shown, "the top level must be an object of keys")
     for dotted, value in values.items():
         parent, last = _parent(shown, data, dotted, dict)
+        old_values[dotted] = parent.get(last, MISSING)
         parent[last] = value
     try:
         out = json.dumps(data, indent=_json_indent(text), ensure_ascii=False, allow_nan=False)

@@ -12,7 +12,7 @@ import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomli
 
@@ -34,7 +34,10 @@ from mlbuild.pipeline.schema import (
     display_path,
 )
 
-_TOP_KEYS = ("params", "pools", "targets", "cache", "executor")
+if TYPE_CHECKING:  # imported when a pipeline has params files (see _Loader.load)
+    from mlbuild.pipeline.paramfiles import ParamsFiles
+
+_TOP_KEYS = ("params_files", "params", "pools", "targets", "cache", "executor")
 _CACHE_KEYS = ("remote", "remote_write", "remote_options")
 _EXECUTOR_KEYS = ("kind", "address", "files")
 _RESOURCE_KEYS = ("cpus", "gpus", "memory", "custom")
@@ -209,6 +212,15 @@ class _Loader:
             if isinstance(raw, dict) and isinstance(raw.get("params"), dict)
             for pname in raw["params"]
         }
+        files = self._strings("params_files", self.data.get("params_files", []))
+        self.files = tuple(self._project_path("params_files", rel) for rel in files)
+        self.from_files: ParamsFiles | None = None
+        if self.files:  # the parsers only for a pipeline with params files
+            from mlbuild.pipeline.paramfiles import merge_params_files
+
+            self.from_files = merge_params_files(
+                self.file.parent, self.files, self.shown, params, local_names
+            )
         local_overrides = self._split_overrides(params, local_names)
         pools = self.data.get("pools", {})
         if not isinstance(pools, dict):
@@ -232,6 +244,8 @@ class _Loader:
             pools=pools,
             cache=self._cache_settings(),
             executor=self._executor_settings(),
+            params_files=self.files,
+            param_sources=self.from_files.sources if self.from_files else {},
         )
 
     def _table(self, key: str, known: tuple[str, ...]) -> dict[str, Any]:
@@ -280,6 +294,13 @@ class _Loader:
             if (target, pname) in local_names:
                 local.setdefault(target, {})[pname] = value
                 continue
+            if self.from_files and key in self.from_files.sections:
+                below = self.from_files.sections[key]
+                shown = ", ".join(below[:3]) + (", ..." if len(below) > 3 else "")
+                raise UsageError(
+                    f"--set {key}: a section of {self.from_files.file_of(key)};"
+                    f" set one of its keys ({shown})"
+                )
             known = sorted(params) + sorted(f"{t}.{p}" for t, p in local_names)
             raise UsageError(
                 f"--set {key}: no such parameter in {self.shown}" + did_you_mean(key, known)
@@ -438,17 +459,25 @@ class _Loader:
             return local
         if isinstance(raw, list):
             chosen: dict[str, Any] = {}
+            sections = self.from_files.sections if self.from_files else {}
             for pname in raw:
                 if not isinstance(pname, str):
                     raise self.fail(f"{where}.params", "a list of global parameter names")
-                if pname not in params:
-                    raise self.fail(
-                        f"{where}.params",
-                        f"unknown parameter '{pname}'" + did_you_mean(pname, list(params)),
-                    )
-                chosen[pname] = self._carriable(f"params.{pname}", params[pname])
+                names = sections.get(pname, (pname,))  # a section: every key below it
+                if pname not in params and pname not in sections:
+                    raise self.fail(f"{where}.params", self._unknown(pname, params, sections))
+                for name in names:
+                    chosen[name] = self._carriable(f"params.{name}", params[name])
             return chosen
         raise self.fail(f"{where}.params", "a table of local values or a list of global names")
+
+    def _unknown(self, pname: str, params: Mapping[str, Any], sections: Mapping[str, Any]) -> str:
+        """`unknown parameter 'x'`, naming the params files it is not in, with a near name."""
+        hint = did_you_mean(pname, [*params, *sections])
+        if not self.files:
+            return f"unknown parameter '{pname}'" + hint
+        where = " or ".join(self.files)
+        return f"unknown parameter '{pname}': not in [params] nor a key of {where}" + hint
 
     def _carriable(self, key: str, value: Any) -> Any:
         """A value a step can receive: no argv or environment entry can hold a NUL byte."""

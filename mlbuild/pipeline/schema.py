@@ -90,7 +90,19 @@ class Target(NamedTuple):
                 names.append(kind)
             else:
                 names.extend(p.name for p in ports if p.name is not None)
-        return names + list(self.params)
+        return names + list(dict.fromkeys(name.split(".")[0] for name in self.params))
+
+    def call_params(self) -> dict[str, Any]:
+        """The params as a Python function receives them: a dotted name (`train.n_est`,
+        from a params file) nested under its first part (`train={"n_est": 50}`)."""
+        call: dict[str, Any] = {}
+        for name, value in self.params.items():
+            *tables, last = name.split(".")
+            node = call
+            for part in tables:
+                node = node.setdefault(part, {})
+            node[last] = value
+        return call
 
     @property
     def kind(self) -> ActionKind:
@@ -140,6 +152,8 @@ class Pipeline(NamedTuple):
     pools: Mapping[str, int] = EMPTY  # name -> concurrent steps
     cache: CacheSettings = CacheSettings()
     executor: ExecutorSettings = ExecutorSettings()
+    params_files: tuple[str, ...] = ()  # `params_files`, project paths in order
+    param_sources: Mapping[str, str] = EMPTY  # a params-file key's dotted name -> its file
 
     @property
     def root(self) -> Path:
