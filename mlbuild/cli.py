@@ -796,9 +796,9 @@ def cmd_plots(args: argparse.Namespace) -> int:
     report = make_report(pipeline, plot_request(args.output, args.rows, args.x, args.y))
     for note in report.notes:
         _tell(f"mlbuild plots: left out {note}")
-    print(
-        f"mlbuild plots: wrote {display_path(report.page)} and {len(report.images)} PNG beside it"
-    )
+    count = len(report.images)
+    images = f"{count} PNG{'' if count == 1 else 's'}"
+    print(f"mlbuild plots: wrote {display_path(report.page)} and {images} beside it")
     return EXIT_OK
 
 

@@ -174,7 +174,7 @@ def test_page_opens_offline_in_chromium_with_its_charts_drawn(
     result = project.run("plots")
     assert result.code == 0, result
     assert result.out.startswith("mlbuild plots: wrote ")
-    assert result.out.endswith("/mlbuild_plots/index.html and 2 PNG beside it\n")
+    assert result.out.endswith("/mlbuild_plots/index.html and 2 PNGs beside it\n")
     assert result.err == ""
     folder = project.root / "mlbuild_plots"
     page = folder / "index.html"
