@@ -454,6 +454,24 @@ def test_a_metric_against_a_parameter_across_all_rows(project: Project) -> None:
     assert ">rate<" in chart and ">accuracy<" in chart and ">fast<" in chart
     image = decode_png((folder / "index-accuracy-vs-rate.png").read_bytes())
     assert count_near(image, BLUE) > 3 * 100  # three dots
+    assert "3 rows of the experiment table" in (folder / "index.html").read_text()
+    # --rows picks the rows drawn.
+    two = project.root / "two.html"
+    assert (
+        project.run(
+            "plots", "--rows", "fast,3.0", "--x", "rate", "--y", "accuracy", "-o", str(two)
+        ).code
+        == 2
+    )  # `3.0` is no row's id or name
+    ids = {
+        row["params"]["rate"]: row["id"]
+        for row in json.loads(project.run("exp", "show", "--json").out)
+    }
+    result = project.run(
+        "plots", "--rows", f"fast,{ids[6.0]}", "--x", "rate", "--y", "accuracy", "-o", str(two)
+    )
+    assert result.code == 0, result
+    assert "2 rows of the experiment table" in two.read_text()
 
 
 @pytest.mark.parametrize(
@@ -491,3 +509,52 @@ def test_rows_before_any_row_was_recorded(project: Project) -> None:
     assert result.err == (
         "mlbuild: error: mlbuild plots: no experiment rows recorded yet (`mlbuild run` first)\n"
     )
+
+
+def test_a_plot_inside_an_output_directory_is_read_from_the_cached_tree(
+    project: Project,
+) -> None:
+    """`eval/` is the output; the plot file inside it is found in the entry's tree."""
+    project.write("train.py", SWEEP)
+    project.pipeline(
+        """\
+        [params]
+        rate = 3.0
+
+        [targets.train]
+        cmd = "python3 train.py {params.rate}"
+        inputs = ["train.py"]
+        outputs = ["eval"]
+        params = ["rate"]
+        plots = ["eval/history.csv"]
+        metrics = ["eval/metrics.json"]
+        """
+    )
+    assert project.run("run").code == 0
+    assert project.run("run", "--set", "rate=1.5", "--name", "fast").code == 0
+    first = json.loads(project.run("exp", "show", "--json").out)[0]["id"]
+    result = project.run("plots", "--rows", f"{first},fast")
+    assert result.code == 0, result
+    assert result.err == ""
+    (chart,) = svgs(project.root / "mlbuild_plots" / "index.html")
+    assert ">loss_r3.0<" in chart and ">loss_r1.5<" in chart
+
+
+def test_one_file_both_plot_and_metrics_is_one_output(project: Project) -> None:
+    project.write(
+        "write.py",
+        'import json; json.dump({"loss": [1.0, 0.5], "acc": [0.5, 0.75]}, open("h.json", "w"))\n',
+    )
+    project.pipeline(
+        """\
+        [targets.train]
+        cmd = "python3 write.py"
+        plots = ["h.json"]
+        metrics = ["h.json"]
+        """
+    )
+    result = project.run("run")
+    assert result.code == 0, result
+    assert project.run("plots").code == 0
+    (chart,) = svgs(project.root / "mlbuild_plots" / "index.html")
+    assert ">loss<" in chart and ">acc<" in chart

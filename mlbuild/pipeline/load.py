@@ -548,12 +548,11 @@ def with_declared_outputs(outputs: tuple[Port, ...], files: tuple[str, ...]) -> 
     with named outputs is not given it (it writes to the path it knows), one
     with a list of outputs finds it in `outputs`.
     """
-    added = tuple(
-        Port(None, path)
-        for path in files
-        if not any(path == o.path or path.startswith(o.path + "/") for o in outputs)
-    )
-    return outputs + added
+    result = list(outputs)
+    for path in files:
+        if not any(path == o.path or path.startswith(o.path + "/") for o in result):
+            result.append(Port(None, path))
+    return tuple(result)
 
 
 def parse_size(text: str) -> int:
