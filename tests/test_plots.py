@@ -558,3 +558,28 @@ def test_one_file_both_plot_and_metrics_is_one_output(project: Project) -> None:
     assert project.run("plots").code == 0
     (chart,) = svgs(project.root / "mlbuild_plots" / "index.html")
     assert ">loss<" in chart and ">acc<" in chart
+
+
+def test_two_plot_files_whose_names_flatten_alike_get_two_pngs(project: Project) -> None:
+    project.write(
+        "write.sh",
+        "mkdir -p a && printf 'step,x\\n1,1\\n2,4\\n' > a/b.csv\nprintf 'y\\n3\\n1\\n' > a_b.csv\n",
+    )
+    project.pipeline(
+        """\
+        [targets.t]
+        cmd = "sh write.sh"
+        plots = ["a/b.csv", "a_b.csv"]
+        """
+    )
+    assert project.run("run").code == 0
+    result = project.run("plots")
+    assert result.code == 0, result
+    folder = project.root / "mlbuild_plots"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "index-a_b.csv-2.png",
+        "index-a_b.csv.png",
+        "index.html",
+    ]
+    first, second = svgs(folder / "index.html")
+    assert ">x<" in first and ">y<" in second

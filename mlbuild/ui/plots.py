@@ -49,6 +49,7 @@ DEFAULT_PAGE = "mlbuild_plots/index.html"  # relative to the project directory
 WORKSPACE = "workspace"  # the label of the files in the workspace
 PANEL_WIDTH = 320
 PANEL_HEIGHT = 200
+MAX_DOTS = 500  # points of a chart up to which each one is drawn as a dot too
 PNG_SCALE = 2.0  # pixels per Vega-Lite unit: sharp on high-density screens
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_MARK = b"Software\x00" + GENERATOR.encode()
@@ -257,7 +258,8 @@ def file_charts(sources: Sequence[Source]) -> list[Chart]:
         ):  # steps, epochs, row numbers
             x_axis["axis"] = {"tickMinStep": 1, "format": "d"}
         layer: dict[str, Any] = {
-            "mark": {"type": "line", "point": True, "tooltip": True},
+            # Dots show a one-epoch run's single point; on long series they would hide the line.
+            "mark": {"type": "line", "point": len(values) <= MAX_DOTS, "tooltip": True},
             "encoding": {
                 "x": x_axis,
                 "y": {
@@ -370,6 +372,20 @@ def _check_known(option: str, name: str, known: Sequence[str], what: str) -> Non
         )
 
 
+def _unique(slugs: Iterable[str]) -> list[str]:
+    """The slugs with `-2`, `-3`... added to repeats (`a/b.csv` and `a_b.csv` share one)."""
+    seen: set[str] = set()
+    result: list[str] = []
+    for slug in slugs:
+        unique, n = slug, 1
+        while unique in seen:
+            n += 1
+            unique = f"{slug}-{n}"
+        seen.add(unique)
+        result.append(unique)
+    return result
+
+
 def _slug(text: str) -> str:
     return _SLUG.sub("_", text.replace("/", "_")).strip("_") or "plot"
 
@@ -417,7 +433,7 @@ def _write(
     pipeline: Pipeline, page: Path, charts: Sequence[Chart], notes: tuple[str, ...]
 ) -> Report:
     vlc = _converter()
-    images = [page.with_name(f"{page.stem}-{chart.slug}.png") for chart in charts]
+    images = [page.with_name(f"{page.stem}-{slug}.png") for slug in _unique(c.slug for c in charts)]
     for path in (page, *images):
         _check_ours(path)
     drawn: list[tuple[Chart, str, Path]] = []
