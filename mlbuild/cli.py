@@ -245,7 +245,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     verify.set_defaults(handler=cmd_cache_verify)
 
     exp = _subcommand(sub, command, "exp", parents=[common], help="the experiment table")
-    exp_sub = exp.add_subparsers(dest="exp_command", required=True, parser_class=_Parser)
+    exp_sub = exp.add_subparsers(
+        dest="exp_command", metavar="{show,diff,apply}", required=True, parser_class=_Parser
+    )
     exp_show = exp_sub.add_parser("show", parents=[common], help="every configuration built")
     exp_show.add_argument(
         "--all", action="store_true", help="every parameter, not only those that differ"
