@@ -683,10 +683,16 @@ def cmd_exp_diff(args: argparse.Namespace) -> int:
 def cmd_exp_apply(args: argparse.Namespace) -> int:
     """Write a row's parameters into the pipeline's files, then build: what the cache
     holds for that configuration is restored, the rest runs."""
+    from mlbuild.build.lock import WorkspaceLock
     from mlbuild.experiments import apply_params, find_row
 
     pipeline, _ = load(args)
-    for line in apply_params(pipeline, find_row(_experiments(pipeline), args.row, "apply")):
+    row = find_row(_experiments(pipeline), args.row, "apply")  # an unknown row changes nothing
+    # Not under a running build: its steps may read the params files themselves.
+    warn = PlainReporter().warn
+    with WorkspaceLock(state_dir(pipeline.root), args.command_line, wait=True, notify=warn):
+        lines = apply_params(load(args)[0], row)
+    for line in lines:
         print(f"exp apply: {line}")
     run = build_parser("run").parse_args(["run", "-f", str(pipeline.file)])
     run.command_line = args.command_line
