@@ -109,30 +109,16 @@ def record_build(
     recorded): its file is the one its run wrote.
     """
     manifests = store.load_manifests()
-    known = store.load_metrics()
-    unread = [
-        t
-        for t in decided
-        if t not in made
-        and pipeline.targets[t].metrics
-        and t in manifests
-        and key_of(t, manifests[t]) not in known
-    ]
-    _record_metrics(store, pipeline, [*made, *unread], manifests, warn)
-    if not ok:
+    skipped = [t for t in decided if t not in made and pipeline.targets[t].metrics]
+    if skipped:
+        known = store.load_metrics()
+        skipped = [t for t in skipped if t in manifests and key_of(t, manifests[t]) not in known]
+    _record_metrics(store, pipeline, [*made, *skipped], manifests, warn)
+    keys = _configuration(decided, manifests) if ok else None
+    if keys is None:
         if name is not None:
-            warn(f"--name {name}: the build failed, so no experiment row was recorded")
-        return
-    keys: dict[str, str] = {}
-    for target in decided:
-        stored = manifests.get(target)
-        if stored is None or CHANGED_DURING_STEP in stored.data:
-            return  # not a configuration its outputs can stand for
-        key = key_of(target, stored)
-        if key is None:
-            return
-        keys[target] = key
-    if not keys:
+            why = "the build failed" if not ok else "an input changed while a step ran"
+            warn(f"--name {name}: {why}, so no experiment row was recorded")
         return
     targets = {t: [key, _cacheable(pipeline, t)] for t, key in sorted(keys.items())}
     now = time.time()
@@ -146,6 +132,23 @@ def record_build(
             json.dumps(targets, sort_keys=True),
         )
     )
+
+
+def _configuration(
+    decided: Sequence[str], manifests: Mapping[str, StoredManifest]
+) -> dict[str, str] | None:
+    """Target -> cache key of what the decided targets hold; None when that is no
+    configuration its outputs can stand for (an input changed during a step)."""
+    keys: dict[str, str] = {}
+    for target in decided:
+        stored = manifests.get(target)
+        if stored is None or CHANGED_DURING_STEP in stored.data:
+            return None
+        key = key_of(target, stored)
+        if key is None:
+            return None
+        keys[target] = key
+    return keys or None
 
 
 def row_id(keys: Mapping[str, str]) -> str:

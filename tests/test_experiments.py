@@ -538,3 +538,20 @@ def test_metrics_are_read_after_a_restore_from_the_remote_cache(
     assert "Step `evaluate` restored from remote cache" in result.out
     (row,) = show(dev)
     assert row["metrics"]["acc"] == 0.9 and row["current"] and row["restorable"]
+
+
+def test_no_row_for_outputs_whose_input_changed_while_the_step_ran(project: Project) -> None:
+    project.write("in.txt", "a\n")
+    project.pipeline(
+        """\
+        [targets.copy]
+        cmd = "cat in.txt > out.txt; echo changed >> in.txt"
+        inputs = ["in.txt"]
+        outputs = ["out.txt"]
+        """
+    )
+    result = project.run("run", "--name", "racy")
+    assert result.code == 0
+    assert "input 'in.txt' changed while the step ran" in result.err
+    assert "--name racy: an input changed while a step ran, so no experiment row" in result.err
+    assert show(project) == []
