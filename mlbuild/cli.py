@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from mlbuild.build.lock import hold_workspace
 from mlbuild.build.results import (
@@ -37,6 +37,9 @@ from mlbuild.store import Store, open_existing_store, open_store
 from mlbuild.ui import messages
 from mlbuild.ui.report import PlainReporter, silence_stdout, stdout_closed
 from mlbuild.workspace import cache_dir, empty_trash, forget_made, load_made, log_path, state_dir
+
+if TYPE_CHECKING:
+    from mlbuild.experiments import Row
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -242,7 +245,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     verify.set_defaults(handler=cmd_cache_verify)
 
     exp = _subcommand(sub, command, "exp", parents=[common], help="the experiment table")
-    exp_sub = exp.add_subparsers(dest="exp_command", required=True, parser_class=_Parser)
+    exp_sub = exp.add_subparsers(
+        dest="exp_command", metavar="{show,diff,apply}", required=True, parser_class=_Parser
+    )
     exp_show = exp_sub.add_parser("show", parents=[common], help="every configuration built")
     exp_show.add_argument(
         "--all", action="store_true", help="every parameter, not only those that differ"
@@ -673,118 +678,53 @@ def _size(n: int) -> str:
 
 
 def cmd_exp_show(args: argparse.Namespace) -> int:
-    from mlbuild.ui.experiments import print_rich, render_json, render_plain, sort_rows
+    from mlbuild.experiments import check_column
+    from mlbuild.ui.experiments import print_table, sort_rows
 
-    table = _experiments(args)
+    table = _experiments(load(args)[0])
     if args.sort is not None:
-        table = sort_rows(table, _column(table, args.sort), args.reverse)
-    if args.json:
-        sys.stdout.write(render_json(table))
-    elif sys.stdout.isatty() and os.environ.get("TERM") != "dumb":
-        print_rich(table, args.all)
-    else:
-        sys.stdout.write(render_plain(table, args.all))
+        table = sort_rows(table, check_column(table, args.sort), args.reverse)
+    terminal = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+    print_table(table, every=args.all, as_json=args.json, terminal=terminal)
     return EXIT_OK
 
 
 def cmd_exp_diff(args: argparse.Namespace) -> int:
-    from mlbuild.experiments import Row
+    from mlbuild.experiments import diff_pair
     from mlbuild.ui.experiments import render_diff
 
-    table = _experiments(args)
-    if len(args.rows) > 2:
-        raise UsageError("exp diff: takes at most two rows (A, then B)")
-    if len(table) < 2:
-        raise UsageError(
-            f"exp diff: {len(table)} experiment row{'' if len(table) == 1 else 's'} recorded;"
-            " nothing to compare (see `mlbuild exp show`)"
-        )
-    chosen = [_row(table, text, "diff") for text in args.rows]
-    if len(chosen) < 2:
-        current = next((row for row in table if row.current), None)
-        if current is None:
-            raise UsageError(
-                "exp diff: the workspace holds no recorded configuration (a build since failed,"
-                " or outputs were cleaned); name two rows"
-            )
-        if not chosen:
-            others = [row for row in table if row.id != current.id]
-            chosen.append(max(others, key=lambda row: (row.built, row.created)))
-        chosen.append(current)
-    first: Row = chosen[0]
-    sys.stdout.write(render_diff(first, chosen[1]))
+    sys.stdout.write(render_diff(*diff_pair(_experiments(load(args)[0]), args.rows)))
     return EXIT_OK
 
 
 def cmd_exp_apply(args: argparse.Namespace) -> int:
     """Write a row's parameters into the pipeline's files, then build: what the cache
     holds for that configuration is restored, the rest runs."""
-    from mlbuild.experiments import param_edits
-    from mlbuild.pipeline.edit import render, write_text
+    from mlbuild.build.lock import WorkspaceLock
+    from mlbuild.experiments import apply_params, find_row
 
     pipeline, _ = load(args)
-    row = _row(_experiments(args), args.row, "apply")
-    edits, gone = param_edits(pipeline, row)
-    texts = {path: render(path, values, root=pipeline.root) for path, values in edits.items()}
-    for path, text in texts.items():  # every file rendered before any is written
-        write_text(path, text)
-    for path, values in edits.items():
-        for dotted, value in values.items():
-            print(f"exp apply: set {dotted} = {_value(value)} in {_shown(path)}")
-    for name in gone:
-        print(f"exp apply: {name} is no longer a parameter of the pipeline; left alone")
+    row = find_row(_experiments(pipeline), args.row, "apply")  # an unknown row changes nothing
+    # Not under a running build: its steps may read the params files themselves.
+    warn = PlainReporter().warn
+    with WorkspaceLock(state_dir(pipeline.root), args.command_line, wait=True, notify=warn):
+        lines = apply_params(load(args)[0], row)
+    for line in lines:
+        print(f"exp apply: {line}")
     run = build_parser("run").parse_args(["run", "-f", str(pipeline.file)])
     run.command_line = args.command_line
     return cmd_run(run)
 
 
-def _experiments(args: argparse.Namespace) -> list[Any]:
+def _experiments(pipeline: Pipeline) -> list[Row]:
     """Every experiment row (none when nothing was ever built)."""
     from mlbuild.experiments import rows
 
-    pipeline, _ = load(args)
     store = open_existing_store(state_dir(pipeline.root), PlainReporter().warn)
     if store is None:
         return []
     with store:
         return rows(store, pipeline.root)
-
-
-def _row(table: Sequence[Any], text: str, command: str) -> Any:
-    from mlbuild.experiments import find_rows
-
-    found = find_rows(table, text)
-    if len(found) == 1:
-        return found[0]
-    if found:
-        ids = ", ".join(row.short for row in found[:5])
-        raise UsageError(f"exp {command} {text}: names several rows ({ids}); give more of the id")
-    raise UsageError(
-        f"exp {command} {text}: no experiment row has that id or name (see `mlbuild exp show`)"
-    )
-
-
-def _column(table: Sequence[Any], name: str) -> str:
-    from mlbuild.pipeline.load import did_you_mean
-
-    known = list(dict.fromkeys(k for row in table for k in (*row.metrics, *row.params)))
-    if name not in known and table:
-        raise UsageError(
-            f"exp show --sort {name}: no such metric or parameter" + did_you_mean(name, known)
-        )
-    return name
-
-
-def _value(value: Any) -> str:
-    from mlbuild.ui.experiments import value_text
-
-    return value_text(value)
-
-
-def _shown(path: Path) -> str:
-    from mlbuild.pipeline.schema import display_path
-
-    return display_path(path)
 
 
 def cmd_plots(args: argparse.Namespace) -> int:

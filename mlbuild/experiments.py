@@ -31,10 +31,12 @@ from typing import Any, NamedTuple
 
 import blake3
 
+from mlbuild.errors import UsageError
 from mlbuild.fingerprint import encode_value
 from mlbuild.manifest import CHANGED_DURING_STEP, Fingerprint, cache_key
 from mlbuild.metrics import Number, UnreadableMetrics, format_of, read_metrics
-from mlbuild.pipeline.schema import Pipeline
+from mlbuild.pipeline.load import did_you_mean
+from mlbuild.pipeline.schema import Pipeline, display_path
 from mlbuild.store import Store, StoredExperiment, StoredManifest
 from mlbuild.workspace import cache_dir
 
@@ -107,30 +109,16 @@ def record_build(
     recorded): its file is the one its run wrote.
     """
     manifests = store.load_manifests()
-    known = store.load_metrics()
-    unread = [
-        t
-        for t in decided
-        if t not in made
-        and pipeline.targets[t].metrics
-        and t in manifests
-        and key_of(t, manifests[t]) not in known
-    ]
-    _record_metrics(store, pipeline, [*made, *unread], manifests, warn)
-    if not ok:
+    skipped = [t for t in decided if t not in made and pipeline.targets[t].metrics]
+    if skipped:
+        known = store.load_metrics()
+        skipped = [t for t in skipped if t in manifests and key_of(t, manifests[t]) not in known]
+    _record_metrics(store, pipeline, [*made, *skipped], manifests, warn)
+    keys = _configuration(decided, manifests) if ok else None
+    if keys is None:
         if name is not None:
-            warn(f"--name {name}: the build failed, so no experiment row was recorded")
-        return
-    keys: dict[str, str] = {}
-    for target in decided:
-        stored = manifests.get(target)
-        if stored is None or CHANGED_DURING_STEP in stored.data:
-            return  # not a configuration its outputs can stand for
-        key = key_of(target, stored)
-        if key is None:
-            return
-        keys[target] = key
-    if not keys:
+            why = "the build failed" if not ok else "an input changed while a step ran"
+            warn(f"--name {name}: {why}, so no experiment row was recorded")
         return
     targets = {t: [key, _cacheable(pipeline, t)] for t, key in sorted(keys.items())}
     now = time.time()
@@ -144,6 +132,23 @@ def record_build(
             json.dumps(targets, sort_keys=True),
         )
     )
+
+
+def _configuration(
+    decided: Sequence[str], manifests: Mapping[str, StoredManifest]
+) -> dict[str, str] | None:
+    """Target -> cache key of what the decided targets hold; None when that is no
+    configuration its outputs can stand for (an input changed during a step)."""
+    keys: dict[str, str] = {}
+    for target in decided:
+        stored = manifests.get(target)
+        if stored is None or CHANGED_DURING_STEP in stored.data:
+            return None
+        key = key_of(target, stored)
+        if key is None:
+            return None
+        keys[target] = key
+    return keys or None
 
 
 def row_id(keys: Mapping[str, str]) -> str:
@@ -307,6 +312,76 @@ def find_rows(table: Sequence[Row], text: str) -> list[Row]:
     if named:
         return named
     return [row for row in table if text and row.id.startswith(text.lower())]
+
+
+def find_row(table: Sequence[Row], text: str, command: str) -> Row:
+    """The one row `text` names (name or id prefix); a UsageError for `exp COMMAND` if none."""
+    found = find_rows(table, text)
+    if len(found) == 1:
+        return found[0]
+    if found:
+        ids = ", ".join(row.short for row in found[:5])
+        raise UsageError(f"exp {command} {text}: names several rows ({ids}); give more of the id")
+    raise UsageError(
+        f"exp {command} {text}: no experiment row has that id or name (see `mlbuild exp show`)"
+    )
+
+
+def diff_pair(table: Sequence[Row], named: Sequence[str]) -> tuple[Row, Row]:
+    """The rows `exp diff` compares: A and B; A and the workspace's; by default the row
+    built before the workspace's, and the workspace's."""
+    if len(named) > 2:
+        raise UsageError("exp diff: takes at most two rows (A, then B)")
+    if len(table) < 2:
+        plural = "" if len(table) == 1 else "s"
+        raise UsageError(
+            f"exp diff: {len(table)} experiment row{plural} recorded; nothing to compare"
+            " (see `mlbuild exp show`)"
+        )
+    chosen = [find_row(table, text, "diff") for text in named]
+    if len(chosen) == 2:
+        return chosen[0], chosen[1]
+    current = next((row for row in table if row.current), None)
+    if current is None:
+        raise UsageError(
+            "exp diff: the workspace holds no recorded configuration (a build since failed,"
+            " or outputs were cleaned); name two rows"
+        )
+    if not chosen:
+        others = [row for row in table if row.id != current.id]
+        chosen.append(max(others, key=lambda row: (row.built, row.created)))
+    return chosen[0], current
+
+
+def check_column(table: Sequence[Row], name: str) -> str:
+    """`name` if some row has such a metric or parameter (`exp show --sort`)."""
+    known = list(dict.fromkeys(k for row in table for k in (*row.metrics, *row.params)))
+    if name not in known and table:
+        raise UsageError(
+            f"exp show --sort {name}: no such metric or parameter" + did_you_mean(name, known)
+        )
+    return name
+
+
+def apply_params(pipeline: Pipeline, row: Row) -> list[str]:
+    """Write `row`'s parameter values into the pipeline's files; what was done, one line each.
+
+    Every file is rendered before any is written, so a value a file cannot
+    hold changes nothing (pipeline/edit.py keeps comments and layout).
+    """
+    from mlbuild.pipeline.edit import render, write_text
+
+    edits, gone = param_edits(pipeline, row)
+    texts = {path: render(path, values, root=pipeline.root) for path, values in edits.items()}
+    for path, text in texts.items():
+        write_text(path, text)
+    said = [
+        f"set {dotted} = {json.dumps(value, default=str, ensure_ascii=False)}"
+        f" in {display_path(path)}"
+        for path, values in edits.items()
+        for dotted, value in values.items()
+    ]
+    return said + [f"{name} is no longer a parameter of the pipeline; left alone" for name in gone]
 
 
 def param_edits(pipeline: Pipeline, row: Row) -> tuple[dict[Path, dict[str, Any]], list[str]]:

@@ -139,3 +139,12 @@ def test_unknown_extension(tmp_path: Path) -> None:
     path.write_text("a=1\n")
     with pytest.raises(ParamsFileError, match="unknown params file format"):
         set_value(path, "a", 2)
+
+
+def test_a_read_only_file_is_refused_not_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("a: 1\n")
+    path.chmod(0o444)
+    with pytest.raises(ParamsFileError, match="is read-only; not written"):
+        set_value(path, "a", 2)
+    assert path.read_text() == "a: 1\n"

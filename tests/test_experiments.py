@@ -515,3 +515,43 @@ def test_exp_show_on_a_terminal_is_drawn_by_rich_with_the_current_row_bold(
     (row,) = [line for line in lines if current in line]
     assert row.startswith("\x1b[1m*  " + current), repr(row)  # bold, marked
     assert "baseline" in screen
+
+
+def test_metrics_are_read_after_a_restore_from_the_remote_cache(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second checkout gets every output from the team's remote (a directory) and
+    records the evaluator's metrics without running it."""
+    remote = tmp_path / "remote"
+    checkouts = []
+    for name in ("ci", "dev"):
+        checkout = Project(tmp_path / name, capsys)
+        checkout.pipeline(PIPELINE + f'\n[cache]\nremote = "{remote}"\n')
+        checkout.write("prepare.py", PREPARE)
+        checkout.write("train.py", TRAIN)
+        checkout.write("evaluate.py", EVALUATE)
+        checkouts.append(checkout)
+    ci, dev = checkouts
+    assert ci.run().code == 0
+    result = dev.run()
+    assert result.code == 0 and result.started() == []
+    assert "Step `evaluate` restored from remote cache" in result.out
+    (row,) = show(dev)
+    assert row["metrics"]["acc"] == 0.9 and row["current"] and row["restorable"]
+
+
+def test_no_row_for_outputs_whose_input_changed_while_the_step_ran(project: Project) -> None:
+    project.write("in.txt", "a\n")
+    project.pipeline(
+        """\
+        [targets.copy]
+        cmd = "cat in.txt > out.txt; echo changed >> in.txt"
+        inputs = ["in.txt"]
+        outputs = ["out.txt"]
+        """
+    )
+    result = project.run("run", "--name", "racy")
+    assert result.code == 0
+    assert "input 'in.txt' changed while the step ran" in result.err
+    assert "--name racy: an input changed while a step ran, so no experiment row" in result.err
+    assert show(project) == []

@@ -360,6 +360,23 @@ def test_a_params_file_of_unknown_format_missing_or_outside(
     assert outside.read_text() == "train:\n  n_est: 1\n"
 
 
+def test_a_params_file_listed_twice(project: Project) -> None:
+    project.write("params.yaml", PARAMS_YAML)
+    project.pipeline(
+        SIMPLE.replace('["{file}"]', '["params.yaml", "./params.yaml"]').format(key="train")
+    )
+    one_line_error(project.run("run"), "params_files: 'params.yaml' is listed twice")
+
+
+def test_set_into_a_read_only_params_file_is_refused(dvc: Project) -> None:
+    (dvc.root / "params.yaml").chmod(0o444)
+    before = snapshot(dvc.root)
+    one_line_error(
+        dvc.run("run", "--set", "train.n_est=1"), "params.yaml: is read-only; not written"
+    )
+    assert snapshot(dvc.root) == before
+
+
 def test_a_key_that_is_also_a_targets_local_parameter_is_an_error_naming_both(
     project: Project,
 ) -> None:

@@ -124,7 +124,11 @@ def render(
 
 
 def write_text(path: Path, text: str) -> None:
-    """Replace the file's bytes atomically, keeping its permission bits."""
+    """Replace the file's bytes atomically, keeping its permission bits.
+
+    A file the user made read-only is refused rather than replaced: the rename
+    would succeed (the directory is writable) and override their choice.
+    """
     import tempfile  # off the read path: it pulls in random and hashlib
 
     real = os.path.realpath(path)
@@ -133,7 +137,12 @@ def write_text(path: Path, text: str) -> None:
         mode = os.stat(real).st_mode & 0o7777
     except FileNotFoundError:
         mode = 0o644
-    fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(real)}.", suffix=".tmp", dir=folder)
+    if not mode & 0o222:  # by its bits, so that root is refused too
+        raise ParamsFileError(display_path(path), "is read-only; not written")
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(real)}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise ParamsFileError(display_path(path), f"cannot write: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
@@ -141,9 +150,11 @@ def write_text(path: Path, text: str) -> None:
             os.fsync(handle.fileno())
         os.chmod(temp, mode)
         os.replace(temp, real)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
+        if isinstance(exc, OSError):
+            raise ParamsFileError(display_path(path), f"cannot write: {exc.strerror}") from None
         raise
 
 

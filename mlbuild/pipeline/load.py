@@ -214,6 +214,9 @@ class _Loader:
         }
         files = self._strings("params_files", self.data.get("params_files", []))
         self.files = tuple(self._project_path("params_files", rel) for rel in files)
+        if len(set(self.files)) < len(self.files):
+            twice = next(rel for rel in self.files if self.files.count(rel) > 1)
+            raise self.fail("params_files", f"'{twice}' is listed twice")
         self.from_files: ParamsFiles | None = None
         if self.files:  # the parsers only for a pipeline with params files
             from mlbuild.pipeline.paramfiles import merge_params_files

@@ -10,6 +10,7 @@ rich (imported only then); piped, it is plain aligned text a script can cut.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -152,6 +153,16 @@ def print_rich(rows: Sequence[Row], every: bool) -> None:
         style = "bold" if row.current else ("dim" if not row.restorable else "")
         text.append(line + "\n", style=style)
     console.print(text, end="", soft_wrap=True)
+
+
+def print_table(rows: Sequence[Row], *, every: bool, as_json: bool, terminal: bool) -> None:
+    """`exp show`: JSON, rich on a terminal, or plain text."""
+    if as_json:
+        sys.stdout.write(render_json(rows))
+    elif terminal:
+        print_rich(rows, every)
+    else:
+        sys.stdout.write(render_plain(rows, every))
 
 
 def render_json(rows: Sequence[Row]) -> str:
