@@ -20,10 +20,21 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlbuild"
 # (`cache`) is one module, all its files together. A subpackage is one layer's modules.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundation", frozenset({"errors", "scheduler"})),
-    ("pipeline", frozenset({"pipeline.schema", "pipeline.load", "pipeline.interpolate"})),
+    (
+        "pipeline",
+        frozenset(
+            {
+                "pipeline.schema",
+                "pipeline.load",
+                "pipeline.interpolate",
+                "pipeline.edit",
+                "pipeline.paramfiles",
+            }
+        ),
+    ),
     ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store"})),
-    ("analysis", frozenset({"code", "staleness", "observed"})),
-    ("storage", frozenset({"cache", "remote"})),
+    ("analysis", frozenset({"code", "staleness", "observed", "metrics", "plotdata"})),
+    ("storage", frozenset({"cache", "remote", "experiments"})),
     (
         "execution",
         frozenset(
@@ -33,7 +44,18 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("build", frozenset({"build.runner", "build.query", "build.results", "build.lock"})),
     (
         "interface",
-        frozenset({"ui.messages", "ui.report", "ui.progress", "ui.history", "ui.dag", "watch"}),
+        frozenset(
+            {
+                "ui.messages",
+                "ui.report",
+                "ui.progress",
+                "ui.history",
+                "ui.dag",
+                "ui.experiments",
+                "ui.plots",
+                "watch",
+            }
+        ),
     ),
     ("entry", frozenset({"cli", "__main__", "__init__"})),
 )
