@@ -360,6 +360,12 @@ def test_a_params_file_of_unknown_format_missing_or_outside(
     assert outside.read_text() == "train:\n  n_est: 1\n"
 
 
+def test_a_value_a_command_line_cannot_carry_names_the_params_file(project: Project) -> None:
+    project.write("params.yaml", 'train:\n  n_est: "a\\0b"\n')
+    project.pipeline(SIMPLE.format(file="params.yaml", key="train"))
+    one_line_error(project.run("run"), "params.yaml: train.n_est: contains a NUL character")
+
+
 def test_a_params_file_listed_twice(project: Project) -> None:
     project.write("params.yaml", PARAMS_YAML)
     project.pipeline(

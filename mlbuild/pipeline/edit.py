@@ -14,8 +14,10 @@ replaced atomically (a temp file in its directory, then a rename): a reader
 sees the old file or the new one, never half of it. A symlinked file is
 edited where it points (the link stays a link).
 
-ruamel.yaml and tomlkit are imported here only, and only when a file of their
-format is edited: a pipeline that never edits a file never loads them.
+ruamel.yaml and tomlkit are imported only when a file of their format is
+edited (paramfiles.py reads YAML with ruamel.yaml too, and TOML with tomli).
+`set_value` is the stable entry point (`exp apply` uses it); `write_overrides`
+is `--set`'s.
 """
 
 from __future__ import annotations
@@ -32,46 +34,6 @@ from mlbuild.pipeline.paramfiles import file_format, yaml_location, yaml_problem
 from mlbuild.pipeline.schema import STATE_DIR, Pipeline, display_path
 
 MISSING = object()  # the old value of a key the edit adds
-
-
-def write_overrides(pipeline: Pipeline, overrides: Mapping[str, object]) -> list[str]:
-    """Write `--set` values of params-file keys into their files; one line per file changed.
-
-    Called once the whole pipeline loaded with the overrides applied, so a bad
-    `--set` has already failed. Every file is rendered before any is written.
-    A key that already holds the value leaves its file untouched.
-    """
-    by_file: dict[str, dict[str, object]] = {}
-    for name, value in overrides.items():
-        rel = pipeline.param_sources.get(name)
-        if rel is not None:
-            by_file.setdefault(rel, {})[name] = value
-    pending: list[tuple[Path, str, str]] = []
-    for rel, values in by_file.items():
-        path = pipeline.root / rel
-        old: dict[str, object] = {}
-        text = render(path, values, root=pipeline.root, old=old)
-        changed = [name for name, value in values.items() if not _same(old[name], value)]
-        if changed:
-            said = ", ".join(f"{name} = {_shown(values[name])}" for name in changed)
-            was = ", ".join(_shown(old[name]) for name in changed)
-            pending.append((path, text, f"{rel}: set {said} (was {was})"))
-    for path, text, _ in pending:
-        write_text(path, text)
-    return [line for _, _, line in pending]
-
-
-def _same(old: object, new: object) -> bool:
-    """Equal and of the same TOML type (`1`, `1.0` and `true` differ, as in a fingerprint)."""
-    kinds = (bool, int, float, str)
-    kind = next((k for k in kinds if isinstance(new, k)), None)
-    if kind is not None and kind is not next((k for k in kinds if isinstance(old, k)), None):
-        return False
-    return old == new
-
-
-def _shown(value: object) -> str:
-    return "absent" if value is MISSING else json.dumps(value, default=str, ensure_ascii=False)
 
 
 def set_value(path: Path, dotted: str, value: object, *, root: Path | None = None) -> None:
@@ -156,6 +118,46 @@ def write_text(path: Path, text: str) -> None:
         if isinstance(exc, OSError):
             raise ParamsFileError(display_path(path), f"cannot write: {exc.strerror}") from None
         raise
+
+
+def write_overrides(pipeline: Pipeline, overrides: Mapping[str, object]) -> list[str]:
+    """Write `--set` values of params-file keys into their files; one line per file changed.
+
+    Called once the whole pipeline loaded with the overrides applied, so a bad
+    `--set` has already failed. Every file is rendered before any is written.
+    A key that already holds the value leaves its file untouched.
+    """
+    by_file: dict[str, dict[str, object]] = {}
+    for name, value in overrides.items():
+        rel = pipeline.param_sources.get(name)
+        if rel is not None:
+            by_file.setdefault(rel, {})[name] = value
+    pending: list[tuple[Path, str, str]] = []
+    for rel, values in by_file.items():
+        path = pipeline.root / rel
+        old: dict[str, object] = {}
+        text = render(path, values, root=pipeline.root, old=old)
+        changed = [name for name, value in values.items() if not _same(old[name], value)]
+        if changed:
+            said = ", ".join(f"{name} = {_shown(values[name])}" for name in changed)
+            was = ", ".join(_shown(old[name]) for name in changed)
+            pending.append((path, text, f"{rel}: set {said} (was {was})"))
+    for path, text, _ in pending:
+        write_text(path, text)
+    return [line for _, _, line in pending]
+
+
+def _same(old: object, new: object) -> bool:
+    """Equal and of the same TOML type (`1`, `1.0` and `true` differ, as in a fingerprint)."""
+    kinds = (bool, int, float, str)
+    kind = next((k for k in kinds if isinstance(new, k)), None)
+    if kind is not None and kind is not next((k for k in kinds if isinstance(old, k)), None):
+        return False
+    return old == new
+
+
+def _shown(value: object) -> str:
+    return "absent" if value is MISSING else json.dumps(value, default=str, ensure_ascii=False)
 
 
 def _real(path: Path, root: Path | None) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import tomli
 
-from mlbuild.errors import PipelineError, UsageError
+from mlbuild.errors import ParamsFileError, PipelineError, UsageError
 from mlbuild.pipeline.interpolate import TemplateError, fill, parse_template
 from mlbuild.pipeline.schema import (
     EXECUTOR_KINDS,
@@ -534,7 +534,7 @@ class _Loader:
                 if pname not in params and pname not in sections:
                     raise self.fail(f"{where}.params", self._unknown(pname, params, sections))
                 for name in names:
-                    chosen[name] = self._carriable(f"params.{name}", params[name])
+                    chosen[name] = self._carriable_global(name, params[name])
             return chosen
         raise self.fail(f"{where}.params", "a table of local values or a list of global names")
 
@@ -545,6 +545,17 @@ class _Loader:
             return f"unknown parameter '{pname}'" + hint
         where = " or ".join(self.files)
         return f"unknown parameter '{pname}': not in [params] nor a key of {where}" + hint
+
+    def _carriable_global(self, name: str, value: Any) -> Any:
+        """`_carriable` for a global parameter, naming the params file that holds it."""
+        source = self.from_files.sources.get(name) if self.from_files else None
+        if source is None:
+            return self._carriable(f"params.{name}", value)
+        try:
+            return self._carriable(name, value)
+        except PipelineError as exc:
+            shown = display_path(self.file.parent / source)
+            raise ParamsFileError(shown, exc.message, name) from None
 
     def _carriable(self, key: str, value: Any) -> Any:
         """A value a step can receive: no argv or environment entry can hold a NUL byte."""
