@@ -17,8 +17,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
+import mlbuild
 from mlbuild.build.lock import hold_workspace
 from mlbuild.build.results import (
     BuildOptions,
@@ -38,6 +39,9 @@ from mlbuild.ui import messages
 from mlbuild.ui.report import PlainReporter, silence_stdout, stdout_closed
 from mlbuild.workspace import cache_dir, empty_trash, forget_made, load_made, log_path, state_dir
 
+if TYPE_CHECKING:
+    from mlbuild.experiments import Row
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -56,18 +60,6 @@ class _Ignored:
 
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: self
-
-
-class _Version(argparse.Action):
-    """`--version`, reading the installed version only when asked: importlib.metadata costs
-    tens of milliseconds, which every no-op `mlbuild run` would pay to build the parser."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> NoReturn:
-        print(f"mlbuild {_version()}")
-        parser.exit()
 
 
 def _subcommand(sub: Any, command: str | None, name: str, **kwargs: Any) -> Any:
@@ -128,7 +120,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mlbuild", description="Make for machine-learning pipelines.", parents=[common]
     )
-    parser.add_argument("--version", action=_Version, help="print the version and exit")
+    parser.add_argument("--version", action="version", version=f"mlbuild {mlbuild.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = _subcommand(sub, command, "run", parents=[common], help="bring targets up to date")
@@ -174,6 +166,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="read the remote cache but upload nothing to it",
     )
+    run.add_argument("--name", help="name the experiment row this run builds (`mlbuild exp show`)")
     run.set_defaults(handler=cmd_run)
 
     push = _subcommand(
@@ -264,6 +257,49 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     verify = cache_sub.add_parser("verify", parents=[file_only], help="find corrupted objects")
     verify.set_defaults(handler=cmd_cache_verify)
 
+    exp = _subcommand(sub, command, "exp", parents=[common], help="the experiment table")
+    exp_sub = exp.add_subparsers(
+        dest="exp_command", metavar="{show,diff,apply}", required=True, parser_class=_Parser
+    )
+    exp_show = exp_sub.add_parser("show", parents=[common], help="every configuration built")
+    exp_show.add_argument(
+        "--all", action="store_true", help="every parameter, not only those that differ"
+    )
+    exp_show.add_argument("--sort", metavar="NAME", help="order by this metric or parameter")
+    exp_show.add_argument("--reverse", action="store_true", help="largest first (with --sort)")
+    exp_show.add_argument("--json", action="store_true", help="machine-readable")
+    exp_show.set_defaults(handler=cmd_exp_show)
+    exp_diff = exp_sub.add_parser("diff", parents=[common], help="two rows side by side")
+    exp_diff.add_argument(
+        "rows",
+        nargs="*",
+        metavar="ROW",
+        help="id or name (default: the workspace and the row before it)",
+    )
+    exp_diff.set_defaults(handler=cmd_exp_diff)
+    exp_apply = exp_sub.add_parser(
+        "apply", parents=[common], help="set a row's params and rebuild it"
+    )
+    exp_apply.add_argument("row", metavar="ROW", help="id (or a unique prefix) or name")
+    exp_apply.set_defaults(handler=cmd_exp_apply)
+
+    plots = _subcommand(
+        sub, command, "plots", parents=[common], help="draw declared plots into one offline page"
+    )
+    plots.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="PAGE",
+        help="the HTML page, PNGs beside it (default: mlbuild_plots/index.html in the project)",
+    )
+    plots.add_argument(
+        "--rows", metavar="ID,ID", help="overlay these experiment rows (from the cache)"
+    )
+    plots.add_argument("--x", metavar="PARAM", help="with --y: metrics against PARAM, all rows")
+    plots.add_argument("--y", metavar="METRIC[,METRIC]", help="the metrics --x is drawn against")
+    plots.set_defaults(handler=cmd_plots)
+
     clean = _subcommand(
         sub, command, "clean", parents=[file_only], help="remove targets' declared outputs"
     )
@@ -311,11 +347,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         executor=args.executor,
         address=args.address,
         remote_read_only=args.remote_read_only,
+        name=args.name,
     )
     try:
         with hold_workspace(
             pipeline.root, args.command_line, wait=not args.no_wait, warn=reporter.warn
         ) as store:
+            write_params(pipeline, args)
             _plan(reporter, graph, store, options.targets, options.force, options.jobs)
             result = run_build(graph, store, reporter, options)
             # Read after the build: a restored target's duration is now its original run's.
@@ -324,6 +362,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         reporter.close()  # gives the terminal back after Ctrl-C too
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def write_params(pipeline: Pipeline, args: argparse.Namespace) -> dict[str, Any]:
+    """`--set` of a params-file key goes into the file (as `dvc exp run -S`), said in one line.
+
+    Returns the overrides left to apply in memory (those of `[params]` and local ones).
+    """
+    overrides = parse_overrides(getattr(args, "set", None) or [])
+    if not overrides or not pipeline.param_sources:
+        return overrides
+    from mlbuild.pipeline.edit import write_overrides
+
+    # The values as loaded: typed as each key is declared (see load.typed_override).
+    typed = {k: pipeline.params[k] for k in overrides if k in pipeline.param_sources}
+    for line in write_overrides(pipeline, typed):
+        print(f"mlbuild: {line}", flush=True)
+    return {k: v for k, v in overrides.items() if k not in pipeline.param_sources}
 
 
 def _plan(
@@ -396,13 +451,17 @@ def cmd_watch(args: argparse.Namespace) -> int:
     verbosity = -1 if args.quiet else (1 if args.verbose else 0)
     reporter = PlainReporter(verbosity=verbosity, explain=args.explain, prefix=args.jobs > 1)
     force = getattr(args, "force", None)  # `run --watch --force`: the first build only
+    # Params-file keys are written once; later edits of the file by the user then count.
+    overrides = parse_overrides(getattr(args, "set", None) or [])
+    if overrides:
+        overrides = write_params(load(args)[0], args)
     watcher = Watcher(
         getattr(args, "file", None) or find_pipeline(Path.cwd()),
         reporter,
         sys.stdout,
         sys.stderr,
         targets=args.targets,
-        overrides=parse_overrides(getattr(args, "set", None) or []),
+        overrides=overrides,
         options=WatchOptions(
             debounce=debounce_ms / 1000, poll=getattr(args, "poll", False), verbosity=verbosity
         ),
@@ -653,6 +712,71 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def cmd_exp_show(args: argparse.Namespace) -> int:
+    from mlbuild.experiments import check_column
+    from mlbuild.ui.experiments import print_table, sort_rows
+
+    table = _experiments(load(args)[0])
+    if args.sort is not None:
+        table = sort_rows(table, check_column(table, args.sort), args.reverse)
+    terminal = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+    print_table(table, every=args.all, as_json=args.json, terminal=terminal)
+    return EXIT_OK
+
+
+def cmd_exp_diff(args: argparse.Namespace) -> int:
+    from mlbuild.experiments import diff_pair
+    from mlbuild.ui.experiments import render_diff
+
+    sys.stdout.write(render_diff(*diff_pair(_experiments(load(args)[0]), args.rows)))
+    return EXIT_OK
+
+
+def cmd_exp_apply(args: argparse.Namespace) -> int:
+    """Write a row's parameters into the pipeline's files, then build: what the cache
+    holds for that configuration is restored, the rest runs."""
+    from mlbuild.build.lock import WorkspaceLock
+    from mlbuild.experiments import apply_params, find_row
+
+    pipeline, _ = load(args)
+    row = find_row(_experiments(pipeline), args.row, "apply")  # an unknown row changes nothing
+    # Not under a running build: its steps may read the params files themselves.
+    warn = PlainReporter().warn
+    with WorkspaceLock(state_dir(pipeline.root), args.command_line, wait=True, notify=warn):
+        lines = apply_params(load(args)[0], row)
+    for line in lines:
+        print(f"exp apply: {line}")
+    run = build_parser("run").parse_args(["run", "-f", str(pipeline.file)])
+    run.command_line = args.command_line
+    return cmd_run(run)
+
+
+def _experiments(pipeline: Pipeline) -> list[Row]:
+    """Every experiment row (none when nothing was ever built)."""
+    from mlbuild.experiments import rows
+
+    store = open_existing_store(state_dir(pipeline.root), PlainReporter().warn)
+    if store is None:
+        return []
+    with store:
+        return rows(store, pipeline.root)
+
+
+def cmd_plots(args: argparse.Namespace) -> int:
+    """Draw the declared plots (or metrics against a parameter) into one offline HTML page."""
+    from mlbuild.pipeline.schema import display_path
+    from mlbuild.ui.plots import make_report, plot_request
+
+    pipeline, _ = load(args)
+    report = make_report(pipeline, plot_request(args.output, args.rows, args.x, args.y))
+    for note in report.notes:
+        _tell(f"mlbuild plots: left out {note}")
+    count = len(report.images)
+    images = f"{count} PNG{'' if count == 1 else 's'}"
+    print(f"mlbuild plots: wrote {display_path(report.page)} and {images} beside it")
+    return EXIT_OK
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     """Remove targets' outputs: those mlbuild made are deleted, anything else moved aside.
 
@@ -819,16 +943,6 @@ def _dispatch(words: list[str]) -> int:
     args.command_line = " ".join(words)
     handler: Any = args.handler
     return int(handler(args))
-
-
-def _version() -> str:
-    """The installed distribution's version (read only for --version)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mlbuild")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "(not installed)"
 
 
 def _tell(line: str) -> None:

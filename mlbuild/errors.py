@@ -42,3 +42,7 @@ class Interrupted(MlbuildError):
 
 class FingerprintError(UserError):
     """An input or output mlbuild cannot fingerprint: not a regular file, or unreadable."""
+
+
+class ParamsFileError(PipelineError):
+    """A params file (`params_files`) that cannot be read, parsed or edited: `file[:line]: ...`."""

@@ -262,13 +262,20 @@ class Settled(NamedTuple):
 
 
 def settle(
-    target: Target, before: Observation, seen: Seen, fp: Fingerprinter, scanner: CodeScanner
+    target: Target,
+    before: Observation,
+    seen: Seen,
+    fp: Fingerprinter,
+    scanner: CodeScanner,
+    counted: tuple[str, ...] = (),
 ) -> Settled:
     """Add what the step was seen using to the fingerprint taken before it ran.
 
     Modules the static closure missed join `code` (and `imported`, so the next
     observation digests them too); files read but not declared, written or
-    already counted as code become `discovered` inputs.
+    already counted as code become `discovered` inputs. `counted`: files that
+    count another way and are never discovered (params files: by the keys a
+    target lists, so that editing another key of the file reruns nothing).
     """
     from mlbuild.code import AT_RUN_TIME
 
@@ -284,7 +291,7 @@ def settle(
     imported_by = {path: by for path, by in before.imported_by.items() if path in code}
     imported = [path for path in code if imported_by.get(path) == AT_RUN_TIME]
     for rel, used in sorted(seen.modules.items()):
-        if rel in code or _covered(rel, declared):
+        if rel in code or rel in counted or _covered(rel, declared):
             continue
         digest = _unchanged(fp, rel, used, scanner.digest_code)
         if digest is None:
@@ -294,7 +301,7 @@ def settle(
         imported.append(rel)
     discovered: dict[str, str] = {}
     for rel, used in sorted(seen.reads.items()):
-        if rel in code or _covered(rel, declared):
+        if rel in code or rel in counted or _covered(rel, declared):
             continue
         digest = _unchanged(fp, rel, used, lambda r: _file_text(fp, r))
         if digest is not None:

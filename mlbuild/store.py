@@ -21,6 +21,11 @@ machine loses at most the last transactions, never the database):
 - `trees(digest, listing)`: zlib-compressed listings of input/output directories,
   so that a reason can name the entries that changed.
 - `runs` and `run_targets`: history, one row per run and per target in it.
+- `experiments(id, name, created, built, params, targets)`: one row per
+  configuration built to success (experiments.py owns its meaning): `params`
+  the JSON of its parameter values, `targets` the JSON of target -> [cache
+  key, cacheable]. `metrics(key, target, data)`: the numbers read from a
+  target's metrics files, by the cache key of the run that wrote them.
 
 A manifest and the stat entries it relies on are written in one transaction,
 only after the target succeeded. A database that is corrupt (found when it is
@@ -28,7 +33,8 @@ opened or by any later query) or of an unknown schema version is moved aside
 under a name no other backup has (never deleted) and the build starts over
 with one warning: a lost state costs a rebuild and the history, never a wrong
 result. Version 2 (no ctime, one stats row per file) is upgraded in place by
-dropping its stat cache: those files are simply hashed again. Any other
+dropping its stat cache: those files are simply hashed again. Version 3 (no
+experiment tables) is upgraded by creating them; nothing else changes. Any other
 database error (read-only, locked, disk full) is one `StateError` line
 naming the path and what to do.
 """
@@ -52,8 +58,9 @@ from mlbuild.errors import StateError
 from mlbuild.fingerprint import DirStat, StatCache, StatEntry
 from mlbuild.pipeline.schema import display_path
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 UPGRADABLE = {"2"}  # schema versions opened by dropping their stat cache
+ADDITIVE = {"3"}  # schema versions opened by creating the tables they lack
 DB_NAME = "state.db"
 WarnFn = Callable[[str], None]
 
@@ -97,6 +104,13 @@ CREATE TABLE IF NOT EXISTS run_targets (
     run_id INTEGER NOT NULL, target TEXT NOT NULL, status TEXT NOT NULL,
     duration REAL NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (run_id, target)
 );
+CREATE TABLE IF NOT EXISTS experiments (
+    id TEXT PRIMARY KEY, name TEXT, created REAL NOT NULL, built REAL NOT NULL,
+    params TEXT NOT NULL, targets TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS metrics (
+    key TEXT PRIMARY KEY, target TEXT NOT NULL, data TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 P = ParamSpec("P")
@@ -134,6 +148,17 @@ class RunRecord(NamedTuple):
     command: str
     status: str
     targets: tuple[RunRow, ...]
+
+
+class StoredExperiment(NamedTuple):
+    """An `experiments` row as stored; `params` and `targets` are JSON (see experiments.py)."""
+
+    id: str
+    name: str | None
+    created: float
+    built: float
+    params: str
+    targets: str
 
 
 class TargetRun(NamedTuple):
@@ -410,6 +435,47 @@ class Store:
             )
             return run_id
 
+    # -- experiments: rows and metrics (their meaning is experiments.py's) ------
+
+    @_guarded
+    def load_experiments(self) -> list[StoredExperiment]:
+        """Every experiment row, oldest first."""
+        rows = self.conn.execute(
+            "SELECT id, name, created, built, params, targets FROM experiments ORDER BY created, id"
+        )
+        return [StoredExperiment(*row) for row in rows]
+
+    @_guarded
+    def save_experiment(self, row: StoredExperiment) -> None:
+        """Add a row, or mark a known one built again; a name given moves to this row."""
+        with self._transaction() as conn:
+            if row.name is not None:
+                conn.execute(
+                    "UPDATE experiments SET name = NULL WHERE name = ? AND id != ?",
+                    (row.name, row.id),
+                )
+            conn.execute(
+                "INSERT INTO experiments (id, name, created, built, params, targets)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                " built = excluded.built, name = coalesce(excluded.name, experiments.name)",
+                row,
+            )
+
+    @_guarded
+    def load_metrics(self) -> dict[str, str]:
+        """Cache key -> the JSON of the metrics its run wrote."""
+        return dict(self.conn.execute("SELECT key, data FROM metrics"))
+
+    @_guarded
+    def save_metrics(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """(cache key, target, metrics JSON) rows; a key read again replaces its row."""
+        rows = list(rows)  # a retry after starting over must see them again
+        if rows:
+            with self._transaction() as conn:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO metrics (key, target, data) VALUES (?, ?, ?)", rows
+                )
+
     @staticmethod
     def _put_stats(conn: sqlite3.Connection, stats: Mapping[str, StatEntry | DirStat]) -> None:
         """File entries first, then directory rows, which drop the file rows below them."""
@@ -610,10 +676,11 @@ def _prepare(conn: sqlite3.Connection) -> str | None:
     if version is None:
         _create(conn)
         return None
-    if version in UPGRADABLE:
+    if version in UPGRADABLE or version in ADDITIVE:
         # Older stat entries lack the ctime: dropping them costs one re-hash.
+        drop = "DROP TABLE IF EXISTS stats; DROP TABLE IF EXISTS dirs;" * (version in UPGRADABLE)
         conn.executescript(
-            "BEGIN IMMEDIATE; DROP TABLE IF EXISTS stats; DROP TABLE IF EXISTS dirs;"
+            f"BEGIN IMMEDIATE; {drop}"
             f"{_SCHEMA} INSERT OR REPLACE INTO meta (key, value)"
             f" VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
         )

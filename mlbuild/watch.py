@@ -209,6 +209,7 @@ class Scope:
 def scope_of(graph: Graph, code: Mapping[str, frozenset[str]]) -> Scope:
     sources = [(base, port) for name in graph.targets for base, port in _sources(graph, name)]
     known = {port.path for _, port in sources if not port.is_glob}.union(*code.values())
+    known.update(graph.pipeline.params_files)  # their edits reload the pipeline
     inside = known | {base + "/*" for base, port in sources if port.is_glob}
     output_dirs = set(graph.below).difference(a for path in inside for a in ancestors(path))
     return Scope(frozenset(graph.producers), frozenset(output_dirs), frozenset(known))
@@ -251,6 +252,8 @@ def plan_watches(
             add(posixpath.dirname(port.path), False)
         for file in code.get(name, ()):
             add(posixpath.dirname(file), False)
+    for file in graph.pipeline.params_files:
+        add(posixpath.dirname(file), False)
     tops = [d for d, recursive in wanted.items() if recursive]
     covered = {d for d in wanted for t in tops if t != d and (not t or d.startswith(t + "/"))}
     return {d: r for d, r in wanted.items() if d not in covered}
@@ -511,7 +514,7 @@ class Watcher:
         self.build_options = build or BuildOptions(command_line="watch")
         self.debouncer = Debouncer(self.options.debounce)
         self.graph, self.selection = self._load()  # MlbuildError here: nothing to fall back on
-        self.pipeline_text = _read(self.file)
+        self.pipeline_text = self._pipeline_bytes()
         self.code: dict[str, frozenset[str]] = {}
         self.scope = scope_of(self.graph, self.code)
         self.readers = Readers(self.graph, self.selection, self.code)
@@ -569,7 +572,8 @@ class Watcher:
     def _cycle(self, batch: Batch) -> None:
         paths = set(batch.paths)
         pipeline_rel = self.graph.pipeline.file.name
-        reloaded = pipeline_rel in paths and self._reload()
+        loaded_from = {pipeline_rel, *self.graph.pipeline.params_files}
+        reloaded = not paths.isdisjoint(loaded_from) and self._reload()
         self._refresh(paths)
         readers = self.readers.affected(paths)
         hits = self._not_own_writes(readers)
@@ -580,7 +584,7 @@ class Watcher:
         carried = self.carry.intersection(self.selection)  # a reload may have removed some
         wanted = self.graph.downstream(set().union(*hits.values()) | carried)
         names = self.selection if reloaded else tuple(n for n in self.selection if n in wanted)
-        changed = {*hits, *([pipeline_rel] if reloaded else [])}
+        changed = {*hits, *(paths & loaded_from if reloaded else ())}
         self._say(f"{_shown(changed)} changed; checking {', '.join(names)}.")
         result = self._build(names)
         if result is None:
@@ -623,12 +627,13 @@ class Watcher:
 
     def _reload(self) -> bool:
         """Load the edited pipeline file; on a mistake say so and keep the last good one."""
-        text = _read(self.file)
+        text = self._pipeline_bytes()
         if text == self.pipeline_text:
             return False  # saved without a change
         self.pipeline_text = text
         try:
             self.graph, self.selection = self._load()
+            self.pipeline_text = self._pipeline_bytes()  # its params files may be others now
         except MlbuildError as exc:
             self._error(exc)
             self._say(
@@ -637,6 +642,11 @@ class Watcher:
             )
             return False
         return True
+
+    def _pipeline_bytes(self) -> tuple[bytes | None, ...]:
+        """The bytes the pipeline is loaded from: its file, then its params files."""
+        root = self.graph.pipeline.root
+        return (_read(self.file), *(_read(root / rel) for rel in self.graph.pipeline.params_files))
 
     def _load(self) -> tuple[Graph, tuple[str, ...]]:
         graph = build_graph(load_pipeline(self.file, self.overrides))

@@ -27,13 +27,15 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "pipeline.schema",
                 "pipeline.load",
                 "pipeline.interpolate",
+                "pipeline.edit",
+                "pipeline.paramfiles",
                 "pipeline.schema_file",
             }
         ),
     ),
     ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store"})),
-    ("analysis", frozenset({"code", "staleness", "observed"})),
-    ("storage", frozenset({"cache", "remote"})),
+    ("analysis", frozenset({"code", "staleness", "observed", "metrics", "plotdata"})),
+    ("storage", frozenset({"cache", "remote", "experiments"})),
     (
         "execution",
         frozenset(
@@ -50,6 +52,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "ui.progress",
                 "ui.history",
                 "ui.dag",
+                "ui.experiments",
+                "ui.plots",
                 "ui.completion",
                 "watch",
                 "scaffold",

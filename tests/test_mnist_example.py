@@ -52,3 +52,12 @@ def test_mnist_demo_skips_data_steps_and_restores_the_trainer(project: Project) 
     assert metrics["test_images"] > 100
     assert 0.1 < metrics["accuracy"] <= 1.0  # above chance (10 classes)
     assert metrics["loss"] > 0
+
+    # Its metrics and plot files: a row per configuration built, the history drawn.
+    rows = json.loads(project.run("exp", "show", "--json").out)
+    assert sorted(row["params"]["epochs"] for row in rows) == [1, 2]
+    assert all(0.1 < row["metrics"]["accuracy"] <= 1.0 for row in rows)
+    drawn = project.run("plots")
+    assert drawn.code == 0, drawn.err
+    chart = project.root / "mlbuild_plots/index-build_mnist_history.json.png"
+    assert chart.stat().st_size > 10_000

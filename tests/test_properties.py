@@ -1,7 +1,8 @@
 """Property tests: random pipelines of real shell steps under random edits.
 
 Each example builds a random DAG of `/bin/sh` targets over a few source files,
-then applies random edits (source bytes, touch, global param, `--set`, command
+then applies random edits (source bytes, touch, global param, `--set`, a key of
+the params file, listed or not, command
 text, deleted or modified outputs, inputs reordered, a content change that keeps
 size and mtime, an input rewritten and put back while its step runs), running
 `mlbuild run` through the real CLI after each batch, sometimes with `--no-cache`
@@ -43,7 +44,8 @@ from hypothesis import strategies as st
 from mlbuild.cli import main
 
 SOURCES = ("src/s0.txt", "src/s1.txt", "src/s2.txt")
-PARAMS = ("p0", "p1", "p2")
+# Dotted names are keys of params.yaml (`params_files`); the others are `[params]`.
+PARAMS = ("p0", "p1", "p2", "f.q0", "f.q1")
 KINDS = ("cat", "head", "wc", "tr")
 # Few letters, vowels and newlines: edits often leave `head -c 3`, `wc -l` and
 # `tr -d aeiou` outputs unchanged, which is what exercises early cutoff.
@@ -129,6 +131,7 @@ def edits(draw: st.DrawFn, n_targets: int) -> Edit:
                 "touch",
                 "param",
                 "set",
+                "unlisted_key",
                 "no_cache",
                 "jobs",
                 "command",
@@ -144,7 +147,7 @@ def edits(draw: st.DrawFn, n_targets: int) -> Edit:
         return Edit(kind, draw(source), data=draw(CONTENT))
     if kind == "touch":
         return Edit(kind, draw(source), value=draw(st.integers(0, 1)))
-    if kind in ("param", "set"):
+    if kind in ("param", "set", "unlisted_key"):
         return Edit(kind, draw(param), value=draw(PARAM_VALUE))
     if kind == "command":
         # value: 0 keeps the kind (only the text changes), else a new kind.
@@ -177,8 +180,8 @@ def scenarios(draw: st.DrawFn) -> Scenario:
 
 
 def pipeline_toml(targets: Sequence[TargetSpec], params: Mapping[str, int]) -> str:
-    lines = ["[params]"]
-    lines += [f"{name} = {value}" for name, value in params.items()]
+    lines = ['params_files = ["params.yaml"]', "[params]"]
+    lines += [f"{name} = {value}" for name, value in params.items() if "." not in name]
     for t in targets:
         lines += [
             "",
@@ -190,6 +193,13 @@ def pipeline_toml(targets: Sequence[TargetSpec], params: Mapping[str, int]) -> s
         if t.params:
             lines.append(f"params = [{', '.join(toml_string(p) for p in t.params)}]")
     return "\n".join(lines) + "\n"
+
+
+def params_yaml(params: Mapping[str, int], unlisted: int) -> str:
+    """The params file: the dotted params, and a key no target lists, with comments."""
+    lines = ["# parameters read by the steps", "f:"]
+    lines += [f"  {name[2:]}: {value}  # listed" for name, value in params.items() if "." in name]
+    return "\n".join([*lines, f"  unlisted: {unlisted}  # read by no target", ""])
 
 
 def toml_string(text: str) -> str:
@@ -262,6 +272,7 @@ class Model:
     targets: list[TargetSpec]
     params: dict[str, int]
     files: dict[str, bytes]  # sources and outputs as they are on disk
+    unlisted: int = 0  # the params file's key that no target lists
     # target -> (template, param values, input bytes, output bytes) of its last successful run
     records: dict[str, tuple[str, tuple[int, ...], tuple[bytes | None, ...], bytes | None]] = field(
         default_factory=dict
@@ -319,6 +330,7 @@ def write_project(project: Path, model: Model) -> None:
     for path in SOURCES:
         write_source(project, path, model.files[path])
     (project / "pipeline.toml").write_text(pipeline_toml(model.targets, model.params))
+    (project / "params.yaml").write_text(params_yaml(model.params, model.unlisted))
 
 
 @dataclass
@@ -355,6 +367,9 @@ def apply_edit(project: Path, model: Model, edit: Edit, next_run: NextRun) -> No
         write_project(project, model)
     elif edit.kind == "set":
         next_run.overrides[PARAMS[edit.index]] = edit.value
+    elif edit.kind == "unlisted_key":
+        model.unlisted = edit.value  # edits the params file; reruns nothing
+        write_project(project, model)
     elif edit.kind == "no_cache":
         next_run.no_cache = True
     elif edit.kind == "jobs":
@@ -403,6 +418,7 @@ def clean_build(project: Path, scratch: Path, runlog: Path, extra: Sequence[str]
         shutil.rmtree(scratch)
     (scratch / "src").mkdir(parents=True)
     shutil.copyfile(project / "pipeline.toml", scratch / "pipeline.toml")
+    shutil.copyfile(project / "params.yaml", scratch / "params.yaml")
     for path in SOURCES:
         shutil.copyfile(project / path, scratch / path)
     return mlbuild_run(scratch, runlog, extra)
@@ -413,6 +429,8 @@ def check_run(
 ) -> None:
     extra = next_run.sets()
     seen_before = set(model.seen)
+    # `--set` of a params-file key is written into the file: it stays after this run.
+    model.params.update({k: v for k, v in next_run.overrides.items() if "." in k})
     stale, hits = model.run(next_run.overrides)
     options = ["--no-cache"] if next_run.no_cache else []
     options += ["-j", str(next_run.jobs)] if next_run.jobs else []
@@ -434,6 +452,7 @@ def check_run(
             hook.unlink()
     context = f"{when} {next_run}\n--- pipeline.toml ---\n"
     context += pipeline_toml(model.targets, model.params)
+    context += "--- params.yaml ---\n" + params_yaml(model.params, model.unlisted)
     context += f"--- stdout ---\n{result.stdout}--- stderr ---\n{result.stderr}"
     assert result.code == 0, context
     assert len(result.logged) == len(set(result.logged)), context
@@ -469,6 +488,7 @@ def check_run(
         event("an input changed while its step ran")
 
     assert read_outputs(project) == model.outputs(), context
+    assert (project / "params.yaml").read_text() == params_yaml(model.params, model.unlisted)
     fresh = clean_build(project, scratch, runlog, extra)
     assert fresh.code == 0, fresh.stderr
     assert set(fresh.logged) == {t.name for t in model.targets}

@@ -66,6 +66,7 @@ class BuildOptions(NamedTuple):
     address: str | None = None  # `--address`: the Ray cluster
     remote_read_only: bool = False  # `--remote-read-only`: never upload to the remote cache
     restore_only: bool = False  # `mlbuild pull`: restore stale targets from a cache, run none
+    name: str | None = None  # `run --name`: the name of the experiment row it builds
 
 
 class BuildResult(NamedTuple):

@@ -238,8 +238,22 @@ class Build:
                 for r in self.results
             ]
             self.store.record_run(started_at, self.options.command_line, status.value, rows)
+        self._record_experiment(status is RunStatus.OK)
         failures = tuple(r.failure for r in self.results if r.failure is not None)
         return BuildResult(tuple(self.results), time.perf_counter() - start, failures)
+
+    def _record_experiment(self, ok: bool) -> None:
+        """Metrics of what ran or was restored, and the configuration's row (experiments.py).
+
+        A no-op (nothing made, no `--name`) imports nothing for it.
+        """
+        made = [r.name for r in self.results if r.outcome in (Outcome.RAN, Outcome.RESTORED)]
+        if made or self.options.name is not None:
+            from mlbuild.experiments import record_build
+
+            done = [r.name for r in self.results if r.outcome is Outcome.SKIPPED] + made
+            pipeline, warn = self.graph.pipeline, self.reporter.warn
+            record_build(self.store, pipeline, done, made, ok, self.options.name, warn)
 
     def _loop(self, sched: Scheduler, forced: frozenset[str] | None) -> None:
         """Check what is ready, start what may start, wait for steps; until all is done."""
@@ -487,7 +501,8 @@ class Build:
         seen = read_observed(path, time.time() - result.duration - 1.0)
         if seen is None:
             return before, None
-        settled = settle(target, before, seen, self.fp, self.code)
+        counted = self.graph.pipeline.params_files
+        settled = settle(target, before, seen, self.fp, self.code, counted)
         if target.strict_inputs and settled.undeclared:
             shown = ", ".join(f"'{p}'" for p in settled.undeclared)
             message = (

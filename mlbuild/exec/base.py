@@ -173,13 +173,13 @@ def worker_call(target: Target, root: Path, timing: Path) -> str:
             paths[kind] = [p for port in ports for p in expand_port(port, str(root))]
             continue
         for port in ports:
-            assert port.name is not None
-            paths[port.name] = expand_port(port, str(root)) if port.is_glob else port.path
+            if port.name is not None:  # None: a metrics file added to named outputs
+                paths[port.name] = expand_port(port, str(root)) if port.is_glob else port.path
     call = {
         "ref": target.python,
         "root": str(root),
         "paths": paths,
-        "params": target.params,
+        "params": target.call_params(),
         "timing": str(timing),
     }
     return json.dumps(call, default=str)

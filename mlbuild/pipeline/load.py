@@ -13,16 +13,18 @@ import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import tomli
 
-from mlbuild.errors import PipelineError, UsageError
+from mlbuild.errors import ParamsFileError, PipelineError, UsageError
 from mlbuild.pipeline.interpolate import TemplateError, fill, parse_template
 from mlbuild.pipeline.schema import (
     EXECUTOR_KINDS,
     FILE_MODES,
+    METRICS_SUFFIXES,
     PIPELINE_FILE,
+    PLOT_SUFFIXES,
     STATE_DIR,
     CacheSettings,
     ExecutorSettings,
@@ -33,7 +35,10 @@ from mlbuild.pipeline.schema import (
     display_path,
 )
 
-_TOP_KEYS = ("params", "pools", "targets", "cache", "executor")
+if TYPE_CHECKING:  # imported when a pipeline has params files (see _Loader.load)
+    from mlbuild.pipeline.paramfiles import ParamsFiles
+
+_TOP_KEYS = ("params_files", "params", "pools", "targets", "cache", "executor")
 _CACHE_KEYS = ("remote", "remote_write", "remote_options")
 _EXECUTOR_KEYS = ("kind", "address", "files")
 _RESOURCE_KEYS = ("cpus", "gpus", "memory", "custom")
@@ -54,6 +59,8 @@ _TARGET_KEYS = (
     "resources",
     "retries",
     "strict_inputs",
+    "metrics",
+    "plots",
 )
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _PORT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -268,6 +275,18 @@ class _Loader:
             if isinstance(raw, dict) and isinstance(raw.get("params"), dict)
             for pname in raw["params"]
         }
+        files = self._strings("params_files", self.data.get("params_files", []))
+        self.files = tuple(self._project_path("params_files", rel) for rel in files)
+        if len(set(self.files)) < len(self.files):
+            twice = next(rel for rel in self.files if self.files.count(rel) > 1)
+            raise self.fail("params_files", f"'{twice}' is listed twice")
+        self.from_files: ParamsFiles | None = None
+        if self.files:  # the parsers only for a pipeline with params files
+            from mlbuild.pipeline.paramfiles import merge_params_files
+
+            self.from_files = merge_params_files(
+                self.file.parent, self.files, self.shown, params, local_names
+            )
         local_overrides = self._split_overrides(params, local_names)
         pools = self.data.get("pools", {})
         if not isinstance(pools, dict):
@@ -291,6 +310,8 @@ class _Loader:
             pools=pools,
             cache=self._cache_settings(),
             executor=self._executor_settings(),
+            params_files=self.files,
+            param_sources=self.from_files.sources if self.from_files else {},
         )
 
     def _table(self, key: str, known: tuple[str, ...]) -> dict[str, Any]:
@@ -340,6 +361,13 @@ class _Loader:
                 declared = self.data["targets"][target]["params"][pname]
                 local.setdefault(target, {})[pname] = typed_override(key, declared, value)
                 continue
+            if self.from_files and key in self.from_files.sections:
+                below = self.from_files.sections[key]
+                shown = ", ".join(below[:3]) + (", ..." if len(below) > 3 else "")
+                raise UsageError(
+                    f"--set {key}: a section of {self.from_files.file_of(key)};"
+                    f" set one of its keys ({shown})"
+                )
             known = sorted(params) + sorted(f"{t}.{p}" for t, p in local_names)
             raise UsageError(
                 f"--set {key}: no such parameter in {self.shown}" + did_you_mean(key, known)
@@ -371,6 +399,11 @@ class _Loader:
             raise self.fail(f"{where}.python", "must look like 'package.module:function'")
         inputs = self._ports(f"{where}.inputs", raw.get("inputs", []), allow_glob=True)
         outputs = self._ports(f"{where}.outputs", raw.get("outputs", []), allow_glob=False)
+        metrics = self._declared_files(
+            f"{where}.metrics", raw.get("metrics", []), tuple(METRICS_SUFFIXES), "metrics"
+        )
+        plots = self._declared_files(f"{where}.plots", raw.get("plots", []), PLOT_SUFFIXES, "plot")
+        outputs = with_declared_outputs(outputs, metrics + plots)
         target_params = self._params(where, raw.get("params"), params, overrides)
         command = None
         if cmd is not None:
@@ -397,6 +430,8 @@ class _Loader:
             resources=self._resources(f"{where}.resources", raw.get("resources")),
             retries=self._count(f"{where}.retries", raw.get("retries", 0)),
             strict_inputs=self._bool(f"{where}.strict_inputs", raw.get("strict_inputs", False)),
+            metrics=metrics,
+            plots=plots,
         )
         if target.strict_inputs and python is None:
             raise self.fail(
@@ -441,6 +476,29 @@ class _Loader:
             ports.append(Port(port_name, path, is_glob))
         return tuple(ports)
 
+    def _declared_files(
+        self, key: str, raw: Any, suffixes: tuple[str, ...], what: str
+    ) -> tuple[str, ...]:
+        """`plots = [...]` and the like: files a step writes in one of the formats `suffixes`."""
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list):
+            raise self.fail(key, "must be a list of paths")
+        paths: list[str] = []
+        for value in raw:
+            if not isinstance(value, str) or not value.strip():
+                raise self.fail(key, "must be a list of paths")
+            if any(ch in _GLOB_CHARS for ch in value):
+                raise self.fail(key, f"{value!r}: {what} files cannot be glob patterns")
+            path = self._project_path(key, value)
+            if not path.lower().endswith(suffixes):
+                known = ", ".join(suffixes)
+                raise self.fail(key, f"{value!r}: unknown {what} format (use {known})")
+            if path in paths:
+                raise self.fail(key, f"{value!r} is listed twice")
+            paths.append(path)
+        return tuple(paths)
+
     def _project_path(self, key: str, value: str) -> str:
         """Normalize a path and refuse one that leaves the project or touches .mlbuild."""
         if "\0" in value:
@@ -468,17 +526,36 @@ class _Loader:
             return local
         if isinstance(raw, list):
             chosen: dict[str, Any] = {}
+            sections = self.from_files.sections if self.from_files else {}
             for pname in raw:
                 if not isinstance(pname, str):
                     raise self.fail(f"{where}.params", "a list of global parameter names")
-                if pname not in params:
-                    raise self.fail(
-                        f"{where}.params",
-                        f"unknown parameter '{pname}'" + did_you_mean(pname, list(params)),
-                    )
-                chosen[pname] = self._carriable(f"params.{pname}", params[pname])
+                names = sections.get(pname, (pname,))  # a section: every key below it
+                if pname not in params and pname not in sections:
+                    raise self.fail(f"{where}.params", self._unknown(pname, params, sections))
+                for name in names:
+                    chosen[name] = self._carriable_global(name, params[name])
             return chosen
         raise self.fail(f"{where}.params", "a table of local values or a list of global names")
+
+    def _unknown(self, pname: str, params: Mapping[str, Any], sections: Mapping[str, Any]) -> str:
+        """`unknown parameter 'x'`, naming the params files it is not in, with a near name."""
+        hint = did_you_mean(pname, [*params, *sections])
+        if not self.files:
+            return f"unknown parameter '{pname}'" + hint
+        where = " or ".join(self.files)
+        return f"unknown parameter '{pname}': not in [params] nor a key of {where}" + hint
+
+    def _carriable_global(self, name: str, value: Any) -> Any:
+        """`_carriable` for a global parameter, naming the params file that holds it."""
+        source = self.from_files.sources.get(name) if self.from_files else None
+        if source is None:
+            return self._carriable(f"params.{name}", value)
+        try:
+            return self._carriable(name, value)
+        except PipelineError as exc:
+            shown = display_path(self.file.parent / source)
+            raise ParamsFileError(shown, exc.message, name) from None
 
     def _carriable(self, key: str, value: Any) -> Any:
         """A value a step can receive: no argv or environment entry can hold a NUL byte."""
@@ -538,6 +615,22 @@ class _Loader:
         if not isinstance(raw, bool):
             raise self.fail(key, "must be true or false")
         return raw
+
+
+def with_declared_outputs(outputs: tuple[Port, ...], files: tuple[str, ...]) -> tuple[Port, ...]:
+    """`outputs` plus each declared plot (or metrics) file that is not already one or inside one.
+
+    Such a file is an output like the others (cleared before its step, checked,
+    cached, restored). One not listed joins them without a name, as if written
+    in `outputs`: a shell command's `{outputs}` includes it; a Python function
+    with named outputs is not given it (it writes to the path it knows), one
+    with a list of outputs finds it in `outputs`.
+    """
+    result = list(outputs)
+    for path in files:
+        if not any(path == o.path or path.startswith(o.path + "/") for o in result):
+            result.append(Port(None, path))
+    return tuple(result)
 
 
 def parse_size(text: str) -> int:

@@ -19,6 +19,8 @@ PIPELINE_FILE = "pipeline.toml"
 STATE_DIR = ".mlbuild"
 EXECUTOR_KINDS = ("local", "ray")
 FILE_MODES = ("auto", "shared", "cas")
+# The plot file formats `plots = [...]` accepts, by file name ending (mlbuild.plotdata reads them).
+PLOT_SUFFIXES = (".csv", ".tsv", ".json")
 
 
 class Port(NamedTuple):
@@ -77,6 +79,8 @@ class Target(NamedTuple):
     resources: Resources | None = None  # for the Ray executor; None: one CPU
     retries: int = 0  # reruns after a lost worker or node (Ray executor)
     strict_inputs: bool = False  # a Python step reading an undeclared project file fails
+    metrics: tuple[str, ...] = ()  # metrics files (also among `outputs`); see metrics.py
+    plots: tuple[str, ...] = ()  # plot files (`plots = [...]`), each also one of `outputs`
 
     def call_names(self) -> list[str]:
         """The keyword arguments a Python target's function receives, in order."""
@@ -86,7 +90,19 @@ class Target(NamedTuple):
                 names.append(kind)
             else:
                 names.extend(p.name for p in ports if p.name is not None)
-        return names + list(self.params)
+        return names + list(dict.fromkeys(name.split(".")[0] for name in self.params))
+
+    def call_params(self) -> dict[str, Any]:
+        """The params as a Python function receives them: a dotted name (`train.n_est`,
+        from a params file) nested under its first part (`train={"n_est": 50}`)."""
+        call: dict[str, Any] = {}
+        for name, value in self.params.items():
+            *tables, last = name.split(".")
+            node = call
+            for part in tables:
+                node = node.setdefault(part, {})
+            node[last] = value
+        return call
 
     @property
     def kind(self) -> ActionKind:
@@ -111,6 +127,22 @@ class ActionKind(enum.Enum):
     PYTHON = "python"
 
 
+class MetricsFormat(enum.Enum):
+    """How a metrics file is parsed, chosen by its extension (METRICS_SUFFIXES)."""
+
+    JSON = "json"
+    YAML = "yaml"
+    TOML = "toml"
+
+
+METRICS_SUFFIXES = {
+    ".json": MetricsFormat.JSON,
+    ".yaml": MetricsFormat.YAML,
+    ".yml": MetricsFormat.YAML,
+    ".toml": MetricsFormat.TOML,
+}
+
+
 class Pipeline(NamedTuple):
     """A loaded pipeline file: its location, global params and targets in file order."""
 
@@ -120,6 +152,8 @@ class Pipeline(NamedTuple):
     pools: Mapping[str, int] = EMPTY  # name -> concurrent steps
     cache: CacheSettings = CacheSettings()
     executor: ExecutorSettings = ExecutorSettings()
+    params_files: tuple[str, ...] = ()  # `params_files`, project paths in order
+    param_sources: Mapping[str, str] = EMPTY  # a params-file key's dotted name -> its file
 
     @property
     def root(self) -> Path:

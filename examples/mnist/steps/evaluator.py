@@ -10,7 +10,11 @@ import numpy as np
 
 
 def evaluate(data: Path, model: Path, metrics: Path) -> None:
-    """Write {"accuracy": ..., "loss": ..., "test_images": ...} to `metrics`."""
+    """Write {"accuracy": ..., "loss": ..., "test_images": ...} to `metrics`.
+
+    The pipeline declares the file in `metrics`, so mlbuild records these
+    numbers with the configuration that produced them (`mlbuild exp show`).
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
     import tensorflow as tf
 

@@ -18,7 +18,12 @@ def train(
     learning_rate: float,
     seed: int,
 ) -> None:
-    """Fit a dense network on the normalized images; save the model and its history."""
+    """Fit a dense network on the normalized images; save the model and its history.
+
+    The history is Keras's `History.history` (a list per metric, one value per
+    epoch) with the epoch numbers added: the pipeline declares it in `plots`,
+    and `mlbuild plots` draws each metric against the epoch.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
     import tensorflow as tf  # imported here: only the worker process pays for it
 
@@ -40,4 +45,5 @@ def train(
     )
     fit = net.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=2)
     net.save(model)
-    history.write_text(json.dumps({k: [float(v) for v in vs] for k, vs in fit.history.items()}))
+    per_epoch = {name: [float(v) for v in values] for name, values in fit.history.items()}
+    history.write_text(json.dumps({"epoch": [e + 1 for e in fit.epoch], **per_epoch}, indent=1))
