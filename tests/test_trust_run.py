@@ -480,7 +480,7 @@ def test_a_step_that_fills_the_disk_fails_alone_and_records_nothing(project: Pro
     assert "Step `big` failed" in result.out + result.err
     assert project.read("small.txt") == "ok\n"
     assert "stale  big" in project.run("status").out
-    result = project.run("run", "--set", "blocks=unlimited")
+    result = project.run("run", "--set", "blocks:=unlimited")
     assert result.code == 0, result
     assert (project.root / "big.bin").stat().st_size == 100000
     assert _trash(project.root) == []  # what the failed step left was mlbuild's own
