@@ -137,23 +137,6 @@ class Graph(NamedTuple):
                 users[need].append(name)
         return _reachable(names, users)
 
-    def affected(self, paths: Iterable[str]) -> set[str]:
-        """Targets that read any of `paths` (project-relative) directly."""
-        hits: set[str] = set()
-        for path in paths:
-            for target in self.targets.values():
-                for port in target.inputs:
-                    if _reads(port, path):
-                        hits.add(target.name)
-                        break
-        return hits
-
-
-def _reads(port: Port, path: str) -> bool:
-    if port.is_glob:
-        return fnmatch.fnmatchcase(path, port.path) or path.startswith(glob_base(port.path) + "/")
-    return path == port.path or path.startswith(port.path + "/")
-
 
 def _outputs_below(producers: Mapping[str, str]) -> dict[str, set[str]]:
     """Directory -> targets writing something strictly inside it."""
@@ -278,6 +261,7 @@ def build_graph(pipeline: Pipeline) -> Graph:
 
     deps: dict[str, tuple[str, ...]] = {}
     names = list(pipeline.targets)
+    index = {name: i for i, name in enumerate(names)}  # file order, to sort each target's needs
     for target in pipeline.targets.values():
         needs: set[str] = set()
         for port in target.inputs:
@@ -303,7 +287,7 @@ def build_graph(pipeline: Pipeline) -> Graph:
                     f"targets.{target.name}.after",
                 )
             needs.add(other)
-        deps[target.name] = tuple(n for n in names if n in needs)
+        deps[target.name] = tuple(sorted(needs, key=index.__getitem__)) if needs else ()
     order = _topological_order(names, deps, shown)
     held = _held_paths(pipeline, producers)
     return Graph(pipeline, deps, order, producers, below, tree, held)
