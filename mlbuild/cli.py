@@ -30,9 +30,10 @@ from mlbuild.build.results import (
 )
 from mlbuild.build.runner import check_writable, clear_outputs, run_build
 from mlbuild.errors import Interrupted, MlbuildError, UsageError
-from mlbuild.graph import Graph, build_graph
-from mlbuild.pipeline.load import find_pipeline, load_pipeline, parse_overrides
+from mlbuild.graph import Graph
+from mlbuild.pipeline.load import find_pipeline, parse_overrides
 from mlbuild.pipeline.schema import EXECUTOR_KINDS, ActionKind, Pipeline
+from mlbuild.snapshot import load_graph
 from mlbuild.store import Store, open_existing_store, open_store
 from mlbuild.ui import messages
 from mlbuild.ui.report import PlainReporter, silence_stdout, stdout_closed
@@ -251,8 +252,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def load(args: argparse.Namespace) -> tuple[Pipeline, Graph]:
     """Find, read and check the pipeline named by `-f` (or the nearest one)."""
     file = getattr(args, "file", None) or find_pipeline(Path.cwd())
-    pipeline = load_pipeline(file, parse_overrides(getattr(args, "set", None) or []))
-    return pipeline, build_graph(pipeline)
+    graph = load_graph(file, parse_overrides(getattr(args, "set", None) or []))
+    return graph.pipeline, graph
 
 
 def open_state(pipeline: Pipeline, reporter: Reporter) -> Store:

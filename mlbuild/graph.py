@@ -138,6 +138,14 @@ class Graph(NamedTuple):
         return _reachable(names, users)
 
 
+def output_tree(producers: Mapping[str, str]) -> OutputNode:
+    """The declared outputs as a tree of path components (for glob inputs)."""
+    tree = OutputNode()
+    for path, name in producers.items():
+        tree.add(path, name)
+    return tree
+
+
 def _outputs_below(producers: Mapping[str, str]) -> dict[str, set[str]]:
     """Directory -> targets writing something strictly inside it."""
     below: dict[str, set[str]] = {}
@@ -237,7 +245,6 @@ def build_graph(pipeline: Pipeline) -> Graph:
     """Derive edges from paths; reject shared outputs, self-reads, unknown `after` and cycles."""
     shown = pipeline.display_file
     producers: dict[str, str] = {}
-    tree = OutputNode()
     for target in pipeline.targets.values():
         for port in target.outputs:
             key = f"targets.{target.name}.outputs"
@@ -247,7 +254,7 @@ def build_graph(pipeline: Pipeline) -> Graph:
                     shown, f"'{port.path}' is also written by target '{other}'", key
                 )
             producers[port.path] = target.name
-            tree.add(port.path, target.name)
+    tree = output_tree(producers)
     below = _outputs_below(producers)
     for path, name in producers.items():
         for parent in ancestors(path):
@@ -257,7 +264,7 @@ def build_graph(pipeline: Pipeline) -> Graph:
                     f"'{path}' is inside '{parent}', an output of target '{producers[parent]}'",
                     f"targets.{name}.outputs",
                 )
-    _check_nothing_destroyed(pipeline, producers)
+    check_nothing_destroyed(pipeline, producers)
 
     deps: dict[str, tuple[str, ...]] = {}
     names = list(pipeline.targets)
@@ -293,7 +300,7 @@ def build_graph(pipeline: Pipeline) -> Graph:
     return Graph(pipeline, deps, order, producers, below, tree, held)
 
 
-def _check_nothing_destroyed(pipeline: Pipeline, producers: Mapping[str, str]) -> None:
+def check_nothing_destroyed(pipeline: Pipeline, producers: Mapping[str, str]) -> None:
     """No output is or contains the pipeline file or a Python target's module."""
     shown = pipeline.display_file
 

@@ -21,7 +21,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlbuild"
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundation", frozenset({"errors", "scheduler"})),
     ("pipeline", frozenset({"pipeline.schema", "pipeline.load", "pipeline.interpolate"})),
-    ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store"})),
+    ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store", "snapshot"})),
     ("analysis", frozenset({"code", "staleness", "observed"})),
     ("storage", frozenset({"cache", "remote"})),
     (
