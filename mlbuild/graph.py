@@ -111,6 +111,17 @@ class Graph(NamedTuple):
     def targets(self) -> Mapping[str, Target]:
         return self.pipeline.targets
 
+    def has_producer(self, port: Port) -> bool:
+        """Whether some target writes `port`'s path, a directory around it or files inside it
+        (`producers_of` not empty, without building the set: checked for every source)."""
+        if port.is_glob:
+            return bool(self.producers_of(port))
+        path = port.path
+        if path in self.producers or path in self.below:
+            return True
+        producers = self.producers
+        return any(parent in producers for parent in ancestors(path))
+
     def producers_of(self, port: Port) -> set[str]:
         """Targets that write `port`'s path, a directory around it, or files inside it."""
         return _producers_of(port, self.producers, self.below, self.tree)

@@ -116,12 +116,30 @@ def observe(
     """
     root = str(fp.root)
     listings: dict[str, tuple[tuple[str, str], ...]] = {}
-    ports = interface(target, root)
+    # interface() and observe_paths() inlined: this runs once per target on every no-op.
+    entries: list[PortEntry] = []
     inputs: dict[str, str] = {}
-    for port, (_, _, _, matches) in zip(target.inputs, ports, strict=False):
-        inputs.update(observe_paths(fp, list(matches) if port.is_glob else [port.path], listings))
-    outputs = observe_paths(fp, [p.path for p in target.outputs], listings)
-    discovered = observe_paths(fp, list(previous.discovered), listings) if previous else {}
+    for port in target.inputs:
+        matches = tuple(expand_port(port, root)) if port.is_glob else ()
+        entries.append(("in", port.name, port.path, matches))
+        for path in matches if port.is_glob else (port.path,):
+            digest = fp.digest(path)
+            text = inputs[path] = digest.text
+            if digest.kind is _DIR:
+                listings[text] = digest.listing
+    outputs: dict[str, str] = {}
+    for port in target.outputs:
+        entries.append(("out", port.name, port.path, ()))
+        digest = fp.digest(port.path)
+        text = outputs[port.path] = digest.text
+        if digest.kind is _DIR:
+            listings[text] = digest.listing
+    ports = tuple(entries)
+    discovered = (
+        observe_paths(fp, list(previous.discovered), listings)
+        if previous and previous.discovered
+        else {}
+    )
     fingerprint = Fingerprint(
         action=target.action,
         params={name: encode_value(value) for name, value in target.params.items()},
@@ -159,12 +177,15 @@ def decide(
             why = "its manifest was written by another version of mlbuild"
             return Decision(False, (why,), forced=forced)
         return Decision(False, ("never built",), forced=forced)
+    cur = now.fingerprint
+    if cur == before and not forced and not target.always_run:
+        # The no-op's case, in one comparison: every field equal leaves no reason.
+        return Decision(True, (), _compared(cur))
     reasons: list[str] = []
     if forced:
         reasons.append("forced")
     if target.always_run:
         reasons.append("always_run")
-    cur = now.fingerprint
     if cur.action != before.action:
         reasons.append("command changed" if target.kind is ActionKind.SHELL else "function changed")
     reasons += _code_reasons(cur.code, before.code, now.imported_by, before.imported)
@@ -190,25 +211,24 @@ def decide(
         "discovered input", cur.discovered, before.discovered, now.listings, old_listing
     )
     reasons += output_reasons
-    compared = ", ".join(
-        f"{len(items)} {label}"
-        for label, items in (
-            ("code files", cur.code),
-            ("params", cur.params),
-            ("env vars", cur.env),
-            ("packages", cur.packages),
-            ("inputs", cur.inputs),
-            ("discovered inputs", cur.discovered),
-            ("outputs", cur.outputs),
-        )
-        if items
-    )
-    return Decision(
-        not reasons,
-        tuple(reasons),
-        "same action" + (f", {compared}" if compared else ""),
-        forced=forced,
-    )
+    return Decision(not reasons, tuple(reasons), _compared(cur), forced=forced)
+
+
+def _compared(cur: Fingerprint) -> str:
+    """What a fresh target was found equal in, for --explain (plain loop: once per target)."""
+    text = "same action"
+    for label, items in (
+        ("code files", cur.code),
+        ("params", cur.params),
+        ("env vars", cur.env),
+        ("packages", cur.packages),
+        ("inputs", cur.inputs),
+        ("discovered inputs", cur.discovered),
+        ("outputs", cur.outputs),
+    ):
+        if items:
+            text += f", {len(items)} {label}"
+    return text
 
 
 def _code_reasons(

@@ -70,6 +70,10 @@ _SQLITE_AUTH = 23
 _SQLITE_NOTADB = 26
 _CORRUPT = {_SQLITE_CORRUPT, _SQLITE_NOTADB}
 
+# A NamedTuple from a row's columns without running its Python `__new__` (rows by the
+# ten thousand are read on every no-op): the columns are the fields, in order.
+_make = tuple.__new__
+
 _BLOB_MARSHAL = 2
 _CHECKSUM = 16
 
@@ -234,7 +238,7 @@ class Store:
         rows = self.conn.execute(
             "SELECT path, size, mtime_ns, ino, checked_ns, digest, ctime_ns FROM stats"
         )
-        return StatCache({row[0]: StatEntry(*row[1:]) for row in rows}, self.load_dir)
+        return StatCache({row[0]: _make(StatEntry, row[1:]) for row in rows}, self.load_dir)
 
     @_guarded
     def load_dir(self, path: str) -> DirStat | None:
@@ -259,7 +263,7 @@ class Store:
     def load_manifests(self) -> dict[str, StoredManifest]:
         """Every manifest row; its text is checked where it is parsed (Fingerprint.from_json)."""
         rows = self.conn.execute("SELECT target, data, finished_at, duration FROM manifests")
-        return {row[0]: StoredManifest(*row[1:]) for row in rows}
+        return {row[0]: _make(StoredManifest, row[1:]) for row in rows}
 
     @_guarded
     def load_manifest(self, target: str) -> StoredManifest | None:

@@ -99,7 +99,7 @@ class Query:
         Python function that cannot be called).
         """
         selected = self.graph.select((*targets, *(force or ())))
-        check_sources(self.graph, selected)
+        check_sources(self.graph, selected, self.fp)
         check_code(self.graph, selected, self.code)
         actions: dict[str, Action] = {}
         restored = _Restores()

@@ -75,21 +75,29 @@ StatMap = Mapping[str, "StatEntry | None"]
 LINK_PREFIX = "\0link:"
 
 
-def check_sources(graph: Graph, selected: Sequence[str]) -> None:
-    """Every input must exist or be written by some target; say which one is missing."""
+def check_sources(graph: Graph, selected: Sequence[str], fp: Fingerprinter) -> None:
+    """Every input must exist or be written by some target; say which one is missing.
+
+    `fp` takes the stats (kept for its next digest of the same paths), so a
+    source is stat'ed once per build, not once here and once when visited.
+    """
     root = graph.pipeline.root
-    prefix = str(root) + os.sep
+    targets = graph.targets
+    has_producer = graph.has_producer
+    exists = fp.exists
     for name in selected:
-        for port in graph.targets[name].inputs:
-            if graph.producers_of(port):
+        for port in targets[name].inputs:
+            if has_producer(port):
                 continue
-            key = f"targets.{name}.inputs" + (f".{port.name}" if port.name else "")
-            if port.is_glob and not expand_port(port, str(root)):
+            if port.is_glob:
+                if expand_port(port, str(root)):
+                    continue
                 problem = "matches no file and no target writes one"
-            elif not port.is_glob and not os.path.lexists(prefix + port.path):
-                problem = "does not exist and no target writes it" + missing_hint(root, port.path)
-            else:
+            elif exists(port.path):
                 continue
+            else:
+                problem = "does not exist and no target writes it" + missing_hint(root, port.path)
+            key = f"targets.{name}.inputs" + (f".{port.name}" if port.name else "")
             raise PipelineError(graph.pipeline.display_file, f"'{port.path}' {problem}", key)
 
 
@@ -213,7 +221,7 @@ class Build:
         started_at = time.time()
         forced = self.options.force
         selected = self.graph.select((*self.options.targets, *(forced or ())))
-        check_sources(self.graph, selected)
+        check_sources(self.graph, selected, self.fp)
         check_code(self.graph, selected, self.code)
         pool_of = {name: self.graph.targets[name].pool for name in selected}
         sched = Scheduler(
