@@ -115,6 +115,17 @@ class StoredManifest(NamedTuple):
     duration: float
 
 
+class Record(NamedTuple):
+    """A manifest to write: a target's fingerprint JSON with the stats and listings behind it."""
+
+    target: str
+    data: str
+    duration: float
+    stats: Mapping[str, StatEntry | DirStat]
+    trees: Mapping[str, Iterable[tuple[str, str]]]
+    finished_at: float
+
+
 class RunRow(NamedTuple):
     """One target's outcome in one run, for the history."""
 
@@ -358,7 +369,6 @@ class Store:
         except (zlib.error, ValueError, TypeError):
             return None  # a damaged listing only costs the detail of a reason
 
-    @_guarded
     def record(
         self,
         target: str,
@@ -368,19 +378,29 @@ class Store:
         trees: Mapping[str, Iterable[tuple[str, str]]],
     ) -> None:
         """Write a target's manifest with the stat entries and listings it relies on, atomically."""
+        self.record_many([Record(target, data, duration, stats, trees, time.time())])
+
+    @_guarded
+    def record_many(self, records: Iterable[Record]) -> None:
+        """Write several manifests in one transaction (a first build records in batches):
+        all of them, with what each relies on, or none."""
+        records = list(records)  # a retry after starting over must see them again
         with self._transaction() as conn:
-            self._put_stats(conn, stats)
-            for digest, listing in trees.items():
-                known = conn.execute("SELECT 1 FROM trees WHERE digest = ?", (digest,))
-                if known.fetchone() is not None:
-                    continue  # a large listing is encoded once, not at every record
-                blob = zlib.compress(json.dumps(list(listing)).encode(), 1)
-                conn.execute("INSERT INTO trees (digest, listing) VALUES (?, ?)", (digest, blob))
-            conn.execute(
-                "INSERT OR REPLACE INTO manifests (target, data, finished_at, duration)"
-                " VALUES (?, ?, ?, ?)",
-                (target, data, time.time(), duration),
-            )
+            for r in records:
+                self._put_stats(conn, r.stats)
+                for digest, listing in r.trees.items():
+                    known = conn.execute("SELECT 1 FROM trees WHERE digest = ?", (digest,))
+                    if known.fetchone() is not None:
+                        continue  # a large listing is encoded once, not at every record
+                    blob = zlib.compress(json.dumps(list(listing)).encode(), 1)
+                    conn.execute(
+                        "INSERT INTO trees (digest, listing) VALUES (?, ?)", (digest, blob)
+                    )
+                conn.execute(
+                    "INSERT OR REPLACE INTO manifests (target, data, finished_at, duration)"
+                    " VALUES (?, ?, ?, ?)",
+                    (r.target, r.data, r.finished_at, r.duration),
+                )
 
     @_guarded
     def forget(self, targets: Iterable[str]) -> None:

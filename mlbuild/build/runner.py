@@ -48,7 +48,7 @@ from mlbuild.staleness import (
     observe,
     observe_paths,
 )
-from mlbuild.store import RunRow, Store
+from mlbuild.store import Record, RunRow, Store
 from mlbuild.workspace import (
     OutsideProject,
     cache_dir,
@@ -69,6 +69,11 @@ if TYPE_CHECKING:
     from mlbuild.exec.base import ExecResult, Executor
     from mlbuild.remote import RemoteCache
 
+
+# Finished targets' manifests are written in batches of up to RECORD_BATCH, at most
+# RECORD_SECONDS after the oldest finished: one transaction per batch, not per target.
+RECORD_BATCH = 200
+RECORD_SECONDS = 0.5
 
 StatMap = Mapping[str, "StatEntry | None"]
 # Keys of `StatMap` entries that hold a symlink's own lstat rather than its target's.
@@ -215,6 +220,8 @@ class Build:
         # stats its input digests were taken from.
         self._running: dict[str, tuple[Observation, Decision, StatMap]] = {}
         self.made_dirs: set[Path] = set()  # output parents created in this build
+        self._pending: list[Record] = []  # manifests not yet written (_record_later)
+        self._pending_since = 0.0  # monotonic time the oldest of them was queued
 
     def run(self) -> BuildResult:
         start = time.perf_counter()
@@ -233,6 +240,16 @@ class Build:
             failed = any(r.failure for r in self.results)
             status = RunStatus.FAILED if failed else RunStatus.OK
         finally:
+            self._finish_build(started_at, status)
+        failures = tuple(r.failure for r in self.results if r.failure is not None)
+        return BuildResult(tuple(self.results), time.perf_counter() - start, failures)
+
+    def _finish_build(self, started_at: float, status: RunStatus) -> None:
+        """Write what finished first (a second Ctrl-C while waiting on cache writes keeps
+        it), then wait for the background work, then the stats and the history."""
+        try:
+            self._flush_records()
+        finally:
             self._collect_saves(wait=True)
             if self._executor is not None and self._executor.running:
                 # A second Ctrl-C lands here: stop_all has killed everything by then.
@@ -240,14 +257,11 @@ class Build:
                     self._interrupt()
             if self._remote is not None:
                 self._remote.finish(wait=status is not RunStatus.INTERRUPTED)  # background uploads
-            save_checked(self.store, self.fp, self.code)
-            rows = [
-                RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons))
-                for r in self.results
-            ]
-            self.store.record_run(started_at, self.options.command_line, status.value, rows)
-        failures = tuple(r.failure for r in self.results if r.failure is not None)
-        return BuildResult(tuple(self.results), time.perf_counter() - start, failures)
+        save_checked(self.store, self.fp, self.code)
+        rows = [
+            RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons)) for r in self.results
+        ]
+        self.store.record_run(started_at, self.options.command_line, status.value, rows)
 
     def _loop(self, sched: Scheduler, forced: frozenset[str] | None) -> None:
         """Check what is ready, start what may start, wait for steps; until all is done."""
@@ -270,12 +284,14 @@ class Build:
                 continue
             from mlbuild.exec.base import Done
 
-            for event in self._executor.wait():
+            for event in self._executor.wait(self._flush_due()):
                 if isinstance(event, Done):
                     self._complete(event.target, event.result)
                     sched.finished(event.target)
                 else:
                     self.reporter.output(event.target, event.data)
+            if self._flush_due() == 0.0:
+                self._flush_records()
 
     def _interrupt(self) -> None:
         """Stop running steps (Ctrl-C, SIGTERM); they leave no manifest and rerun next time."""
@@ -510,11 +526,45 @@ class Build:
         listings = dict(before_run.listings)
         outputs = observe_paths(self.fp, [p.path for p in target.outputs], listings)
         fingerprint = before_run.fingerprint._replace(outputs=outputs)
-        self.store.record(
-            target.name, fingerprint.to_json(), duration, self.fp.take_updates(), listings
-        )
-        forget_made(self.root, target.name)
+        self._record_later(target.name, fingerprint, duration, listings)
         return Observation(fingerprint, listings, before_run.imported_by)
+
+    def _record_later(
+        self,
+        name: str,
+        fingerprint: Fingerprint,
+        duration: float,
+        listings: Mapping[str, tuple[tuple[str, str], ...]],
+    ) -> None:
+        """Queue a manifest; written with others in one transaction (`_flush_records`).
+
+        Everything in it was true when it was taken, so writing it later is
+        never wrong: what changes in between is found as any later change is.
+        A crash before the write loses the record and the step runs again.
+        """
+        record = Record(
+            name, fingerprint.to_json(), duration, self.fp.take_updates(), listings, time.time()
+        )
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append(record)
+        if len(self._pending) >= RECORD_BATCH:
+            self._flush_records()
+
+    def _flush_records(self) -> None:
+        """Write the queued manifests in one transaction; only then drop their `made/` notes."""
+        if not self._pending:
+            return
+        records, self._pending = self._pending, []
+        self.store.record_many(records)
+        for record in records:
+            forget_made(self.root, record.target)
+
+    def _flush_due(self) -> float | None:
+        """Seconds until the queued manifests must be written (None: nothing queued)."""
+        if not self._pending:
+            return None
+        return max(0.0, self._pending_since + RECORD_SECONDS - time.monotonic())
 
     def _cacheable(self, target: Target) -> bool:
         return target.cache and not target.always_run and not self.cache_broken
@@ -571,10 +621,7 @@ class Build:
             self._clear(target, current, known)
             return False
         fingerprint = now.fingerprint._replace(outputs=outputs)
-        self.store.record(
-            target.name, fingerprint.to_json(), entry.duration, self.fp.take_updates(), now.listings
-        )
-        forget_made(self.root, target.name)
+        self._record_later(target.name, fingerprint, entry.duration, now.listings)
         duration = time.perf_counter() - start
         self._finish(TargetResult(target.name, Outcome.RESTORED, decision.reasons, duration))
         self.reporter.restored(target.name, duration, entry.created, source=source)

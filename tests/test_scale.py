@@ -1,0 +1,105 @@
+"""A pipeline of 20,000 targets: `list`, `status` and a no-op `run` give the right answers.
+
+No timing is asserted (bench/ measures time); what a quadratic step would
+show here is a test that takes minutes instead of seconds. The first build
+runs its 20,000 copies in this process through a stand-in executor (starting
+20,000 shells is what bench/ measures, not the point here); everything else
+is the real CLI, the real state and the real files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from mlbuild.exec.base import Done, ExecResult, ExecutorContext, Output, Step
+from mlbuild.exec.registry import register_executor
+from tests.conftest import Project
+
+N = 20_000
+
+
+class CopyExecutor:
+    """Runs `cp {inputs.src} {outputs.dst}` steps as file copies in this process."""
+
+    def __init__(self, context: ExecutorContext) -> None:
+        self.root = context.root
+        self.done: list[Done] = []
+
+    def start(self, step: Step) -> None:
+        (src,) = step.target.inputs
+        (dst,) = step.target.outputs
+        (self.root / dst.path).write_bytes((self.root / src.path).read_bytes())
+        self.done.append(Done(step.target.name, ExecResult(0, 0.0, step.log_path)))
+
+    def wait(self, timeout: float | None = None) -> Iterator[Output | Done]:
+        done, self.done = self.done, []
+        yield from done
+
+    @property
+    def running(self) -> list[str]:
+        return [d.target for d in self.done]
+
+    def stop_all(self, grace: float = 0.0) -> list[str]:
+        return []
+
+
+def _wide(project: Project, n: int) -> None:
+    """`n` targets, each copying its own source; the last one also needs the first."""
+    (project.root / "src").mkdir()
+    lines: list[str] = []
+    for i in range(n):
+        (project.root / "src" / f"{i}.txt").write_text(f"source {i}\n")
+        lines += [
+            f"[targets.t{i:05d}]",
+            'cmd = "cp {inputs.src} {outputs.dst}"',
+            f'inputs = {{ src = "src/{i}.txt" }}',
+            f'outputs = {{ dst = "out/{i}.txt" }}',
+            "cache = false",
+            "",
+        ]
+    lines.insert(-1, 'after = ["t00000"]')
+    (project.root / "pipeline.toml").write_text("\n".join(lines))
+
+
+@pytest.fixture
+def copies(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    previous = register_executor("local", CopyExecutor)
+    try:
+        yield
+    finally:
+        assert previous is not None
+        register_executor("local", previous)
+
+
+def test_twenty_thousand_targets(project: Project, copies: None) -> None:
+    _wide(project, N)
+    last = f"t{N - 1:05d}"
+
+    first = project.run("run", "-q", "-j", "2")
+    assert (first.code, first.err) == (0, "")
+    assert (project.root / "out" / f"{N - 1}.txt").read_text() == f"source {N - 1}\n"
+
+    again = project.run("run", "-j", "2")
+    assert again.code == 0
+    assert again.out.count("is up to date (skipped)") == N
+    assert again.started() == []
+
+    listed = project.run("list")
+    assert listed.code == 0
+    lines = listed.out.splitlines()
+    assert [line.partition(":")[0] for line in lines] == [f"t{i:05d}" for i in range(N)]
+    assert lines[0] == "t00000: cp {inputs.src} {outputs.dst}"
+    assert lines[-1] == f"{last}: cp {{inputs.src}} {{outputs.dst}}  (after t00000)"
+
+    status = project.run("status")
+    assert (status.code, status.out.count("fresh  ")) == (0, N)
+
+    # One source edited: exactly its target is stale.
+    (project.root / "src" / "777.txt").write_text("SOURCE 777\n")
+    status = project.run("status")
+    assert status.code == 1
+    stale = [line for line in status.out.splitlines() if not line.startswith("fresh  ")]
+    assert stale == ["stale  t00777: input changed: src/777.txt"]
+    assert project.run("list").out == listed.out
