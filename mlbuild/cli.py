@@ -51,6 +51,27 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        """argparse's formatter, told the width: left to find it, it imports shutil (and
+        with it bz2 and lzma) for every parser, also on a no-op build that prints no help."""
+        make: Any = self.formatter_class  # HelpFormatter, whose `width` the stubs omit
+        formatter: argparse.HelpFormatter = make(prog=self.prog, width=_columns() - 2)
+        return formatter
+
+
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size finds it ($COLUMNS, stdout, 80)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
 
 class _Ignored:
     """Stands in for the parser of a subcommand not being run: takes options, keeps none."""

@@ -12,12 +12,9 @@ import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import tomli
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mlbuild.errors import PipelineError, UsageError
-from mlbuild.pipeline.interpolate import TemplateError, fill, parse_template
 from mlbuild.pipeline.schema import (
     EXECUTOR_KINDS,
     FILE_MODES,
@@ -31,6 +28,11 @@ from mlbuild.pipeline.schema import (
     Target,
     display_path,
 )
+
+if TYPE_CHECKING:
+    # The parser and the templates are imported only when a file is parsed: a
+    # command that reads the compiled snapshot (snapshot.py) needs neither.
+    import tomli
 
 _TOP_KEYS = ("params", "pools", "targets", "cache", "executor")
 _CACHE_KEYS = ("remote", "remote_write", "remote_options")
@@ -131,6 +133,8 @@ def _visible(name: str) -> str:
 
 def parse_value(raw: str) -> Any:
     """A `--set` value typed as TOML (`2`, `0.1`, `true`, `[1, 2]`), else a plain string."""
+    import tomli
+
     try:
         return tomli.loads(f"v = {raw}")["v"]
     except tomli.TOMLDecodeError:
@@ -189,6 +193,8 @@ def load_pipeline(
     `data`: the file's bytes when the caller has read them already. `sources`,
     when given, receives every other file the value was made from.
     """
+    import tomli
+
     file = file.resolve()
     shown = display_path(file)
     raw = read_pipeline_bytes(file) if data is None else data
@@ -365,6 +371,8 @@ class _Loader:
         target_params = self._params(where, raw.get("params"), params, overrides)
         command = None
         if cmd is not None:
+            from mlbuild.pipeline.interpolate import TemplateError, fill, parse_template
+
             try:  # filling checks that every placeholder names something declared
                 command = fill(parse_template(cmd), inputs, outputs, target_params)
             except TemplateError as exc:
