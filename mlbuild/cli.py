@@ -477,10 +477,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         ]
         print(json.dumps({"stale": len(stale), "targets": rows}, indent=2))
     else:
+        lines: list[str] = []  # written at once: a print per target costs as much as its check
         for p in predictions:
             state = "fresh" if p.action is Action.SKIP else "stale"
             detail = f": {'; '.join(p.reasons)}" if p.reasons else ""
-            print(f"{state:6} {p.name}{detail}{restore_note(p)}")
+            lines.append(f"{state:6} {p.name}{detail}{restore_note(p)}\n")
+        sys.stdout.write("".join(lines))
     return EXIT_FAILED if stale else EXIT_OK
 
 
@@ -562,11 +564,13 @@ def _history(args: argparse.Namespace, target: str | None) -> Iterator[Store | N
 
 def cmd_list(args: argparse.Namespace) -> int:
     _, graph = load(args)
+    lines: list[str] = []  # written at once, as `status` does
     for name in graph.order:
         target = graph.targets[name]
         action = target.cmd if target.kind is ActionKind.SHELL else target.shown
         needs = f"  (after {', '.join(graph.deps[name])})" if graph.deps[name] else ""
-        print(f"{name}: {target.description or action}{needs}")
+        lines.append(f"{name}: {target.description or action}{needs}\n")
+    sys.stdout.write("".join(lines))
     return EXIT_OK
 
 

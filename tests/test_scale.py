@@ -9,7 +9,12 @@ is the real CLI, the real state and the real files.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +108,60 @@ def test_twenty_thousand_targets(project: Project, copies: None) -> None:
     stale = [line for line in status.out.splitlines() if not line.startswith("fresh  ")]
     assert stale == ["stale  t00777: input changed: src/777.txt"]
     assert project.run("list").out == listed.out
+
+
+SLOW_AND_QUICK = """
+[targets.quick]
+cmd = "echo quick > {outputs}"
+outputs = ["quick.txt"]
+
+[targets.slow]
+cmd = "touch started; while [ ! -e go ]; do sleep 0.02; done; echo slow > {outputs}"
+outputs = ["slow.txt"]
+"""
+
+
+def _status(root: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "mlbuild", "status"], cwd=root, capture_output=True, text=True
+    )
+    return done.stdout
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("stop", ["go", "sigterm"])
+def test_a_finished_step_is_recorded_while_another_still_runs(tmp_path: Path, stop: str) -> None:
+    """Manifests are written in batches, but a batch waits at most RECORD_SECONDS, and an
+    interrupted build writes what finished before it stops."""
+    (tmp_path / "pipeline.toml").write_text(SLOW_AND_QUICK)
+    build = subprocess.Popen(
+        [sys.executable, "-m", "mlbuild", "run", "-j", "2"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(tmp_path / "started")
+        _wait_for(tmp_path / "quick.txt")
+        deadline = time.monotonic() + 30
+        while "fresh  quick" not in (seen := _status(tmp_path)):
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.1)
+        assert "stale  slow" in seen
+        if stop == "go":
+            (tmp_path / "go").touch()
+        else:
+            build.send_signal(signal.SIGTERM)
+        build.wait(timeout=60)
+    finally:
+        (tmp_path / "go").touch()
+        build.wait(timeout=60)
+    after = _status(tmp_path)
+    assert "fresh  quick" in after
+    assert ("fresh  slow" in after) == (stop == "go")
