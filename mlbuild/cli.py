@@ -324,6 +324,8 @@ def _plan(
     jobs: int,
 ) -> None:
     """Tell the reporter what the build will decide (its bar and time left), before it starts."""
+    if isinstance(reporter, PlainReporter):
+        return  # the plain log needs no plan, and reading every duration costs
     selected = graph.select((*targets, *(force or ())))
     deps = {name: graph.deps[name] for name in selected}
     reporter.planned(BuildPlan(selected, deps, jobs, store.load_durations()))

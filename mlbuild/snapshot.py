@@ -36,6 +36,7 @@ state directory just for this, and a read-only one only costs the load.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
 import sys
@@ -61,7 +62,25 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_graph(file: Path, overrides: Mapping[str, Any] | None = None) -> Graph:
-    """The checked graph of pipeline `file` with `overrides`: from its snapshot when valid."""
+    """The checked graph of pipeline `file` with `overrides`: from its snapshot when valid.
+
+    The cyclic garbage collector is paused meanwhile and the result frozen
+    (`gc.freeze`): loading makes objects by the million and no cycles, and a
+    collector scanning them again and again made 100,000 targets cost three
+    times what 10,000 do, per target.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        graph = _load_graph(file, overrides)
+    finally:
+        if was_enabled:
+            gc.enable()
+    gc.freeze()  # the graph lives as long as the command: never worth scanning
+    return graph
+
+
+def _load_graph(file: Path, overrides: Mapping[str, Any] | None) -> Graph:
     file = file.resolve()
     data = read_pipeline_bytes(file)
     overrides = dict(overrides or {})

@@ -214,20 +214,33 @@ def decide(
     return Decision(not reasons, tuple(reasons), _compared(cur), forced=forced)
 
 
+_COMPARED_LABELS = (
+    "code files",
+    "params",
+    "env vars",
+    "packages",
+    "inputs",
+    "discovered inputs",
+    "outputs",
+)
+_compared_texts: dict[tuple[int, ...], str] = {}  # counts -> text: a pipeline has few shapes
+
+
 def _compared(cur: Fingerprint) -> str:
-    """What a fresh target was found equal in, for --explain (plain loop: once per target)."""
-    text = "same action"
-    for label, items in (
-        ("code files", cur.code),
-        ("params", cur.params),
-        ("env vars", cur.env),
-        ("packages", cur.packages),
-        ("inputs", cur.inputs),
-        ("discovered inputs", cur.discovered),
-        ("outputs", cur.outputs),
-    ):
-        if items:
-            text += f", {len(items)} {label}"
+    """What a fresh target was found equal in, for --explain (made once per shape of counts)."""
+    counts = (
+        len(cur.code),
+        len(cur.params),
+        len(cur.env),
+        len(cur.packages),
+        len(cur.inputs),
+        len(cur.discovered),
+        len(cur.outputs),
+    )
+    text = _compared_texts.get(counts)
+    if text is None:
+        parts = [f"{n} {label}" for n, label in zip(counts, _COMPARED_LABELS, strict=True) if n]
+        text = _compared_texts[counts] = ", ".join(["same action", *parts])
     return text
 
 

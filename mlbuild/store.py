@@ -36,6 +36,7 @@ naming the path and what to do.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import marshal
 import os
@@ -249,7 +250,8 @@ class Store:
         rows = self.conn.execute(
             "SELECT path, size, mtime_ns, ino, checked_ns, digest, ctime_ns FROM stats"
         )
-        return StatCache({row[0]: _make(StatEntry, row[1:]) for row in rows}, self.load_dir)
+        with _no_collection():
+            return StatCache({row[0]: _make(StatEntry, row[1:]) for row in rows}, self.load_dir)
 
     @_guarded
     def load_dir(self, path: str) -> DirStat | None:
@@ -274,7 +276,8 @@ class Store:
     def load_manifests(self) -> dict[str, StoredManifest]:
         """Every manifest row; its text is checked where it is parsed (Fingerprint.from_json)."""
         rows = self.conn.execute("SELECT target, data, finished_at, duration FROM manifests")
-        return {row[0]: _make(StoredManifest, row[1:]) for row in rows}
+        with _no_collection():
+            return {row[0]: _make(StoredManifest, row[1:]) for row in rows}
 
     @_guarded
     def load_manifest(self, target: str) -> StoredManifest | None:
@@ -489,6 +492,19 @@ class _Transaction:
             # A corrupt database may refuse the rollback too; the original error tells.
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """The cyclic garbage collector paused while rows by the hundred thousand become tuples
+    (they hold no cycles; scanning them as they pile up made the load grow faster than them)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _pack(value: Any) -> bytes:
