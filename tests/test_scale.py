@@ -20,6 +20,7 @@ import pytest
 
 from mlbuild.exec.base import Done, ExecResult, ExecutorContext, Output, Step
 from mlbuild.exec.registry import register_executor
+from mlbuild.scheduler import Scheduler
 from tests.conftest import Project
 
 N = 20_000
@@ -165,3 +166,26 @@ def test_a_finished_step_is_recorded_while_another_still_runs(tmp_path: Path, st
     after = _status(tmp_path)
     assert "fresh  quick" in after
     assert ("fresh  slow" in after) == (stop == "go")
+
+
+def test_a_pool_of_twenty_thousand_waiting_steps_starts_them_in_order() -> None:
+    """Steps wait in a full pool while others run: each still starts in build order, and
+    a start does not look at every waiting step again (that took minutes here)."""
+    order = [f"t{i:05d}" for i in range(N)]
+    pool_of = {name: ("gpu" if i % 4 else None) for i, name in enumerate(order)}
+    sched = Scheduler(order, {name: () for name in order}, 2, {"gpu": 1}, pool_of)
+    while (name := sched.next_to_check()) is not None:
+        sched.want_run(name)
+    started: list[str] = []
+    while not sched.idle:
+        now = sched.startable()
+        assert now, "nothing could start"
+        running = [n for n in now if pool_of[n] == "gpu"]
+        assert len(running) <= 1
+        started += now
+        for name in now:
+            sched.finished(name)
+    assert sorted(started) == order
+    assert [n for n in started if pool_of[n]] == [n for n in order if pool_of[n]]
+    assert [n for n in started if not pool_of[n]] == [n for n in order if not pool_of[n]]
+    assert started[:4] == ["t00000", "t00001", "t00002", "t00004"]  # t00003 waits for t00002
