@@ -551,8 +551,8 @@ class Build:
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.append(record)
-        if len(self._pending) >= RECORD_BATCH:
-            self._flush_records()
+        if len(self._pending) >= RECORD_BATCH or self._flush_due() == 0.0:
+            self._flush_records()  # the time also counts when no step runs (restores)
 
     def _flush_records(self) -> None:
         """Write the queued manifests in one transaction; only then drop their `made/` notes."""
