@@ -31,9 +31,10 @@ from mlbuild.build.results import (
 )
 from mlbuild.build.runner import check_writable, clear_outputs, run_build
 from mlbuild.errors import Interrupted, MlbuildError, UsageError
-from mlbuild.graph import Graph, build_graph
-from mlbuild.pipeline.load import find_pipeline, load_pipeline, parse_overrides
+from mlbuild.graph import Graph
+from mlbuild.pipeline.load import find_pipeline, parse_overrides
 from mlbuild.pipeline.schema import EXECUTOR_KINDS, ActionKind, Pipeline
+from mlbuild.snapshot import load_graph
 from mlbuild.store import Store, open_existing_store, open_store
 from mlbuild.ui import messages
 from mlbuild.ui.report import PlainReporter, silence_stdout, stdout_closed
@@ -53,6 +54,27 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        """argparse's formatter, told the width: left to find it, it imports shutil (and
+        with it bz2 and lzma) for every parser, also on a no-op build that prints no help."""
+        make: Any = self.formatter_class  # HelpFormatter, whose `width` the stubs omit
+        formatter: argparse.HelpFormatter = make(prog=self.prog, width=_columns() - 2)
+        return formatter
+
+
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size finds it ($COLUMNS, stdout, 80)."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 class _Ignored:
@@ -320,8 +342,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def load(args: argparse.Namespace) -> tuple[Pipeline, Graph]:
     """Find, read and check the pipeline named by `-f` (or the nearest one)."""
     file = getattr(args, "file", None) or find_pipeline(Path.cwd())
-    pipeline = load_pipeline(file, parse_overrides(getattr(args, "set", None) or []))
-    return pipeline, build_graph(pipeline)
+    graph = load_graph(file, parse_overrides(getattr(args, "set", None) or []))
+    return graph.pipeline, graph
 
 
 def open_state(pipeline: Pipeline, reporter: Reporter) -> Store:
@@ -390,6 +412,8 @@ def _plan(
     jobs: int,
 ) -> None:
     """Tell the reporter what the build will decide (its bar and time left), before it starts."""
+    if isinstance(reporter, PlainReporter):
+        return  # the plain log needs no plan, and reading every duration costs
     selected = graph.select((*targets, *(force or ())))
     deps = {name: graph.deps[name] for name in selected}
     reporter.planned(BuildPlan(selected, deps, jobs, store.load_durations()))
@@ -546,10 +570,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         ]
         print(json.dumps({"stale": len(stale), "targets": rows}, indent=2))
     else:
+        lines: list[str] = []  # written at once: a print per target costs as much as its check
         for p in predictions:
             state = "fresh" if p.action is Action.SKIP else "stale"
             detail = f": {'; '.join(p.reasons)}" if p.reasons else ""
-            print(f"{state:6} {p.name}{detail}{restore_note(p)}")
+            lines.append(f"{state:6} {p.name}{detail}{restore_note(p)}\n")
+        sys.stdout.write("".join(lines))
     return EXIT_FAILED if stale else EXIT_OK
 
 
@@ -634,11 +660,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.names:
         sys.stdout.write("".join(f"{name}\n" for name in graph.order))
         return EXIT_OK
+    lines: list[str] = []  # written at once, as `status` does
     for name in graph.order:
         target = graph.targets[name]
         action = target.cmd if target.kind is ActionKind.SHELL else target.shown
         needs = f"  (after {', '.join(graph.deps[name])})" if graph.deps[name] else ""
-        print(f"{name}: {target.description or action}{needs}")
+        lines.append(f"{name}: {target.description or action}{needs}\n")
+    sys.stdout.write("".join(lines))
     return EXIT_OK
 
 

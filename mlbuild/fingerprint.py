@@ -299,6 +299,9 @@ class Fingerprinter:
         self.updates: dict[str, StatEntry | DirStat] = {}
         self._reuse_walks = reuse_walks
         self._walked: dict[str, Digest] = {}  # directory digests since the last expire()
+        # lstat results taken by `exists` (a build's check that sources exist), each
+        # used once by `digest` until expire(): one syscall per source, not two.
+        self._checked: dict[str, os.stat_result] = {}
 
     def take_updates(self) -> dict[str, StatEntry | DirStat]:
         """The stat entries learned since the last call, emptied."""
@@ -314,6 +317,20 @@ class Fingerprinter:
     def expire(self) -> None:
         """Forget the directory digests taken so far: files may change from now on."""
         self._walked.clear()
+        self._checked.clear()
+
+    def exists(self, rel: str) -> bool:
+        """Whether a project-relative path exists (a symlink counts, as for os.path.lexists).
+
+        The stat is kept for the next `digest` of that path until `expire()`:
+        taken earlier than the digest's own would be, which is safe (a write
+        after it changes the stat, and the stat cache entry then differs).
+        """
+        try:
+            self._checked[rel] = os.lstat(self._prefix + rel)
+        except OSError:
+            return False
+        return True
 
     def digest(self, rel: str) -> Digest:
         """The fingerprint of a project-relative path, following no symlink.
@@ -322,12 +339,14 @@ class Fingerprinter:
         directory or symlink, or that cannot be read.
         """
         full = self._prefix + rel
-        try:
-            st = os.lstat(full)
-        except (FileNotFoundError, NotADirectoryError):
-            return MISSING
-        except OSError as exc:
-            raise _unreadable(rel, exc) from None
+        st = self._checked.pop(rel, None) if self._checked else None
+        if st is None:
+            try:
+                st = os.lstat(full)
+            except (FileNotFoundError, NotADirectoryError):
+                return MISSING
+            except OSError as exc:
+                raise _unreadable(rel, exc) from None
         mode = st.st_mode
         if _stat.S_ISREG(mode):
             return self._file_digest(rel, st)

@@ -111,6 +111,17 @@ class Graph(NamedTuple):
     def targets(self) -> Mapping[str, Target]:
         return self.pipeline.targets
 
+    def has_producer(self, port: Port) -> bool:
+        """Whether some target writes `port`'s path, a directory around it or files inside it
+        (`producers_of` not empty, without building the set: checked for every source)."""
+        if port.is_glob:
+            return bool(self.producers_of(port))
+        path = port.path
+        if path in self.producers or path in self.below:
+            return True
+        producers = self.producers
+        return any(parent in producers for parent in ancestors(path))
+
     def producers_of(self, port: Port) -> set[str]:
         """Targets that write `port`'s path, a directory around it, or files inside it."""
         return _producers_of(port, self.producers, self.below, self.tree)
@@ -137,22 +148,13 @@ class Graph(NamedTuple):
                 users[need].append(name)
         return _reachable(names, users)
 
-    def affected(self, paths: Iterable[str]) -> set[str]:
-        """Targets that read any of `paths` (project-relative) directly."""
-        hits: set[str] = set()
-        for path in paths:
-            for target in self.targets.values():
-                for port in target.inputs:
-                    if _reads(port, path):
-                        hits.add(target.name)
-                        break
-        return hits
 
-
-def _reads(port: Port, path: str) -> bool:
-    if port.is_glob:
-        return fnmatch.fnmatchcase(path, port.path) or path.startswith(glob_base(port.path) + "/")
-    return path == port.path or path.startswith(port.path + "/")
+def output_tree(producers: Mapping[str, str]) -> OutputNode:
+    """The declared outputs as a tree of path components (for glob inputs)."""
+    tree = OutputNode()
+    for path, name in producers.items():
+        tree.add(path, name)
+    return tree
 
 
 def _outputs_below(producers: Mapping[str, str]) -> dict[str, set[str]]:
@@ -254,7 +256,6 @@ def build_graph(pipeline: Pipeline) -> Graph:
     """Derive edges from paths; reject shared outputs, self-reads, unknown `after` and cycles."""
     shown = pipeline.display_file
     producers: dict[str, str] = {}
-    tree = OutputNode()
     for target in pipeline.targets.values():
         for port in target.outputs:
             key = f"targets.{target.name}.outputs"
@@ -264,7 +265,7 @@ def build_graph(pipeline: Pipeline) -> Graph:
                     shown, f"'{port.path}' is also written by target '{other}'", key
                 )
             producers[port.path] = target.name
-            tree.add(port.path, target.name)
+    tree = output_tree(producers)
     below = _outputs_below(producers)
     for path, name in producers.items():
         for parent in ancestors(path):
@@ -274,10 +275,11 @@ def build_graph(pipeline: Pipeline) -> Graph:
                     f"'{path}' is inside '{parent}', an output of target '{producers[parent]}'",
                     f"targets.{name}.outputs",
                 )
-    _check_nothing_destroyed(pipeline, producers)
+    check_nothing_destroyed(pipeline, producers)
 
     deps: dict[str, tuple[str, ...]] = {}
     names = list(pipeline.targets)
+    index = {name: i for i, name in enumerate(names)}  # file order, to sort each target's needs
     for target in pipeline.targets.values():
         needs: set[str] = set()
         for port in target.inputs:
@@ -303,13 +305,13 @@ def build_graph(pipeline: Pipeline) -> Graph:
                     f"targets.{target.name}.after",
                 )
             needs.add(other)
-        deps[target.name] = tuple(n for n in names if n in needs)
+        deps[target.name] = tuple(sorted(needs, key=index.__getitem__)) if needs else ()
     order = _topological_order(names, deps, shown)
     held = _held_paths(pipeline, producers)
     return Graph(pipeline, deps, order, producers, below, tree, held)
 
 
-def _check_nothing_destroyed(pipeline: Pipeline, producers: Mapping[str, str]) -> None:
+def check_nothing_destroyed(pipeline: Pipeline, producers: Mapping[str, str]) -> None:
     """No output is or contains the pipeline file or a Python target's module."""
     shown = pipeline.display_file
 

@@ -38,7 +38,10 @@ class Scheduler:
                 self.users[need].append(name)
         self._checkable = [self.rank[n] for n in order if self.waiting_on[n] == 0]
         heapq.heapify(self._checkable)
-        self._runnable: list[int] = []
+        self._runnable: list[int] = []  # ranks of runnable targets in no pool
+        # Per pool, its runnable targets' ranks: a full pool's waiting targets are not
+        # looked at again at every start (a 10,000-target `gpu = 1` pool was quadratic).
+        self._pooled: dict[str, list[int]] = {}
         self.running: set[str] = set()
         self.order = list(order)
 
@@ -50,32 +53,42 @@ class Scheduler:
 
     def want_run(self, name: str) -> None:
         """`name` is stale: it needs a job slot (and its pool's) to start."""
-        heapq.heappush(self._runnable, self.rank[name])
+        pool = self.pool_of.get(name)
+        heap = self._runnable if pool is None else self._pooled.setdefault(pool, [])
+        heapq.heappush(heap, self.rank[name])
 
     def startable(self) -> list[str]:
-        """Runnable targets that fit in the free job slots and pools, now marked running."""
+        """Runnable targets that fit in the free job slots and pools, now marked running.
+
+        They start in build order: each slot goes to the first runnable target
+        whose pool (if any) has room, found among the heads of the queues.
+        """
         started: list[str] = []
-        skipped: list[int] = []
-        while self._runnable and len(self.running) < self.jobs:
-            rank = heapq.heappop(self._runnable)
-            name = self.order[rank]
-            pool = self.pool_of.get(name)
-            if pool is not None:
-                if self.pool_free.get(pool, 0) <= 0:
-                    skipped.append(rank)
-                    continue
-                self.pool_free[pool] -= 1
+        while len(self.running) < self.jobs:
+            heap = self._runnable if self._runnable else None
+            chosen: str | None = None
+            for pool, waiting in self._pooled.items():
+                if (
+                    waiting
+                    and self.pool_free.get(pool, 0) > 0
+                    and (heap is None or waiting[0] < heap[0])
+                ):
+                    heap, chosen = waiting, pool
+            if heap is None:
+                break
+            name = self.order[heapq.heappop(heap)]
+            if chosen is not None:
+                self.pool_free[chosen] -= 1
             self.running.add(name)
             started.append(name)
-        for rank in skipped:
-            heapq.heappush(self._runnable, rank)
         return started
 
     def drain_runnable(self) -> list[str]:
         """Runnable targets that will not start (the build is stopping)."""
-        names = [self.order[rank] for rank in sorted(self._runnable)]
+        ranks = [*self._runnable, *(r for heap in self._pooled.values() for r in heap)]
         self._runnable.clear()
-        return names
+        self._pooled.clear()
+        return [self.order[rank] for rank in sorted(ranks)]
 
     def finished(self, name: str) -> None:
         """`name` is done (whatever its outcome): release its slot, wake its users."""
@@ -92,4 +105,5 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         """Nothing running, runnable or checkable: the build is over."""
-        return not (self.running or self._runnable or self._checkable)
+        pooled = any(self._pooled.values())
+        return not (self.running or self._runnable or pooled or self._checkable)

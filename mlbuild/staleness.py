@@ -116,12 +116,30 @@ def observe(
     """
     root = str(fp.root)
     listings: dict[str, tuple[tuple[str, str], ...]] = {}
-    ports = interface(target, root)
+    # interface() and observe_paths() inlined: this runs once per target on every no-op.
+    entries: list[PortEntry] = []
     inputs: dict[str, str] = {}
-    for port, (_, _, _, matches) in zip(target.inputs, ports, strict=False):
-        inputs.update(observe_paths(fp, list(matches) if port.is_glob else [port.path], listings))
-    outputs = observe_paths(fp, [p.path for p in target.outputs], listings)
-    discovered = observe_paths(fp, list(previous.discovered), listings) if previous else {}
+    for port in target.inputs:
+        matches = tuple(expand_port(port, root)) if port.is_glob else ()
+        entries.append(("in", port.name, port.path, matches))
+        for path in matches if port.is_glob else (port.path,):
+            digest = fp.digest(path)
+            text = inputs[path] = digest.text
+            if digest.kind is _DIR:
+                listings[text] = digest.listing
+    outputs: dict[str, str] = {}
+    for port in target.outputs:
+        entries.append(("out", port.name, port.path, ()))
+        digest = fp.digest(port.path)
+        text = outputs[port.path] = digest.text
+        if digest.kind is _DIR:
+            listings[text] = digest.listing
+    ports = tuple(entries)
+    discovered = (
+        observe_paths(fp, list(previous.discovered), listings)
+        if previous and previous.discovered
+        else {}
+    )
     fingerprint = Fingerprint(
         action=target.action,
         params={name: encode_value(value) for name, value in target.params.items()},
@@ -159,12 +177,15 @@ def decide(
             why = "its manifest was written by another version of mlbuild"
             return Decision(False, (why,), forced=forced)
         return Decision(False, ("never built",), forced=forced)
+    cur = now.fingerprint
+    if cur == before and not forced and not target.always_run:
+        # The no-op's case, in one comparison: every field equal leaves no reason.
+        return Decision(True, (), _compared(cur))
     reasons: list[str] = []
     if forced:
         reasons.append("forced")
     if target.always_run:
         reasons.append("always_run")
-    cur = now.fingerprint
     if cur.action != before.action:
         reasons.append("command changed" if target.kind is ActionKind.SHELL else "function changed")
     reasons += _code_reasons(cur.code, before.code, now.imported_by, before.imported)
@@ -190,25 +211,41 @@ def decide(
         "discovered input", cur.discovered, before.discovered, now.listings, old_listing
     )
     reasons += output_reasons
-    compared = ", ".join(
-        f"{len(items)} {label}{'' if len(items) == 1 else 's'}"
-        for label, items in (
-            ("code file", cur.code),
-            ("param", cur.params),
-            ("env var", cur.env),
-            ("package", cur.packages),
-            ("input", cur.inputs),
-            ("discovered input", cur.discovered),
-            ("output", cur.outputs),
-        )
-        if items
+    return Decision(not reasons, tuple(reasons), _compared(cur), forced=forced)
+
+
+_COMPARED_LABELS = (
+    "code file",
+    "param",
+    "env var",
+    "package",
+    "input",
+    "discovered input",
+    "output",
+)
+_compared_texts: dict[tuple[int, ...], str] = {}  # counts -> text: a pipeline has few shapes
+
+
+def _compared(cur: Fingerprint) -> str:
+    """What a fresh target was found equal in, for --explain (made once per shape of counts)."""
+    counts = (
+        len(cur.code),
+        len(cur.params),
+        len(cur.env),
+        len(cur.packages),
+        len(cur.inputs),
+        len(cur.discovered),
+        len(cur.outputs),
     )
-    return Decision(
-        not reasons,
-        tuple(reasons),
-        "same action" + (f", {compared}" if compared else ""),
-        forced=forced,
-    )
+    text = _compared_texts.get(counts)
+    if text is None:
+        parts = [
+            f"{n} {label}{'' if n == 1 else 's'}"
+            for n, label in zip(counts, _COMPARED_LABELS, strict=True)
+            if n
+        ]
+        text = _compared_texts[counts] = ", ".join(["same action", *parts])
+    return text
 
 
 def _code_reasons(

@@ -42,6 +42,7 @@ naming the path and what to do.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import marshal
 import os
@@ -76,6 +77,10 @@ _SQLITE_CANTOPEN = 14
 _SQLITE_AUTH = 23
 _SQLITE_NOTADB = 26
 _CORRUPT = {_SQLITE_CORRUPT, _SQLITE_NOTADB}
+
+# A NamedTuple from a row's columns without running its Python `__new__` (rows by the
+# ten thousand are read on every no-op): the columns are the fields, in order.
+_make = tuple.__new__
 
 _BLOB_MARSHAL = 2
 _CHECKSUM = 16
@@ -123,6 +128,17 @@ class StoredManifest(NamedTuple):
     data: str
     finished_at: float
     duration: float
+
+
+class Record(NamedTuple):
+    """A manifest to write: a target's fingerprint JSON with the stats and listings behind it."""
+
+    target: str
+    data: str
+    duration: float
+    stats: Mapping[str, StatEntry | DirStat]
+    trees: Mapping[str, Iterable[tuple[str, str]]]
+    finished_at: float
 
 
 class RunRow(NamedTuple):
@@ -259,7 +275,8 @@ class Store:
         rows = self.conn.execute(
             "SELECT path, size, mtime_ns, ino, checked_ns, digest, ctime_ns FROM stats"
         )
-        return StatCache({row[0]: StatEntry(*row[1:]) for row in rows}, self.load_dir)
+        with _no_collection():
+            return StatCache({row[0]: _make(StatEntry, row[1:]) for row in rows}, self.load_dir)
 
     @_guarded
     def load_dir(self, path: str) -> DirStat | None:
@@ -284,7 +301,8 @@ class Store:
     def load_manifests(self) -> dict[str, StoredManifest]:
         """Every manifest row; its text is checked where it is parsed (Fingerprint.from_json)."""
         rows = self.conn.execute("SELECT target, data, finished_at, duration FROM manifests")
-        return {row[0]: StoredManifest(*row[1:]) for row in rows}
+        with _no_collection():
+            return {row[0]: _make(StoredManifest, row[1:]) for row in rows}
 
     @_guarded
     def load_manifest(self, target: str) -> StoredManifest | None:
@@ -379,7 +397,6 @@ class Store:
         except (zlib.error, ValueError, TypeError):
             return None  # a damaged listing only costs the detail of a reason
 
-    @_guarded
     def record(
         self,
         target: str,
@@ -389,19 +406,29 @@ class Store:
         trees: Mapping[str, Iterable[tuple[str, str]]],
     ) -> None:
         """Write a target's manifest with the stat entries and listings it relies on, atomically."""
+        self.record_many([Record(target, data, duration, stats, trees, time.time())])
+
+    @_guarded
+    def record_many(self, records: Iterable[Record]) -> None:
+        """Write several manifests in one transaction (a first build records in batches):
+        all of them, with what each relies on, or none."""
+        records = list(records)  # a retry after starting over must see them again
         with self._transaction() as conn:
-            self._put_stats(conn, stats)
-            for digest, listing in trees.items():
-                known = conn.execute("SELECT 1 FROM trees WHERE digest = ?", (digest,))
-                if known.fetchone() is not None:
-                    continue  # a large listing is encoded once, not at every record
-                blob = zlib.compress(json.dumps(list(listing)).encode(), 1)
-                conn.execute("INSERT INTO trees (digest, listing) VALUES (?, ?)", (digest, blob))
-            conn.execute(
-                "INSERT OR REPLACE INTO manifests (target, data, finished_at, duration)"
-                " VALUES (?, ?, ?, ?)",
-                (target, data, time.time(), duration),
-            )
+            for r in records:
+                self._put_stats(conn, r.stats)
+                for digest, listing in r.trees.items():
+                    known = conn.execute("SELECT 1 FROM trees WHERE digest = ?", (digest,))
+                    if known.fetchone() is not None:
+                        continue  # a large listing is encoded once, not at every record
+                    blob = zlib.compress(json.dumps(list(listing)).encode(), 1)
+                    conn.execute(
+                        "INSERT INTO trees (digest, listing) VALUES (?, ?)", (digest, blob)
+                    )
+                conn.execute(
+                    "INSERT OR REPLACE INTO manifests (target, data, finished_at, duration)"
+                    " VALUES (?, ?, ?, ?)",
+                    (r.target, r.data, r.finished_at, r.duration),
+                )
 
     @_guarded
     def forget(self, targets: Iterable[str]) -> None:
@@ -531,6 +558,19 @@ class _Transaction:
             # A corrupt database may refuse the rollback too; the original error tells.
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """The cyclic garbage collector paused while rows by the hundred thousand become tuples
+    (they hold no cycles; scanning them as they pile up made the load grow faster than them)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _pack(value: Any) -> bytes:

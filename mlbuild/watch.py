@@ -237,8 +237,16 @@ def plan_watches(
     root = str(graph.pipeline.root)
     wanted: dict[str, bool] = {"": False}  # the pipeline file's directory
 
+    is_dir: dict[str, bool] = {}  # one stat per directory, however many inputs it holds
+
+    def exists(rel: str) -> bool:
+        known = is_dir.get(rel)
+        if known is None:
+            known = is_dir[rel] = os.path.isdir(os.path.join(root, rel))
+        return known
+
     def add(rel: str, recursive: bool) -> None:
-        while rel and not os.path.isdir(os.path.join(root, rel)):
+        while rel and not exists(rel):
             rel, recursive = posixpath.dirname(rel), False
         wanted[rel] = wanted.get(rel, False) or recursive
 
@@ -254,9 +262,14 @@ def plan_watches(
             add(posixpath.dirname(file), False)
     for file in graph.pipeline.params_files:
         add(posixpath.dirname(file), False)
-    tops = [d for d, recursive in wanted.items() if recursive]
-    covered = {d for d in wanted for t in tops if t != d and (not t or d.startswith(t + "/"))}
-    return {d: r for d, r in wanted.items() if d not in covered}
+    # A directory below a recursive watch is covered by it (looked up through its
+    # ancestors: linear in the directories, not directories times recursive ones).
+    tops = {d for d, recursive in wanted.items() if recursive}
+    return {
+        d: r
+        for d, r in wanted.items()
+        if not (d and ("" in tops or any(a in tops for a in ancestors(d))))
+    }
 
 
 class Readers:

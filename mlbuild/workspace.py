@@ -46,6 +46,11 @@ def cache_dir(root: Path) -> Path:
     return root / STATE_DIR / "cache"
 
 
+def snapshot_dir(root: Path) -> Path:
+    """Compiled pipelines (`snapshot.py`): one file per pipeline file, rebuilt at will."""
+    return root / STATE_DIR / "snapshot"
+
+
 def ray_dir(root: Path) -> Path:
     """Token files the Ray executor writes to learn which nodes share the filesystem."""
     return root / STATE_DIR / "ray"

@@ -33,7 +33,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             }
         ),
     ),
-    ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store"})),
+    ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store", "snapshot"})),
     ("analysis", frozenset({"code", "staleness", "observed", "metrics", "plotdata"})),
     ("storage", frozenset({"cache", "remote", "experiments"})),
     (

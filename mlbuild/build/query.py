@@ -5,7 +5,8 @@ running a build. It visits the selected targets in dependency order as the
 runner does, fingerprints each (through the stat cache) and compares it with
 its manifest, but executes nothing, restores nothing and writes nothing: no
 manifest, no history, no cache entry (an invalid one is left for the run to
-delete), so `status` takes no workspace lock and never disturbs a build
+delete), so `status` takes no workspace lock and never disturbs a build (the
+command may keep a compiled pipeline, `snapshot.py`, written atomically)
 (`run -n` takes it only to save the file stats it learnt, `Query.save`).
 
 A stale target whose cache key has an entry in the local cache "would
@@ -98,7 +99,7 @@ class Query:
         Python function that cannot be called).
         """
         selected = self.graph.select((*targets, *(force or ())))
-        check_sources(self.graph, selected)
+        check_sources(self.graph, selected, self.fp)
         check_code(self.graph, selected, self.code)
         actions: dict[str, Action] = {}
         restored = _Restores()

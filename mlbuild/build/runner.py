@@ -10,7 +10,10 @@ Invariants: a manifest exists only for a target whose step succeeded and
 whose declared outputs all exist; it is deleted before the step starts, so a
 failed or interrupted step always reruns. The manifest records the input
 digests taken *before* the step started, so an input edited while the step
-ran makes it stale next time.
+ran makes it stale next time. Manifests of finished targets are written in
+batches (`_record_later`): one transaction per batch is what lets a first
+build of ten thousand short steps keep up with them; a crash loses at most
+the queued records, and those steps run again.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from mlbuild.staleness import (
     observe,
     observe_paths,
 )
-from mlbuild.store import RunRow, Store
+from mlbuild.store import Record, RunRow, Store
 from mlbuild.workspace import (
     OutsideProject,
     cache_dir,
@@ -70,26 +73,39 @@ if TYPE_CHECKING:
     from mlbuild.remote import RemoteCache
 
 
+# Finished targets' manifests are written in batches of up to RECORD_BATCH, at most
+# RECORD_SECONDS after the oldest finished: one transaction per batch, not per target.
+RECORD_BATCH = 200
+RECORD_SECONDS = 0.5
+
 StatMap = Mapping[str, "StatEntry | None"]
 # Keys of `StatMap` entries that hold a symlink's own lstat rather than its target's.
 LINK_PREFIX = "\0link:"
 
 
-def check_sources(graph: Graph, selected: Sequence[str]) -> None:
-    """Every input must exist or be written by some target; say which one is missing."""
+def check_sources(graph: Graph, selected: Sequence[str], fp: Fingerprinter) -> None:
+    """Every input must exist or be written by some target; say which one is missing.
+
+    `fp` takes the stats (kept for its next digest of the same paths), so a
+    source is stat'ed once per build, not once here and once when visited.
+    """
     root = graph.pipeline.root
-    prefix = str(root) + os.sep
+    targets = graph.targets
+    has_producer = graph.has_producer
+    exists = fp.exists
     for name in selected:
-        for port in graph.targets[name].inputs:
-            if graph.producers_of(port):
+        for port in targets[name].inputs:
+            if has_producer(port):
                 continue
-            key = f"targets.{name}.inputs" + (f".{port.name}" if port.name else "")
-            if port.is_glob and not expand_port(port, str(root)):
+            if port.is_glob:
+                if expand_port(port, str(root)):
+                    continue
                 problem = "matches no file and no target writes one"
-            elif not port.is_glob and not os.path.lexists(prefix + port.path):
-                problem = "does not exist and no target writes it" + missing_hint(root, port.path)
-            else:
+            elif exists(port.path):
                 continue
+            else:
+                problem = "does not exist and no target writes it" + missing_hint(root, port.path)
+            key = f"targets.{name}.inputs" + (f".{port.name}" if port.name else "")
             raise PipelineError(graph.pipeline.display_file, f"'{port.path}' {problem}", key)
 
 
@@ -207,13 +223,15 @@ class Build:
         # stats its input digests were taken from.
         self._running: dict[str, tuple[Observation, Decision, StatMap]] = {}
         self.made_dirs: set[Path] = set()  # output parents created in this build
+        self._pending: list[Record] = []  # manifests not yet written (_record_later)
+        self._pending_since = 0.0  # monotonic time the oldest of them was queued
 
     def run(self) -> BuildResult:
         start = time.perf_counter()
         started_at = time.time()
         forced = self.options.force
         selected = self.graph.select((*self.options.targets, *(forced or ())))
-        check_sources(self.graph, selected)
+        check_sources(self.graph, selected, self.fp)
         check_code(self.graph, selected, self.code)
         pool_of = {name: self.graph.targets[name].pool for name in selected}
         sched = Scheduler(
@@ -225,6 +243,17 @@ class Build:
             failed = any(r.failure for r in self.results)
             status = RunStatus.FAILED if failed else RunStatus.OK
         finally:
+            self._finish_build(started_at, status)
+        self._record_experiment(status is RunStatus.OK)
+        failures = tuple(r.failure for r in self.results if r.failure is not None)
+        return BuildResult(tuple(self.results), time.perf_counter() - start, failures)
+
+    def _finish_build(self, started_at: float, status: RunStatus) -> None:
+        """Write what finished first (a second Ctrl-C while waiting on cache writes keeps
+        it), then wait for the background work, then the stats and the history."""
+        try:
+            self._flush_records()
+        finally:
             self._collect_saves(wait=True)
             if self._executor is not None and self._executor.running:
                 # A second Ctrl-C lands here: stop_all has killed everything by then.
@@ -232,15 +261,11 @@ class Build:
                     self._interrupt()
             if self._remote is not None:
                 self._remote.finish(wait=status is not RunStatus.INTERRUPTED)  # background uploads
-            save_checked(self.store, self.fp, self.code)
-            rows = [
-                RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons))
-                for r in self.results
-            ]
-            self.store.record_run(started_at, self.options.command_line, status.value, rows)
-        self._record_experiment(status is RunStatus.OK)
-        failures = tuple(r.failure for r in self.results if r.failure is not None)
-        return BuildResult(tuple(self.results), time.perf_counter() - start, failures)
+        save_checked(self.store, self.fp, self.code)
+        rows = [
+            RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons)) for r in self.results
+        ]
+        self.store.record_run(started_at, self.options.command_line, status.value, rows)
 
     def _record_experiment(self, ok: bool) -> None:
         """Metrics of what ran or was restored, and the configuration's row (experiments.py).
@@ -276,12 +301,14 @@ class Build:
                 continue
             from mlbuild.exec.base import Done
 
-            for event in self._executor.wait():
+            for event in self._executor.wait(self._flush_due()):
                 if isinstance(event, Done):
                     self._complete(event.target, event.result)
                     sched.finished(event.target)
                 else:
                     self.reporter.output(event.target, event.data)
+            if self._flush_due() == 0.0:
+                self._flush_records()
 
     def _interrupt(self) -> None:
         """Stop running steps (Ctrl-C, SIGTERM); they leave no manifest and rerun next time."""
@@ -517,11 +544,45 @@ class Build:
         listings = dict(before_run.listings)
         outputs = observe_paths(self.fp, [p.path for p in target.outputs], listings)
         fingerprint = before_run.fingerprint._replace(outputs=outputs)
-        self.store.record(
-            target.name, fingerprint.to_json(), duration, self.fp.take_updates(), listings
-        )
-        forget_made(self.root, target.name)
+        self._record_later(target.name, fingerprint, duration, listings)
         return Observation(fingerprint, listings, before_run.imported_by)
+
+    def _record_later(
+        self,
+        name: str,
+        fingerprint: Fingerprint,
+        duration: float,
+        listings: Mapping[str, tuple[tuple[str, str], ...]],
+    ) -> None:
+        """Queue a manifest; written with others in one transaction (`_flush_records`).
+
+        Everything in it was true when it was taken, so writing it later is
+        never wrong: what changes in between is found as any later change is.
+        A crash before the write loses the record and the step runs again.
+        """
+        record = Record(
+            name, fingerprint.to_json(), duration, self.fp.take_updates(), listings, time.time()
+        )
+        if not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.append(record)
+        if len(self._pending) >= RECORD_BATCH or self._flush_due() == 0.0:
+            self._flush_records()  # the time also counts when no step runs (restores)
+
+    def _flush_records(self) -> None:
+        """Write the queued manifests in one transaction; only then drop their `made/` notes."""
+        if not self._pending:
+            return
+        records, self._pending = self._pending, []
+        self.store.record_many(records)
+        for record in records:
+            forget_made(self.root, record.target)
+
+    def _flush_due(self) -> float | None:
+        """Seconds until the queued manifests must be written (None: nothing queued)."""
+        if not self._pending:
+            return None
+        return max(0.0, self._pending_since + RECORD_SECONDS - time.monotonic())
 
     def _cacheable(self, target: Target) -> bool:
         return target.cache and not target.always_run and not self.cache_broken
@@ -578,10 +639,7 @@ class Build:
             self._clear(target, current, known)
             return False
         fingerprint = now.fingerprint._replace(outputs=outputs)
-        self.store.record(
-            target.name, fingerprint.to_json(), entry.duration, self.fp.take_updates(), now.listings
-        )
-        forget_made(self.root, target.name)
+        self._record_later(target.name, fingerprint, entry.duration, now.listings)
         duration = time.perf_counter() - start
         self._finish(TargetResult(target.name, Outcome.RESTORED, decision.reasons, duration))
         self.reporter.restored(target.name, duration, entry.created, source=source)

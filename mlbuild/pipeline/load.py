@@ -15,10 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import tomli
-
 from mlbuild.errors import ParamsFileError, PipelineError, UsageError
-from mlbuild.pipeline.interpolate import TemplateError, fill, parse_template
 from mlbuild.pipeline.schema import (
     EXECUTOR_KINDS,
     FILE_MODES,
@@ -35,7 +32,12 @@ from mlbuild.pipeline.schema import (
     display_path,
 )
 
-if TYPE_CHECKING:  # imported when a pipeline has params files (see _Loader.load)
+if TYPE_CHECKING:
+    # The parser and the templates are imported only when a file is parsed: a
+    # command that reads the compiled snapshot (snapshot.py) needs neither. The
+    # params files' module only when a pipeline has params files (see _Loader.load).
+    import tomli
+
     from mlbuild.pipeline.paramfiles import ParamsFiles
 
 _TOP_KEYS = ("params_files", "params", "pools", "targets", "cache", "executor")
@@ -139,6 +141,8 @@ def _visible(name: str) -> str:
 
 def parse_value(raw: str) -> Any:
     """A `--set` value typed as TOML (`2`, `0.1`, `true`, `[1, 2]`), else a plain string."""
+    import tomli
+
     try:
         return tomli.loads(f"v = {raw}")["v"]
     except tomli.TOMLDecodeError:
@@ -218,21 +222,66 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
-def load_pipeline(file: Path, overrides: Mapping[str, Any] | None = None) -> Pipeline:
-    """Read and validate a pipeline file, applying `--set` overrides."""
+class Source(NamedTuple):
+    """A file besides the pipeline file that the loaded value depends on, and its digest.
+
+    The snapshot (mlbuild/snapshot.py) is valid only while each one still has
+    this digest; `_Loader.read_source` is the one way the loader reads them.
+    """
+
+    path: str  # absolute
+    digest: str  # source_digest of its bytes
+
+
+def source_digest(data: bytes) -> str:
+    """The digest the snapshot keys a file's bytes by (BLAKE3, already loaded for fingerprints)."""
+    from blake3 import blake3
+
+    return blake3(data).hexdigest()
+
+
+def read_pipeline_bytes(file: Path) -> bytes:
+    """The pipeline file's bytes (`file` resolved); a one-line UsageError if unreadable."""
+    try:
+        with open(file, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise UsageError(f"{display_path(file)}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"{display_path(file)}: cannot read: {exc}") from None
+
+
+def load_pipeline(
+    file: Path,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    data: bytes | None = None,
+    sources: list[Source] | None = None,
+) -> Pipeline:
+    """Read and validate a pipeline file, applying `--set` overrides.
+
+    `data`: the file's bytes when the caller has read them already. `sources`,
+    when given, receives every other file the value was made from.
+    """
+    import tomli
+
     file = file.resolve()
     shown = display_path(file)
+    raw = read_pipeline_bytes(file) if data is None else data
     try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{shown}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        # Universal newlines, as reading in text mode does.
+        text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as exc:
         raise UsageError(f"{shown}: cannot read: {exc}") from None
     try:
-        data = tomli.loads(text)
+        parsed = tomli.loads(text)
     except tomli.TOMLDecodeError as exc:
         raise PipelineError(_toml_location(shown, exc), _toml_message(exc)) from None
-    return _Loader(file, shown, data, dict(overrides or {})).load()
+    loader = _Loader(file, shown, parsed, dict(overrides or {}))
+    pipeline = loader.load()
+    if sources is not None:
+        sources.extend(loader.sources)
+    return pipeline
 
 
 def _toml_location(shown: str, exc: tomli.TOMLDecodeError) -> str:
@@ -254,6 +303,18 @@ class _Loader:
         self.shown = shown
         self.data = data
         self.overrides = overrides
+        self.sources: list[Source] = []  # other files read (see read_source)
+
+    def read_source(self, path: Path) -> bytes:
+        """The bytes of a file the pipeline's value depends on (a params file, say).
+
+        Every such read must go through here: the snapshot of this pipeline is
+        keyed by the digests recorded, so an edit to the file reloads it.
+        """
+        with open(path, "rb") as handle:
+            data = handle.read()
+        self.sources.append(Source(str(path.resolve()), source_digest(data)))
+        return data
 
     def fail(self, key: str | None, message: str) -> PipelineError:
         return PipelineError(self.shown, message, key)
@@ -285,7 +346,7 @@ class _Loader:
             from mlbuild.pipeline.paramfiles import merge_params_files
 
             self.from_files = merge_params_files(
-                self.file.parent, self.files, self.shown, params, local_names
+                self.file.parent, self.files, self.shown, params, local_names, self.read_source
             )
         local_overrides = self._split_overrides(params, local_names)
         pools = self.data.get("pools", {})
@@ -407,6 +468,8 @@ class _Loader:
         target_params = self._params(where, raw.get("params"), params, overrides)
         command = None
         if cmd is not None:
+            from mlbuild.pipeline.interpolate import TemplateError, fill, parse_template
+
             try:  # filling checks that every placeholder names something declared
                 command = fill(parse_template(cmd), inputs, outputs, target_params)
             except TemplateError as exc:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,8 +47,21 @@ class ParamsFiles(NamedTuple):
         return self.sources.get(name) or self.sources[self.sections[name][0]]
 
 
-def read_params_files(root: Path, paths: Sequence[str], pipeline_file: str) -> ParamsFiles:
+def _read_bytes(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def read_params_files(
+    root: Path,
+    paths: Sequence[str],
+    pipeline_file: str,
+    read: Callable[[Path], bytes] = _read_bytes,
+) -> ParamsFiles:
     """Read and flatten each params file (project paths, already normalized).
+
+    `read` gives a file's bytes: the loader passes its `read_source`, so the
+    bytes parsed are the very bytes the compiled snapshot is keyed by.
 
     Errors name the pipeline file for a file that is missing, outside the
     project or of an unknown format, and the params file itself (with its
@@ -74,8 +87,8 @@ def read_params_files(root: Path, paths: Sequence[str], pipeline_file: str) -> P
         if inside == STATE_DIR or inside.startswith(STATE_DIR + os.sep):
             raise PipelineError(pipeline_file, f"is inside mlbuild's own {STATE_DIR}/", where)
         try:
-            with open(full, encoding="utf-8") as handle:
-                text = handle.read()
+            # Universal newlines, as reading in text mode does.
+            text = read(full).decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
         except FileNotFoundError:
             raise PipelineError(pipeline_file, "no such file", where) from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -158,6 +171,7 @@ def merge_params_files(
     pipeline_file: str,
     params: dict[str, Any],
     local_names: set[tuple[str, str]],
+    read: Callable[[Path], bytes] = _read_bytes,
 ) -> ParamsFiles:
     """Read the params files and add their keys to `params` (the `[params]` table, in place).
 
@@ -165,7 +179,7 @@ def merge_params_files(
     also a `[params]` name (or a section named like one), and a key that is
     also `TARGET.NAME`, a target's local parameter (`--set` could not tell).
     """
-    found = read_params_files(root, paths, pipeline_file)
+    found = read_params_files(root, paths, pipeline_file, read)
     for name in [*found.values, *found.sections]:
         if name in params:
             raise ParamsFileError(

@@ -70,7 +70,10 @@ def render_text(
         if status is not None:
             left += "  " + ("fresh" if _is_fresh(status[name]) else "STALE")
         needs = [d for d in graph.deps[name] if d in stage]
-        if needs:
+        short = f"{left}  <- {', '.join(needs)}"
+        if needs and len(short) <= WIDTH and " " not in "".join(needs):
+            lines.append(short)  # what textwrap would give, without its cost per target
+        elif needs:
             lines.extend(
                 textwrap.wrap(
                     "<- " + ", ".join(needs),
