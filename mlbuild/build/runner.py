@@ -225,6 +225,10 @@ class Build:
             failed = any(r.failure for r in self.results)
             status = RunStatus.FAILED if failed else RunStatus.OK
         finally:
+            if self._executor is not None:  # warm workers no step took (exec/warm.py)
+                from mlbuild.exec.warm import finish
+
+                finish(self._executor, interrupted=status is RunStatus.INTERRUPTED)
             self._collect_saves(wait=True)
             if self._executor is not None and self._executor.running:
                 # A second Ctrl-C lands here: stop_all has killed everything by then.
@@ -260,6 +264,12 @@ class Build:
                 if sched.idle:
                     return
                 continue
+            if self.options.jobs > 1 and not self.stopped:  # warm the next steps' workers
+                from mlbuild.exec.warm import prepare
+
+                targets, deps = self.graph.targets, self.graph.deps
+                args = (sched, self._running, self.outcomes, self.code, self.options.jobs)
+                prepare(self._executor, targets, deps, *args)
             from mlbuild.exec.base import Done
 
             for event in self._executor.wait():

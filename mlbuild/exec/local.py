@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from mlbuild.exec.base import (
     TERM_GRACE_SECONDS,
@@ -58,10 +58,14 @@ from mlbuild.exec.reaper import (
     signal_leftovers,
 )
 from mlbuild.exec.worker import EXIT_RAISED
-from mlbuild.pipeline.schema import ActionKind, Target
+from mlbuild.pipeline.schema import ActionKind
 from mlbuild.workspace import running_dir, short_name
 
+if TYPE_CHECKING:
+    from mlbuild.exec.warm import WarmPool
+
 DRAIN_SECONDS = 0.2  # output read after a step's main process exited
+WARM_SUFFIX = ".warm"  # the marker of a warm worker (exec/warm.py), not of a step
 
 
 class _Phase(enum.Enum):
@@ -93,8 +97,12 @@ class _Running:
 class LocalExecutor:
     """Runs steps as child processes of this machine and reports their output and exit."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, pool: WarmPool | None = None) -> None:
         self.root = root
+        # Warm workers (exec/warm.py): a watch session's pool outlives this executor,
+        # else the executor's own, made when the runner first names steps to warm.
+        self.warm_pool = pool
+        self.owns_pool = pool is None
         self.running_dir = running_dir(root)
         self.selector = selectors.DefaultSelector()
         self.steps: dict[str, _Running] = {}
@@ -111,12 +119,13 @@ class LocalExecutor:
         """Spawn the step; its events come from `wait` (also when it cannot be started)."""
         target, log_path = step.target, step.log_path
         try:
-            self._spawn(target, log_path)
+            self._spawn(step)
         except OSError as exc:  # a log or marker that cannot be written, no /bin/sh, ...
             message = f"could not be started: {exc}"
             self.failed_to_start.append(Done(target.name, ExecResult(-1, 0.0, log_path, message)))
 
-    def _spawn(self, target: Target, log_path: Path) -> None:
+    def _spawn(self, step: Step) -> None:
+        target, log_path = step.target, step.log_path
         self._mkdir(log_path.parent)
         self._mkdir(self.running_dir)
         if target.kind is ActionKind.PYTHON:
@@ -128,15 +137,19 @@ class LocalExecutor:
         proc: subprocess.Popen[bytes] | None = None
         pidfd: int | None = None
         try:
-            proc = subprocess.Popen(
-                step_argv(target, self.root, timing_path(log_path)),
-                cwd=self.root,
-                env=step_environment(target, self.base_env, token),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            taken = self._take_warm(step)
+            if taken is not None:
+                proc, token = taken
+            else:
+                proc = subprocess.Popen(
+                    step_argv(target, self.root, timing_path(log_path)),
+                    cwd=self.root,
+                    env=step_environment(target, self.base_env, token),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             assert proc.stdout is not None
             write_marker(marker, proc.pid, token, target.name)
             pidfd = _pidfd(proc.pid)
@@ -145,15 +158,29 @@ class LocalExecutor:
             if pidfd is not None:
                 self.selector.register(pidfd, selectors.EVENT_READ, (target.name, _EXIT))
             python = target.kind is ActionKind.PYTHON
-            step = _Running(
+            running = _Running(
                 target.name, proc, log, log_path, time.perf_counter(), marker, token, python, pidfd
             )
-            self.steps[target.name] = step  # from here on, stop_all stops it
+            self.steps[target.name] = running  # from here on, stop_all stops it
         except BaseException:
             # Not tracked (a marker that cannot be written, or Ctrl-C landing between
             # the fork and here, while the step already runs): stop it by its token.
             self._abandon(proc, pidfd, log, marker, mark, token)
             raise
+
+    def _take_warm(self, step: Step) -> tuple[subprocess.Popen[bytes], str] | None:
+        """A warm worker given the step's call (exec/warm.py), or None: spawn a fresh one."""
+        if self.warm_pool is None or step.target.name not in self.warm_pool.workers:
+            return None
+        from mlbuild.exec.base import worker_call
+
+        call = worker_call(step.target, self.root, timing_path(step.log_path))
+        return self.warm_pool.give(step, self.base_env, call)
+
+    def close_warm(self) -> None:
+        """The build is over: kill the warm workers no step took (a watch session keeps its own)."""
+        if self.warm_pool is not None and self.owns_pool:
+            self.warm_pool.close()
 
     def _abandon(
         self,
@@ -307,6 +334,8 @@ class LocalExecutor:
         """
         names = self.running
         self.failed_to_start.clear()
+        if self.warm_pool is not None:
+            self.warm_pool.close()
         steps = list(self.steps.values())
         for step in steps:
             pgid = step.proc.pid
@@ -372,6 +401,15 @@ def reap_orphans(root: Path) -> list[str]:
             pgid = int(pgid_text)
         except (OSError, ValueError):
             marker.unlink(missing_ok=True)
+            continue
+        name, _, owner = name.partition("\n")
+        if marker.name.endswith(WARM_SUFFIX):
+            # A warm worker ran no step: killed without a word, unless this very
+            # process (a watch session between two cycles) keeps it warm.
+            if owner.strip() != str(os.getpid()):
+                if token and any(carries(p, token) for p in find_leftovers(pgid, token).members):
+                    kill_leftovers(pgid, token)
+                marker.unlink(missing_ok=True)
             continue
         left = find_leftovers(pgid, token)
         if token:

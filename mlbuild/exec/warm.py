@@ -1,0 +1,463 @@
+"""Warm workers: a Python step's worker started ahead of its call, its `import tensorflow` done.
+
+A fresh worker per step keeps steps apart (nothing leaks, project code is
+always imported fresh), but each one pays for importing its heavy libraries.
+A warm worker (`python -m mlbuild.exec.worker --warm SPEC`) imports the
+installed third-party modules named by the import statements of the step's
+code closure (code.py) while another step runs, then waits for its call; the
+project's own modules are imported only when the call arrives, exactly as in
+a fresh worker (the worker refuses to find any project module while warming,
+and runs the call in a fresh interpreter if anything tried).
+
+A warm worker is used only when what the step would get now equals what it
+was started with: the environment (every variable but `MLBUILD_PARAM_*`,
+which the call carries), the working directory and interpreter, the tracked
+package versions and the state of the site-packages directories. Otherwise it
+is killed and a fresh worker runs the step. Each warm worker runs at most one
+step; those not used are killed when the build ends (or, in watch mode, kept
+for the next build; see `WarmPool.keep_for`). While warm, a worker holds a
+marker in `.mlbuild/running/` like a running step, so a killed mlbuild's
+next run reaps it; it also exits by itself when mlbuild's end of its stdin
+pipe closes.
+
+Not warmed: a step whose modules change `sys.path`, or change `os.environ`
+other than by a literal `os.environ["K"] = "V"` or `os.environ.setdefault("K",
+"V")` (those are applied while warming, as if they ran before the imports,
+and undone before the call).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+from mlbuild.exec.base import step_environment
+from mlbuild.exec.local import WARM_SUFFIX
+from mlbuild.exec.reaper import kill_leftovers, new_token
+from mlbuild.exec.worker import PARAM_PREFIX, WARM_FLAG
+from mlbuild.pipeline.schema import ActionKind, Target
+from mlbuild.workspace import running_dir, short_name
+
+if TYPE_CHECKING:
+    import ast
+
+    from mlbuild.code import CodeScanner
+    from mlbuild.exec.base import Executor, Step
+    from mlbuild.scheduler import Scheduler
+
+
+class WarmSpec(NamedTuple):
+    """What a warm worker imports, and the literal environment writes applied meanwhile."""
+
+    imports: tuple[tuple[str, tuple[str, ...]], ...]  # (module, from-names)
+    env: tuple[tuple[str, str, bool], ...] = ()  # (name, value, only if unset: setdefault)
+
+
+class Stamp(NamedTuple):
+    """What installed packages looked like when a warm worker started: compared when used."""
+
+    interpreter: tuple[int, int, int]  # the interpreter file's (inode, size, mtime)
+    site: tuple[tuple[str, int, int], ...]  # each site-packages dir: (path, inode, mtime)
+    versions: tuple[tuple[str, str | None], ...]  # the target's tracked distributions
+
+
+def package_stamp(versions: Mapping[str, str | None], paths: Iterable[str] = ()) -> Stamp:
+    """The stamp now: `pip install` adds or removes a `*.dist-info` dir, changing its mtime."""
+    try:
+        st = os.stat(sys.executable)
+        interpreter = (st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        interpreter = (0, 0, 0)
+    site: list[tuple[str, int, int]] = []
+    for path in (*sys.path, *paths):
+        parts = path.split(os.sep)
+        if "site-packages" in parts or "dist-packages" in parts:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            site.append((path, st.st_ino, st.st_mtime_ns))
+    return Stamp(interpreter, tuple(site), tuple(sorted(versions.items())))
+
+
+# -- what to import: the closure's import statements -------------------------------------
+
+
+def warm_spec(code: CodeScanner, target: Target) -> WarmSpec | None:
+    """The imports to warm for `target`, or None when it must not be warmed (or has none)."""
+    if target.kind is not ActionKind.PYTHON or target.python is None:
+        return None
+    from mlbuild.code import CodeError
+
+    try:
+        files = code.fingerprint(target).files
+    except (CodeError, OSError):
+        return None
+    imports: dict[str, set[str]] = {}
+    env: list[tuple[str, str, bool]] = []
+    for rel in files:
+        if not rel.endswith(".py"):
+            continue
+        try:
+            parsed = code.parse(rel)
+            writes = _environment_writes(os.path.join(code.root, rel))
+        except (OSError, SyntaxError, ValueError):
+            return None
+        if writes is None:
+            return None
+        env.extend(writes)
+        for level, module, names in parsed.imports:
+            if level or not module:
+                continue  # a relative import is the project's own
+            if code.resolve(module.partition(".")[0], "") is not None:
+                continue
+            imports.setdefault(module, set()).update(n for n in names if n != "*")
+    if not imports:
+        return None
+    listed = tuple((m, tuple(sorted(n))) for m, n in sorted(imports.items()))
+    return WarmSpec(listed, tuple(dict.fromkeys(env)))
+
+
+_MAY_WRITE = (b"environ", b"putenv", b"unsetenv", b"sys.path", b"addsitedir", b"path_hooks")
+_READ_ONLY_CALLS = {"get", "keys", "items", "values", "copy", "__contains__", "__getitem__"}
+
+
+def _environment_writes(path: str) -> list[tuple[str, str, bool]] | None:
+    """A module's literal `os.environ` writes; None if it writes any other way or edits sys.path."""
+    with open(path, "rb") as handle:
+        source = handle.read()
+    if not any(word in source for word in _MAY_WRITE):
+        return []
+    if any(word in source for word in (b"sys.path", b"addsitedir", b"path_hooks")):
+        return None
+    import ast
+
+    def environ(node: ast.expr) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
+            isinstance(node, ast.Name) and node.id == "environ"
+        )
+
+    def text(node: ast.expr) -> str | None:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        return None
+
+    found: list[tuple[str, str, bool]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assign):
+            if environ(node.value):
+                return None  # an alias: its writes cannot be followed
+            for target in node.targets:
+                if isinstance(target, ast.Subscript) and environ(target.value):
+                    key, value = text(target.slice), text(node.value)
+                    if key is None or value is None:
+                        return None
+                    found.append((key, value, False))
+        elif isinstance(node, ast.AugAssign | ast.AnnAssign | ast.Delete):
+            targets = node.targets if isinstance(node, ast.Delete) else [node.target]
+            if any(isinstance(t, ast.Subscript) and environ(t.value) for t in targets):
+                return None
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if name in ("putenv", "unsetenv"):
+                return None
+            if isinstance(func, ast.Attribute) and environ(func.value):
+                if name in _READ_ONLY_CALLS:
+                    continue
+                args = [text(a) for a in node.args]
+                if name != "setdefault" or len(args) != 2 or None in args or node.keywords:
+                    return None
+                found.append((str(args[0]), str(args[1]), True))
+    return found
+
+
+# -- which steps can run next ------------------------------------------------------------
+
+
+def next_python(
+    targets: Mapping[str, Target],
+    deps: Mapping[str, Sequence[str]],
+    users: Mapping[str, Sequence[str]],
+    running: Iterable[str],
+    pending: Iterable[str],
+    done: Mapping[str, object],
+    rank: Mapping[str, int],
+) -> list[str]:
+    """Python targets that may start next, in build order.
+
+    Those already found stale and waiting for a slot (`pending`), and those
+    whose every dependency in the build has finished or is running: they are
+    checked as soon as the running ones finish.
+    """
+    running = set(running)
+    found = {n for n in pending if n not in running}
+    for name in running:
+        for user in users.get(name, ()):
+            if user in done or user in found or user in running:
+                continue
+            if all(d in done or d in running for d in deps[user] if d in rank):
+                found.add(user)
+    python = [n for n in found if targets[n].kind is ActionKind.PYTHON]
+    return sorted(python, key=rank.__getitem__)
+
+
+def prepare(
+    executor: Executor,
+    targets: Mapping[str, Target],
+    deps: Mapping[str, Sequence[str]],
+    sched: Scheduler,
+    pending: Iterable[str],
+    done: Mapping[str, object],
+    code: CodeScanner,
+    jobs: int,
+) -> None:
+    """While steps run: warm the workers of the Python steps that can run next, on free slots.
+
+    Only the local executor warms (others have no `warm`). A warm worker whose
+    target finished without running (fresh, restored, failed upstream) is killed.
+    """
+    from mlbuild.exec.local import LocalExecutor
+
+    if not isinstance(executor, LocalExecutor) or jobs < 2:
+        return
+    pool = executor.warm_pool
+    if pool is not None:
+        for name in [n for n in pool.workers if n in done]:
+            pool.discard(name)
+    room = jobs - len(executor.steps) - (len(pool) if pool is not None else 0)
+    if room <= 0:
+        return
+    names = next_python(targets, deps, sched.users, sched.running, pending, done, sched.rank)
+    for name in names:
+        if room <= 0:
+            break
+        if (pool is not None and name in pool.workers) or name in executor.steps:
+            continue
+        target = targets[name]
+        spec = _spec(pool, code, target)
+        if spec is None:
+            continue
+        if pool is None:
+            pool = executor.warm_pool = WarmPool(executor.root)
+        try:
+            pool.spawn(target, spec, executor.base_env, _stamp_for(target))
+        except OSError:
+            return  # warming is only ever a saving: the steps run fresh
+        room -= 1
+
+
+def finish(executor: Executor | None, interrupted: bool) -> None:
+    """The build is over: its unused warm workers are killed (a watch session keeps its own)."""
+    close = getattr(executor, "close_warm", None)
+    if close is not None:
+        close()
+    pool: WarmPool | None = getattr(executor, "warm_pool", None)
+    if interrupted and pool is not None:
+        pool.close()
+
+
+def _stamp_for(target: Target) -> Stamp:
+    from mlbuild.code import package_versions
+
+    return package_stamp(package_versions(target.track))
+
+
+def _spec(pool: WarmPool | None, code: CodeScanner, target: Target) -> WarmSpec | None:
+    """`warm_spec`, once per target and version of its code."""
+    from mlbuild.code import CodeError
+
+    try:
+        files = code.fingerprint(target).files  # memoized by the scanner
+    except (CodeError, OSError):
+        return None
+    key = (target.name, tuple(sorted(files.items())))
+    if pool is not None and key in pool.specs:
+        return pool.specs[key]
+    spec = warm_spec(code, target)
+    if pool is not None:
+        pool.specs[key] = spec
+    return spec
+
+
+# -- the pool ------------------------------------------------------------------------------
+
+
+class _Warm(NamedTuple):
+    name: str
+    proc: subprocess.Popen[bytes]
+    token: str
+    env: Mapping[str, str]  # as started, MLBUILD_PARAM_* left out
+    stamp: Stamp
+    marker: Path
+
+
+class Taken(NamedTuple):
+    """A warm worker handed to a step: its process (stdout a pipe) and its token."""
+
+    proc: subprocess.Popen[bytes]
+    token: str
+
+
+def _without_params(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if not k.startswith(PARAM_PREFIX)}
+
+
+class WarmPool:
+    """The warm workers of one build (or, in watch mode, of a session), one per target at most."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.workers: dict[str, _Warm] = {}
+        # Per target and code (its closure's digests): parsed once, not at every event.
+        self.specs: dict[tuple[str, tuple[tuple[str, str], ...]], WarmSpec | None] = {}
+        self.used = 0  # steps that ran in a warm worker (for -v and the tests)
+        self.discarded = 0  # warm workers killed because what the step would get differed
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def names(self) -> list[str]:
+        return list(self.workers)
+
+    def spawn(
+        self, target: Target, spec: WarmSpec, base_env: Mapping[str, str], stamp: Stamp
+    ) -> None:
+        """Start a warm worker for `target` (replacing any it has); it imports, then waits."""
+        self.discard(target.name)
+        token = new_token()
+        env = step_environment(target, dict(base_env), token)
+        during = {k: v for k, v, only_unset in spec.env if not (only_unset and k in env)}
+        argv = [
+            sys.executable,
+            "-m",
+            "mlbuild.exec.worker",
+            WARM_FLAG,
+            json.dumps({"root": str(self.root), "imports": spec.imports, "env": during}),
+        ]
+        where = running_dir(self.root)
+        where.mkdir(parents=True, exist_ok=True)
+        marker = where / (short_name(target.name) + WARM_SUFFIX)
+        proc = subprocess.Popen(
+            argv,
+            cwd=self.root,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            write_warm_marker(marker, proc.pid, token, target.name)
+        except BaseException:
+            _kill(proc, token)
+            marker.unlink(missing_ok=True)
+            raise
+        self.workers[target.name] = _Warm(
+            target.name, proc, token, _without_params(env), stamp, marker
+        )
+
+    def take(self, target: Target, base_env: Mapping[str, str], stamp: Stamp) -> Taken | None:
+        """The warm worker for `target` if what it was started with is what the step gets now.
+
+        Otherwise (none, dead, another environment, packages changed) None, and
+        any warm worker the target had is killed: the step runs fresh.
+        """
+        warm = self.workers.pop(target.name, None)
+        if warm is None:
+            return None
+        env = step_environment(target, dict(base_env), warm.token)
+        same = warm.proc.poll() is None and _without_params(env) == warm.env and warm.stamp == stamp
+        if not same:
+            self.discarded += warm.proc.poll() is None
+            _kill(warm.proc, warm.token)
+            warm.marker.unlink(missing_ok=True)
+            return None
+        warm.marker.unlink(missing_ok=True)
+        self.used += 1
+        return Taken(warm.proc, warm.token)
+
+    def give(
+        self, step: Step, base_env: Mapping[str, str], call: str
+    ) -> tuple[subprocess.Popen[bytes], str] | None:
+        """The step's warm worker, given `call`; None if it has none or it cannot be used."""
+        stamp = package_stamp(step.observation.fingerprint.packages)
+        taken = self.take(step.target, base_env, stamp)
+        if taken is None:
+            return None
+        env = step_environment(step.target, dict(base_env), taken.token)
+        try:
+            send_call(taken, call, params_of(env))
+        except OSError:  # it died just now: a fresh worker takes the step
+            _kill(taken.proc, taken.token)
+            return None
+        return taken.proc, taken.token
+
+    def keep_only(self, names: Iterable[str]) -> None:
+        """Kill the warm workers of targets not in `names` (they will not run)."""
+        wanted = set(names)
+        for name in [n for n in self.workers if n not in wanted]:
+            self.discard(name)
+
+    def discard(self, name: str) -> None:
+        warm = self.workers.pop(name, None)
+        if warm is not None:
+            _kill(warm.proc, warm.token)
+            warm.marker.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Kill every warm worker (the build is over, or interrupted)."""
+        for name in list(self.workers):
+            self.discard(name)
+
+
+def write_warm_marker(marker: Path, pgid: int, token: str, target: str) -> None:
+    """A warm worker's marker: a step's (`PGID TOKEN`, target) and this mlbuild's process id.
+
+    `reap_orphans` kills it when that mlbuild is gone, and leaves a watch
+    session's own warm workers alone (it reaps at the start of every cycle).
+    """
+    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, f"{pgid} {token}\n{target}\n{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def is_warm_marker(marker: Path) -> bool:
+    return marker.name.endswith(WARM_SUFFIX)
+
+
+def _kill(proc: subprocess.Popen[bytes], token: str) -> None:
+    """End a warm worker: it ran no step, so SIGKILL at once; nothing is left behind."""
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kill_leftovers(proc.pid, token)
+
+
+def send_call(taken: Taken, call: str, params: Mapping[str, str]) -> None:
+    """Hand the call to a warm worker: one JSON line with the step's `MLBUILD_PARAM_*` values."""
+    assert taken.proc.stdin is not None
+    line = json.dumps({"call": call, "params": dict(params)}) + "\n"
+    try:
+        taken.proc.stdin.write(line.encode())
+        taken.proc.stdin.flush()
+    finally:
+        with contextlib.suppress(OSError):
+            taken.proc.stdin.close()
+
+
+def params_of(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith(PARAM_PREFIX)}
