@@ -68,7 +68,7 @@ class Stamp(NamedTuple):
     versions: tuple[tuple[str, str | None], ...]  # the target's tracked distributions
 
 
-def package_stamp(versions: Mapping[str, str | None], paths: Iterable[str] = ()) -> Stamp:
+def package_stamp(versions: Mapping[str, str | None], env: Mapping[str, str]) -> Stamp:
     """The stamp now: `pip install` adds or removes a `*.dist-info` dir, changing its mtime."""
     try:
         st = os.stat(sys.executable)
@@ -76,7 +76,8 @@ def package_stamp(versions: Mapping[str, str | None], paths: Iterable[str] = ())
     except OSError:
         interpreter = (0, 0, 0)
     site: list[tuple[str, int, int]] = []
-    for path in (*sys.path, *paths):
+    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]  # the worker's too
+    for path in dict.fromkeys((*sys.path, *extra)):
         parts = path.split(os.sep)
         if "site-packages" in parts or "dist-packages" in parts:
             try:
@@ -125,24 +126,40 @@ def warm_spec(code: CodeScanner, target: Target) -> WarmSpec | None:
     return WarmSpec(listed, tuple(dict.fromkeys(env)))
 
 
-_MAY_WRITE = (b"environ", b"putenv", b"unsetenv", b"sys.path", b"addsitedir", b"path_hooks")
-_READ_ONLY_CALLS = {"get", "keys", "items", "values", "copy", "__contains__", "__getitem__"}
+_MAY_WRITE = (b"environ", b"putenv", b"unsetenv", b"sys", b"addsitedir")
+_READ_ONLY_CALLS = {"get", "keys", "items", "values", "copy", "__contains__", "__getitem__", "index"}
+_IMPORT_STATE = {"path", "path_hooks", "meta_path", "path_importer_cache"}  # of `sys`
 
 
 def _environment_writes(path: str) -> list[tuple[str, str, bool]] | None:
-    """A module's literal `os.environ` writes; None if it writes any other way or edits sys.path."""
+    """A module's literal `os.environ` writes; None if it writes another way, or edits sys.path.
+
+    Reading either is fine. Changing `sys.path` (or the import hooks) could
+    make a name the warm worker imported from site-packages come from
+    elsewhere when the step runs; a write to `os.environ` that is not literal
+    cannot be applied while warming.
+    """
     with open(path, "rb") as handle:
         source = handle.read()
     if not any(word in source for word in _MAY_WRITE):
         return []
-    if any(word in source for word in (b"sys.path", b"addsitedir", b"path_hooks")):
-        return None
     import ast
 
     def environ(node: ast.expr) -> bool:
         return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
             isinstance(node, ast.Name) and node.id == "environ"
         )
+
+    def import_state(node: ast.expr) -> bool:
+        return (
+            isinstance(node, ast.Attribute)
+            and node.attr in _IMPORT_STATE
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "sys"
+        )
+
+    def shared(node: ast.expr) -> bool:  # an object whose writes matter
+        return environ(node) or import_state(node)
 
     def text(node: ast.expr) -> str | None:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
@@ -151,10 +168,17 @@ def _environment_writes(path: str) -> list[tuple[str, str, bool]] | None:
 
     found: list[tuple[str, str, bool]] = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Assign):
-            if environ(node.value):
+        if isinstance(node, ast.ImportFrom) and node.module == "sys":
+            if any(alias.name in _IMPORT_STATE for alias in node.names):
+                return None  # `from sys import path`: writes to it cannot be told apart
+        elif isinstance(node, ast.Assign):
+            if shared(node.value):
                 return None  # an alias: its writes cannot be followed
             for target in node.targets:
+                if import_state(target) or (
+                    isinstance(target, ast.Subscript) and import_state(target.value)
+                ):
+                    return None
                 if isinstance(target, ast.Subscript) and environ(target.value):
                     key, value = text(target.slice), text(node.value)
                     if key is None or value is None:
@@ -162,14 +186,18 @@ def _environment_writes(path: str) -> list[tuple[str, str, bool]] | None:
                     found.append((key, value, False))
         elif isinstance(node, ast.AugAssign | ast.AnnAssign | ast.Delete):
             targets = node.targets if isinstance(node, ast.Delete) else [node.target]
-            if any(isinstance(t, ast.Subscript) and environ(t.value) for t in targets):
-                return None
+            for target in targets:
+                if shared(target) or (isinstance(target, ast.Subscript) and shared(target.value)):
+                    return None
         elif isinstance(node, ast.Call):
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            if name in ("putenv", "unsetenv"):
+            if name in ("putenv", "unsetenv", "addsitedir"):
                 return None
-            if isinstance(func, ast.Attribute) and environ(func.value):
+            if isinstance(func, ast.Attribute) and import_state(func.value):
+                if name not in _READ_ONLY_CALLS:
+                    return None
+            elif isinstance(func, ast.Attribute) and environ(func.value):
                 if name in _READ_ONLY_CALLS:
                     continue
                 args = [text(a) for a in node.args]
@@ -248,7 +276,7 @@ def prepare(
         if pool is None:
             pool = executor.warm_pool = WarmPool(executor.root)
         try:
-            pool.spawn(target, spec, executor.base_env, _stamp_for(target))
+            pool.spawn(target, spec, executor.base_env, _stamp_for(target, executor.base_env))
         except OSError:
             return  # warming is only ever a saving: the steps run fresh
         room -= 1
@@ -264,10 +292,10 @@ def finish(executor: Executor | None, interrupted: bool) -> None:
         pool.close()
 
 
-def _stamp_for(target: Target) -> Stamp:
+def _stamp_for(target: Target, env: Mapping[str, str]) -> Stamp:
     from mlbuild.code import package_versions
 
-    return package_stamp(package_versions(target.track))
+    return package_stamp(package_versions(target.track), env)
 
 
 def _spec(pool: WarmPool | None, code: CodeScanner, target: Target) -> WarmSpec | None:
@@ -388,7 +416,7 @@ class WarmPool:
         self, step: Step, base_env: Mapping[str, str], call: str
     ) -> tuple[subprocess.Popen[bytes], str] | None:
         """The step's warm worker, given `call`; None if it has none or it cannot be used."""
-        stamp = package_stamp(step.observation.fingerprint.packages)
+        stamp = package_stamp(step.observation.fingerprint.packages, base_env)
         taken = self.take(step.target, base_env, stamp)
         if taken is None:
             return None
