@@ -127,7 +127,7 @@ def warm_spec(code: CodeScanner, target: Target) -> WarmSpec | None:
 
 
 _MAY_WRITE = (b"environ", b"putenv", b"unsetenv", b"sys", b"addsitedir")
-_READ_ONLY_CALLS = {"get", "keys", "items", "values", "copy", "__contains__", "__getitem__", "index"}
+_READ_ONLY_CALLS = {"get", "keys", "items", "values", "copy", "index", "count", "__contains__"}
 _IMPORT_STATE = {"path", "path_hooks", "meta_path", "path_importer_cache"}  # of `sys`
 
 
