@@ -65,6 +65,9 @@ def run(out: Path) -> None:
         action = os.environ.get("THEN", "")
         if action == "edit":  # b's helper changes after b's worker was warmed
             Path("steps/helper.py").write_text('WORD = "two"\\n')
+        elif action == "setenv":  # b now sets a variable before its imports
+            source = Path("steps/b.py").read_text()
+            Path("steps/b.py").write_text("import os\\nos.environ['SET_BY_B'] = '1'\\n" + source)
         elif action == "kill" and trace.exists():
             os.kill(int(trace.read_text().split()[0]), 9)
     out.write_text(seen)
@@ -162,6 +165,18 @@ def test_a_project_module_edited_after_warming_is_seen(
     assert seen["word"] == "two"  # ... and imported the helper as it is when called
 
 
+def test_code_that_now_writes_the_environment_gets_a_fresh_worker(
+    warm_project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WAIT_FOR_WARM", "1")
+    monkeypatch.setenv("THEN", "setenv")
+    result = warm_project.run("run", "-j2")
+    assert result.code == 0, result.err
+    warmed, fresh = importers()  # the warm worker imported fakepkg without SET_BY_B set
+    assert b_result(warm_project)["pid"] == fresh != warmed
+    assert not alive(warmed)
+
+
 def test_a_warm_worker_that_dies_is_replaced_by_a_fresh_one(
     warm_project: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,7 +247,8 @@ def test_stopping_mlbuild_leaves_no_warm_worker(warm_project: Project, sig: int)
 def _pool_step(project: Project) -> tuple[WarmPool, Step, WarmSpec]:
     """A pool and a Step for `b`, as the local executor hands them over."""
     pipeline = load_pipeline(project.root / "pipeline.toml")
-    observation = Observation(Fingerprint("python:steps.b:run", {}, {}, {}), {})
+    code = {"steps/__init__.py": "1", "steps/b.py": "2", "steps/helper.py": "3"}
+    observation = Observation(Fingerprint("python:steps.b:run", {}, {}, {}, code=code), {})
     log = project.root / ".mlbuild" / "logs" / "b.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     step = Step(pipeline.targets["b"], log, observation)

@@ -91,24 +91,25 @@ def package_stamp(versions: Mapping[str, str | None], env: Mapping[str, str]) ->
 # -- what to import: the closure's import statements -------------------------------------
 
 
-def warm_spec(code: CodeScanner, target: Target) -> WarmSpec | None:
-    """The imports to warm for `target`, or None when it must not be warmed (or has none)."""
-    if target.kind is not ActionKind.PYTHON or target.python is None:
-        return None
-    from mlbuild.code import CodeError
+def warm_spec(root: str, files: Iterable[str]) -> WarmSpec | None:
+    """What to warm for a step whose code is `files` (its closure, project-relative).
 
-    try:
-        files = code.fingerprint(target).files
-    except (CodeError, OSError):
-        return None
+    None when it must not be warmed (it edits `sys.path`, writes `os.environ`
+    in a way that cannot be replayed, does not parse) or imports nothing
+    installed.
+    """
+    from mlbuild.code import parse_python
+
     imports: dict[str, set[str]] = {}
     env: list[tuple[str, str, bool]] = []
-    for rel in files:
+    for rel in sorted(files):
         if not rel.endswith(".py"):
             continue
+        full = os.path.join(root, rel)
         try:
-            parsed = code.parse(rel)
-            writes = _environment_writes(os.path.join(code.root, rel))
+            writes = _environment_writes(full)
+            with open(full, "rb") as handle:
+                parsed = parse_python(handle.read(), rel)
         except (OSError, SyntaxError, ValueError):
             return None
         if writes is None:
@@ -117,13 +118,19 @@ def warm_spec(code: CodeScanner, target: Target) -> WarmSpec | None:
         for level, module, names in parsed.imports:
             if level or not module:
                 continue  # a relative import is the project's own
-            if code.resolve(module.partition(".")[0], "") is not None:
+            if _in_project(root, module.partition(".")[0]):
                 continue
             imports.setdefault(module, set()).update(n for n in names if n != "*")
     if not imports:
         return None
     listed = tuple((m, tuple(sorted(n))) for m, n in sorted(imports.items()))
     return WarmSpec(listed, tuple(dict.fromkeys(env)))
+
+
+def _in_project(root: str, top: str) -> bool:
+    """Whether top-level module `top` is the project's (a module, package or namespace dir)."""
+    base = os.path.join(root, top)
+    return os.path.isfile(base + ".py") or os.path.isdir(base)
 
 
 _MAY_WRITE = (b"environ", b"putenv", b"unsetenv", b"sys", b"addsitedir")
@@ -299,17 +306,23 @@ def _stamp_for(target: Target, env: Mapping[str, str]) -> Stamp:
 
 
 def _spec(pool: WarmPool | None, code: CodeScanner, target: Target) -> WarmSpec | None:
-    """`warm_spec`, once per target and version of its code."""
+    """`warm_spec` of a target's static code closure, once per version of that code."""
     from mlbuild.code import CodeError
 
+    if target.kind is not ActionKind.PYTHON:
+        return None
     try:
         files = code.fingerprint(target).files  # memoized by the scanner
     except (CodeError, OSError):
         return None
-    key = (target.name, tuple(sorted(files.items())))
+    return _spec_of(pool, code.root, files)
+
+
+def _spec_of(pool: WarmPool | None, root: str, files: Mapping[str, str]) -> WarmSpec | None:
+    key = tuple(sorted(files.items()))
     if pool is not None and key in pool.specs:
         return pool.specs[key]
-    spec = warm_spec(code, target)
+    spec = warm_spec(root, files)
     if pool is not None:
         pool.specs[key] = spec
     return spec
@@ -325,6 +338,7 @@ class _Warm(NamedTuple):
     env: Mapping[str, str]  # as started, MLBUILD_PARAM_* left out
     stamp: Stamp
     marker: Path
+    spec: WarmSpec  # what it imported, and the environment writes applied meanwhile
 
 
 class Taken(NamedTuple):
@@ -344,8 +358,8 @@ class WarmPool:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.workers: dict[str, _Warm] = {}
-        # Per target and code (its closure's digests): parsed once, not at every event.
-        self.specs: dict[tuple[str, tuple[tuple[str, str], ...]], WarmSpec | None] = {}
+        # Per version of a closure (its files' digests): parsed once, not at every event.
+        self.specs: dict[tuple[tuple[str, str], ...], WarmSpec | None] = {}
         self.used = 0  # steps that ran in a warm worker (for -v and the tests)
         self.discarded = 0  # warm workers killed because what the step would get differed
 
@@ -389,20 +403,30 @@ class WarmPool:
             marker.unlink(missing_ok=True)
             raise
         self.workers[target.name] = _Warm(
-            target.name, proc, token, _without_params(env), stamp, marker
+            target.name, proc, token, _without_params(env), stamp, marker, spec
         )
 
-    def take(self, target: Target, base_env: Mapping[str, str], stamp: Stamp) -> Taken | None:
+    def take(
+        self, target: Target, base_env: Mapping[str, str], stamp: Stamp, spec: WarmSpec | None
+    ) -> Taken | None:
         """The warm worker for `target` if what it was started with is what the step gets now.
 
-        Otherwise (none, dead, another environment, packages changed) None, and
-        any warm worker the target had is killed: the step runs fresh.
+        Otherwise (none, dead, another environment, packages changed, code that
+        no longer imports what it imported or writes the environment otherwise)
+        None, and any warm worker the target had is killed: the step runs fresh.
         """
         warm = self.workers.pop(target.name, None)
         if warm is None:
             return None
         env = step_environment(target, dict(base_env), warm.token)
-        same = warm.proc.poll() is None and _without_params(env) == warm.env and warm.stamp == stamp
+        same = (
+            warm.proc.poll() is None
+            and _without_params(env) == warm.env
+            and warm.stamp == stamp
+            and spec is not None
+            and spec.env == warm.spec.env
+            and set(warm.spec.imports) <= set(spec.imports)
+        )
         if not same:
             self.discarded += warm.proc.poll() is None
             _kill(warm.proc, warm.token)
@@ -416,8 +440,10 @@ class WarmPool:
         self, step: Step, base_env: Mapping[str, str], call: str
     ) -> tuple[subprocess.Popen[bytes], str] | None:
         """The step's warm worker, given `call`; None if it has none or it cannot be used."""
-        stamp = package_stamp(step.observation.fingerprint.packages, base_env)
-        taken = self.take(step.target, base_env, stamp)
+        fingerprint = step.observation.fingerprint
+        stamp = package_stamp(fingerprint.packages, base_env)
+        spec = _spec_of(self, str(self.root), fingerprint.code)  # the code as it is now
+        taken = self.take(step.target, base_env, stamp, spec)
         if taken is None:
             return None
         env = step_environment(step.target, dict(base_env), taken.token)
