@@ -317,3 +317,65 @@ def test_environment_writes_are_applied_while_warming_or_prevent_it(
 ) -> None:
     (tmp_path / "m.py").write_text(source)
     assert _environment_writes(str(tmp_path / "m.py")) == applied
+
+
+# -- watch mode: warm workers kept between builds ---------------------------------------------
+
+WATCHED = """
+[targets.train]
+python = "steps.train:run"
+inputs = { data = "data.txt" }
+outputs = { out = "train.json" }
+"""
+
+TRAIN = """
+import json
+import os
+
+from steps import helper
+
+
+def run(data, out):
+    import fakepkg
+
+    out.write_text(json.dumps({"pid": os.getpid(), "word": helper.WORD}))
+"""
+
+
+def test_watch_keeps_a_warm_worker_and_replaces_it_after_a_package_change(
+    warm_project: Project,
+) -> None:
+    from tests.test_watch import watching
+
+    root = warm_project.root
+    warm_project.pipeline(WATCHED)
+    warm_project.write("data.txt", "d\n")
+    warm_project.write("steps/train.py", TRAIN)
+
+    def result() -> dict[str, object]:
+        data: dict[str, object] = json.loads((root / "train.json").read_text())
+        return data
+
+    with watching(root) as w:
+        wait_for(lambda: len(importers()) == 2, timeout=HANG)  # the first run, then warming
+        first, warm = importers()
+        assert result()["pid"] == first
+        mark = w.mark()
+        warm_project.write("steps/helper.py", 'WORD = "edited"\n')
+        w.wait_text("waiting for changes.", mark)
+        assert result() == {"pid": warm, "word": "edited"}  # ran in the warm worker
+        wait_for(lambda: len(importers()) == 3, timeout=HANG)  # and another is warm
+        stale = importers()[2]
+
+        site = next(p for p in os.environ["PYTHONPATH"].split(os.pathsep) if "site-packages" in p)
+        (Path(site) / "newpkg-1.0.dist-info").mkdir()  # `pip install newpkg`
+        mark = w.mark()
+        warm_project.write("steps/helper.py", 'WORD = "again"\n')
+        w.wait_text("waiting for changes.", mark)
+        wait_for(lambda: len(importers()) == 5, timeout=HANG)
+        fresh, replacement = importers()[3:]
+        assert result() == {"pid": fresh, "word": "again"}  # not in the stale warm worker
+        assert not alive(stale)
+        assert alive(replacement)
+    assert not alive(replacement)  # the session's warm workers end with it
+    assert not list((root / ".mlbuild" / "running").iterdir())

@@ -66,6 +66,8 @@ if TYPE_CHECKING:
 
 DRAIN_SECONDS = 0.2  # output read after a step's main process exited
 WARM_SUFFIX = ".warm"  # the marker of a warm worker (exec/warm.py), not of a step
+# The warm workers of a watch session (exec/warm.session), kept from one build to the next.
+SESSION_POOL: WarmPool | None = None
 
 
 class _Phase(enum.Enum):
@@ -101,8 +103,9 @@ class LocalExecutor:
         self.root = root
         # Warm workers (exec/warm.py): a watch session's pool outlives this executor,
         # else the executor's own, made when the runner first names steps to warm.
-        self.warm_pool = pool
-        self.owns_pool = pool is None
+        session = SESSION_POOL if SESSION_POOL is not None and SESSION_POOL.root == root else None
+        self.warm_pool = pool if pool is not None else session
+        self.owns_pool = self.warm_pool is None
         self.running_dir = running_dir(root)
         self.selector = selectors.DefaultSelector()
         self.steps: dict[str, _Running] = {}
@@ -404,9 +407,9 @@ def reap_orphans(root: Path) -> list[str]:
             continue
         name, _, owner = name.partition("\n")
         if marker.name.endswith(WARM_SUFFIX):
-            # A warm worker ran no step: killed without a word, unless this very
-            # process (a watch session between two cycles) keeps it warm.
-            if owner.strip() != str(os.getpid()):
+            # A warm worker ran no step: killed without a word, unless the mlbuild that
+            # keeps it warm (a watch session between two cycles) is alive.
+            if not _alive(owner.strip()):
                 if token and any(carries(p, token) for p in find_leftovers(pgid, token).members):
                     kill_leftovers(pgid, token)
                 marker.unlink(missing_ok=True)
@@ -421,6 +424,17 @@ def reap_orphans(root: Path) -> list[str]:
             killed.append(name.strip() or marker.name)
         marker.unlink(missing_ok=True)
     return killed
+
+
+def _alive(pid_text: str) -> bool:
+    """Whether process `pid_text` exists (a warm worker's owner; it exits with its owner anyway)."""
+    try:
+        os.kill(int(pid_text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _runs_target(pid: int, name: str) -> bool:

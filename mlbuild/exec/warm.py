@@ -264,7 +264,7 @@ def prepare(
     if not isinstance(executor, LocalExecutor) or jobs < 2:
         return
     pool = executor.warm_pool
-    if pool is not None:
+    if pool is not None and executor.owns_pool:  # a watch session keeps its own
         for name in [n for n in pool.workers if n in done]:
             pool.discard(name)
     room = jobs - len(executor.steps) - (len(pool) if pool is not None else 0)
@@ -297,6 +297,62 @@ def finish(executor: Executor | None, interrupted: bool) -> None:
     pool: WarmPool | None = getattr(executor, "warm_pool", None)
     if interrupted and pool is not None:
         pool.close()
+
+
+def start_session(root: Path) -> WarmPool:
+    """Watch mode: one pool for every build of the session (`end_session` kills its workers)."""
+    from mlbuild.exec import local
+
+    pool = WarmPool(root)
+    local.SESSION_POOL = pool
+    return pool
+
+
+def end_session(pool: WarmPool) -> None:
+    from mlbuild.exec import local
+
+    if local.SESSION_POOL is pool:
+        local.SESSION_POOL = None
+    pool.close()
+
+
+def keep_for(pool: WarmPool, targets: Mapping[str, Target], ran: Sequence[str], jobs: int) -> None:
+    """After a watch build: a warm worker for each Python target likely to run again.
+
+    Those that just ran come first (an edit to a trainer's code or params
+    reruns it), then those already warm; `jobs` at most. One that died, or
+    whose packages or code changed since it started, is replaced.
+    """
+    from mlbuild.code import CodeScanner
+    from mlbuild.fingerprint import Fingerprinter
+
+    python = [n for n in ran if n in targets and targets[n].kind is ActionKind.PYTHON]
+    keep = list(dict.fromkeys([*python, *(n for n in pool.workers if n in targets)]))[:jobs]
+    pool.keep_only(keep)
+    env = dict(os.environ)
+    code = CodeScanner(Fingerprinter(pool.root, {}), {})
+    for name in keep:
+        target = targets[name]
+        spec = _spec(pool, code, target)
+        if spec is None:
+            pool.discard(name)
+            continue
+        stamp = _stamp_for(target, env)
+        warm = pool.workers.get(name)
+        if (
+            warm is not None
+            and warm.proc.poll() is None
+            and (warm.stamp, warm.spec)
+            == (
+                stamp,
+                spec,
+            )
+        ):
+            continue
+        try:
+            pool.spawn(target, spec, env, stamp)  # replaces the one it had
+        except OSError:
+            return
 
 
 def _stamp_for(target: Target, env: Mapping[str, str]) -> Stamp:
