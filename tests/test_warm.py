@@ -33,6 +33,13 @@ import os
 with open(os.path.join(os.environ["TRACE_DIR"], "imported"), "a") as handle:
     handle.write(f"{os.getpid()}\\n")
 VALUE = 42
+
+from io import open as _open  # bound when imported: a warm worker imports it early
+
+
+def read(path):
+    with _open(path) as handle:
+        return handle.read()
 """
 
 PIPELINE = """
@@ -85,6 +92,7 @@ from steps import helper
 def run(a: Path, out: Path, k: int) -> None:
     import fakepkg
 
+    fakepkg.read("extra.txt")  # a project file read through an `open` bound at import
     root = os.getcwd()
     project = sorted(
         name
@@ -117,6 +125,7 @@ def warm_project(
     project.write("steps/a.py", STEP_A)
     project.write("steps/b.py", STEP_B)
     project.write("steps/helper.py", 'WORD = "one"\n')
+    project.write("extra.txt", "undeclared\n")
     return project
 
 
@@ -133,23 +142,27 @@ def b_result(project: Project) -> dict[str, object]:
 def test_a_warm_worker_shows_the_step_what_a_fresh_one_does(
     warm_project: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fresh = warm_project.run("run", "-j1")
+    monkeypatch.setenv("WAIT_FOR_WARM", "1")
+    warm = warm_project.run("run", "-j2")  # never built: what is recorded is this run's
+    assert warm.code == 0, warm.err
+    assert warm_project.read("a.txt") == "warmed"  # fakepkg was imported while `a` ran ...
+    warm_seen = b_result(warm_project)
+    assert importers() == [warm_seen["pid"]]  # ... by the process that then ran `b`
+    discovered = "discovered inputs (read by the step but not declared: add them to `inputs`)"
+    assert discovered + "\n    extra.txt" in warm_project.run("show", "b").out
+    assert not list((warm_project.root / ".mlbuild" / "running").iterdir())
+
+    monkeypatch.delenv("WAIT_FOR_WARM")
+    (Path(os.environ["TRACE_DIR"]) / "imported").unlink()
+    fresh = warm_project.run("run", "-j1", "--force")
     assert fresh.code == 0, fresh.err
     assert warm_project.read("a.txt") == "fresh"
     fresh_seen = b_result(warm_project)
-
-    monkeypatch.setenv("WAIT_FOR_WARM", "1")
-    (Path(os.environ["TRACE_DIR"]) / "imported").unlink()
-    warm = warm_project.run("run", "-j2", "--force")
-    assert warm.code == 0, warm.err
-    assert warm_project.read("a.txt") == "warmed"  # imported while `a` ran ...
-    warm_seen = b_result(warm_project)
-    assert importers() == [warm_seen["pid"]]  # ... by the process that then ran `b`
+    assert importers() == [fresh_seen["pid"]]
     for key in ("modules", "env", "cwd", "path", "word", "k", "value", "argv", "stdin"):
         assert warm_seen[key] == fresh_seen[key], key
     assert fresh_seen["modules"] == ["steps", "steps.b", "steps.helper"]
     assert fresh_seen["stdin"] == ""
-    assert not list((warm_project.root / ".mlbuild" / "running").iterdir())
 
 
 def test_a_project_module_edited_after_warming_is_seen(

@@ -148,15 +148,24 @@ def _import_project_code_from_source(root: str, recorder: Recorder | None) -> No
     sys.path_importer_cache.clear()
 
 
-def _start_recording(call: dict[str, Any]) -> Recorder | None:
+def _start_recording(call: dict[str, Any], started: Recorder | None = None) -> Recorder | None:
     """Record the project files and modules the step uses (see observed.py).
 
     Only when the runner asked for timing: it reads the observation from beside
     it. Without one (a bench's baseline) nothing is recorded and nothing is
-    added to the manifest, as for a shell step.
+    added to the manifest, as for a shell step. A warm worker's recorder
+    (`started`) has been in place since before its imports, as a fresh
+    worker's is: a library that bound `open` when imported records too.
     """
     if not call.get("timing"):
+        if started is not None:
+            started.stop()
         return None
+    if started is not None:
+        started.reads.clear()
+        started.written.clear()
+        started.recording = True
+        return started
     from mlbuild.observed import Recorder
 
     recorder = Recorder(call["root"])
@@ -173,10 +182,10 @@ def _write_observed(call: dict[str, Any], recorder: Recorder | None) -> None:
             print(f"mlbuild: could not record what the step read: {exc}", file=sys.stderr)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], started: Recorder | None = None) -> int:
     call = json.loads(argv[0])
     sys.path.insert(0, call["root"])
-    recorder = _start_recording(call)
+    recorder = _start_recording(call, started)
     _import_project_code_from_source(call["root"], recorder)
     module_name, _, function_name = call["ref"].partition(":")
     started = time.perf_counter()
@@ -273,6 +282,7 @@ class _Warming:
     def __init__(self, root: str) -> None:
         self.project = os.path.realpath(root)
         self.touched: list[str] = []  # project modules or files something tried to use
+        self.recorder: Recorder | None = None
 
     def _guard(self) -> Any:
         """A path hook that finds nothing in project directories, noting what it was asked."""
@@ -313,7 +323,7 @@ class _Warming:
         hook = self._guard()
         sys.path_hooks.insert(0, hook)
         sys.path_importer_cache.clear()
-        recorder = Recorder(self.project)
+        recorder = self.recorder = Recorder(self.project)
         recorder.start()
         try:
             os.environ.update(env)
@@ -334,7 +344,7 @@ class _Warming:
                         continue
                 self._import(module, names)
         finally:
-            recorder.stop()
+            recorder.recording = False  # its wrappers stay, for the call (_start_recording)
             for name, value in saved.items():
                 if value is None:
                     os.environ.pop(name, None)
@@ -421,7 +431,7 @@ def warm_main(spec_json: str) -> None:
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "mlbuild.exec.worker", call])
     sys.argv[1:] = [call]
-    exit_fast(main([call]))
+    exit_fast(main([call], warming.recorder))
 
 
 if __name__ == "__main__":
