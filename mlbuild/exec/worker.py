@@ -182,10 +182,10 @@ def _write_observed(call: dict[str, Any], recorder: Recorder | None) -> None:
             print(f"mlbuild: could not record what the step read: {exc}", file=sys.stderr)
 
 
-def main(argv: list[str], started: Recorder | None = None) -> int:
+def main(argv: list[str], warm_recorder: Recorder | None = None) -> int:
     call = json.loads(argv[0])
     sys.path.insert(0, call["root"])
-    recorder = _start_recording(call, started)
+    recorder = _start_recording(call, warm_recorder)
     _import_project_code_from_source(call["root"], recorder)
     module_name, _, function_name = call["ref"].partition(":")
     started = time.perf_counter()
