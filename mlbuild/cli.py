@@ -240,6 +240,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     verify = cache_sub.add_parser("verify", parents=[common], help="find corrupted objects")
     verify.set_defaults(handler=cmd_cache_verify)
 
+    workers = _subcommand(sub, command, "workers", parents=[common], help="kept warm workers")
+    workers.add_argument("action", nargs="?", choices=["stop"], help="stop the keep-warm process")
+    workers.set_defaults(handler=cmd_workers)
+
     clean = _subcommand(
         sub, command, "clean", parents=[common], help="remove targets' declared outputs"
     )
@@ -545,6 +549,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         action = target.cmd if target.kind is ActionKind.SHELL else target.shown
         needs = f"  (after {', '.join(graph.deps[name])})" if graph.deps[name] else ""
         print(f"{name}: {target.description or action}{needs}")
+    return EXIT_OK
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    """`mlbuild workers [stop]`: the workspace's keep-warm process (exec/keepwarm.py)."""
+    from mlbuild.exec.keepwarm import show, stop
+
+    pipeline, _ = load(args)
+    print(stop(pipeline.root) if args.action == "stop" else "\n".join(show(pipeline.root)))
     return EXIT_OK
 
 

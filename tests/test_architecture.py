@@ -35,6 +35,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "exec.reaper",
                 "exec.ray",
                 "exec.warm",
+                "exec.keepwarm",
             }
         ),
     ),

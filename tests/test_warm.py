@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,7 @@ params = { k = 1 }
 STEP_A = """
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -84,6 +86,7 @@ STEP_B = """
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from steps import helper
@@ -392,3 +395,90 @@ def test_watch_keeps_a_warm_worker_and_replaces_it_after_a_package_change(
         assert alive(replacement)
     assert not alive(replacement)  # the session's warm workers end with it
     assert not list((root / ".mlbuild" / "running").iterdir())
+
+
+# -- keep-warm: workers kept between runs by a background process ----------------------------
+
+KEEP = '\n[workers]\nkeep_warm = "1m"\n'
+
+
+@pytest.fixture
+def keeping(warm_project: Project) -> Iterator[Project]:
+    warm_project.pipeline(PIPELINE + KEEP)
+    yield warm_project
+    warm_project.run("workers", "stop")
+
+
+def server_pid(project: Project) -> int:
+    return int(project.read(".mlbuild/workers.pid"))
+
+
+def test_a_kept_worker_runs_the_next_runs_step(keeping: Project) -> None:
+    first = keeping.run("run", "-j1")
+    assert first.code == 0, first.err
+    (fresh,) = importers()
+    listed = keeping.run("workers").out
+    wait_for(lambda: len(importers()) == 2, timeout=HANG)  # the kept worker has imported
+    kept = importers()[1]
+    assert f"b: worker {kept}, RSS " in listed and " MiB" in listed
+    keeping.write("steps/helper.py", 'WORD = "edited"\n')
+    second = keeping.run("run", "-j1")
+    assert second.code == 0, second.err
+    assert second.started() == ["b"]
+    seen = b_result(keeping)
+    assert seen["pid"] == kept != fresh  # a process of the keep-warm process, not this run's
+    assert seen["word"] == "edited"
+    discovered = "discovered inputs (read by the step but not declared: add them to `inputs`)"
+    assert discovered + "\n    extra.txt" in keeping.run("show", "b").out
+    server = server_pid(keeping)
+    stopped = keeping.run("workers", "stop")
+    assert stopped.out.strip() == f"stopped keep-warm process {server}"
+    assert not alive(server)
+    assert keeping.run("workers").out.strip() == "no keep-warm process for this workspace"
+    assert not (keeping.root / ".mlbuild" / "workers.sock").exists()
+
+
+def test_killing_the_keep_warm_process_loses_nothing(keeping: Project) -> None:
+    assert keeping.run("run", "-j1").code == 0
+    wait_for(lambda: len(importers()) == 2, timeout=HANG)
+    kept = importers()[1]
+    os.kill(server_pid(keeping), signal.SIGKILL)  # before the next run asks for its worker
+    keeping.write("steps/helper.py", 'WORD = "edited"\n')
+    result = keeping.run("run", "-j1")
+    assert result.code == 0, result.err
+    seen = b_result(keeping)
+    assert seen["word"] == "edited" and seen["pid"] not in (kept, importers()[0])
+    wait_for(lambda: not alive(kept), timeout=HANG)  # its socket closed: it exits by itself
+
+
+def test_a_step_in_a_kept_worker_survives_the_keep_warm_process(keeping: Project) -> None:
+    assert keeping.run("run", "-j1").code == 0
+    wait_for(lambda: len(importers()) == 2, timeout=HANG)
+    kept = importers()[1]
+    pid = server_pid(keeping)
+    # b kills the keep-warm process while it runs in that process's worker
+    keeping.write(
+        "steps/b.py",
+        STEP_B.replace("    import fakepkg\n", f"    import fakepkg\n    os.kill({pid}, 9)\n"),
+    )
+    result = keeping.run("run", "-j1")
+    assert result.code == 0, result.err
+    assert b_result(keeping)["pid"] == kept
+    assert not alive(pid)
+
+
+def test_without_keep_warm_nothing_outlives_the_run(warm_project: Project) -> None:
+    assert warm_project.run("run", "-j2").code == 0
+    assert warm_project.run("workers").out.strip() == "no keep-warm process for this workspace"
+    assert not (warm_project.root / ".mlbuild" / "workers.sock").exists()
+    assert all(not alive(pid) for pid in importers())
+
+
+def test_a_bad_keep_warm_is_one_line(warm_project: Project) -> None:
+    warm_project.pipeline(PIPELINE + '\n[workers]\nkeep_warm = "soon"\n')
+    result = warm_project.run("run")
+    assert result.code == 2
+    assert result.err.strip().splitlines() == [
+        f"mlbuild: error: {warm_project.root / 'pipeline.toml'}: workers.keep_warm: must be a"
+        ' duration such as "10m", "90s" or "1h"'
+    ]

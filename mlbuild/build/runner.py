@@ -225,10 +225,12 @@ class Build:
             failed = any(r.failure for r in self.results)
             status = RunStatus.FAILED if failed else RunStatus.OK
         finally:
-            if self._executor is not None:  # warm workers no step took (exec/warm.py)
-                from mlbuild.exec.warm import finish
+            if self._executor is not None:  # warm workers no step took; kept ones (keepwarm.py)
+                from mlbuild.exec.keepwarm import finish
 
-                finish(self._executor, interrupted=status is RunStatus.INTERRUPTED)
+                keep_warm, jobs = self.graph.pipeline.workers.keep_warm, self.options.jobs
+                stopped = status is RunStatus.INTERRUPTED
+                finish(self._executor, interrupted=stopped, keep_warm=keep_warm, jobs=jobs)
             self._collect_saves(wait=True)
             if self._executor is not None and self._executor.running:
                 # A second Ctrl-C lands here: stop_all has killed everything by then.
@@ -684,6 +686,10 @@ class Build:
             kind = self.options.executor or settings.kind
             context = ExecutorContext(self.root, settings, lambda: self.remote, self.fp.digest)
             self._executor = make_executor(kind, context)
+            if self.graph.pipeline.workers.keep_warm is not None:
+                from mlbuild.exec.keepwarm import attach  # `[workers] keep_warm`
+
+                attach(self._executor, self.graph.pipeline.workers.keep_warm)
         return self._executor
 
     def _not_run(self, name: str, because: str) -> None:

@@ -30,10 +30,10 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Protocol
 
 from mlbuild.exec.base import (
     TERM_GRACE_SECONDS,
@@ -70,6 +70,22 @@ WARM_SUFFIX = ".warm"  # the marker of a warm worker (exec/warm.py), not of a st
 SESSION_POOL: WarmPool | None = None
 
 
+class StepProcess(Protocol):
+    """What a step's main process must offer: a `subprocess.Popen`, or a kept warm worker
+    of another process (exec/keepwarm.Adopted, watched through a pidfd)."""
+
+    pid: int
+    stdout: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+# Given a step, the environment and the worker call: a process already running the
+# call and its token, or None (set by exec/keepwarm.attach for `[workers] keep_warm`).
+Adopt = Callable[[Step, Mapping[str, str], str], "tuple[StepProcess, str] | None"]
+
+
 class _Phase(enum.Enum):
     """Where a local step is in its life."""
 
@@ -81,7 +97,7 @@ class _Phase(enum.Enum):
 @dataclass
 class _Running:
     name: str
-    proc: subprocess.Popen[bytes]
+    proc: StepProcess
     log: IO[bytes]
     log_path: Path
     start: float
@@ -106,6 +122,8 @@ class LocalExecutor:
         session = SESSION_POOL if SESSION_POOL is not None and SESSION_POOL.root == root else None
         self.warm_pool = pool if pool is not None else session
         self.owns_pool = self.warm_pool is None
+        self.adopt: Adopt | None = None  # a kept worker of the keep-warm process
+        self.started_python: list[Step] = []  # in start order: what keep-warm keeps after
         self.running_dir = running_dir(root)
         self.selector = selectors.DefaultSelector()
         self.steps: dict[str, _Running] = {}
@@ -137,7 +155,7 @@ class LocalExecutor:
         marker = self.running_dir / short_name(target.name)
         mark = pid_mark()
         log = open(log_path, "wb")  # noqa: SIM115 - closed in _close
-        proc: subprocess.Popen[bytes] | None = None
+        proc: StepProcess | None = None
         pidfd: int | None = None
         try:
             taken = self._take_warm(step)
@@ -171,14 +189,22 @@ class LocalExecutor:
             self._abandon(proc, pidfd, log, marker, mark, token)
             raise
 
-    def _take_warm(self, step: Step) -> tuple[subprocess.Popen[bytes], str] | None:
-        """A warm worker given the step's call (exec/warm.py), or None: spawn a fresh one."""
-        if self.warm_pool is None or step.target.name not in self.warm_pool.workers:
+    def _take_warm(self, step: Step) -> tuple[StepProcess, str] | None:
+        """A warm worker given the step's call (exec/warm.py, keepwarm.py), or None: spawn one."""
+        if step.target.kind is not ActionKind.PYTHON:
+            return None
+        self.started_python.append(step)
+        here = self.warm_pool is not None and step.target.name in self.warm_pool.workers
+        if not here and self.adopt is None:
             return None
         from mlbuild.exec.base import worker_call
 
         call = worker_call(step.target, self.root, timing_path(step.log_path))
-        return self.warm_pool.give(step, self.base_env, call)
+        if self.warm_pool is not None and here:
+            given = self.warm_pool.give(step, self.base_env, call)
+            if given is not None:
+                return given
+        return self.adopt(step, self.base_env, call) if self.adopt is not None else None
 
     def close_warm(self) -> None:
         """The build is over: kill the warm workers no step took (a watch session keeps its own)."""
@@ -187,7 +213,7 @@ class LocalExecutor:
 
     def _abandon(
         self,
-        proc: subprocess.Popen[bytes] | None,
+        proc: StepProcess | None,
         pidfd: int | None,
         log: IO[bytes],
         marker: Path,

@@ -233,7 +233,7 @@ def main(argv: list[str], warm_recorder: Recorder | None = None) -> int:
     return 0
 
 
-def exit_fast(code: int) -> None:
+def exit_fast(code: int, status: str | None = None) -> None:
     """Exit after atexit handlers, skipping interpreter teardown.
 
     Tearing down an interpreter that imported TensorFlow takes about a second,
@@ -249,6 +249,8 @@ def exit_fast(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
+    if status is not None:  # a keep-warm worker's run learns its exit status here
+        _write_status(status, code)
     os._exit(code)
 
 
@@ -386,18 +388,38 @@ def _loader_details() -> list[tuple[Any, list[str]]]:
     ]
 
 
-def _read_call() -> str | None:
-    """The call, one JSON line on stdin (read unbuffered); None at end of file."""
+def _read_call() -> tuple[str | None, list[int]]:
+    """The call, one JSON line on stdin (read unbuffered), and any descriptors sent with it.
+
+    Under a keep-warm process (exec/keepwarm.py) stdin is a unix socket, and
+    the run's output pipe comes with the call (SCM_RIGHTS). None at end of file.
+    """
+    import stat
+
+    fds: list[int] = []
     data = b""
-    while not data.endswith(b"\n"):
-        try:
-            chunk = os.read(0, 65536)
-        except InterruptedError:
-            continue
-        if not chunk:
-            return None
-        data += chunk
-    return data.decode()
+    sock = None
+    if stat.S_ISSOCK(os.fstat(0).st_mode):
+        import socket
+
+        sock = socket.socket(fileno=os.dup(0))
+    try:
+        while not data.endswith(b"\n"):
+            try:
+                if sock is not None:
+                    chunk, got, _, _ = socket.recv_fds(sock, 65536, 4)
+                    fds.extend(got)
+                else:
+                    chunk = os.read(0, 65536)
+            except InterruptedError:
+                continue
+            if not chunk:
+                return None, fds
+            data += chunk
+    finally:
+        if sock is not None:
+            sock.close()
+    return data.decode(), fds
 
 
 def _stdin_as_fresh() -> None:
@@ -415,11 +437,17 @@ def warm_main(spec_json: str) -> None:
         warming.run(spec["imports"], spec.get("env", {}))
     except BaseException as exc:  # a surprise while warming: run the call fresh instead
         warming.touched.append(repr(exc))
-    line = _read_call()
+    line, fds = _read_call()
     if line is None:
         os._exit(0)  # not wanted (or mlbuild is gone): nothing ran
     message = json.loads(line)
     call: str = message["call"]
+    status: str | None = message.get("status")  # a run that is not our parent reads it
+    for fd in fds[:1]:  # the run's output pipe: stdout and stderr from here on
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    for fd in fds:
+        os.close(fd)
     # The parameters' variables are the call's: they may have changed since warming.
     for name in [n for n in os.environ if n.startswith(PARAM_PREFIX)]:
         del os.environ[name]
@@ -429,9 +457,22 @@ def warm_main(spec_json: str) -> None:
         # Something reached for project code or files while warming: the step must not
         # see a process that did. A fresh interpreter in this same process takes the call.
         sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "mlbuild.exec.worker", call])
+        argv = [sys.executable, "-m", "mlbuild.exec.worker", call]
+        if status is None:
+            os.execv(sys.executable, argv)
+        child = os.fork()  # the run is not our parent: this process reports the exit status
+        if child == 0:
+            os.execv(sys.executable, argv)
+        code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+        _write_status(status, code)
+        os._exit(code if code >= 0 else 1)
     sys.argv[1:] = [call]
-    exit_fast(main([call], warming.recorder))
+    exit_fast(main([call], warming.recorder), status)
+
+
+def _write_status(path: str, code: int) -> None:
+    with contextlib.suppress(OSError), open(path, "w") as handle:
+        handle.write(str(code))
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ from mlbuild.pipeline.schema import (
     Port,
     Resources,
     Target,
+    WorkersSettings,
     display_path,
 )
 
-_TOP_KEYS = ("params", "pools", "targets", "cache", "executor")
+_TOP_KEYS = ("params", "pools", "targets", "cache", "executor", "workers")
 _CACHE_KEYS = ("remote", "remote_write", "remote_options")
 _EXECUTOR_KEYS = ("kind", "address", "files")
 _RESOURCE_KEYS = ("cpus", "gpus", "memory", "custom")
@@ -228,6 +229,7 @@ class _Loader:
             pools=pools,
             cache=self._cache_settings(),
             executor=self._executor_settings(),
+            workers=self._workers_settings(),
         )
 
     def _table(self, key: str, known: tuple[str, ...]) -> dict[str, Any]:
@@ -262,6 +264,18 @@ class _Loader:
             raise self.fail("executor.files", f"must be one of {', '.join(FILE_MODES)}")
         address = self._optional_string("executor.address", raw.get("address"))
         return ExecutorSettings(kind, address, files)
+
+    def _workers_settings(self) -> WorkersSettings:
+        raw = self._table("workers", ("keep_warm",))
+        value = raw.get("keep_warm")
+        if value is None:
+            return WorkersSettings()
+        found = (
+            re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh])", value) if isinstance(value, str) else None
+        )
+        if found is None or float(found[1]) <= 0:
+            raise self.fail("workers.keep_warm", 'must be a duration such as "10m", "90s" or "1h"')
+        return WorkersSettings(float(found[1]) * {"s": 1, "m": 60, "h": 3600}[found[2]])
 
     def _split_overrides(
         self, params: dict[str, Any], local_names: set[tuple[str, str]]

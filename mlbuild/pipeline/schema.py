@@ -54,6 +54,12 @@ class ExecutorSettings(NamedTuple):
     files: str = "auto"  # how files reach Ray workers: auto, shared (in place) or cas
 
 
+class WorkersSettings(NamedTuple):
+    """`[workers]`: keeping warm Python workers between runs (exec/keepwarm.py)."""
+
+    keep_warm: float | None = None  # seconds an idle keep-warm process lives; None: none
+
+
 class Target(NamedTuple):
     """One step of the pipeline, fully resolved (parameters and command)."""
 
@@ -120,6 +126,7 @@ class Pipeline(NamedTuple):
     pools: Mapping[str, int] = EMPTY  # name -> concurrent steps
     cache: CacheSettings = CacheSettings()
     executor: ExecutorSettings = ExecutorSettings()
+    workers: WorkersSettings = WorkersSettings()
 
     @property
     def root(self) -> Path:
