@@ -18,9 +18,9 @@ from a file the worker writes last. So killing the keep-warm process loses
 nothing: a step already handed over runs on; one not yet asked for finds no
 socket and runs in a fresh worker; its idle workers see the end of their
 socket and exit. The keep-warm process exits after `keep_warm` without a
-request, or on `mlbuild workers stop`. The socket lives in `.mlbuild/`
-(mode 0700 directory of the project's owner), so it is never shared across
-workspaces or users.
+request, or on `mlbuild workers stop`. The socket lives in the workspace's
+`.mlbuild/`, is its owner's only (mode 0600, and the peer's uid is checked),
+so it is never shared across workspaces or users.
 """
 
 from __future__ import annotations
@@ -280,6 +280,7 @@ class Server:
         path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(path))
+        os.chmod(path, 0o600)  # its owner's only; connections are checked too (_handle)
         listener.listen(8)
         pid_path(self.root).write_text(f"{os.getpid()}\n")
         last = time.monotonic()
@@ -306,6 +307,11 @@ class Server:
             self._drop(name)
 
     def _handle(self, conn: socket.socket) -> None:
+        import struct
+
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        if struct.unpack("3i", creds)[1] != os.getuid():
+            return  # another user's process: never served
         conn.settimeout(CONNECT_SECONDS)
         data, fds = b"", []
         try:
