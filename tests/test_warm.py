@@ -482,3 +482,18 @@ def test_a_bad_keep_warm_is_one_line(warm_project: Project) -> None:
         f"mlbuild: error: {warm_project.root / 'pipeline.toml'}: workers.keep_warm: must be a"
         ' duration such as "10m", "90s" or "1h"'
     ]
+
+
+def test_a_kept_worker_with_another_umask_is_not_used(keeping: Project) -> None:
+    assert keeping.run("run", "-j1").code == 0
+    wait_for(lambda: len(importers()) == 2, timeout=HANG)
+    kept = importers()[1]
+    keeping.write("steps/helper.py", 'WORD = "edited"\n')
+    before = os.umask(0o077)  # as from another shell: the kept worker has the old one
+    try:
+        result = keeping.run("run", "-j1")
+    finally:
+        os.umask(before)
+    assert result.code == 0, result.err
+    assert b_result(keeping)["pid"] not in (kept, importers()[0])
+    assert not alive(kept)

@@ -110,6 +110,24 @@ def _compared(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k != STEP_ID_VAR and not k.startswith(PARAM_PREFIX)}
 
 
+def process_state() -> list[Any]:
+    """What a process inherits besides its environment: umask, resource limits, niceness.
+
+    A kept worker has the keep-warm process's, which may not be the run's
+    (another shell's `ulimit -f` or `umask`): it is used only if they match.
+    """
+    import resource
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    limits = [
+        [name, *resource.getrlimit(getattr(resource, name))]
+        for name in sorted(dir(resource))
+        if name.startswith("RLIMIT_")
+    ]
+    return [mask, os.nice(0), limits]
+
+
 def _spec_json(spec: WarmSpec) -> list[Any]:
     return json.loads(json.dumps(spec))  # type: ignore[no-any-return]
 
@@ -195,6 +213,7 @@ def adopt(root: Path, step: Step, base_env: Mapping[str, str], call: str) -> Any
                 "spec": _spec_json(spec),
                 "call": call,
                 "params": params_of(env),
+                "state": process_state(),
                 "status": str(status),
             },
             [write],
@@ -274,6 +293,7 @@ class Server:
         self.kept: dict[str, _Kept] = {}
         self.handed: list[subprocess.Popen[bytes]] = []  # given to runs; reaped here
         self.running = True
+        self.state = process_state()  # what its workers inherit
 
     def serve(self) -> None:
         path = socket_path(self.root)
@@ -401,6 +421,7 @@ class Server:
             kept.proc.poll() is None
             and kept.env == message["env"]
             and kept.stamp == message["stamp"]
+            and self.state == message["state"]
             and kept.spec[1] == spec[1]  # the literal environment writes
             and all(entry in spec[0] for entry in kept.spec[0])  # imports still covered
             and len(fds) == 1
