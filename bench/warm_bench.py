@@ -11,6 +11,9 @@ after the other: the evaluator needs the model).
   imports TensorFlow in its fresh worker (what every run did before warming).
 - warm: `-j 2`: while the trainer trains, the evaluator's worker imports
   TensorFlow on the free slot and then waits for its call.
+- keep-warm: `-j 2` with `[workers] keep_warm = "10m"`, after a priming run
+  (not timed) left a kept worker for the trainer and the evaluator: neither
+  imports TensorFlow in the timed run.
 - baseline (with --baseline DIR): another checkout of mlbuild (e.g. the main
   branch before warming) at `-j 2`, for "today's" number.
 
@@ -76,6 +79,47 @@ def second_run(snapshot: Path, scratch: Path, checkout: Path, jobs: int) -> tupl
     return wall, float(dict(ran)["evaluator"])
 
 
+def kept_run(snapshot: Path, scratch: Path) -> tuple[float, float]:
+    """`second_run` with `[workers] keep_warm`: a primed keep-warm process holds both workers.
+
+    Priming (not timed): `--force trainer evaluator` at epochs=1 (the same
+    results), after which the keep-warm process keeps a worker for each;
+    the timed run starts once both are idle (TensorFlow imported).
+    """
+    sys.path.insert(0, str(REPO))
+    from mlbuild.exec.keepwarm import request
+
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    shutil.copytree(snapshot, scratch, symlinks=True)
+    with open(scratch / "pipeline.toml", "a") as handle:
+        handle.write('\n[workers]\nkeep_warm = "10m"\n')
+    try:
+        run_mlbuild(scratch, REPO, ["run", "-j", "2", "--force", "trainer", "evaluator"])
+        kept = request(scratch, {"op": "list"}) or []
+        assert len(kept) == 2, kept
+        for entry in kept:
+            wait_idle(int(entry["pid"]))
+        wall, out = run_mlbuild(scratch, REPO, ["run", "-j", "2", "--set", "epochs=2"])
+    finally:
+        run_mlbuild(scratch, REPO, ["workers", "stop"])
+    ran = re.findall(r"`(\w+)` has finished in ([\d.]+)s", out)
+    assert [name for name, _ in ran] == ["trainer", "evaluator"], out
+    return wall, float(dict(ran)["evaluator"])
+
+
+def wait_idle(pid: int) -> None:
+    """Until process `pid` used no CPU and no new memory for 2 s (done importing)."""
+    last, still = (-1, -1), 0
+    while still < 10:
+        time.sleep(0.2)
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        now = (int(fields[11]) + int(fields[12]), int(fields[21]))
+        still = still + 1 if now == last else 0
+        last = now
+
+
 def warm_memory(snapshot: Path) -> tuple[int, int]:
     """(VmRSS, Pss) in KiB of an idle warm worker holding the evaluator's imports."""
     sys.path.insert(0, str(REPO))
@@ -105,14 +149,7 @@ def warm_memory(snapshot: Path) -> tuple[int, int]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        last, still = (-1, -1), 0
-        while still < 10:  # idle: neither CPU time nor memory moved for 2 s
-            time.sleep(0.2)
-            with open(f"/proc/{proc.pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            now = (int(fields[11]) + int(fields[12]), int(fields[21]))
-            still = still + 1 if now == last else 0
-            last = now
+        wait_idle(proc.pid)
         rss = _field(f"/proc/{proc.pid}/status", "VmRSS:")
         pss = _field(f"/proc/{proc.pid}/smaps_rollup", "Pss:")
         return rss, pss
@@ -135,7 +172,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="another mlbuild checkout, run at -j 2")
     args = parser.parse_args()
-    modes: list[tuple[str, Path, int]] = [("cold (-j 1)", REPO, 1), ("warm (-j 2)", REPO, 2)]
+    modes: list[tuple[str, Path, int]] = [
+        ("cold (-j 1)", REPO, 1),
+        ("warm (-j 2)", REPO, 2),
+        ("keep-warm (-j 2)", REPO, 0),  # jobs 0: kept_run
+    ]
     if args.baseline is not None:
         modes.insert(0, ("baseline (-j 2)", args.baseline.resolve(), 2))
     with tempfile.TemporaryDirectory(prefix="warm-bench-") as tmp:
@@ -147,7 +188,10 @@ def main() -> None:
         for i in range(args.repeat):
             order = modes if i % 2 == 0 else modes[::-1]
             for name, checkout, jobs in order:
-                wall, step = second_run(snapshot, Path(tmp) / "run", checkout, jobs)
+                if jobs == 0:
+                    wall, step = kept_run(snapshot, Path(tmp) / "run")
+                else:
+                    wall, step = second_run(snapshot, Path(tmp) / "run", checkout, jobs)
                 walls[name].append(wall)
                 evaluator[name].append(step)
                 print(f"  {name}: wall {wall:.3f}s, evaluator {step:.3f}s", flush=True)
@@ -157,7 +201,7 @@ def main() -> None:
     for name, _, _ in modes:
         wall = statistics.median(walls[name])
         step = statistics.median(evaluator[name])
-        print(f"  {name:16} wall {wall:6.3f}s ({wall / cold:.2f}x cold)  evaluator {step:6.3f}s")
+        print(f"  {name:17} wall {wall:6.3f}s ({wall / cold:.2f}x cold)  evaluator {step:6.3f}s")
     print(f"warm evaluator worker, idle: VmRSS {rss / 1024:.0f} MiB, Pss {pss / 1024:.0f} MiB")
 
 
