@@ -225,12 +225,10 @@ class Build:
             failed = any(r.failure for r in self.results)
             status = RunStatus.FAILED if failed else RunStatus.OK
         finally:
-            if self._executor is not None:  # warm workers no step took; kept ones (keepwarm.py)
-                from mlbuild.exec.keepwarm import finish
+            if self._executor is not None:  # warm workers no step took (exec/warm.py)
+                from mlbuild.exec.warm import finish
 
-                keep_warm, jobs = self.graph.pipeline.workers.keep_warm, self.options.jobs
-                stopped = status is RunStatus.INTERRUPTED
-                finish(self._executor, interrupted=stopped, keep_warm=keep_warm, jobs=jobs)
+                finish(self._executor, interrupted=status is RunStatus.INTERRUPTED)
             self._collect_saves(wait=True)
             if self._executor is not None and self._executor.running:
                 # A second Ctrl-C lands here: stop_all has killed everything by then.
@@ -244,6 +242,11 @@ class Build:
                 for r in self.results
             ]
             self.store.record_run(started_at, self.options.command_line, status.value, rows)
+            keep_warm = self.graph.pipeline.workers.keep_warm
+            if self._executor is not None and keep_warm and status is not RunStatus.INTERRUPTED:
+                from mlbuild.exec.keepwarm import keep_after
+
+                keep_after(self._executor, keep_warm, self.options.jobs)  # `[workers] keep_warm`
         failures = tuple(r.failure for r in self.results if r.failure is not None)
         return BuildResult(tuple(self.results), time.perf_counter() - start, failures)
 

@@ -257,18 +257,16 @@ def attach(executor: Executor, keep_warm: float | None) -> None:
         return
     root = executor.root
     executor.adopt = lambda step, env, call: adopt(root, step, env, call)
+    listed = request(root, {"op": "list"})
+    if isinstance(listed, list):  # not warmed again within the run (exec/warm.prepare)
+        executor.kept = frozenset(str(entry["name"]) for entry in listed)
 
 
-def finish(executor: Executor, *, interrupted: bool, keep_warm: float | None, jobs: int) -> None:
-    """The build is over: unused warm workers go (exec/warm.finish); with `keep_warm`, the
-    Python targets that ran get a kept worker for the next run."""
-    from mlbuild.exec.warm import finish as finish_warm
-
-    finish_warm(executor, interrupted)
-    if keep_warm is None or interrupted or not isinstance(executor, LocalExecutor):
-        return
-    if executor.started_python:
-        keep(executor.root, keep_warm, executor.started_python, executor.base_env, max(1, jobs))
+def keep_after(executor: Executor, keep_warm: float, jobs: int) -> None:
+    """After a run: the Python targets that ran get a kept worker for the next run."""
+    if isinstance(executor, LocalExecutor) and executor.started_python:
+        with contextlib.suppress(OSError):  # keeping workers is only ever a saving
+            keep(executor.root, keep_warm, executor.started_python, executor.base_env, jobs)
 
 
 # -- the keep-warm process -------------------------------------------------------------------

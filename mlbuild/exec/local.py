@@ -123,6 +123,7 @@ class LocalExecutor:
         self.warm_pool = pool if pool is not None else session
         self.owns_pool = self.warm_pool is None
         self.adopt: Adopt | None = None  # a kept worker of the keep-warm process
+        self.kept: frozenset[str] = frozenset()  # targets the keep-warm process has one for
         self.started_python: list[Step] = []  # in start order: what keep-warm keeps after
         self.running_dir = running_dir(root)
         self.selector = selectors.DefaultSelector()

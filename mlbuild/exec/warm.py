@@ -276,6 +276,8 @@ def prepare(
             break
         if (pool is not None and name in pool.workers) or name in executor.steps:
             continue
+        if name in executor.kept:
+            continue  # the keep-warm process holds one (exec/keepwarm.py)
         target = targets[name]
         spec = _spec(pool, code, target)
         if spec is None:
