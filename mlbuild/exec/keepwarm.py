@@ -199,7 +199,7 @@ def adopt(root: Path, step: Step, base_env: Mapping[str, str], call: str) -> Any
     if spec is None:
         return None
     env = step_environment(target, dict(base_env), "")
-    status = running_dir(root) / (short_name(target.name) + ".status")
+    status = step.log_path.with_suffix(".exit")  # beside its log; never in running/
     status.unlink(missing_ok=True)
     read, write = os.pipe()
     try:
