@@ -369,8 +369,10 @@ class Server:
         return {}
 
     def _keep(self, wanted: list[dict[str, Any]], limit: int) -> None:
+        wanted = wanted[:limit]
         names = [w["name"] for w in wanted]
-        for name in [n for n in self.kept if n not in names][: max(0, len(self.kept) - limit)]:
+        others = [n for n in self.kept if n not in names]
+        for name in others[max(0, limit - len(wanted)) :]:  # at most `limit` kept in all
             self._drop(name)
         for want in wanted:
             kept = self.kept.get(want["name"])

@@ -19,6 +19,11 @@ outputs after they are recorded.
 While a step runs, `.mlbuild/running/<short name>` holds its process group,
 token and target, so that if mlbuild itself is killed (-9) the next run can
 stop leftover steps before starting them again (`reap_orphans`).
+
+A Python step may start in a worker that is already running: a warm one of
+this build or watch session (`warm_pool`, exec/warm.py) or one kept by the
+workspace's keep-warm process (`adopt`, exec/keepwarm.py). From its call on
+it is a step like any other: same marker, token, process group, pipe and end.
 """
 
 from __future__ import annotations
