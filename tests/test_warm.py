@@ -497,3 +497,16 @@ def test_a_kept_worker_with_another_umask_is_not_used(keeping: Project) -> None:
     assert result.code == 0, result.err
     assert b_result(keeping)["pid"] not in (kept, importers()[0])
     assert not alive(kept)
+
+
+def test_a_kept_worker_gets_the_parameters_of_its_call(keeping: Project) -> None:
+    assert keeping.run("run", "-j1").code == 0
+    wait_for(lambda: len(importers()) == 2, timeout=HANG)
+    kept = importers()[1]
+    result = keeping.run("run", "-j1", "--set", "b.k=2")
+    assert result.code == 0, result.err
+    seen = b_result(keeping)
+    assert seen["pid"] == kept  # warmed with k = 1 in its environment ...
+    env = seen["env"]
+    assert isinstance(env, dict)
+    assert seen["k"] == 2 and env["MLBUILD_PARAM_K"] == "2"  # ... called with k = 2
