@@ -279,11 +279,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     verify = cache_sub.add_parser("verify", parents=[file_only], help="find corrupted objects")
     verify.set_defaults(handler=cmd_cache_verify)
 
-    exp = _subcommand(sub, command, "exp", parents=[common], help="the experiment table")
+    exp = _subcommand(sub, command, "exp", parents=[file_only], help="the experiment table")
     exp_sub = exp.add_subparsers(
         dest="exp_command", metavar="{show,diff,apply}", required=True, parser_class=_Parser
     )
-    exp_show = exp_sub.add_parser("show", parents=[common], help="every configuration built")
+    exp_show = exp_sub.add_parser("show", parents=[file_only], help="every configuration built")
     exp_show.add_argument(
         "--all", action="store_true", help="every parameter, not only those that differ"
     )
@@ -291,7 +291,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     exp_show.add_argument("--reverse", action="store_true", help="largest first (with --sort)")
     exp_show.add_argument("--json", action="store_true", help="machine-readable")
     exp_show.set_defaults(handler=cmd_exp_show)
-    exp_diff = exp_sub.add_parser("diff", parents=[common], help="two rows side by side")
+    exp_diff = exp_sub.add_parser("diff", parents=[file_only], help="two rows side by side")
     exp_diff.add_argument(
         "rows",
         nargs="*",
@@ -300,13 +300,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     exp_diff.set_defaults(handler=cmd_exp_diff)
     exp_apply = exp_sub.add_parser(
-        "apply", parents=[common], help="set a row's params and rebuild it"
+        "apply", parents=[file_only], help="set a row's params and rebuild it"
     )
     exp_apply.add_argument("row", metavar="ROW", help="id (or a unique prefix) or name")
     exp_apply.set_defaults(handler=cmd_exp_apply)
 
     plots = _subcommand(
-        sub, command, "plots", parents=[common], help="draw declared plots into one offline page"
+        sub, command, "plots", parents=[file_only], help="draw declared plots into one offline page"
     )
     plots.add_argument(
         "-o",
@@ -321,6 +321,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     plots.add_argument("--x", metavar="PARAM", help="with --y: metrics against PARAM, all rows")
     plots.add_argument("--y", metavar="METRIC[,METRIC]", help="the metrics --x is drawn against")
     plots.set_defaults(handler=cmd_plots)
+
+    workers = _subcommand(sub, command, "workers", parents=[file_only], help="kept warm workers")
+    workers.add_argument("action", nargs="?", choices=["stop"], help="stop the keep-warm process")
+    workers.set_defaults(handler=cmd_workers)
 
     clean = _subcommand(
         sub, command, "clean", parents=[file_only], help="remove targets' declared outputs"
@@ -667,6 +671,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         needs = f"  (after {', '.join(graph.deps[name])})" if graph.deps[name] else ""
         lines.append(f"{name}: {target.description or action}{needs}\n")
     sys.stdout.write("".join(lines))
+    return EXIT_OK
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    """`mlbuild workers [stop]`: the workspace's keep-warm process (exec/keepwarm.py)."""
+    from mlbuild.exec.keepwarm import show, stop
+
+    pipeline, _ = load(args)
+    print(stop(pipeline.root) if args.action == "stop" else "\n".join(show(pipeline.root)))
     return EXIT_OK
 
 

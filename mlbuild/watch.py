@@ -62,7 +62,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from watchdog import events as ev
 from watchdog.observers import Observer
@@ -81,6 +81,9 @@ from mlbuild.pipeline.schema import STATE_DIR, Pipeline, Port
 from mlbuild.staleness import Decision
 from mlbuild.store import Store
 from mlbuild.ui import messages
+
+if TYPE_CHECKING:
+    from mlbuild.exec.warm import WarmPool
 
 DEFAULT_DEBOUNCE = 0.15  # seconds of quiet after the last event before a cycle starts
 DEFAULT_POLL_INTERVAL = 1.0  # seconds between directory scans when polling
@@ -540,10 +543,14 @@ class Watcher:
         self._observer: BaseObserver | None = None
         self._watches: dict[tuple[str, bool], tuple[ObservedWatch, int]] = {}
         self._handler = _Events(self._on_paths)
+        self._warm: WarmPool | None = None  # while `run` runs
 
     def run(self) -> int:
         """Watch until `stop`, Ctrl-C, SIGTERM or SIGHUP; returns 0, the usual end of watch mode."""
         restore = _stop_on_signals()
+        from mlbuild.exec.warm import end_session, start_session  # kept between builds
+
+        self._warm = start_session(self.graph.pipeline.root)
         try:
             self._use_observer(None)
             self._refresh()
@@ -564,6 +571,7 @@ class Watcher:
             with contextlib.suppress(OSError):
                 self._say("stopped.")
         finally:
+            end_session(self._warm)
             self.debouncer.close()
             if self._observer is not None:
                 self._observer.stop()
@@ -770,6 +778,11 @@ class Watcher:
             return None
         self.carry.clear()
         self.reporter.summary(result, recorded)
+        ran = [r.name for r in result.results if r.outcome in (Outcome.RAN, Outcome.FAILED)]
+        if self._warm is not None and (ran or self._warm.workers):
+            from mlbuild.exec.warm import keep_for  # a warm worker for each that may rerun
+
+            keep_for(self._warm, self.graph.targets, ran, self.build_options.jobs)
         return result
 
     @contextmanager

@@ -39,7 +39,16 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     (
         "execution",
         frozenset(
-            {"exec.base", "exec.local", "exec.registry", "exec.worker", "exec.reaper", "exec.ray"}
+            {
+                "exec.base",
+                "exec.local",
+                "exec.registry",
+                "exec.worker",
+                "exec.reaper",
+                "exec.ray",
+                "exec.warm",
+                "exec.keepwarm",
+            }
         ),
     ),
     ("build", frozenset({"build.runner", "build.query", "build.results", "build.lock"})),

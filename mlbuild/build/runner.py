@@ -254,6 +254,10 @@ class Build:
         try:
             self._flush_records()
         finally:
+            if self._executor is not None:  # warm workers no step took (exec/warm.py)
+                from mlbuild.exec.warm import finish
+
+                finish(self._executor, interrupted=status is RunStatus.INTERRUPTED)
             self._collect_saves(wait=True)
             if self._executor is not None and self._executor.running:
                 # A second Ctrl-C lands here: stop_all has killed everything by then.
@@ -266,6 +270,11 @@ class Build:
             RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons)) for r in self.results
         ]
         self.store.record_run(started_at, self.options.command_line, status.value, rows)
+        keep_warm = self.graph.pipeline.workers.keep_warm
+        if self._executor is not None and keep_warm and status is not RunStatus.INTERRUPTED:
+            from mlbuild.exec.keepwarm import keep_after
+
+            keep_after(self._executor, keep_warm, self.options.jobs)  # `[workers] keep_warm`
 
     def _record_experiment(self, ok: bool) -> None:
         """Metrics of what ran or was restored, and the configuration's row (experiments.py).
@@ -299,6 +308,12 @@ class Build:
                 if sched.idle:
                     return
                 continue
+            if self.options.jobs > 1 and not self.stopped:  # warm the next steps' workers
+                from mlbuild.exec.warm import prepare
+
+                targets, deps = self.graph.targets, self.graph.deps
+                args = (sched, self._running, self.outcomes, self.code, self.options.jobs)
+                prepare(self._executor, targets, deps, *args)
             from mlbuild.exec.base import Done
 
             for event in self._executor.wait(self._flush_due()):
@@ -747,6 +762,10 @@ class Build:
             kind = self.options.executor or settings.kind
             context = ExecutorContext(self.root, settings, lambda: self.remote, self.fp.digest)
             self._executor = make_executor(kind, context)
+            if self.graph.pipeline.workers.keep_warm is not None:
+                from mlbuild.exec.keepwarm import attach  # `[workers] keep_warm`
+
+                attach(self._executor, self.graph.pipeline.workers.keep_warm)
         return self._executor
 
     def _not_run(self, name: str, because: str) -> None:

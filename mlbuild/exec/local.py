@@ -19,6 +19,11 @@ outputs after they are recorded.
 While a step runs, `.mlbuild/running/<short name>` holds its process group,
 token and target, so that if mlbuild itself is killed (-9) the next run can
 stop leftover steps before starting them again (`reap_orphans`).
+
+A Python step may start in a worker that is already running: a warm one of
+this build or watch session (`warm_pool`, exec/warm.py) or one kept by the
+workspace's keep-warm process (`adopt`, exec/keepwarm.py). From its call on
+it is a step like any other: same marker, token, process group, pipe and end.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Protocol
 
 from mlbuild.exec.base import (
     TERM_GRACE_SECONDS,
@@ -58,10 +63,32 @@ from mlbuild.exec.reaper import (
     signal_leftovers,
 )
 from mlbuild.exec.worker import EXIT_RAISED
-from mlbuild.pipeline.schema import ActionKind, Target
+from mlbuild.pipeline.schema import ActionKind
 from mlbuild.workspace import running_dir, short_name
 
+if TYPE_CHECKING:
+    from mlbuild.exec.warm import WarmPool
+
 DRAIN_SECONDS = 0.2  # output read after a step's main process exited
+WARM_SUFFIX = ".warm"  # the marker of a warm worker (exec/warm.py), not of a step
+# The warm workers of a watch session (exec/warm.session), kept from one build to the next.
+SESSION_POOL: WarmPool | None = None
+
+
+class StepProcess(Protocol):
+    """What a step's main process must offer: a `subprocess.Popen`, or a kept warm worker
+    of another process (exec/keepwarm.Adopted, watched through a pidfd)."""
+
+    pid: int
+    stdout: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+# Given a step, the environment and the worker call: a process already running the
+# call and its token, or None (set by exec/keepwarm.attach for `[workers] keep_warm`).
+Adopt = Callable[[Step, Mapping[str, str], str], "tuple[StepProcess, str] | None"]
 
 
 class _Phase(enum.Enum):
@@ -75,7 +102,7 @@ class _Phase(enum.Enum):
 @dataclass
 class _Running:
     name: str
-    proc: subprocess.Popen[bytes]
+    proc: StepProcess
     log: IO[bytes]
     log_path: Path
     start: float
@@ -93,8 +120,16 @@ class _Running:
 class LocalExecutor:
     """Runs steps as child processes of this machine and reports their output and exit."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, pool: WarmPool | None = None) -> None:
         self.root = root
+        # Warm workers (exec/warm.py): a watch session's pool outlives this executor,
+        # else the executor's own, made when the runner first names steps to warm.
+        session = SESSION_POOL if SESSION_POOL is not None and SESSION_POOL.root == root else None
+        self.warm_pool = pool if pool is not None else session
+        self.owns_pool = self.warm_pool is None
+        self.adopt: Adopt | None = None  # a kept worker of the keep-warm process
+        self.kept: frozenset[str] = frozenset()  # targets the keep-warm process has one for
+        self.started_python: list[Step] = []  # in start order: what keep-warm keeps after
         self.running_dir = running_dir(root)
         self.selector = selectors.DefaultSelector()
         self.steps: dict[str, _Running] = {}
@@ -111,12 +146,13 @@ class LocalExecutor:
         """Spawn the step; its events come from `wait` (also when it cannot be started)."""
         target, log_path = step.target, step.log_path
         try:
-            self._spawn(target, log_path)
+            self._spawn(step)
         except OSError as exc:  # a log or marker that cannot be written, no /bin/sh, ...
             message = f"could not be started: {exc}"
             self.failed_to_start.append(Done(target.name, ExecResult(-1, 0.0, log_path, message)))
 
-    def _spawn(self, target: Target, log_path: Path) -> None:
+    def _spawn(self, step: Step) -> None:
+        target, log_path = step.target, step.log_path
         self._mkdir(log_path.parent)
         self._mkdir(self.running_dir)
         if target.kind is ActionKind.PYTHON:
@@ -125,18 +161,22 @@ class LocalExecutor:
         marker = self.running_dir / short_name(target.name)
         mark = pid_mark()
         log = open(log_path, "wb")  # noqa: SIM115 - closed in _close
-        proc: subprocess.Popen[bytes] | None = None
+        proc: StepProcess | None = None
         pidfd: int | None = None
         try:
-            proc = subprocess.Popen(
-                step_argv(target, self.root, timing_path(log_path)),
-                cwd=self.root,
-                env=step_environment(target, self.base_env, token),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            taken = self._take_warm(step)
+            if taken is not None:
+                proc, token = taken
+            else:
+                proc = subprocess.Popen(
+                    step_argv(target, self.root, timing_path(log_path)),
+                    cwd=self.root,
+                    env=step_environment(target, self.base_env, token),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             assert proc.stdout is not None
             write_marker(marker, proc.pid, token, target.name)
             pidfd = _pidfd(proc.pid)
@@ -145,19 +185,41 @@ class LocalExecutor:
             if pidfd is not None:
                 self.selector.register(pidfd, selectors.EVENT_READ, (target.name, _EXIT))
             python = target.kind is ActionKind.PYTHON
-            step = _Running(
+            running = _Running(
                 target.name, proc, log, log_path, time.perf_counter(), marker, token, python, pidfd
             )
-            self.steps[target.name] = step  # from here on, stop_all stops it
+            self.steps[target.name] = running  # from here on, stop_all stops it
         except BaseException:
             # Not tracked (a marker that cannot be written, or Ctrl-C landing between
             # the fork and here, while the step already runs): stop it by its token.
             self._abandon(proc, pidfd, log, marker, mark, token)
             raise
 
+    def _take_warm(self, step: Step) -> tuple[StepProcess, str] | None:
+        """A warm worker given the step's call (exec/warm.py, keepwarm.py), or None: spawn one."""
+        if step.target.kind is not ActionKind.PYTHON:
+            return None
+        self.started_python.append(step)
+        here = self.warm_pool is not None and step.target.name in self.warm_pool.workers
+        if not here and self.adopt is None:
+            return None
+        from mlbuild.exec.base import worker_call
+
+        call = worker_call(step.target, self.root, timing_path(step.log_path))
+        if self.warm_pool is not None and here:
+            given = self.warm_pool.give(step, self.base_env, call)
+            if given is not None:
+                return given
+        return self.adopt(step, self.base_env, call) if self.adopt is not None else None
+
+    def close_warm(self) -> None:
+        """The build is over: kill the warm workers no step took (a watch session keeps its own)."""
+        if self.warm_pool is not None and self.owns_pool:
+            self.warm_pool.close()
+
     def _abandon(
         self,
-        proc: subprocess.Popen[bytes] | None,
+        proc: StepProcess | None,
         pidfd: int | None,
         log: IO[bytes],
         marker: Path,
@@ -307,6 +369,8 @@ class LocalExecutor:
         """
         names = self.running
         self.failed_to_start.clear()
+        if self.warm_pool is not None:
+            self.warm_pool.close()
         steps = list(self.steps.values())
         for step in steps:
             pgid = step.proc.pid
@@ -373,6 +437,15 @@ def reap_orphans(root: Path) -> list[str]:
         except (OSError, ValueError):
             marker.unlink(missing_ok=True)
             continue
+        name, _, owner = name.partition("\n")
+        if marker.name.endswith(WARM_SUFFIX):
+            # A warm worker ran no step: killed without a word, unless the mlbuild that
+            # keeps it warm (a watch session between two cycles) is alive.
+            if not _alive(owner.strip()):
+                if token and any(carries(p, token) for p in find_leftovers(pgid, token).members):
+                    kill_leftovers(pgid, token)
+                marker.unlink(missing_ok=True)
+            continue
         left = find_leftovers(pgid, token)
         if token:
             ours = bool(left.escaped) or any(carries(pid, token) for pid in left.members)
@@ -383,6 +456,17 @@ def reap_orphans(root: Path) -> list[str]:
             killed.append(name.strip() or marker.name)
         marker.unlink(missing_ok=True)
     return killed
+
+
+def _alive(pid_text: str) -> bool:
+    """Whether process `pid_text` exists (a warm worker's owner; it exits with its owner anyway)."""
+    try:
+        os.kill(int(pid_text), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _runs_target(pid: int, name: str) -> bool:

@@ -29,6 +29,7 @@ from mlbuild.pipeline.schema import (
     Port,
     Resources,
     Target,
+    WorkersSettings,
     display_path,
 )
 
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
     from mlbuild.pipeline.paramfiles import ParamsFiles
 
-_TOP_KEYS = ("params_files", "params", "pools", "targets", "cache", "executor")
+_TOP_KEYS = ("params_files", "params", "pools", "targets", "cache", "executor", "workers")
 _CACHE_KEYS = ("remote", "remote_write", "remote_options")
 _EXECUTOR_KEYS = ("kind", "address", "files")
 _RESOURCE_KEYS = ("cpus", "gpus", "memory", "custom")
@@ -373,6 +374,7 @@ class _Loader:
             executor=self._executor_settings(),
             params_files=self.files,
             param_sources=self.from_files.sources if self.from_files else {},
+            workers=self._workers_settings(),
         )
 
     def _table(self, key: str, known: tuple[str, ...]) -> dict[str, Any]:
@@ -407,6 +409,18 @@ class _Loader:
             raise self.fail("executor.files", f"must be one of {', '.join(FILE_MODES)}")
         address = self._optional_string("executor.address", raw.get("address"))
         return ExecutorSettings(kind, address, files)
+
+    def _workers_settings(self) -> WorkersSettings:
+        raw = self._table("workers", ("keep_warm",))
+        value = raw.get("keep_warm")
+        if value is None:
+            return WorkersSettings()
+        found = (
+            re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh])", value) if isinstance(value, str) else None
+        )
+        if found is None or float(found[1]) <= 0:
+            raise self.fail("workers.keep_warm", 'must be a duration such as "10m", "90s" or "1h"')
+        return WorkersSettings(float(found[1]) * {"s": 1, "m": 60, "h": 3600}[found[2]])
 
     def _split_overrides(
         self, params: dict[str, Any], local_names: set[tuple[str, str]]

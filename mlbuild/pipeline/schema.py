@@ -56,6 +56,12 @@ class ExecutorSettings(NamedTuple):
     files: str = "auto"  # how files reach Ray workers: auto, shared (in place) or cas
 
 
+class WorkersSettings(NamedTuple):
+    """`[workers]`: keeping warm Python workers between runs (exec/keepwarm.py)."""
+
+    keep_warm: float | None = None  # seconds an idle keep-warm process lives; None: none
+
+
 class Target(NamedTuple):
     """One step of the pipeline, fully resolved (parameters and command)."""
 
@@ -154,6 +160,7 @@ class Pipeline(NamedTuple):
     executor: ExecutorSettings = ExecutorSettings()
     params_files: tuple[str, ...] = ()  # `params_files`, project paths in order
     param_sources: Mapping[str, str] = EMPTY  # a params-file key's dotted name -> its file
+    workers: WorkersSettings = WorkersSettings()
 
     @property
     def root(self) -> Path:
