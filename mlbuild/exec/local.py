@@ -163,6 +163,7 @@ class LocalExecutor:
         log = open(log_path, "wb")  # noqa: SIM115 - closed in _close
         proc: StepProcess | None = None
         pidfd: int | None = None
+        start = time.perf_counter()  # before the spawn: a step's time includes starting it
         try:
             taken = self._take_warm(step)
             if taken is not None:
@@ -186,7 +187,7 @@ class LocalExecutor:
                 self.selector.register(pidfd, selectors.EVENT_READ, (target.name, _EXIT))
             python = target.kind is ActionKind.PYTHON
             running = _Running(
-                target.name, proc, log, log_path, time.perf_counter(), marker, token, python, pidfd
+                target.name, proc, log, log_path, start, marker, token, python, pidfd
             )
             self.steps[target.name] = running  # from here on, stop_all stops it
         except BaseException:
