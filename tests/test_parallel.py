@@ -88,6 +88,27 @@ def test_output_of_concurrent_targets_is_prefixed_and_logged(project: Project) -
     assert project.read(".mlbuild/logs/a.log") == "alpha one\nalpha two\n"
 
 
+def test_a_step_running_alone_is_not_prefixed_even_above_j1(project: Project) -> None:
+    """Prefixes tell apart the output of steps running at once; one step alone has none."""
+    project.pipeline(
+        """
+        [targets.a]
+        cmd = "echo alpha one; printf 'alpha partial'; touch {outputs}"
+        outputs = ["a.out"]
+
+        [targets.b]
+        cmd = "echo beta one; touch {outputs}"
+        inputs = ["a.out"]
+        outputs = ["b.out"]
+        """
+    )
+    result = project.run("run", "-j", "2")
+    assert result.code == 0, result.err
+    assert "alpha one\nalpha partial\n" in result.out
+    assert "beta one\n" in result.out
+    assert "[a]" not in result.out and "[b]" not in result.out
+
+
 FAILING = """
 [targets.bad]
 cmd = "sleep 0.1; exit 4"

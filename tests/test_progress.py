@@ -311,10 +311,10 @@ def test_a_chatty_step_is_drawn_in_few_frames_and_its_output_kept_whole() -> Non
     assert raw.count("targets · ") <= 4  # frames of the live area: one per chunk before
     assert "\x1b[31mred\x1b[0m" in raw and "\x07" not in raw
     assert final_screen(raw) == [
-        *(f"[train] line {n}" for n in range(2000)),
-        "[train]  epoch 1 100%",
-        "[train] red",
-        "[train] no newline at the end",
+        *(f"line {n}" for n in range(2000)),  # one step running: no prefixes
+        " epoch 1 100%",
+        "red",
+        "no newline at the end",
         "Step `train` has finished in 2.000s.",
         "mlbuild: 1 ran in 2.100s.",
     ]

@@ -355,6 +355,9 @@ class LiveReporter:
     def _screen(self, queued: list[tuple[str, bytes]]) -> str:
         """The queue as the terminal gets it: each run of one step's lines at once."""
         colors = _colors(self.console)
+        with self._lock:
+            several = len(self.running) > 1
+        several = several or len({target for target, _ in queued}) > 1
         parts: list[str] = []
         start = 0
         for end in range(1, len(queued) + 1):
@@ -362,7 +365,7 @@ class LiveReporter:
             if end < len(queued) and queued[end][0] == target:
                 continue
             text = screen_text(b"".join(data for _, data in queued[start:end]), colors=colors)
-            if self.prefix:
+            if self.prefix and several:
                 tag = f"\x1b[2m[{target}]{_RESET} " if colors else f"[{target}] "
                 text = tag + text[:-1].replace("\n", "\n" + tag) + "\n"
             parts.append(text)

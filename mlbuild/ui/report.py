@@ -125,10 +125,14 @@ class PlainReporter:
         self.err = err or sys.stderr
         self.verbosity = verbosity
         self.explain = explain
-        # With several steps running at once, their output is shown line by line,
-        # each line prefixed with its target; partial lines wait for their end.
+        # With -j above 1, output is shown line by line, and while several steps run at
+        # once each line is prefixed with its target; partial lines wait for their end.
+        # A step running alone writes through as it would at -j 1 (progress bars too).
         self.prefix = prefix
         self.partial: dict[str, bytes] = {}
+        self.running: set[str] = set()
+        self.tagged: set[str] = set()  # steps shown with prefixes: they keep them to the end
+        self.mid_line = False  # the last raw write of a lone step ended inside a line
         self.out_closed = False  # stdout failed once: nothing more is written to it
 
     def _say(self, line: str) -> None:
@@ -174,6 +178,10 @@ class PlainReporter:
         self._say(messages.step_skipped(target, decision.compared if self.explain else None))
 
     def started(self, target: str, decision: Decision, command: str) -> None:
+        if self.mid_line:  # a lone step's unfinished line must not run into the next one
+            self._write_out("\n")
+            self.mid_line = False
+        self.running.add(target)
         self._say(messages.step_started(target, decision.reasons))
         if self.verbosity > 0:
             self._say(messages.step_command(command))
@@ -181,7 +189,10 @@ class PlainReporter:
     def output(self, target: str, data: bytes) -> None:
         if self.verbosity < 0:
             return
-        if self.prefix:
+        if self.prefix and len(self.running) <= 1 and target not in self.tagged:
+            self.mid_line = not data.endswith(b"\n")
+        elif self.prefix:
+            self.tagged.add(target)
             lines = (self.partial.pop(target, b"") + data).split(b"\n")
             if lines[-1]:
                 self.partial[target] = lines[-1]
@@ -192,6 +203,11 @@ class PlainReporter:
         self._write_out(data)
 
     def _flush_partial(self, target: str) -> None:
+        self.running.discard(target)
+        self.tagged.discard(target)
+        if self.mid_line:
+            self._write_out("\n")
+            self.mid_line = False
         rest = self.partial.pop(target, b"")
         if rest and self.verbosity >= 0:
             self._write_bytes(f"[{target}] ".encode() + rest + b"\n")
