@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -173,75 +173,82 @@ class Cells:
         self.skipped: list[str] = []
 
     def measure(
-        self, pipe: str, scenario: str, label: str, tool: str, once: Callable[[], float], n: int
-    ) -> bool:
-        """Up to `n` samples of `once` (fewer once one more would pass the budget)."""
+        self, pipe: str, scenario: str, label: str, runs: Mapping[str, Callable[[], float]], n: int
+    ) -> set[str]:
+        """Up to `n` samples of each tool's run, taken in rounds (tool after tool).
+
+        Rounds rather than one tool's samples in a row: on this shared machine a
+        burst of load then hits every tool alike instead of one tool's whole cell.
+        A tool stops early once one more sample would take its cell past the budget,
+        or at its first failure. Returns the tools that did not fail.
+        """
         if Row(pipe, scenario, label) not in self.rows:
             self.rows.append(Row(pipe, scenario, label))
-        m = Measurement()
-        self.results.setdefault((pipe, scenario), {})[tool] = m
-        try:
-            for _ in range(n):
-                m.samples.append(once())
-                if sum(m.samples) + m.samples[-1] > self.budget:
-                    break
-        except (engine.BenchError, subprocess.TimeoutExpired) as exc:
-            m.error = f"{scenario}: {exc}"
-        status = m.error or f"median {report.fmt_ms(m.median)} (n={len(m.samples)})"
-        print(f"  {pipe:11s} {tool:10s} {label:22s} {status}", flush=True)
-        return m.error is None
+        cells = {tool: Measurement() for tool in runs}
+        for tool, m in cells.items():
+            self.results.setdefault((pipe, scenario), {})[tool] = m
+        for _ in range(n):
+            for tool, once in runs.items():
+                m = cells[tool]
+                if m.error is not None or sum(m.samples) + max(m.samples, default=0) > self.budget:
+                    continue
+                try:
+                    m.samples.append(once())
+                except (engine.BenchError, subprocess.TimeoutExpired) as exc:
+                    m.error = f"{scenario}: {exc}"
+        for tool, m in cells.items():
+            status = m.error or f"median {report.fmt_ms(m.median)} (n={len(m.samples)})"
+            print(f"  {pipe:11s} {tool:10s} {label:22s} {status}", flush=True)
+        return {tool for tool, m in cells.items() if m.error is None}
 
     def median(self, pipe: str, scenario: str, tool: str) -> float | None:
         m = self.results.get((pipe, scenario), {}).get(tool)
         return m.median if m else None
 
 
-def bench_pipeline(p: pl.Pipeline, tool: engine.Tool, jobs: int, cells: Cells) -> None:
-    """First run, no-op and (wide) one change; for mlbuild also its commands and peak RSS."""
+def bench_pipeline(
+    p: pl.Pipeline, tools: list[engine.Tool], cells: Cells, commands_max: int
+) -> None:
+    """First runs, then no-ops and (wide) one change in rounds; mlbuild's commands and RSS."""
     size = len(p.targets)
-    tool = with_jobs(tool, jobs)
-    ws = engine.prepare_workspace(p, tool)
+    jobs = 1 if size <= 200 else 2
+    tools = [with_jobs(t, jobs) for t in tools]
+    spaces = {t.name: engine.prepare_workspace(p, t) for t in tools}
     first_n = cells.repeat if size <= 1_000 else 1  # a big first run is minutes; once
+    ok: set[str] = set()
+    for tool in tools:  # one tool at a time: a first run at -j2 wants both cores
+        first = functools.partial(engine.run_first, p, tool, spaces[tool.name])
+        ok |= cells.measure(p.name, "first", f"first run (-j{jobs})", {tool.name: first}, first_n)
+    built = [t for t in tools if t.name in ok]
     ok = cells.measure(
         p.name,
-        "first",
-        f"first run (-j{jobs})",
-        tool.name,
-        lambda: engine.run_first(p, tool, ws),
-        first_n,
+        "noop",
+        "no-op",
+        {t.name: functools.partial(engine.run_noop, p, t, spaces[t.name]) for t in built},
+        cells.repeat,
     )
-    ok = ok and cells.measure(
-        p.name, "noop", "no-op", tool.name, lambda: engine.run_noop(p, tool, ws), cells.repeat
-    )
-    if ok and tool.name == "mlbuild":
+    ml = next((t for t in built if t.name == "mlbuild" and t.name in ok), None)
+    if ml is not None and size <= commands_max:
         one = p.targets[size // 2].name
         for scenario, args in COMMANDS.items():
             words = [a.format(one=one) for a in args]
-            argv = [*tool.argv[:-3], *words]  # tool.argv ends with `run -j N`
-            cells.measure(
-                p.name,
-                scenario,
-                f"`{' '.join(words)}`",
-                tool.name,
-                functools.partial(engine.timed_run, argv, ws),
-                cells.repeat,
-            )
-        if not p.name.startswith("chain"):
-            try:
-                _, cells.rss[size] = timed_rss(tool.argv, ws)
-            except engine.BenchError as exc:
-                print(f"  peak RSS of the no-op: {exc}", flush=True)
-    if ok and not p.name.startswith("chain"):
-        change = engine.make_change_runner()
-        cells.measure(
-            p.name,
-            "change",
-            "one input changed",
-            tool.name,
-            lambda: change(p, tool, ws),
-            cells.repeat,
-        )
-    shutil.rmtree(ws, ignore_errors=True)
+            argv = [*ml.argv[:-3], *words]  # ml.argv ends with `run -j N`
+            once = functools.partial(engine.timed_run, argv, spaces[ml.name])
+            cells.measure(p.name, scenario, f"`{' '.join(words)}`", {ml.name: once}, cells.repeat)
+    if ml is not None and not p.name.startswith("chain"):
+        try:
+            _, cells.rss[size] = timed_rss(ml.argv, spaces[ml.name])
+        except engine.BenchError as exc:
+            print(f"  peak RSS of the no-op: {exc}", flush=True)
+    if not p.name.startswith("chain"):
+        changes = {
+            t.name: functools.partial(engine.make_change_runner(), p, t, spaces[t.name])
+            for t in built
+            if t.name in ok
+        }
+        cells.measure(p.name, "change", "one input changed", changes, cells.repeat)
+    for ws in spaces.values():
+        shutil.rmtree(ws, ignore_errors=True)
 
 
 def watch_latency(size: int, writes: int) -> tuple[list[float], str | None]:
@@ -457,6 +464,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--cell-budget", type=float, default=120.0, help="seconds per cell")
     ap.add_argument("--timeout", type=float, default=engine.RUN_TIMEOUT, help="per process")
+    ap.add_argument(
+        "--commands-max",
+        type=int,
+        default=100_000,
+        help="largest size at which mlbuild's status/list/dag/show are timed",
+    )
     ap.add_argument("--no-chain", action="store_true", help="skip chain200")
     ap.add_argument(
         "--watch-size",
@@ -506,7 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     info = in_bench_venv(argv)
     command = "python bench/scale.py " + shlex.join(argv)
     engine.RUN_TIMEOUT = args.timeout
-    engine.WORK.mkdir(exist_ok=True)
+    # A directory of this run's own, so that two benches (a smoke run beside a long
+    # one) never delete each other's workspaces or the mlbuild under test.
+    engine.WORK = engine.WORK / f"scale-{os.getpid()}"
+    engine.WORK.mkdir(parents=True)
     started, load_before = time.perf_counter(), engine.load_average()
     tree, where = install_under_test(args.mlbuild_src.resolve())
     use_under_test(tree)
@@ -521,14 +537,13 @@ def main(argv: list[str] | None = None) -> int:
     pipes += [pl.wide(n) for n in args.size_list]
     for p in pipes:
         size = len(p.targets)
-        jobs = 1 if size <= 200 else 2
         for tool in tools:
             if size > args.max_size[tool.name]:
                 why = WHY_SKIPPED.get(tool.name, "--max")
                 cells.skipped.append(f"{tool.name} at {p.name}: {why}")
                 print(f"  {p.name:11s} {tool.name:10s} skipped: {why}", flush=True)
-                continue
-            bench_pipeline(p, tool, jobs, cells)
+        chosen = [t for t in tools if size <= args.max_size[t.name]]
+        bench_pipeline(p, chosen, cells, args.commands_max)
         shutil.rmtree(engine.WORK / p.name, ignore_errors=True)
 
     watch = None
@@ -537,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         watch = watch_latency(args.watch_size, WATCH_WRITES)
         print(f"  watch: {[round(s * 1000) for s in watch[0]]} ms {watch[1] or ''}", flush=True)
 
+    shutil.rmtree(engine.WORK, ignore_errors=True)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(f"(largest child RSS of the whole bench: {peak / 1024:.0f} MB)", flush=True)
     body = render(
