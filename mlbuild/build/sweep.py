@@ -9,9 +9,10 @@ workspace. Outputs of upstream targets are not copied: the sandbox starts with
 no manifests, so each target of the point is restored from the cache when its
 key is there and runs otherwise.
 
-Each sandbox is built by its own `mlbuild run` process (`--set` gives the
-point's values; a params-file key is written into the sandbox's copy of that
-file), with its own `.mlbuild/` state, so two points never share a database;
+Each sandbox is built by `mlbuild run` in a process forked for the point
+(`--set` gives the point's values; a params-file key is written into the
+sandbox's copy of that file), with its own `.mlbuild/` state, so two points
+never share a database;
 only `.mlbuild/cache` is the workspace's (a link to it: objects and entries
 are written by temp file and rename, so concurrent writers are safe). When a
 point's build is over, this process copies its experiment row and metrics into
@@ -22,18 +23,17 @@ manifests and params files are never written.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import select
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,7 +51,6 @@ from mlbuild.workspace import cache_dir, short_name, state_dir
 
 SANDBOX_PREFIX = "mlbuild-sweep-"
 LOG_TAIL = 10  # lines of a failed step's log shown
-PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # where `mlbuild` is imported from
 
 
 class Axis(NamedTuple):
@@ -314,63 +313,75 @@ def remove_sandbox(top: Path) -> None:
 # --- one point ------------------------------------------------------------------------
 
 
-class Points:
-    """The running points' processes, so that a stop reaches all of them."""
+def start_point(
+    graph: Graph, top: Path, point: Point, names: Sequence[str], keep_going: bool
+) -> int:
+    """Fork a process building `point` in the sandbox `top`; its pid.
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.running: dict[int, subprocess.Popen[bytes]] = {}
-        self.stopped = False  # no new point starts
-
-    def stop(self) -> None:
-        with self.lock:
-            self.stopped = True
-            for proc in self.running.values():
-                if proc.poll() is None:
-                    os.kill(proc.pid, signal.SIGINT)  # the point's mlbuild stops its steps
-
-
-def build_point(
-    graph: Graph,
-    files: Sequence[str],
-    point: Point,
-    names: Sequence[str],
-    options: SweepOptions,
-    points: Points,
-) -> PointResult:
-    """Build one point in a new sandbox and read back what it recorded."""
-    start = time.monotonic()
-    root = graph.pipeline.root
-    with points.lock:
-        if points.stopped:
-            return PointResult(point, PointStatus.NOT_STARTED, {}, None, (), {}, 0.0)
-    top = make_sandbox(root, files)
+    A fork, not a new interpreter: the point's build starts with mlbuild already
+    imported (a new `python -m mlbuild` costs a start-up and every import per
+    point). The child runs `mlbuild run` in the sandbox, output to `point.log`,
+    in a session of its own: Ctrl-C reaches the sweeping process alone, which
+    stops each point so that it ends its steps. It never touches the parent's
+    open state (the workspace's database and lock): it opens the sandbox's.
+    """
+    project = top / "project"
+    argv = ["run", "-f", str(project / graph.pipeline.file.relative_to(graph.pipeline.root))]
+    argv += ["--plain", "-j", "1", *(["-k"] if keep_going else [])]
+    for name, text in point.values:
+        argv += ["--set", f"{name}={text}"]
+    argv += names
+    log = os.open(top / "point.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(log)
+        return pid
+    code = 1
     try:
-        project = top / "project"
-        pipeline_file = project / graph.pipeline.file.relative_to(root)
-        argv = [sys.executable, "-m", "mlbuild", "run", "-f", str(pipeline_file), "--plain"]
-        argv += ["-j", "1", *(["-k"] if options.keep_going else [])]
-        for name, text in point.values:
-            argv += ["--set", f"{name}={text}"]
-        argv += names
-        env = dict(os.environ)  # the same mlbuild as this one, wherever it was imported from
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_PARENT, env.get("PYTHONPATH")]))
-        with open(top / "point.log", "wb") as log, points.lock:
-            if points.stopped:
-                return PointResult(point, PointStatus.NOT_STARTED, {}, None, (), {}, 0.0)
-            # Its own session: Ctrl-C reaches this process alone, which stops each point
-            # so that it ends its steps and writes nothing more.
-            proc = subprocess.Popen(
-                argv, cwd=project, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,
-            )  # fmt: skip
-            points.running[point.number] = proc
-        code = proc.wait()
-        with points.lock:
-            points.running.pop(point.number, None)
-        return _read_back(root, top, point, code, time.monotonic() - start)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.chdir(project)
+        sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+        from mlbuild.cli import main
+
+        code = main(argv)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # whatever happens, the child must not return into the sweep
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
     finally:
-        remove_sandbox(top)
+        os._exit(code)
+
+
+def wait_any(pids: Iterable[int]) -> tuple[int, int]:
+    """Wait until one of `pids` (children of this process) ends: its pid and exit code."""
+    pids = list(pids)
+    fds = {}
+    try:
+        for pid in pids:
+            with contextlib.suppress(OSError):  # no pidfds: polled below
+                fds[os.pidfd_open(pid)] = pid
+        while True:
+            for pid in pids:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    return pid, os.waitstatus_to_exitcode(status)
+            if len(fds) == len(pids):
+                select.select(list(fds), [], [])
+            else:
+                time.sleep(0.01)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _read_back(root: Path, top: Path, point: Point, code: int, seconds: float) -> PointResult:
@@ -447,30 +458,61 @@ def run_sweep(
     metrics in the workspace's `store` as it comes in. Without `keep_going`, a failed
     point stops points from starting; Ctrl-C stops all of them."""
     files = sandbox_files(graph, store, sweep.names)
-    points = Points()
-    results: list[PointResult] = []
+    root = graph.pipeline.root
     total = len(sweep.points)
-    pool = ThreadPoolExecutor(max_workers=min(options.jobs, total))
-    pending: set[Future[PointResult]] = {
-        pool.submit(build_point, graph, files, p, sweep.names, options, points)
-        for p in sweep.points
-    }
+    waiting = list(sweep.points)
+    running: dict[int, tuple[Point, Path, float]] = {}  # pid -> point, sandbox, start
+    results: list[PointResult] = []
+    stopped = False
     try:
-        while pending:
-            ready, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in ready:
-                result = future.result()  # an error of this process's own: raised here
-                results.append(result)
-                _record(store, result)
-                tell(describe(result, total))
-                if result.status is PointStatus.FAILED and not options.keep_going:
-                    points.stop()
+        while waiting or running:
+            while waiting and not stopped and len(running) < options.jobs:
+                point = waiting.pop(0)
+                top = make_sandbox(root, files)
+                try:
+                    pid = start_point(graph, top, point, sweep.names, options.keep_going)
+                except BaseException:
+                    remove_sandbox(top)
+                    raise
+                running[pid] = (point, top, time.monotonic())
+            if not running:
+                break
+            pid, code = wait_any(running)
+            point, top, start = running.pop(pid)
+            try:
+                result = _read_back(root, top, point, code, time.monotonic() - start)
+            finally:
+                remove_sandbox(top)
+            results.append(result)
+            _record(store, result)
+            tell(describe(result, total))
+            if result.status is not PointStatus.OK and not options.keep_going:
+                stopped = True
     except BaseException:
-        points.stop()
+        _stop(running)
         raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    for point in waiting:
+        result = PointResult(point, PointStatus.NOT_STARTED, {}, None, (), {}, 0.0)
+        results.append(result)
+        tell(describe(result, total))
     return sorted(results, key=lambda r: r.point.number)
+
+
+def _stop(running: Mapping[int, tuple[Point, Path, float]]) -> None:
+    """Ctrl-C: stop every running point (each stops its steps), wait, remove sandboxes."""
+    for pid in running:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+    for pid, (_, top, _) in running.items():
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except ChildProcessError:
+                break
+            except KeyboardInterrupt:  # a second Ctrl-C: they are stopping already
+                continue
+        remove_sandbox(top)
 
 
 def sweep_command(graph: Graph, options: SweepOptions) -> int:
