@@ -253,3 +253,11 @@ def test_ctrl_c_stops_every_point_and_leaves_the_workspace_untouched(sweep: Proj
     assert list(sandboxes.iterdir()) == []
     assert workspace_digest(sweep.root) == before
     assert len(table(sweep)) == 1
+
+
+def test_a_relative_remote_cache_is_still_the_workspaces(sweep: Project) -> None:
+    with (sweep.root / "pipeline.toml").open("a") as file:
+        file.write('\n[cache]\nremote = "../remote"\n')
+    assert sweep.run("exp", "run", "--sweep", "lr=0.5").code == 0
+    uploaded = list((sweep.root.parent / "remote").rglob("*"))
+    assert any(p.is_file() for p in uploaded)

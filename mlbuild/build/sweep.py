@@ -284,6 +284,26 @@ def make_sandbox(root: Path, files: Iterable[str]) -> Path:
     return top
 
 
+def localize(pipeline: Pipeline, top: Path) -> None:
+    """Settings of the sandbox's pipeline file that must not be taken as written there:
+    no keep-warm process (it would outlive the sandbox), and a remote cache given as
+    a relative path made absolute (it names the workspace's neighbour, not the
+    sandbox's). Neither enters a cache key."""
+    if pipeline.workers.keep_warm is None and (
+        pipeline.cache.remote is None or "://" in pipeline.cache.remote
+    ):
+        return
+    import tomlkit
+
+    file = top / "project" / pipeline.file.relative_to(pipeline.root)
+    doc = tomlkit.parse(file.read_text(encoding="utf-8"))
+    doc.pop("workers", None)
+    cache = doc.get("cache")
+    if pipeline.cache.remote is not None and "://" not in pipeline.cache.remote and cache:
+        cache["remote"] = pipeline.cache.remote  # the loader made it absolute
+    file.write_text(tomlkit.dumps(doc), encoding="utf-8")
+
+
 def _copy_in(src: Path, dest: Path) -> None:
     """Copy a file or tree; a symlink stays a symlink only when relative (an absolute
     one could lead a step back into the workspace): otherwise what it points to."""
@@ -470,6 +490,7 @@ def run_sweep(
                 point = waiting.pop(0)
                 top = make_sandbox(root, files)
                 try:
+                    localize(graph.pipeline, top)
                     pid = start_point(graph, top, point, sweep.names, options.keep_going)
                 except BaseException:
                     remove_sandbox(top)
