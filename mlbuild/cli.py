@@ -805,7 +805,7 @@ def cmd_exp_run(args: argparse.Namespace) -> int:
     from mlbuild.build.sweep import SweepOptions, sweep_command
 
     options = SweepOptions(
-        tuple(args.sweep), tuple(args.targets), args.jobs, args.keep_going, args.command_line
+        tuple(args.sweep), tuple(args.targets), args.jobs, args.keep_going, args.command_line, main
     )
     return sweep_command(load(args)[1], options)
 

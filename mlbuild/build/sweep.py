@@ -98,6 +98,7 @@ class SweepOptions(NamedTuple):
     jobs: int  # points at once
     keep_going: bool
     command_line: str
+    main: Callable[[Sequence[str]], int]  # the CLI's entry point, which each point runs
 
 
 # --- the grid -------------------------------------------------------------------------
@@ -334,7 +335,7 @@ def remove_sandbox(top: Path) -> None:
 
 
 def start_point(
-    graph: Graph, top: Path, point: Point, names: Sequence[str], keep_going: bool
+    graph: Graph, top: Path, point: Point, names: Sequence[str], options: SweepOptions
 ) -> int:
     """Fork a process building `point` in the sandbox `top`; its pid.
 
@@ -347,7 +348,8 @@ def start_point(
     """
     project = top / "project"
     argv = ["run", "-f", str(project / graph.pipeline.file.relative_to(graph.pipeline.root))]
-    argv += ["--plain", "-j", "1", *(["-k"] if keep_going else [])]
+    argv += ["--plain", "-j", "1", *(["-k"] if options.keep_going else [])]
+    main = options.main
     for name, text in point.values:
         argv += ["--set", f"{name}={text}"]
     argv += names
@@ -368,8 +370,6 @@ def start_point(
         os.chdir(project)
         sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
-        from mlbuild.cli import main
-
         code = main(argv)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -491,7 +491,7 @@ def run_sweep(
                 top = make_sandbox(root, files)
                 try:
                     localize(graph.pipeline, top)
-                    pid = start_point(graph, top, point, sweep.names, options.keep_going)
+                    pid = start_point(graph, top, point, sweep.names, options)
                 except BaseException:
                     remove_sandbox(top)
                     raise
