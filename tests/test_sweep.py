@@ -261,3 +261,17 @@ def test_a_relative_remote_cache_is_still_the_workspaces(sweep: Project) -> None
     assert sweep.run("exp", "run", "--sweep", "lr=0.5").code == 0
     uploaded = list((sweep.root.parent / "remote").rglob("*"))
     assert any(p.is_file() for p in uploaded)
+
+
+def test_a_temp_dir_inside_the_project_is_not_used_for_sandboxes(
+    sweep: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inside = sweep.root / "tmp"
+    inside.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(inside))
+    before = workspace_digest(sweep.root)
+    result = sweep.run("exp", "run", "--sweep", "lr=0.5,0.25")
+    assert result.code == 0, result
+    assert list(inside.iterdir()) == []
+    assert workspace_digest(sweep.root) == before
+    assert list((sweep.root / ".mlbuild" / "sandboxes").iterdir()) == []
