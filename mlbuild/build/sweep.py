@@ -551,7 +551,9 @@ def sweep_command(graph: Graph, options: SweepOptions) -> int:
         print(f"mlbuild: {line}", flush=True)
 
     names = ", ".join(sweep.names)
-    tell(f"sweep: {len(sweep.points)} points of {names}, {options.jobs} at once, in sandboxes")
+    count = len(sweep.points)
+    at_once = min(options.jobs, count)
+    tell(f"sweep: {_points(count)} of {names}, {at_once} at once, in sandboxes")
     with hold_workspace(root, options.command_line, wait=True, warn=warn) as store:
         results = run_sweep(graph, store, sweep, options, tell)
     tell(summary(results))
@@ -605,4 +607,8 @@ def summary(results: Sequence[PointResult]) -> str:
             steps[outcome] = steps.get(outcome, 0) + 1
     parts = [f"{n} {status.value}" for status, n in by.items()]
     did = ", ".join(f"{n} {what}" for what, n in steps.items()) or "nothing built"
-    return f"sweep: {len(results)} points: {', '.join(parts)}; targets: {did}"
+    return f"sweep: {_points(len(results))}: {', '.join(parts)}; targets: {did}"
+
+
+def _points(n: int) -> str:
+    return f"{n} point{'' if n == 1 else 's'}"
