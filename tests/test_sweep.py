@@ -275,3 +275,14 @@ def test_a_temp_dir_inside_the_project_is_not_used_for_sandboxes(
     assert list(inside.iterdir()) == []
     assert workspace_digest(sweep.root) == before
     assert list((sweep.root / ".mlbuild" / "sandboxes").iterdir()) == []
+
+
+def test_exp_diff_compares_two_points(sweep: Project) -> None:
+    assert sweep.run("exp", "run", "--sweep", "lr=0.5,0.25").code == 0
+    rows = {r["params"]["lr"]: r["id"] for r in table(sweep)}  # type: ignore[index]
+    diff = sweep.run("exp", "diff", str(rows[0.5]), str(rows[0.25]))
+    assert diff.code == 0, diff
+    lr = next(line.split() for line in diff.out.splitlines() if line.split()[:1] == ["lr"])
+    acc = next(line.split() for line in diff.out.splitlines() if line.split()[:1] == ["acc"])
+    assert lr[1:3] == ["0.5", "0.25"]
+    assert acc[1:3] == ["0.5", "0.25"]
