@@ -281,7 +281,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     exp = _subcommand(sub, command, "exp", parents=[file_only], help="the experiment table")
     exp_sub = exp.add_subparsers(
-        dest="exp_command", metavar="{show,diff,apply}", required=True, parser_class=_Parser
+        dest="exp_command", metavar="{show,diff,apply,run}", required=True, parser_class=_Parser
     )
     exp_show = exp_sub.add_parser("show", parents=[file_only], help="every configuration built")
     exp_show.add_argument(
@@ -304,6 +304,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     exp_apply.add_argument("row", metavar="ROW", help="id (or a unique prefix) or name")
     exp_apply.set_defaults(handler=cmd_exp_apply)
+    exp_run = exp_sub.add_parser("run", parents=[file_only], help="a grid, each point sandboxed")
+    exp_run.add_argument("targets", nargs="*", metavar="TARGET")
+    exp_run.add_argument("--sweep", action="append", default=[], metavar="NAME=A,B,...")
+    _add_jobs(exp_run)
+    exp_run.add_argument(
+        "-k", "--keep-going", action="store_true", help="a failed point stops none"
+    )
+    exp_run.set_defaults(handler=cmd_exp_run)
 
     plots = _subcommand(
         sub, command, "plots", parents=[file_only], help="draw declared plots into one offline page"
@@ -790,6 +798,16 @@ def cmd_exp_apply(args: argparse.Namespace) -> int:
     run = build_parser("run").parse_args(["run", "-f", str(pipeline.file)])
     run.command_line = args.command_line
     return cmd_run(run)
+
+
+def cmd_exp_run(args: argparse.Namespace) -> int:
+    """Build a grid of parameter values, each point in a sandbox (build/sweep.py)."""
+    from mlbuild.build.sweep import SweepOptions, sweep_command
+
+    options = SweepOptions(
+        tuple(args.sweep), tuple(args.targets), args.jobs, args.keep_going, args.command_line, main
+    )
+    return sweep_command(load(args)[1], options)
 
 
 def _experiments(pipeline: Pipeline) -> list[Row]:

@@ -51,7 +51,10 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             }
         ),
     ),
-    ("build", frozenset({"build.runner", "build.query", "build.results", "build.lock"})),
+    (
+        "build",
+        frozenset({"build.runner", "build.query", "build.results", "build.lock", "build.sweep"}),
+    ),
     (
         "interface",
         frozenset(
