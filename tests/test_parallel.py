@@ -360,3 +360,28 @@ def test_kill_dash_nine_at_random_moments_never_corrupts(tmp_path: Path) -> None
     again = mlbuild(work, "run", "-j", "2")
     out, _ = again.communicate(timeout=60)
     assert out.count("is up to date (skipped)") == CRASH_TARGETS
+
+
+def test_a_step_whose_mlbuild_was_killed_while_spawning_it_is_stopped(project: Project) -> None:
+    """Killed between the fork and the marker that names the step's group, mlbuild has
+    already left a marker with the pid mark and the step's token: the next run stops it."""
+    from mlbuild.exec.reaper import STEP_ID_VAR, pid_mark
+
+    project.pipeline(INTERRUPTIBLE % "")
+    running = project.root / ".mlbuild" / "running"
+    running.mkdir(parents=True)
+    token = "f" * 32
+    (running / "long").write_text(f"-{pid_mark()} {token}\nlong\n")
+    orphan = subprocess.Popen(
+        ["sleep", "60"], env={**os.environ, STEP_ID_VAR: token}, start_new_session=True
+    )
+    try:
+        result = project.run("run", "--no-wait", "quick")
+        assert result.code == 0, result.err
+        assert "stopped step `long` left running by an mlbuild that was killed" in result.err
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+    assert not (running / "long").exists()

@@ -164,6 +164,9 @@ class LocalExecutor:
         proc: StepProcess | None = None
         pidfd: int | None = None
         start = time.perf_counter()  # before the spawn: a step's time includes starting it
+        # Written before the spawn, with the pid mark in place of the group: killed between
+        # the fork and the marker below, mlbuild still leaves a way to the step's processes.
+        write_marker(marker, -mark, token, target.name)
         try:
             taken = self._take_warm(step)
             if taken is not None:
@@ -409,7 +412,11 @@ def _pidfd(pid: int) -> int | None:
 
 
 def write_marker(marker: Path, pgid: int, token: str, target: str) -> None:
-    """`.mlbuild/running/<short name>`: `PGID TOKEN` then the target's name, for reap_orphans."""
+    """`.mlbuild/running/<short name>`: `PGID TOKEN` then the target's name, for reap_orphans.
+
+    Before the step is spawned, PGID is the negated pid mark (reaper.pid_mark): the step is
+    then found as the processes made after it that carry TOKEN.
+    """
     fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.write(fd, f"{pgid} {token}\n{target}\n".encode())
@@ -446,6 +453,11 @@ def reap_orphans(root: Path) -> list[str]:
                 if token and any(carries(p, token) for p in find_leftovers(pgid, token).members):
                     kill_leftovers(pgid, token)
                 marker.unlink(missing_ok=True)
+            continue
+        if pgid < 0:  # killed while spawning the step: its processes carry the token
+            if token and kill_started(-pgid, token):
+                killed.append(name.strip() or marker.name)
+            marker.unlink(missing_ok=True)
             continue
         left = find_leftovers(pgid, token)
         if token:

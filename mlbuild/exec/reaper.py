@@ -200,9 +200,11 @@ def pid_mark() -> int:
     return 1 if last is None else last
 
 
-def kill_started(mark: int, token: str) -> None:
+def kill_started(mark: int, token: str) -> bool:
     """SIGKILL every process carrying `token` made after `pid_mark()` returned `mark`, with
-    its group when it leads one: a step whose start was interrupted before it was tracked."""
+    its group when it leads one: a step whose start was interrupted before it was tracked.
+    True if there was any."""
+    seen = False
     for _ in range(20):
         found = [
             (pid, state[1])
@@ -210,12 +212,14 @@ def kill_started(mark: int, token: str) -> None:
             if (state := _state(pid)) is not None and state[0] not in "ZX" and carries(pid, token)
         ]
         if not found:
-            return
+            return seen
+        seen = True
         for pid, pgid in found:
             if pid == pgid:
                 _send(os.killpg, pgid, signal.SIGKILL)
             _send(os.kill, pid, signal.SIGKILL)
         time.sleep(0.005)
+    return seen
 
 
 # -- the guard of a step on a Ray worker ------------------------------------------------
