@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.conftest import Project
@@ -60,3 +62,98 @@ def test_python_placeholder_takes_no_name(project: Project) -> None:
     assert result.code == 2
     assert "targets.a.cmd" in result.err and "{python} takes no name" in result.err
     assert result.err.count("\n") == 1
+
+
+# -- items 3 and 4: true reasons; an interrupted step is recorded as such ------------------
+
+
+REASONS = """
+[targets.good]
+cmd = "echo good > {outputs}"
+outputs = ["good.txt"]
+
+[targets.bad]
+cmd = "echo trying; exit 3"
+outputs = ["bad.txt"]
+
+[targets.fresh]
+cmd = "echo fresh > {outputs}"
+outputs = ["fresh.txt"]
+"""
+
+
+def test_status_run_and_log_say_why_a_target_has_no_manifest(project: Project) -> None:
+    project.pipeline(REASONS)
+    first = project.run("run", "-k", "good", "bad")
+    assert first.code == 1
+    assert project.run("clean", "good").code == 0
+    status = project.run("status")
+    assert "stale  good: outputs were cleaned (would restore from cache)\n" in status.out
+    assert "stale  bad: its last run failed\n" in status.out, status.out
+    assert "stale  fresh: never built\n" in status.out, status.out  # no history at all
+    dry = project.run("run", "-n", "--no-cache", "good")
+    assert "Step `good` would run: outputs were cleaned." in dry.out, dry.out
+    again = project.run("run", "--no-cache", "good")
+    assert "Step `good` has started: outputs were cleaned." in again.out, again.out
+    log = project.run("log", "good").out
+    assert re.search(r"ran\s+\S+s\s+outputs were cleaned", log), log
+    assert re.search(r"cleaned\s+0\.000s", log), log
+    assert "cleaned   1: good" in project.run("log").out
+
+
+SLOW = """
+[targets.slow]
+cmd = "touch started.flag && sleep 30 && echo done > {outputs}"
+outputs = ["slow.txt"]
+"""
+
+
+def _interrupt_when_started(tmp_path: Path, *args: str) -> tuple[int, str]:
+    """Start mlbuild, wait until the step has started and run a little, then send SIGINT."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlbuild", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started.flag").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "started.flag").exists()
+        time.sleep(0.5)  # the step has run a while: its duration is not zero
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+        assert proc.stdout is not None
+        return code, proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_an_interrupted_step_is_recorded_with_its_duration(tmp_path: Path) -> None:
+    (tmp_path / "pipeline.toml").write_text(SLOW)
+    code, seen = _interrupt_when_started(tmp_path, "run")
+    assert code == 130, seen
+    took = re.search(r"Step `slow` was interrupted after (\d+\.\d{3})s\.", seen)
+    assert took is not None, seen
+    assert float(took.group(1)) > 0
+    log = mlbuild(tmp_path, "log", "slow").stdout
+    row = re.search(r"interrupted\s+(\d+\.\d{3})s\s+never built", log)
+    assert row is not None and float(row.group(1)) > 0, log
+    assert not re.search(r"^run .*not run", log, re.M), log
+    assert "its step did not run to success in these runs" in log
+    assert "interrupted  1: slow (" in mlbuild(tmp_path, "log").stdout
+    status = mlbuild(tmp_path, "status").stdout
+    assert "stale  slow: its last run was interrupted\n" in status, status
+
+
+def test_watch_names_the_step_it_stopped(tmp_path: Path) -> None:
+    (tmp_path / "pipeline.toml").write_text(SLOW)
+    code, seen = _interrupt_when_started(tmp_path, "watch")
+    assert code == 0, seen
+    assert "mlbuild watch: stopped; interrupted `slow`: it runs again on the next build." in seen

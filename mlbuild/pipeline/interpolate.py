@@ -240,7 +240,7 @@ class _Scanner:
         text = self.text
         found = list(_PLACEHOLDER_RE.finditer(text))
         if len(found) != text.count("{") or not all(
-            m.group(1) in KINDS and m.group(2) != "" and (m.group(2) or m.group(1) != "params")
+            (m.group(1) in KINDS and m.group(2) != "" and (m.group(2) or m.group(1) != "params"))
             or (m.group(1) == PYTHON and m.group(2) is None)
             for m in found
         ):

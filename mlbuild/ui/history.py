@@ -23,7 +23,16 @@ from mlbuild.ui.report import format_duration
 NAMES_SHOWN = 8  # target names listed per outcome in `log` before "and N more"
 DIGEST_SHOWN = 16  # hex digits of a digest in `show` (`--json` has them whole)
 # The outcomes `log` lists by name; skipped targets are only counted.
-_NAMED = (Outcome.RAN, Outcome.RESTORED, Outcome.FAILED, Outcome.NOT_RUN)
+_NAMED = (
+    Outcome.RAN,
+    Outcome.RESTORED,
+    Outcome.FAILED,
+    Outcome.INTERRUPTED,
+    Outcome.NOT_RUN,
+    Outcome.CLEANED,
+)
+_UNFINISHED = (Outcome.FAILED.value, Outcome.INTERRUPTED.value)  # ran, but not to success
+_UNTIMED = (Outcome.NOT_RUN.value, Outcome.CLEANED.value)  # nothing ran: no duration to show
 
 
 def when(timestamp: float) -> str:
@@ -41,7 +50,7 @@ def render_runs(runs: Sequence[RunRecord]) -> str:
         lines.append(f"    mlbuild {run.command}")
         by_status: dict[str, list[str]] = {}
         for row in run.targets:
-            shown = row.target if row.status == Outcome.NOT_RUN.value else _timed(row)
+            shown = row.target if row.status in _UNTIMED else _timed(row)
             by_status.setdefault(row.status, []).append(shown)
         skipped = len(by_status.pop(Outcome.SKIPPED.value, []))
         for outcome in _NAMED:
@@ -87,6 +96,8 @@ def render_target_runs(target: str, rows: Sequence[TargetRun]) -> str:
             f" median {format_duration(statistics.median(ran))},"
             f" fastest {format_duration(min(ran))}, slowest {format_duration(max(ran))}"
         )
+    elif any(row.status in _UNFINISHED for row in rows):
+        lines.append("its step did not run to success in these runs")
     else:
         lines.append("its step did not run in these runs")
     return "\n".join(lines) + "\n"

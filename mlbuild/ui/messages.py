@@ -49,6 +49,20 @@ def step_not_run(target: str, because: str) -> str:
     return f"Step `{target}` was not run: {because}."
 
 
+def step_interrupted(target: str, duration: float) -> str:
+    """A step stopped while it ran (Ctrl-C, SIGTERM): it left no record and runs again."""
+    return f"Step `{target}` was interrupted after {duration:.3f}s."
+
+
+def watch_stopped(interrupted: Sequence[str]) -> str:
+    """What `mlbuild watch` says when it stops, naming the steps it stopped mid-run."""
+    if not interrupted:
+        return "stopped."
+    names = ", ".join(f"`{name}`" for name in interrupted)
+    again = "it runs" if len(interrupted) == 1 else "they run"
+    return f"stopped; interrupted {names}: {again} again on the next build."
+
+
 def step_would_run(target: str, reasons: Sequence[str]) -> str:
     return f"Step `{target}` would run: {_why(reasons)}."
 
