@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -157,3 +158,52 @@ def test_watch_names_the_step_it_stopped(tmp_path: Path) -> None:
     code, seen = _interrupt_when_started(tmp_path, "watch")
     assert code == 0, seen
     assert "mlbuild watch: stopped; interrupted `slow`: it runs again on the next build." in seen
+
+
+# -- item 13: a Python step's failure names its function; show --json keeps TOML types -----
+
+
+def test_a_python_steps_failure_names_its_function_not_a_command(project: Project) -> None:
+    project.write("steps.py", "def f():\n    raise ValueError('no')\n")
+    project.pipeline('[targets.t]\npython = "steps:f"\n')
+    result = project.run("run")
+    assert result.code == 1
+    assert "  function: steps:f\n" in result.err, result.err
+    assert "command:" not in result.err
+
+
+def test_a_shell_steps_failure_still_shows_its_command(project: Project) -> None:
+    project.pipeline('[targets.t]\ncmd = "exit 4"\n')
+    result = project.run("run")
+    assert "  command: exit 4\n" in result.err, result.err
+
+
+def test_show_json_gives_params_their_toml_types(project: Project) -> None:
+    project.pipeline(
+        """
+        [params]
+        epochs = 1
+        lr = 0.5
+        flag = true
+        name = "x"
+        layers = [1, 2]
+        day = 1979-05-27
+        big = inf
+
+        [targets.a]
+        cmd = "echo > {outputs}"
+        outputs = ["a.txt"]
+        params = ["epochs", "lr", "flag", "name", "layers", "day", "big"]
+        """
+    )
+    assert project.run("run").code == 0
+    shown = json.loads(project.run("show", "--json", "a").out)
+    assert shown["manifest"]["params"] == {
+        "epochs": 1,
+        "lr": 0.5,
+        "flag": True,
+        "name": "x",
+        "layers": [1, 2],
+        "day": "1979-05-27",
+        "big": "Infinity",
+    }

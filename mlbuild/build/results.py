@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from mlbuild.pipeline.schema import EMPTY
+from mlbuild.pipeline.schema import EMPTY, ActionKind, Target
 from mlbuild.staleness import NEVER_BUILT, Decision
 
 
@@ -71,10 +71,19 @@ class Failure(NamedTuple):
     """Why a target failed, with what the user needs to look into it."""
 
     target: str
-    command: str
+    command: str  # the shell command as run, or a Python step's `module:function`
     message: str
     log_path: Path | None = None
     tail: tuple[str, ...] = ()
+    kind: ActionKind = ActionKind.SHELL  # what `command` is: shown as "command" or "function"
+
+
+def failure_of(
+    target: Target, message: str, log_path: Path | None, tail: tuple[str, ...] = ()
+) -> Failure:
+    """A target's failure, naming what it runs as the user wrote it (not as a shell line)."""
+    what = target.python if target.python is not None else target.shown
+    return Failure(target.name, what, message, log_path, tail, target.kind)
 
 
 class TargetResult(NamedTuple):

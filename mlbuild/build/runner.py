@@ -35,6 +35,7 @@ from mlbuild.build.results import (
     RunStatus,
     TargetResult,
     Unbuilt,
+    failure_of,
 )
 from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
 from mlbuild.errors import FingerprintError, PipelineError
@@ -504,7 +505,7 @@ class Build:
                     before = _poisoned(before, changed)
                 done = self._record(target, before, result.duration)
             except FingerprintError as exc:  # the step left a FIFO or an unreadable file
-                failure = Failure(name, target.shown, str(exc), result.log_path)
+                failure = failure_of(target, str(exc), result.log_path)
         if failure is not None or done is None:
             assert failure is not None
             self._remember_made(target)
@@ -542,7 +543,7 @@ class Build:
                 return None
             message = "did not write declared output " + ", ".join(f"'{p}'" for p in missing)
         tail = tuple(log_tail(result.log_path))
-        return Failure(target.name, target.shown, message, result.log_path, tail)
+        return failure_of(target, message, result.log_path, tail)
 
     def _take_observed(
         self, target: Target, before: Observation, result: ExecResult
@@ -567,7 +568,7 @@ class Build:
                 f"read {shown}, not declared in its inputs"
                 f" (strict_inputs = true: add to `targets.{target.name}.inputs`)"
             )
-            return before, Failure(target.name, target.shown, message, result.log_path)
+            return before, failure_of(target, message, result.log_path)
         return settled.observation, None
 
     def _record(self, target: Target, before_run: Observation, duration: float) -> Observation:

@@ -178,7 +178,15 @@ def _digest(text: str) -> str:
 def manifest_json(
     target: str, stored: StoredManifest, built_by: TargetRun | None, log: Path | None
 ) -> str:
-    """`mlbuild show --json`: the manifest with whole digests, and when and how it was built."""
+    """`mlbuild show --json`: the manifest with whole digests, and when and how it was built.
+
+    Parameters are stored as canonical encodings (fingerprint.encode_value);
+    here they are decoded to their TOML types (`"epochs": 1`, not `"1"`), a
+    date or time as its ISO text, since JSON has no such type.
+    """
+    manifest = json.loads(stored.data)
+    if isinstance(manifest, dict) and isinstance(manifest.get("params"), dict):
+        manifest["params"] = {k: _decoded(v) for k, v in manifest["params"].items()}
     data = {
         "target": target,
         "finished_at": stored.finished_at,
@@ -187,6 +195,27 @@ def manifest_json(
         if built_by is None
         else {"run": built_by.run_id, "outcome": built_by.status},
         "log": None if log is None else str(log),
-        "manifest": json.loads(stored.data),
+        "manifest": manifest,
     }
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+_DATES = ("$date", "$datetime", "$time")  # how encode_value writes TOML's date and time values
+
+
+def _decoded(encoded: Any) -> Any:
+    """A parameter's value from its canonical encoding; text that is not one stays as it is."""
+    if not isinstance(encoded, str):
+        return encoded
+    try:
+        return json.loads(encoded, object_hook=_undate, parse_constant=str)  # inf: "Infinity"
+    except ValueError:
+        return encoded
+
+
+def _undate(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1:
+        key, value = next(iter(obj.items()))
+        if key in _DATES and isinstance(value, str):
+            return value
+    return obj

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 from mlbuild.build.results import Failure
+from mlbuild.pipeline.schema import ActionKind
 
 
 def _why(reasons: Sequence[str]) -> str:
@@ -74,7 +75,8 @@ def step_would_restore(target: str, reasons: Sequence[str]) -> str:
 def step_failed(failure: Failure, duration: float) -> list[str]:
     """What a failed step tells: target, why, command, the tail of its output, its log."""
     lines = [f"Step `{failure.target}` failed after {duration:.3f}s: {failure.message}."]
-    lines.append(f"  command: {failure.command}")
+    label = "function" if failure.kind is ActionKind.PYTHON else "command"
+    lines.append(f"  {label}: {failure.command}")
     if failure.tail:
         lines.append("  last lines of its output:")
         lines.extend(f"    {line}" for line in failure.tail)
