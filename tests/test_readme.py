@@ -44,6 +44,7 @@ NOT_RUN = {
         "installs from the network"
     ),
     ".venv/bin/pip install -q -e '.[ray]'   # --executor ray": "installs from the network",
+    ".venv/bin/pip install -q -e '.[plots]'": "installs (the `examples` extra already has it)",
 }
 
 
