@@ -843,15 +843,18 @@ def cmd_clean(args: argparse.Namespace) -> int:
     ones its last manifest recorded. Without names, only the pipeline's targets
     are cleaned, and the removed ones with outputs on record are pointed out.
     """
+    from mlbuild.build.results import RunStatus
     from mlbuild.fingerprint import Fingerprinter
     from mlbuild.manifest import Fingerprint, is_missing
     from mlbuild.pipeline.schema import Port, Target
     from mlbuild.staleness import observe_paths
+    from mlbuild.store import RunRow
 
     pipeline, graph = load(args)
     names = list(args.targets) or list(graph.order)
     root = pipeline.root
     reporter = PlainReporter()
+    started_at = time.time()
     with hold_workspace(root, args.command_line, wait=True, warn=reporter.warn) as store:
         manifests = store.load_manifests()
         removed = {
@@ -882,6 +885,10 @@ def cmd_clean(args: argparse.Namespace) -> int:
                     print(f"moved {path} to {moved[path]} (not made by mlbuild, or changed since)")
                 elif not is_missing(current[path]):
                     print(f"removed {path}")
+        # In the history, so that `status` says its outputs were cleaned, not "never built".
+        cleaned = [RunRow(n, Outcome.CLEANED.value, 0.0, "") for n in names if n in manifests]
+        if cleaned:
+            store.record_run(started_at, args.command_line, RunStatus.OK.value, cleaned)
     left = sorted(set(removed) - set(names))
     if left:
         print(

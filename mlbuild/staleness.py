@@ -157,6 +157,7 @@ def observe(
 
 
 ListingLoader = Callable[[str], "list[tuple[str, str]] | None"]
+NEVER_BUILT = "never built"  # no manifest and no history (build.results.Unbuilt says more)
 
 
 def decide(
@@ -167,16 +168,18 @@ def decide(
     *,
     forced: bool = False,
     stored: bool = False,
+    unbuilt: str = NEVER_BUILT,
 ) -> Decision:
     """Compare the observed fingerprint with the manifest; fresh only if all is equal.
 
     `stored`: a manifest exists, though `before` is None (another manifest version).
+    `unbuilt`: why there is no manifest at all, as the history tells it.
     """
     if before is None:
         if stored:
             why = "its manifest was written by another version of mlbuild"
             return Decision(False, (why,), forced=forced)
-        return Decision(False, ("never built",), forced=forced)
+        return Decision(False, (unbuilt,), forced=forced)
     cur = now.fingerprint
     if cur == before and not forced and not target.always_run:
         # The no-op's case, in one comparison: every field equal leaves no reason.

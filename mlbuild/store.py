@@ -368,6 +368,18 @@ class Store:
         return [TargetRun(*row) for row in rows]
 
     @_guarded
+    def last_statuses(self, statuses: Iterable[str]) -> dict[str, str]:
+        """Each target's status in the last run that gave it one of `statuses` (one scan)."""
+        wanted = list(statuses)
+        # SQLite takes a bare column of a MAX() aggregate from the row holding the maximum.
+        rows = self.conn.execute(
+            "SELECT target, status, MAX(run_id) FROM run_targets"
+            f" WHERE status IN ({', '.join('?' * len(wanted))}) GROUP BY target",
+            wanted,
+        )
+        return {target: status for target, status, _ in rows}
+
+    @_guarded
     def known_targets(self) -> set[str]:
         """Every target name the state has a manifest or any history for."""
         rows = self.conn.execute(

@@ -442,8 +442,8 @@ class _Attributing:
     step's start and exit as the runner lets a reporter be.
     """
 
-    def __init__(self, inner: Reporter, graph: Graph, own: OwnWrites) -> None:
-        self.inner, self.graph, self.own = inner, graph, own
+    def __init__(self, inner: Reporter, graph: Graph, own: OwnWrites, stopped: list[str]) -> None:
+        self.inner, self.graph, self.own, self.stopped = inner, graph, own, stopped
 
     def skipped(self, target: str, decision: Decision) -> None:
         self.inner.skipped(target, decision)
@@ -470,6 +470,10 @@ class _Attributing:
 
     def not_run(self, target: str, because: str) -> None:
         self.inner.not_run(target, because)
+
+    def interrupted(self, target: str, duration: float) -> None:
+        self.stopped.append(target)  # named when watch stops
+        self.inner.interrupted(target, duration)
 
     def would_run(self, target: str, reasons: Sequence[str]) -> None:
         self.inner.would_run(target, reasons)
@@ -544,6 +548,7 @@ class Watcher:
         self._watches: dict[tuple[str, bool], tuple[ObservedWatch, int]] = {}
         self._handler = _Events(self._on_paths)
         self._warm: WarmPool | None = None  # while `run` runs
+        self.interrupted: list[str] = []  # steps stopped mid-run when watch was stopped
 
     def run(self) -> int:
         """Watch until `stop`, Ctrl-C, SIGTERM or SIGHUP; returns 0, the usual end of watch mode."""
@@ -569,7 +574,7 @@ class Watcher:
             # The running steps are stopped by now (the runner's own cleanup); after a
             # SIGHUP the terminal may be gone, and there is no one left to tell.
             with contextlib.suppress(OSError):
-                self._say("stopped.")
+                self._say(messages.watch_stopped(self.interrupted))
         finally:
             end_session(self._warm)
             self.debouncer.close()
@@ -767,7 +772,7 @@ class Watcher:
                     self._fp.stats.update(store.load_stats().files)
                     self._seeded = True
                 self.own.at_start.clear()
-                reporter = _Attributing(self.reporter, self.graph, self.own)
+                reporter = _Attributing(self.reporter, self.graph, self.own, self.interrupted)
                 result = run_build(self.graph, store, reporter, options)
                 recorded = store.load_durations()
         except (MlbuildError, OSError) as exc:

@@ -595,16 +595,16 @@ def test_failing_step_is_reported_and_not_recorded(
     assert "Step `report` was not run: upstream 'train' failed." in result.out
     assert not (workdir / "build/report.txt").exists()
 
-    # No manifest: status calls it never built, and the next run runs it again.
+    # No manifest: status says its last run failed, and the next run runs it again.
     status = mlbuild(capsys, "status")
     assert status.code == 1
-    assert re.search(r"^stale\s+train: never built$", status.out, re.M), status.out
+    assert re.search(r"^stale\s+train: its last run failed$", status.out, re.M), status.out
     assert re.search(r"^fresh\s+prepare$", status.out, re.M), status.out
 
     again = mlbuild(capsys, "run")
     assert again.code == 1
     assert "Step `prepare` is up to date (skipped)." in again.out
-    assert "Step `train` has started: never built." in again.out
+    assert "Step `train` has started: its last run failed." in again.out
     assert "Step `train` failed" in again.err
 
     # Fixed: it runs, and so does what was waiting on it.
@@ -631,4 +631,4 @@ def test_step_that_does_not_write_its_output_fails(
     assert "Step `train` failed" in result.err
     assert "build/model.txt" in result.err
     again = mlbuild(capsys, "run")
-    assert "Step `train` has started: never built." in again.out
+    assert "Step `train` has started: its last run failed." in again.out

@@ -214,7 +214,7 @@ def test_interrupt_stops_steps_and_keeps_finished_work(project: Project, sig: in
         wait_for(lambda pid=pid: not alive(pid), timeout=5)  # type: ignore[misc]
     status = project.run("status")
     assert "fresh  quick" in status.out
-    assert "stale  long: never built" in status.out
+    assert "stale  long: its last run was interrupted" in status.out
 
 
 def test_second_interrupt_kills_at_once(project: Project) -> None:

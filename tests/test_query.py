@@ -50,10 +50,10 @@ def test_after_clean_status_says_restore_and_run_restores_exactly_those(project:
     assert project.run("clean").code == 0
     status = project.run("status")
     assert status.code == 1
-    assert "stale  importer: never built (would restore from cache)\n" in status.out
-    assert "stale  evaluator: never built (would restore from cache)\n" in status.out
+    assert "stale  importer: outputs were cleaned (would restore from cache)\n" in status.out
+    assert "stale  evaluator: outputs were cleaned (would restore from cache)\n" in status.out
     dry = project.run("run", "-n")
-    assert "Step `trainer` would restore from cache: never built." in dry.out
+    assert "Step `trainer` would restore from cache: outputs were cleaned." in dry.out
     assert "mlbuild: 4 would restore in " in dry.out
     prediction = predicted(project)
     assert prediction == dict.fromkeys(NAMES, "restore")

@@ -161,7 +161,7 @@ def test_hangup_terminate_and_interrupt_stop_the_step_and_what_escaped_it(
     wait_for(lambda: not processes_of("hup_step"), timeout=5)
     time.sleep(2.0)  # past the moment the step would have written its output
     assert not (project.root / "late.txt").exists()
-    assert "stale  hup_step: never built" in project.run("status").out
+    assert "stale  hup_step: its last run was interrupted" in project.run("status").out
 
 
 def test_an_interrupt_while_a_step_is_being_started_stops_it(
@@ -330,7 +330,7 @@ def test_a_python_step_that_raises_is_reported_with_the_users_traceback(
     assert 'steps.py", line' in result.err  # the user's frame...
     assert "mlbuild/exec/worker.py" not in result.err  # ...and none of the worker's
     assert result.err.count(f"    {last_line}\n") == 1
-    assert "stale  step: never built" in project.run("status").out
+    assert "stale  step: its last run failed" in project.run("status").out
 
 
 def test_a_python_step_that_exits_with_zero_succeeds(project: Project) -> None:

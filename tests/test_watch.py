@@ -463,7 +463,7 @@ def test_a_failing_target_does_not_stop_the_watcher_and_a_fix_reruns_it(
         write(tmp_path, "scripts/check.sh", 'cat "$1"\n')
         seen = w.wait_text("waiting for changes.", mark)
         assert "mlbuild watch: scripts/check.sh changed; checking check, report." in seen
-        assert "Step `check` has started: never built." in seen  # a failure leaves no record
+        assert "Step `check` has started: its last run failed." in seen  # no manifest
         assert started(seen) == ["check", "report"]
         assert (tmp_path / "report.txt").read_text() == "EDITED\n"
 
@@ -753,7 +753,9 @@ def test_ctrl_c_during_a_build_stops_its_step_and_exits_0(tmp_path: Path) -> Non
             proc.kill()
     assert proc.returncode == 0, out
     assert processes_in(tmp_path) == []  # the step's `sleep 30` was stopped
-    assert out.endswith("mlbuild watch: stopped.\n")
+    assert out.endswith(
+        "mlbuild watch: stopped; interrupted `upper`: it runs again on the next build.\n"
+    )
     assert not (tmp_path / "build/upper.txt").exists()
 
 
@@ -797,7 +799,7 @@ def test_hangup_or_terminate_stops_the_running_step_as_ctrl_c_does(
         finally:
             proc.kill()
     assert proc.returncode == 0, out
-    assert out.endswith("mlbuild watch: stopped.\n")
+    assert out.endswith("interrupted `sleeper`: it runs again on the next build.\n")
     assert processes_in(tmp_path) == []  # the step's shell and its `sleep`
     time.sleep(max(0.0, signalled + 2.0 - time.monotonic()))  # past the step's sleep
     assert not (tmp_path / "build/late.txt").exists()

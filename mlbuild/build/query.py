@@ -34,14 +34,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from mlbuild.build.results import Outcome, TargetResult
+from mlbuild.build.results import Outcome, TargetResult, Unbuilt
 from mlbuild.build.runner import check_code, check_sources, observe_target, save_checked
 from mlbuild.code import CodeScanner, Parsed
 from mlbuild.fingerprint import Fingerprinter
 from mlbuild.graph import Graph
 from mlbuild.manifest import MISSING_TEXT, Fingerprint, file_hex, target_key
 from mlbuild.pipeline.schema import Target
-from mlbuild.staleness import Decision, Observation, decide
+from mlbuild.staleness import NEVER_BUILT, Decision, Observation, decide
 from mlbuild.store import Store
 from mlbuild.workspace import cache_dir
 
@@ -84,6 +84,7 @@ class Query:
         self.code = CodeScanner(self.fp, {raw: p for raw, p in parsed.items() if p is not None})
         self.packages: dict[str, str | None] = {}
         self._cache: Cache | None = None
+        self._unbuilt = Unbuilt(store.last_statuses)  # why a target has no manifest
 
     def predict(
         self,
@@ -133,7 +134,13 @@ class Query:
         if not waiting and restored.outputs:  # discovered inputs may read outputs of non-deps too
             now, unknown = self._after_restores(target, now, actions, restored)
         decision = decide(
-            target, now, before, self.store.load_tree, forced=forced, stored=stored is not None
+            target,
+            now,
+            before,
+            self.store.load_tree,
+            forced=forced,
+            stored=stored is not None,
+            unbuilt=self._unbuilt.reason(name) if stored is None else NEVER_BUILT,
         )
         if waiting or unknown:
             upstream = tuple(f"upstream '{d}' would run" for d in waiting)

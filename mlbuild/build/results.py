@@ -7,12 +7,12 @@ the CLI (which turns them into exit codes), so none of those imports another.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from mlbuild.pipeline.schema import EMPTY
-from mlbuild.staleness import Decision
+from mlbuild.pipeline.schema import EMPTY, ActionKind, Target
+from mlbuild.staleness import NEVER_BUILT, Decision
 
 
 class Outcome(enum.Enum):
@@ -22,9 +22,41 @@ class Outcome(enum.Enum):
     RAN = "ran"
     RESTORED = "restored"  # stale, and its outputs for this key came from the cache
     FAILED = "failed"
+    INTERRUPTED = "interrupted"  # its step was running when the build was stopped (Ctrl-C)
     NOT_RUN = "not run"  # an upstream target failed, or the build stopped first
     PENDING = "would run"  # a prediction (query.py): stale, or waiting on a stale upstream
     WOULD_RESTORE = "would restore"  # a prediction: stale, and the local cache has its outputs
+    CLEANED = "cleaned"  # history only: `mlbuild clean` removed its outputs and manifest
+
+
+# Why a target has no manifest, by its last outcome that touched its outputs (history rows).
+_UNBUILT = {
+    Outcome.FAILED.value: "its last run failed",
+    Outcome.INTERRUPTED.value: "its last run was interrupted",
+    Outcome.CLEANED.value: "outputs were cleaned",
+}
+# A manifest should exist after these; without one, mlbuild was killed before it was written.
+_BUILT = (Outcome.RAN.value, Outcome.RESTORED.value, Outcome.SKIPPED.value)
+
+
+class Unbuilt:
+    """Why a target without a manifest has none, from the history, for its stale reason.
+
+    Asked only for targets without a manifest (so never on the no-op path); the
+    history is read once, on the first question, in one query.
+    """
+
+    def __init__(self, load: Callable[[Iterable[str]], Mapping[str, str]]) -> None:
+        self._load = load  # Store.last_statuses
+        self._last: Mapping[str, str] | None = None
+
+    def reason(self, target: str) -> str:
+        if self._last is None:
+            self._last = self._load((*_UNBUILT, *_BUILT))
+        status = self._last.get(target)
+        if status is None:
+            return NEVER_BUILT
+        return _UNBUILT.get(status, "no record of its last build")
 
 
 class RunStatus(enum.Enum):
@@ -39,10 +71,19 @@ class Failure(NamedTuple):
     """Why a target failed, with what the user needs to look into it."""
 
     target: str
-    command: str
+    command: str  # the shell command as run, or a Python step's `module:function`
     message: str
     log_path: Path | None = None
     tail: tuple[str, ...] = ()
+    kind: ActionKind = ActionKind.SHELL  # what `command` is: shown as "command" or "function"
+
+
+def failure_of(
+    target: Target, message: str, log_path: Path | None, tail: tuple[str, ...] = ()
+) -> Failure:
+    """A target's failure, naming what it runs as the user wrote it (not as a shell line)."""
+    what = target.python if target.python is not None else target.shown
+    return Failure(target.name, what, message, log_path, tail, target.kind)
 
 
 class TargetResult(NamedTuple):
@@ -108,6 +149,7 @@ class Reporter(Protocol):
     ) -> None: ...
     def failed(self, failure: Failure, duration: float) -> None: ...
     def not_run(self, target: str, because: str) -> None: ...
+    def interrupted(self, target: str, duration: float) -> None: ...
     def would_run(self, target: str, reasons: Sequence[str]) -> None: ...
     def warn(self, message: str) -> None: ...
     def summary(self, result: BuildResult) -> None: ...

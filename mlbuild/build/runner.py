@@ -34,6 +34,8 @@ from mlbuild.build.results import (
     Reporter,
     RunStatus,
     TargetResult,
+    Unbuilt,
+    failure_of,
 )
 from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
 from mlbuild.errors import FingerprintError, PipelineError
@@ -44,6 +46,7 @@ from mlbuild.pipeline.load import missing_hint
 from mlbuild.pipeline.schema import ActionKind, Target
 from mlbuild.scheduler import Scheduler
 from mlbuild.staleness import (
+    NEVER_BUILT,
     Decision,
     Observation,
     decide,
@@ -222,6 +225,8 @@ class Build:
         # Per running step: its observation before it started, why it runs, and the
         # stats its input digests were taken from.
         self._running: dict[str, tuple[Observation, Decision, StatMap]] = {}
+        self._started: dict[str, float] = {}  # step -> monotonic time it started
+        self._unbuilt = Unbuilt(store.last_statuses)  # why a target has no manifest
         self.made_dirs: set[Path] = set()  # output parents created in this build
         self._pending: list[Record] = []  # manifests not yet written (_record_later)
         self._pending_since = 0.0  # monotonic time the oldest of them was queued
@@ -328,9 +333,14 @@ class Build:
     def _interrupt(self) -> None:
         """Stop running steps (Ctrl-C, SIGTERM); they leave no manifest and rerun next time."""
         assert self._executor is not None
+        stopped_at = time.monotonic()
         for name in self._executor.stop_all():
             self._remember_made(self.graph.targets[name])
-            self._finish(TargetResult(name, Outcome.NOT_RUN, ("interrupted",)))
+            took = stopped_at - self._started.get(name, stopped_at)
+            reasons = self._running[name][1].reasons if name in self._running else ()
+            self._finish(TargetResult(name, Outcome.INTERRUPTED, reasons, took))
+            with contextlib.suppress(OSError):  # a closed terminal: the history still has it
+                self.reporter.interrupted(name, took)
 
     def _remember_made(self, target: Target) -> None:
         """What an unrecorded step left in its outputs is mlbuild's: the next run may delete it."""
@@ -359,7 +369,13 @@ class Build:
         before = Fingerprint.from_json(stored.data) if stored is not None else None
         now = self._observe(target, before)
         decision = decide(
-            target, now, before, self.store.load_tree, forced=forced, stored=stored is not None
+            target,
+            now,
+            before,
+            self.store.load_tree,
+            forced=forced,
+            stored=stored is not None,
+            unbuilt=self._unbuilt.reason(name) if stored is None else NEVER_BUILT,
         )
         if decision.fresh:
             # A skipped target's duration is what checking it cost.
@@ -467,6 +483,7 @@ class Build:
         self.reporter.started(name, decision, target.shown)
         from mlbuild.exec.base import Step
 
+        self._started[name] = time.monotonic()  # an interrupted step's duration
         self.executor.start(Step(target, log_path(self.root, name), now))
 
     def _complete(self, name: str, result: ExecResult) -> None:
@@ -488,7 +505,7 @@ class Build:
                     before = _poisoned(before, changed)
                 done = self._record(target, before, result.duration)
             except FingerprintError as exc:  # the step left a FIFO or an unreadable file
-                failure = Failure(name, target.shown, str(exc), result.log_path)
+                failure = failure_of(target, str(exc), result.log_path)
         if failure is not None or done is None:
             assert failure is not None
             self._remember_made(target)
@@ -526,7 +543,7 @@ class Build:
                 return None
             message = "did not write declared output " + ", ".join(f"'{p}'" for p in missing)
         tail = tuple(log_tail(result.log_path))
-        return Failure(target.name, target.shown, message, result.log_path, tail)
+        return failure_of(target, message, result.log_path, tail)
 
     def _take_observed(
         self, target: Target, before: Observation, result: ExecResult
@@ -551,7 +568,7 @@ class Build:
                 f"read {shown}, not declared in its inputs"
                 f" (strict_inputs = true: add to `targets.{target.name}.inputs`)"
             )
-            return before, Failure(target.name, target.shown, message, result.log_path)
+            return before, failure_of(target, message, result.log_path)
         return settled.observation, None
 
     def _record(self, target: Target, before_run: Observation, duration: float) -> Observation:

@@ -131,13 +131,34 @@ class Executor(Protocol):
 def step_environment(
     target: Target, base: dict[str, str] | None = None, token: str = ""
 ) -> dict[str, str]:
-    """The step's environment: the user's, MLBUILD_TARGET, MLBUILD_PARAM_<NAME>, its token."""
+    """The step's environment: the user's, MLBUILD_TARGET, MLBUILD_PARAM_<NAME>, its token.
+
+    PATH starts with the directory of mlbuild's own interpreter (as tox and nox
+    put the venv's bin first), so that `python` in a shell step is the one
+    `python = "mod:fn"` steps get, even from `.venv/bin/mlbuild` never activated.
+    PATH is not part of a target's key (only the declared `env` is): the same
+    sources built from another checkout or venv still find their manifests and
+    cache entries. What a step imports is keyed by its tracked packages.
+    """
     env = dict(os.environ if base is None else base)
+    env["PATH"] = interpreter_path(env.get("PATH"))
     env["MLBUILD_TARGET"] = target.name
     env[STEP_ID_VAR] = token or new_token()
     for name, value in target.params.items():
         env["MLBUILD_PARAM_" + re.sub(r"\W", "_", name).upper()] = render_value(value)
     return env
+
+
+def interpreter_path(path: str | None) -> str:
+    """`path` with the running interpreter's directory first (once, not again in a nested run)."""
+    bin_dir = os.path.dirname(sys.executable)  # not resolved: a venv's python is a symlink
+    if not bin_dir:
+        return path if path is not None else os.defpath
+    if path is None:
+        path = os.defpath  # what /bin/sh searches when PATH is unset
+    if path.split(os.pathsep, 1)[0] == bin_dir:
+        return path
+    return bin_dir + os.pathsep + path if path else bin_dir
 
 
 def render_command(target: Target, root: Path) -> str:

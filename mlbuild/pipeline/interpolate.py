@@ -1,8 +1,9 @@
 """Command templates: the placeholders of a `cmd`, checked at load and filled when the step starts.
 
 A `cmd` names paths and values with `{inputs}`, `{inputs.NAME}`, `{inputs.0}`,
-`{outputs...}` and `{params.NAME}`. mlbuild fills each with shell-quoted
-words itself, so that:
+`{outputs...}` and `{params.NAME}`, and `{python}` names the interpreter mlbuild
+runs in (the one Python steps get, also first on the step's PATH: exec.base).
+mlbuild fills each with shell-quoted words itself, so that:
 
 - a step receives exactly the paths mlbuild hashed: glob inputs are expanded
   by `fingerprint.expand_port` when the step starts (after its producers ran;
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from mlbuild.pipeline.schema import Port
 
 KINDS = ("inputs", "outputs", "params")
+PYTHON = "python"  # `{python}`: mlbuild's interpreter; it takes no name
 # `{kind}` or `{kind.item}`; the item may be empty so that `{inputs.}` can be reported.
 _PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_]\w*)(?:\.([\w.-]*))?\}")
 # What a user may have meant as a placeholder but the strict form does not match:
@@ -70,7 +73,7 @@ class TemplateError(ValueError):
 class Ref(NamedTuple):
     """One placeholder of a template."""
 
-    kind: str  # "inputs", "outputs" or "params"
+    kind: str  # "inputs", "outputs", "params" or "python"
     item: str | None  # a name or a position; None: every path of the kind
     text: str  # as written, for messages
     word_start: bool  # it begins a shell word (a path there could read as an option)
@@ -131,6 +134,9 @@ def fill(
             continue
         if piece.kind == "params":
             out.append(shlex.quote(render_value(params[_param_name(piece, params)])))
+            continue
+        if piece.kind == PYTHON:
+            out.append(shlex.quote(sys.executable))
             continue
         ports = inputs if piece.kind == "inputs" else outputs
         if piece.item is not None:
@@ -234,7 +240,8 @@ class _Scanner:
         text = self.text
         found = list(_PLACEHOLDER_RE.finditer(text))
         if len(found) != text.count("{") or not all(
-            m.group(1) in KINDS and m.group(2) != "" and (m.group(2) or m.group(1) != "params")
+            (m.group(1) in KINDS and m.group(2) != "" and (m.group(2) or m.group(1) != "params"))
+            or (m.group(1) == PYTHON and m.group(2) is None)
             for m in found
         ):
             return False  # something to report or to leave alone: go brace by brace
@@ -350,7 +357,7 @@ class _Scanner:
                     i = end + 1
                     break
                 for match in _PLACEHOLDER_RE.finditer(line):
-                    if match.group(1).lower() in (*KINDS, *_SINGULAR):
+                    if match.group(1).lower() in (*KINDS, *_SINGULAR, PYTHON):
                         raise TemplateError(
                             f"{match.group(0)} is inside the here-document {operator}, where"
                             " quotes do not protect a value; pass it as an argument instead"
@@ -370,7 +377,9 @@ class _Scanner:
             return i + 1
         kind, item = match.group(1), match.group(2)
         ref = match.group(0)
-        if kind not in KINDS:
+        if kind == PYTHON and item is not None:
+            raise TemplateError(f"{ref}: {{python}} takes no name; it is mlbuild's interpreter")
+        if kind not in KINDS and kind != PYTHON:
             lowered = kind.lower()
             hint = _did_you_mean(kind, KINDS)
             if lowered in KINDS or lowered in _SINGULAR:

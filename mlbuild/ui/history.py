@@ -23,7 +23,16 @@ from mlbuild.ui.report import format_duration
 NAMES_SHOWN = 8  # target names listed per outcome in `log` before "and N more"
 DIGEST_SHOWN = 16  # hex digits of a digest in `show` (`--json` has them whole)
 # The outcomes `log` lists by name; skipped targets are only counted.
-_NAMED = (Outcome.RAN, Outcome.RESTORED, Outcome.FAILED, Outcome.NOT_RUN)
+_NAMED = (
+    Outcome.RAN,
+    Outcome.RESTORED,
+    Outcome.FAILED,
+    Outcome.INTERRUPTED,
+    Outcome.NOT_RUN,
+    Outcome.CLEANED,
+)
+_UNFINISHED = (Outcome.FAILED.value, Outcome.INTERRUPTED.value)  # ran, but not to success
+_UNTIMED = (Outcome.NOT_RUN.value, Outcome.CLEANED.value)  # nothing ran: no duration to show
 
 
 def when(timestamp: float) -> str:
@@ -41,7 +50,7 @@ def render_runs(runs: Sequence[RunRecord]) -> str:
         lines.append(f"    mlbuild {run.command}")
         by_status: dict[str, list[str]] = {}
         for row in run.targets:
-            shown = row.target if row.status == Outcome.NOT_RUN.value else _timed(row)
+            shown = row.target if row.status in _UNTIMED else _timed(row)
             by_status.setdefault(row.status, []).append(shown)
         skipped = len(by_status.pop(Outcome.SKIPPED.value, []))
         for outcome in _NAMED:
@@ -87,6 +96,8 @@ def render_target_runs(target: str, rows: Sequence[TargetRun]) -> str:
             f" median {format_duration(statistics.median(ran))},"
             f" fastest {format_duration(min(ran))}, slowest {format_duration(max(ran))}"
         )
+    elif any(row.status in _UNFINISHED for row in rows):
+        lines.append("its step did not run to success in these runs")
     else:
         lines.append("its step did not run in these runs")
     return "\n".join(lines) + "\n"
@@ -167,7 +178,15 @@ def _digest(text: str) -> str:
 def manifest_json(
     target: str, stored: StoredManifest, built_by: TargetRun | None, log: Path | None
 ) -> str:
-    """`mlbuild show --json`: the manifest with whole digests, and when and how it was built."""
+    """`mlbuild show --json`: the manifest with whole digests, and when and how it was built.
+
+    Parameters are stored as canonical encodings (fingerprint.encode_value);
+    here they are decoded to their TOML types (`"epochs": 1`, not `"1"`), a
+    date or time as its ISO text, since JSON has no such type.
+    """
+    manifest = json.loads(stored.data)
+    if isinstance(manifest, dict) and isinstance(manifest.get("params"), dict):
+        manifest["params"] = {k: _decoded(v) for k, v in manifest["params"].items()}
     data = {
         "target": target,
         "finished_at": stored.finished_at,
@@ -176,6 +195,27 @@ def manifest_json(
         if built_by is None
         else {"run": built_by.run_id, "outcome": built_by.status},
         "log": None if log is None else str(log),
-        "manifest": json.loads(stored.data),
+        "manifest": manifest,
     }
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+_DATES = ("$date", "$datetime", "$time")  # how encode_value writes TOML's date and time values
+
+
+def _decoded(encoded: Any) -> Any:
+    """A parameter's value from its canonical encoding; text that is not one stays as it is."""
+    if not isinstance(encoded, str):
+        return encoded
+    try:
+        return json.loads(encoded, object_hook=_undate, parse_constant=str)  # inf: "Infinity"
+    except ValueError:
+        return encoded
+
+
+def _undate(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1:
+        key, value = next(iter(obj.items()))
+        if key in _DATES and isinstance(value, str):
+            return value
+    return obj

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 
 from mlbuild.build.results import Failure
+from mlbuild.pipeline.schema import ActionKind
 
 
 def _why(reasons: Sequence[str]) -> str:
@@ -49,6 +50,20 @@ def step_not_run(target: str, because: str) -> str:
     return f"Step `{target}` was not run: {because}."
 
 
+def step_interrupted(target: str, duration: float) -> str:
+    """A step stopped while it ran (Ctrl-C, SIGTERM): it left no record and runs again."""
+    return f"Step `{target}` was interrupted after {duration:.3f}s."
+
+
+def watch_stopped(interrupted: Sequence[str]) -> str:
+    """What `mlbuild watch` says when it stops, naming the steps it stopped mid-run."""
+    if not interrupted:
+        return "stopped."
+    names = ", ".join(f"`{name}`" for name in interrupted)
+    again = "it runs" if len(interrupted) == 1 else "they run"
+    return f"stopped; interrupted {names}: {again} again on the next build."
+
+
 def step_would_run(target: str, reasons: Sequence[str]) -> str:
     return f"Step `{target}` would run: {_why(reasons)}."
 
@@ -60,7 +75,8 @@ def step_would_restore(target: str, reasons: Sequence[str]) -> str:
 def step_failed(failure: Failure, duration: float) -> list[str]:
     """What a failed step tells: target, why, command, the tail of its output, its log."""
     lines = [f"Step `{failure.target}` failed after {duration:.3f}s: {failure.message}."]
-    lines.append(f"  command: {failure.command}")
+    label = "function" if failure.kind is ActionKind.PYTHON else "command"
+    lines.append(f"  {label}: {failure.command}")
     if failure.tail:
         lines.append("  last lines of its output:")
         lines.extend(f"    {line}" for line in failure.tail)

@@ -201,6 +201,11 @@ class LiveReporter:
         self._decided(target)
         self._print(messages.step_not_run(target, because), "yellow")
 
+    def interrupted(self, target: str, duration: float) -> None:
+        self._flush_partial(target)
+        self._decided(target)
+        self._print(messages.step_interrupted(target, duration), "yellow")
+
     def would_run(self, target: str, reasons: Sequence[str]) -> None:
         self._decided(target)
         self._print(messages.step_would_run(target, reasons))

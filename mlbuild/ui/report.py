@@ -228,6 +228,10 @@ class PlainReporter:
     def not_run(self, target: str, because: str) -> None:
         self._say(messages.step_not_run(target, because))
 
+    def interrupted(self, target: str, duration: float) -> None:
+        self._flush_partial(target)
+        self._say(messages.step_interrupted(target, duration))
+
     def would_run(self, target: str, reasons: Sequence[str]) -> None:
         self._say(messages.step_would_run(target, reasons))
 

@@ -8,6 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+# TensorFlow's C++ libraries read these when they load: at module level, so that they
+# are set before any import of tensorflow, also in a warm worker, which applies these
+# literal writes while it imports ahead of the call (mlbuild/exec/warm.py). Without
+# both, every TensorFlow step prints absl's and oneDNN's start-up lines twice (once per
+# library: tensorflow, then keras); the log level alone does not silence oneDNN's.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # its custom ops: no gain at this size
+
 
 def evaluate(data: Path, model: Path, metrics: Path) -> None:
     """Write {"accuracy": ..., "loss": ..., "test_images": ...} to `metrics`.
@@ -15,7 +23,6 @@ def evaluate(data: Path, model: Path, metrics: Path) -> None:
     The pipeline declares the file in `metrics`, so mlbuild records these
     numbers with the configuration that produced them (`mlbuild exp show`).
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
     import tensorflow as tf
 
     with np.load(data) as arrays:
