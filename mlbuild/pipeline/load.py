@@ -64,6 +64,7 @@ _TARGET_KEYS = (
     "strict_inputs",
     "metrics",
     "plots",
+    "matrix",
 )
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _PORT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -357,14 +358,26 @@ class _Loader:
             if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
                 raise self.fail(f"pools.{pool}", "must be a whole number of at least 1")
         targets: dict[str, Target] = {}
+        matrices: dict[str, tuple[str, ...]] = {}  # a matrix target -> its points
         for name, raw in raw_targets.items():
-            target = self._target(name, raw, params, local_overrides.get(name, {}))
-            if target.pool is not None and target.pool not in pools:
-                raise self.fail(
-                    f"targets.{name}.pool",
-                    f"unknown pool '{target.pool}'" + did_you_mean(target.pool, list(pools)),
-                )
-            targets[name] = target
+            if isinstance(raw, dict) and "matrix" in raw:
+                from mlbuild.pipeline.matrix import expand_target
+
+                made = expand_target(self, name, raw, params, local_overrides.get(name, {}))
+                matrices[name] = tuple(made)
+            else:
+                made = {name: self._target(name, raw, params, local_overrides.get(name, {}))}
+            for target in made.values():
+                if target.pool is not None and target.pool not in pools:
+                    raise self.fail(
+                        f"targets.{name}.pool",
+                        f"unknown pool '{target.pool}'" + did_you_mean(target.pool, list(pools)),
+                    )
+                targets[target.name] = target
+        if matrices:
+            from mlbuild.pipeline.matrix import resolve_after
+
+            resolve_after(targets, matrices)
         return Pipeline(
             file=self.file,
             params=params,
@@ -375,6 +388,7 @@ class _Loader:
             params_files=self.files,
             param_sources=self.from_files.sources if self.from_files else {},
             workers=self._workers_settings(),
+            matrices=matrices,
         )
 
     def _table(self, key: str, known: tuple[str, ...]) -> dict[str, Any]:
@@ -450,7 +464,12 @@ class _Loader:
         return local
 
     def _target(
-        self, name: str, raw: Any, params: Mapping[str, Any], overrides: Mapping[str, Any]
+        self,
+        name: str,
+        raw: Any,
+        params: Mapping[str, Any],
+        overrides: Mapping[str, Any],
+        matrix: Mapping[str, Any] | None = None,  # a matrix point's values (pipeline/matrix.py)
     ) -> Target:
         where = f"targets.{name}"
         if not _NAME_RE.fullmatch(name):
@@ -480,6 +499,8 @@ class _Loader:
         plots = self._declared_files(f"{where}.plots", raw.get("plots", []), PLOT_SUFFIXES, "plot")
         outputs = with_declared_outputs(outputs, metrics + plots)
         target_params = self._params(where, raw.get("params"), params, overrides)
+        if matrix:
+            target_params.update(matrix)
         command = None
         if cmd is not None:
             from mlbuild.pipeline.interpolate import TemplateError, fill, parse_template

@@ -1,0 +1,199 @@
+"""Matrix targets: `matrix = { lr = [0.1, 0.01] }` expanded at load into one target per point.
+
+A point is an ordinary target named `NAME@KEY=VALUE,KEY=VALUE` (keys in the
+order declared, values in the order listed): fingerprinted, cached and
+scheduled like any other, so adding a value runs only its new points and
+removing one runs nothing. Its values are parameters of the point (so they
+are in its fingerprint, `MLBUILD_PARAM_*` and a Python function's keyword
+arguments); `{matrix.KEY}` in a path, a local parameter or the description
+is the value's text, and in `cmd` it stands for `{params.KEY}`, so the value
+reaches the shell quoted like every other parameter.
+
+A value's text is canonical (the float parsed from `0.10` is written `0.1`),
+so a point's name does not change with the way its value is spelt, and it is
+the point's name on the command line, in manifests and, through
+`workspace.short_name`, in file names. Strings are plain words: a `,`, `=`,
+`@`, `/` or a space would make names ambiguous or paths surprising.
+
+Loaded pipelines without a matrix never import this module.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from mlbuild.pipeline.schema import Target
+
+if TYPE_CHECKING:
+    from mlbuild.pipeline.load import _Loader
+
+_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_WORD_RE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")
+_REF_RE = re.compile(r"\{matrix\.([^{}]*)\}")
+# The keys whose strings may hold `{matrix.KEY}`; `cmd` is handled on its own.
+_FILLED = ("inputs", "outputs", "metrics", "plots", "params", "description")
+SEPARATOR = "@"
+
+
+def value_text(value: Any) -> str:
+    """A matrix value as it appears in point names and paths: one spelling per value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)  # the shortest text that reads back as this float
+    return str(value)
+
+
+def point_name(base: str, values: Mapping[str, Any]) -> str:
+    """`train@lr=0.1,epochs=1`."""
+    return base + SEPARATOR + ",".join(f"{k}={value_text(v)}" for k, v in values.items())
+
+
+def base_name(name: str) -> str:
+    """The matrix target a point belongs to (`train` of `train@lr=0.1`); other names as they are."""
+    return name.partition(SEPARATOR)[0]
+
+
+def expand_target(
+    loader: _Loader,
+    name: str,
+    raw: dict[str, Any],
+    params: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+) -> dict[str, Target]:
+    """The points of matrix target `name`, by point name, in product order."""
+    where = f"targets.{name}"
+    axes = _axes(loader, where, raw.get("matrix"), raw, params)
+    _check_refs(loader, where, raw, axes)
+    body = {k: v for k, v in raw.items() if k != "matrix"}
+    cmd = body.get("cmd")
+    if isinstance(cmd, str):
+        body["cmd"] = _REF_RE.sub(lambda m: "{params." + m.group(1) + "}", cmd)
+    points: dict[str, Target] = {}
+    written: dict[str, str] = {}
+    for combo in itertools.product(*axes.values()):
+        values = dict(zip(axes, combo, strict=True))
+        texts = {k: value_text(v) for k, v in values.items()}
+        point_raw = dict(body)
+        for key in _FILLED:
+            if key in point_raw and not (key == "params" and isinstance(point_raw[key], list)):
+                point_raw[key] = _fill(point_raw[key], texts)
+        target = loader._target(name, point_raw, params, overrides, values)
+        target = target._replace(name=point_name(name, values))
+        for port in target.outputs:
+            other = written.setdefault(port.path, target.name)
+            if other != target.name:
+                differ = [k for k in axes if texts[k] != _values_of(other)[k]]
+                missing = ", ".join("{matrix." + k + "}" for k in differ)
+                raise loader.fail(
+                    f"{where}.outputs",
+                    f"points '{other}' and '{target.name}' both write '{port.path}'"
+                    f" (put {missing} in the path)",
+                )
+        points[target.name] = target
+    return points
+
+
+def _values_of(point: str) -> dict[str, str]:
+    """KEY -> value text of a point's name (names are canonical, so this reads them back)."""
+    pairs = point.partition(SEPARATOR)[2].split(",")
+    return dict(pair.split("=", 1) for pair in pairs)  # type: ignore[misc]
+
+
+def _axes(
+    loader: _Loader, where: str, matrix: Any, raw: dict[str, Any], params: Mapping[str, Any]
+) -> dict[str, list[Any]]:
+    """The matrix's keys and values, checked: scalars, canonical names unique, no shadowing."""
+    key = f"{where}.matrix"
+    if not isinstance(matrix, dict) or not matrix:
+        raise loader.fail(key, "must be a table of KEY = [values], like { lr = [0.1, 0.01] }")
+    local = raw.get("params") if isinstance(raw.get("params"), dict) else {}
+    sections = loader.from_files.sections if loader.from_files else {}
+    axes: dict[str, list[Any]] = {}
+    for name, values in matrix.items():
+        at = f"{key}.{name}"
+        if not _KEY_RE.fullmatch(name):
+            raise loader.fail(at, "matrix keys use letters, digits and '_'")
+        if name in params or name in sections:
+            raise loader.fail(
+                at, f"'{name}' is also a global parameter; rename the matrix key or the parameter"
+            )
+        if name in local:
+            raise loader.fail(at, f"'{name}' is also a local parameter of this target")
+        if not isinstance(values, list) or not values:
+            raise loader.fail(at, "must be a non-empty list of values, like [0.1, 0.01]")
+        seen: dict[str, Any] = {}
+        for value in values:
+            if not isinstance(value, str | int | float):  # bool is an int
+                raise loader.fail(
+                    at, f"{value!r}: matrix values are strings, integers, floats or booleans"
+                )
+            text = value_text(value)
+            if isinstance(value, str) and (
+                not _WORD_RE.fullmatch(value) or value in (".", "..")
+            ):
+                raise loader.fail(
+                    at,
+                    f"{value!r}: a matrix string uses letters, digits, '_', '.', '+' and '-'"
+                    " (it becomes part of target names and paths)",
+                )
+            if text in seen:
+                first = seen[text]
+                if first == value and type(first) is type(value):
+                    raise loader.fail(at, f"{value!r} is listed twice")
+                raise loader.fail(
+                    at, f"{first!r} and {value!r} give the same point name ({name}={text})"
+                )
+            seen[text] = value
+        axes[name] = list(values)
+    return axes
+
+
+def _check_refs(loader: _Loader, where: str, raw: dict[str, Any], axes: Mapping[str, Any]) -> None:
+    """Every `{matrix.KEY}` names a key of the matrix."""
+    for field in ("cmd", *_FILLED):
+        for text in _strings(raw.get(field)):
+            for match in _REF_RE.finditer(text):
+                if match.group(1) not in axes:
+                    from mlbuild.pipeline.load import did_you_mean
+
+                    raise loader.fail(
+                        f"{where}.{field}",
+                        f"{match.group(0)}: no such matrix key (the matrix has"
+                        f" {', '.join(axes)})" + did_you_mean(match.group(1), list(axes)),
+                    )
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string inside a TOML value."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _strings(item)]
+    return []
+
+
+def _fill(value: Any, texts: Mapping[str, str]) -> Any:
+    """`value` with each `{matrix.KEY}` in its strings replaced by the point's value text."""
+    if isinstance(value, str):
+        return _REF_RE.sub(lambda m: texts[m.group(1)], value) if "{matrix." in value else value
+    if isinstance(value, list):
+        return [_fill(item, texts) for item in value]
+    if isinstance(value, dict):
+        return {k: _fill(item, texts) for k, item in value.items()}
+    return value
+
+
+def resolve_after(targets: dict[str, Target], matrices: Mapping[str, tuple[str, ...]]) -> None:
+    """`after = ["train"]` naming a matrix target waits for every point (in place)."""
+    for name, target in list(targets.items()):
+        if any(other in matrices for other in target.after):
+            after: list[str] = []
+            for other in target.after:
+                after.extend(matrices.get(other, (other,)))
+            targets[name] = target._replace(after=tuple(after))
