@@ -358,13 +358,15 @@ class _Loader:
             if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
                 raise self.fail(f"pools.{pool}", "must be a whole number of at least 1")
         targets: dict[str, Target] = {}
-        matrices: dict[str, tuple[str, ...]] = {}  # a matrix target -> its points
+        expander = None  # matrix targets and references to their points (pipeline/matrix.py)
         for name, raw in raw_targets.items():
-            if isinstance(raw, dict) and "matrix" in raw:
-                from mlbuild.pipeline.matrix import expand_target
+            inputs = raw.get("inputs") if isinstance(raw, dict) else None
+            if isinstance(raw, dict) and ("matrix" in raw or "{targets." in repr(inputs)):
+                if expander is None:
+                    from mlbuild.pipeline.matrix import Expander
 
-                made = expand_target(self, name, raw, params, local_overrides.get(name, {}))
-                matrices[name] = tuple(made)
+                    expander = Expander(self, raw_targets, params, local_overrides)
+                made = expander.target(name)
             else:
                 made = {name: self._target(name, raw, params, local_overrides.get(name, {}))}
             for target in made.values():
@@ -374,10 +376,7 @@ class _Loader:
                         f"unknown pool '{target.pool}'" + did_you_mean(target.pool, list(pools)),
                     )
                 targets[target.name] = target
-        if matrices:
-            from mlbuild.pipeline.matrix import resolve_after
-
-            resolve_after(targets, matrices)
+        matrices = expander.resolve_after(targets) if expander is not None else {}
         return Pipeline(
             file=self.file,
             params=params,
@@ -487,6 +486,8 @@ class _Loader:
             )
         if cmd is not None and (not isinstance(cmd, str) or not cmd.strip()):
             raise self.fail(f"{where}.cmd", "must be a non-empty string")
+        if cmd is not None and "{matrix." in cmd:  # a matrix point's cmd has none left
+            raise self.fail(f"{where}.cmd", "{matrix.KEY} in a target without a matrix")
         if python is not None and (
             not isinstance(python, str) or not _PYTHON_REF_RE.fullmatch(python)
         ):
@@ -601,6 +602,8 @@ class _Loader:
         """Normalize a path and refuse one that leaves the project or touches .mlbuild."""
         if "\0" in value:
             raise self.fail(key, f"{value!r} contains a NUL character")
+        if "{matrix." in value:  # a matrix point's paths have none left
+            raise self.fail(key, f"{value!r}: {{matrix.KEY}} in a target without a matrix")
         if posixpath.isabs(value) or re.match(r"[A-Za-z]:[\\/]", value):
             raise self.fail(key, f"{value!r} is absolute; paths are relative to the project")
         path = posixpath.normpath(value.replace("\\", "/"))

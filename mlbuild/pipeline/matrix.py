@@ -25,6 +25,7 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from mlbuild.errors import PipelineError
 from mlbuild.pipeline.schema import Target
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _WORD_RE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")
 _REF_RE = re.compile(r"\{matrix\.([^{}]*)\}")
+_TARGET_REF_RE = re.compile(r"\{targets\.([A-Za-z_][A-Za-z0-9_.-]*)\.outputs\.(\w+)\}")
 # The keys whose strings may hold `{matrix.KEY}`; `cmd` is handled on its own.
 _FILLED = ("inputs", "outputs", "metrics", "plots", "params", "description")
 SEPARATOR = "@"
@@ -81,7 +83,15 @@ def expand_target(
         for key in _FILLED:
             if key in point_raw and not (key == "params" and isinstance(point_raw[key], list)):
                 point_raw[key] = _fill(point_raw[key], texts)
-        target = loader._target(name, point_raw, params, overrides, values)
+        try:
+            target = loader._target(name, point_raw, params, overrides, values)
+        except (
+            PipelineError
+        ) as exc:  # say `{matrix.lr}` as written, not the `{params.lr}` it became
+            message = exc.message
+            for key in axes:
+                message = message.replace("{params." + key + "}", "{matrix." + key + "}")
+            raise loader.fail(exc.key, message) from None
         target = target._replace(name=point_name(name, values))
         for port in target.outputs:
             other = written.setdefault(port.path, target.name)
@@ -100,7 +110,7 @@ def expand_target(
 def _values_of(point: str) -> dict[str, str]:
     """KEY -> value text of a point's name (names are canonical, so this reads them back)."""
     pairs = point.partition(SEPARATOR)[2].split(",")
-    return dict(pair.split("=", 1) for pair in pairs)  # type: ignore[misc]
+    return dict(pair.split("=", 1) for pair in pairs)
 
 
 def _axes(
@@ -110,7 +120,8 @@ def _axes(
     key = f"{where}.matrix"
     if not isinstance(matrix, dict) or not matrix:
         raise loader.fail(key, "must be a table of KEY = [values], like { lr = [0.1, 0.01] }")
-    local = raw.get("params") if isinstance(raw.get("params"), dict) else {}
+    declared = raw.get("params")
+    local: dict[str, Any] = declared if isinstance(declared, dict) else {}
     sections = loader.from_files.sections if loader.from_files else {}
     axes: dict[str, list[Any]] = {}
     for name, values in matrix.items():
@@ -132,9 +143,7 @@ def _axes(
                     at, f"{value!r}: matrix values are strings, integers, floats or booleans"
                 )
             text = value_text(value)
-            if isinstance(value, str) and (
-                not _WORD_RE.fullmatch(value) or value in (".", "..")
-            ):
+            if isinstance(value, str) and (not _WORD_RE.fullmatch(value) or value in (".", "..")):
                 raise loader.fail(
                     at,
                     f"{value!r}: a matrix string uses letters, digits, '_', '.', '+' and '-'"
@@ -143,7 +152,8 @@ def _axes(
             if text in seen:
                 first = seen[text]
                 if first == value and type(first) is type(value):
-                    raise loader.fail(at, f"{value!r} is listed twice")
+                    same = " (values are compared as numbers)" if isinstance(value, float) else ""
+                    raise loader.fail(at, f"{value!r} is listed twice{same}")
                 raise loader.fail(
                     at, f"{first!r} and {value!r} give the same point name ({name}={text})"
                 )
@@ -187,6 +197,113 @@ def _fill(value: Any, texts: Mapping[str, str]) -> Any:
     if isinstance(value, dict):
         return {k: _fill(item, texts) for k, item in value.items()}
     return value
+
+
+class Expander:
+    """The matrix targets of one pipeline file, each expanded once, in the order they are needed.
+
+    A target may read every point's output as `inputs = ["{targets.train.outputs.model}"]`,
+    whichever comes first in the file, so a matrix target is expanded when it is
+    first asked for (by its own turn in the file or by a reference).
+    """
+
+    def __init__(
+        self,
+        loader: _Loader,
+        raw_targets: Mapping[str, Any],
+        params: Mapping[str, Any],
+        overrides: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        self.loader = loader
+        self.raw_targets = raw_targets
+        self.params = params
+        self.overrides = overrides
+        self.done: dict[str, dict[str, Target]] = {}
+        self.busy: list[str] = []  # targets being expanded, for a cycle of references
+
+    def target(self, name: str) -> dict[str, Target]:
+        """The targets `name` stands for: its points, or itself (with its references filled)."""
+        made = self.done.get(name)
+        if made is not None:
+            return made
+        if name in self.busy:
+            cycle = " -> ".join([*self.busy[self.busy.index(name) :], name])
+            raise self.loader.fail(f"targets.{name}.inputs", f"references form a cycle: {cycle}")
+        self.busy.append(name)
+        raw = self._with_references(name, self.raw_targets[name])
+        overrides = self.overrides.get(name, {})
+        if "matrix" in raw:
+            made = expand_target(self.loader, name, raw, self.params, overrides)
+        else:
+            made = {name: self.loader._target(name, raw, self.params, overrides)}
+        self.busy.pop()
+        self.done[name] = made
+        return made
+
+    @property
+    def matrices(self) -> dict[str, tuple[str, ...]]:
+        return {
+            name: tuple(made)
+            for name, made in self.done.items()
+            if "matrix" in self.raw_targets[name]
+        }
+
+    def resolve_after(self, targets: dict[str, Target]) -> dict[str, tuple[str, ...]]:
+        """Point `after` at every point of a matrix target it names; return the matrices."""
+        matrices = self.matrices
+        resolve_after(targets, matrices)
+        return matrices
+
+    def _with_references(self, name: str, raw: dict[str, Any]) -> dict[str, Any]:
+        """`raw` with each `{targets.T.outputs.NAME}` input replaced by every point's path."""
+        where = f"targets.{name}.inputs"
+        inputs = raw.get("inputs")
+        if "{targets." not in repr(inputs):
+            return raw
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list):
+            raise self.loader.fail(
+                where,
+                "{targets.NAME.outputs.X} stands for many paths: use the list form of inputs",
+            )
+        paths: list[Any] = []
+        for item in inputs:
+            if not isinstance(item, str) or "{targets." not in item:
+                paths.append(item)
+                continue
+            found = _TARGET_REF_RE.fullmatch(item)
+            if found is None:
+                raise self.loader.fail(
+                    where, f"{item!r}: write a reference alone, as {{targets.NAME.outputs.X}}"
+                )
+            other, port = found.group(1), found.group(2)
+            if other not in self.raw_targets:
+                from mlbuild.pipeline.load import did_you_mean
+
+                raise self.loader.fail(
+                    where,
+                    f"{item}: unknown target '{other}'" + did_you_mean(other, [*self.raw_targets]),
+                )
+            raw_other = self.raw_targets[other]
+            if not isinstance(raw_other, dict) or "matrix" not in raw_other:
+                raise self.loader.fail(
+                    where, f"{item}: '{other}' is not a matrix target; name its path instead"
+                )
+            for point in self.target(other).values():
+                paths.append(_output_of(self.loader, where, item, point, port))
+        return {**raw, "inputs": paths}
+
+
+def _output_of(loader: _Loader, where: str, item: str, point: Target, port: str) -> str:
+    """The path of output `port` (a name or a position) of one point."""
+    if port.isdigit() and int(port) < len(point.outputs):
+        return point.outputs[int(port)].path
+    for out in point.outputs:
+        if out.name == port:
+            return out.path
+    names = ", ".join(o.name for o in point.outputs if o.name) or "no named outputs"
+    raise loader.fail(where, f"{item}: no such output of '{base_name(point.name)}' ({names})")
 
 
 def resolve_after(targets: dict[str, Target], matrices: Mapping[str, tuple[str, ...]]) -> None:

@@ -34,7 +34,7 @@ def expand_args(args: argparse.Namespace, pipeline: Pipeline) -> None:
         if names:
             setattr(args, attr, pipeline.expand(names))
     one = getattr(args, "target", None)
-    if one in pipeline.matrices:
+    if isinstance(one, str) and one in pipeline.matrices:
         points = pipeline.matrices[one]
         raise UsageError(
             f"'{one}' is a matrix target of {len(points)} points in {pipeline.display_file};"
@@ -57,7 +57,7 @@ def axes(points: Sequence[str]) -> dict[str, list[str]]:
 def describe_axes(points: Sequence[str]) -> str:
     """`4 points: lr = 0.1, 0.01; epochs = 1, 2`."""
     shown = "; ".join(f"{k} = {', '.join(v)}" for k, v in axes(points).items())
-    return f"{len(points)} points: {shown}"
+    return f"{len(points)} point{'' if len(points) == 1 else 's'}: {shown}"
 
 
 def _groups(names: Sequence[str], pipeline: Pipeline) -> dict[str, list[str]]:
@@ -98,7 +98,7 @@ def status_lines(predictions: Sequence[Prediction], pipeline: Pipeline, verbose:
 
     def line(p: Prediction, indent: str) -> str:
         state = "fresh" if p.action is Action.SKIP else "stale"
-        detail = f": {'; '.join(p.reasons)}" if p.reasons else ""
+        detail = f": {'; '.join(compact(p.reasons, pipeline))}" if p.reasons else ""
         return f"{state:6} {indent}{p.name}{detail}{restore_note(p)}\n"
 
     lines: list[str] = []
@@ -115,8 +115,32 @@ def status_lines(predictions: Sequence[Prediction], pipeline: Pipeline, verbose:
             continue
         lines.extend(line(by_name[m], "  ") for m in stale[:SHOWN])
         if len(stale) > SHOWN:
-            lines.append(f"{'':6}   ... and {len(stale) - SHOWN} more stale points (-v lists all)\n")
+            lines.append(
+                f"{'':6}   ... and {len(stale) - SHOWN} more stale points (-v lists all)\n"
+            )
     return lines
+
+
+def compact(reasons: Sequence[str], pipeline: Pipeline) -> list[str]:
+    """`upstream 'train@lr=0.1' would run` for every point as one `upstream 'train' would run
+    (4 points)`, so that a consumer of 100 points gives one reason, not 100."""
+    out: list[str] = []
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        head, _, rest = reason.partition("'")
+        point, _, tail = rest.partition("'")
+        base = base_name(point)
+        if head == "upstream " and tail == " would run" and base in pipeline.matrices:
+            if base not in counts:
+                out.append(base)
+            counts[base] = counts.get(base, 0) + 1
+        else:
+            out.append(reason)
+    for i, item in enumerate(out):
+        if item in counts:
+            n = counts[item]
+            out[i] = f"upstream '{item}' would run ({n} point{'' if n == 1 else 's'})"
+    return out
 
 
 def collapse(
@@ -154,12 +178,15 @@ def collapse(
             stale = [m for m in members if status[m].outcome is not Outcome.SKIPPED]
             name = label[members[0]]
             if len(members) == 1:
-                merged[name] = status[members[0]]._replace(name=name)
+                reasons = compact(status[members[0]].reasons, pipeline)
+                merged[name] = status[members[0]]._replace(name=name, reasons=tuple(reasons))
             elif not stale:
                 merged[name] = TargetResult(name, Outcome.SKIPPED)
             else:
                 reasons = [f"{len(stale)} of {len(members)} points stale"]
-                reasons += [f"{m}: {'; '.join(status[m].reasons)}" for m in stale[:SHOWN]]
+                reasons += [
+                    f"{m}: {'; '.join(compact(status[m].reasons, pipeline))}" for m in stale[:SHOWN]
+                ]
                 merged[name] = TargetResult(name, Outcome.PENDING, tuple(reasons))
     collapsed = graph._replace(deps=deps, order=tuple(order))
     return collapsed, tuple(order), merged
