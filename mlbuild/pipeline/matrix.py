@@ -168,13 +168,19 @@ def _check_refs(loader: _Loader, where: str, raw: dict[str, Any], axes: Mapping[
         for text in _strings(raw.get(field)):
             for match in _REF_RE.finditer(text):
                 if match.group(1) not in axes:
-                    from mlbuild.pipeline.load import did_you_mean
-
                     raise loader.fail(
                         f"{where}.{field}",
                         f"{match.group(0)}: no such matrix key (the matrix has"
                         f" {', '.join(axes)})" + did_you_mean(match.group(1), list(axes)),
                     )
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """` (did you mean 'x'?)` or "" (as load.did_you_mean, which this module cannot import)."""
+    import difflib  # only when something is misspelt
+
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _strings(value: Any) -> list[str]:
@@ -279,8 +285,6 @@ class Expander:
                 )
             other, port = found.group(1), found.group(2)
             if other not in self.raw_targets:
-                from mlbuild.pipeline.load import did_you_mean
-
                 raise self.loader.fail(
                     where,
                     f"{item}: unknown target '{other}'" + did_you_mean(other, [*self.raw_targets]),
