@@ -271,7 +271,9 @@ def test_list_shows_a_matrix_target_once_with_its_axes(project: Project) -> None
         "report: cat {inputs} > {outputs.0}  (after train)\n"
     )
     verbose = project.run("list", "-v").out.splitlines()
-    assert verbose[2:8] == [f"  train@lr={lr},seed={s}" for lr in ("0.1", "0.01", "0.001") for s in (1, 2)]
+    assert verbose[2:8] == [
+        f"  train@lr={lr},seed={s}" for lr in ("0.1", "0.01", "0.001") for s in (1, 2)
+    ]
     names = project.run("list", "--names").out.split()
     assert names[0] == "train" and "train@lr=0.001,seed=2" in names
 
@@ -364,7 +366,7 @@ BAD = [
         "targets.t.matrix.lr: 'lr' is also a global parameter",
     ),
     (
-        target_with("{ lr = [1] }").replace("matrix =", 'params = { lr = 2 }\nmatrix ='),
+        target_with("{ lr = [1] }").replace("matrix =", "params = { lr = 2 }\nmatrix ="),
         "targets.t.matrix.lr: 'lr' is also a local parameter of this target",
     ),
     (target_with("{ lr = [0.1, 0.10] }"), "targets.t.matrix.lr: 0.1 is listed twice"),
