@@ -356,11 +356,16 @@ def load(args: argparse.Namespace) -> tuple[Pipeline, Graph]:
     """Find, read and check the pipeline named by `-f` (or the nearest one)."""
     file = getattr(args, "file", None) or find_pipeline(Path.cwd())
     graph = load_graph(file, parse_overrides(getattr(args, "set", None) or []))
-    if graph.pipeline.matrices:  # a matrix target's name stands for all its points
-        from mlbuild.ui.matrix_view import expand_args
+    pipeline = graph.pipeline
+    if pipeline.matrices:  # a matrix target's name stands for all its points (no import here)
+        for attr in ("targets", "force"):
+            if getattr(args, attr, None):
+                setattr(args, attr, pipeline.expand(getattr(args, attr)))
+        if getattr(args, "target", None) in pipeline.matrices:  # `show`, `log`: one point
+            from mlbuild.ui.matrix_view import refuse_matrix_name
 
-        expand_args(args, graph.pipeline)
-    return graph.pipeline, graph
+            refuse_matrix_name(args.target, pipeline)
+    return pipeline, graph
 
 
 def open_state(pipeline: Pipeline, reporter: Reporter) -> Store:

@@ -455,3 +455,20 @@ def test_a_pipeline_without_a_matrix_imports_nothing_of_it(tmp_path: Path) -> No
         [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout
     assert out.splitlines()[-1] == "[]"
+
+
+def test_a_no_op_run_of_a_matrix_pipeline_imports_nothing_of_it(tmp_path: Path) -> None:
+    (tmp_path / "pipeline.toml").write_text(textwrap.dedent(TWO_BY_TWO))
+    script = (
+        "import sys\n"
+        "from mlbuild.cli import main\n"
+        "main(['run', '-q']); main(['run', '-q'])  # the second one compiles the pipeline\n"
+        "before = {m for m in sys.modules if 'matrix' in m}\n"
+        "for m in before: del sys.modules[m]\n"
+        "main(['run', '-q', 'train'])\n"
+        "print(sorted(m for m in sys.modules if 'matrix' in m))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.splitlines()[-1] == "[]"

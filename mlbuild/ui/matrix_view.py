@@ -10,7 +10,6 @@ Imported only for a pipeline with a matrix.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -27,19 +26,13 @@ FEW = 4  # a matrix with at most this many points is listed point by point
 SHOWN = 5  # stale points named under a larger matrix's line (all of them with -v)
 
 
-def expand_args(args: argparse.Namespace, pipeline: Pipeline) -> None:
-    """Replace a matrix target's name by its points' names in the command's target arguments."""
-    for attr in ("targets", "force"):
-        names = getattr(args, attr, None)
-        if names:
-            setattr(args, attr, pipeline.expand(names))
-    one = getattr(args, "target", None)
-    if isinstance(one, str) and one in pipeline.matrices:
-        points = pipeline.matrices[one]
-        raise UsageError(
-            f"'{one}' is a matrix target of {len(points)} points in {pipeline.display_file};"
-            f" name one of them, such as '{points[0]}'"
-        )
+def refuse_matrix_name(name: str, pipeline: Pipeline) -> None:
+    """`show train` for a matrix target: a usage error naming a point to ask for instead."""
+    points = pipeline.matrices[name]
+    raise UsageError(
+        f"'{name}' is a matrix target of {len(points)} points in {pipeline.display_file};"
+        f" name one of them, such as '{points[0]}'"
+    )
 
 
 def axes(points: Sequence[str]) -> dict[str, list[str]]:
