@@ -404,6 +404,24 @@ BAD = [
         TWO_BY_TWO.replace("{targets.train.outputs.model}", "{targets.train.outputs.mdl}"),
         "targets.report.inputs: {targets.train.outputs.mdl}: no such output of 'train' (model)",
     ),
+    (
+        TWO_BY_TWO.replace('["{targets.train.outputs.model}"]', '"x{targets.train.outputs.model}"'),
+        "targets.report.inputs: 'x{targets.train.outputs.model}': write a reference alone",
+    ),
+    (
+        TWO_BY_TWO.replace(
+            '["{targets.train.outputs.model}"]', '{ m = "{targets.train.outputs.model}" }'
+        ),
+        "targets.report.inputs: {targets.NAME.outputs.X} stands for many paths:"
+        " use the list form of inputs",
+    ),
+    (
+        TWO_BY_TWO.replace("{targets.train.outputs.model}", "{targets.report.outputs.0}")
+        .replace("[targets.report]", '[targets.other]\ncmd = "true"\n\n[targets.report]')
+        .replace("{targets.report.outputs.0}", "{targets.other.outputs.0}"),
+        "targets.report.inputs: {targets.other.outputs.0}: 'other' is not a matrix target;"
+        " name its path instead",
+    ),
 ]
 
 
