@@ -85,9 +85,8 @@ def expand_target(
                 point_raw[key] = _fill(point_raw[key], texts)
         try:
             target = loader._target(name, point_raw, params, overrides, values)
-        except (
-            PipelineError
-        ) as exc:  # say `{matrix.lr}` as written, not the `{params.lr}` it became
+        except PipelineError as exc:
+            # Say `{matrix.lr}` as written, not the `{params.lr}` it became.
             message = exc.message
             for key in axes:
                 message = message.replace("{params." + key + "}", "{matrix." + key + "}")
