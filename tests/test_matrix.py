@@ -8,6 +8,7 @@ and `dag`, and the one-line error of each mistake.
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from mlbuild.build.lock import hold_workspace
+from mlbuild.build.results import BuildOptions
+from mlbuild.build.runner import run_build
+from mlbuild.graph import build_graph
+from mlbuild.pipeline.load import load_pipeline
+from mlbuild.ui.report import PlainReporter
 from tests.conftest import Project
 
 # Each point waits (up to 20 s) until two points have started: at -j 1 the first
@@ -490,3 +497,17 @@ def test_a_no_op_run_of_a_matrix_pipeline_imports_nothing_of_it(tmp_path: Path) 
         [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True
     ).stdout
     assert out.splitlines()[-1] == "[]"
+
+
+def test_forcing_a_matrix_name_in_the_build_api_forces_every_point(project: Project) -> None:
+    """What `watch --force train` hands the build: the name, not the points."""
+    project.pipeline(TWO_BY_TWO)
+    assert project.run("run").code == 0
+    graph = build_graph(load_pipeline(project.root / "pipeline.toml", {}))
+    out = io.StringIO()
+    reporter = PlainReporter(out, io.StringIO())
+    options = BuildOptions(force=frozenset({"train"}))
+    with hold_workspace(project.root, "run", wait=False, warn=reporter.warn) as store:
+        assert run_build(graph, store, reporter, options).ok
+    started = [line.split("`")[1] for line in out.getvalue().splitlines() if "has started" in line]
+    assert sorted(started) == sorted(POINTS)
