@@ -873,6 +873,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
             for name, stored in manifests.items()
             if name not in graph.targets
         }
+        if removed and args.targets:  # a removed matrix target's name: its recorded points
+            points = {n: [p for p in removed if p.startswith(n + "@")] for n in names}
+            names = [p for n in names for p in (points[n] if points[n] else [n])]
         graph.select(name for name in names if name not in removed)  # unknown: usage error
         fp = Fingerprinter(root, store.load_stats())
         for name in names:

@@ -180,6 +180,18 @@ def test_clean_of_the_matrix_name_cleans_every_point(project: Project) -> None:
     )
 
 
+def test_clean_of_a_removed_matrix_target_cleans_its_recorded_points(project: Project) -> None:
+    project.pipeline(TWO_BY_TWO)
+    assert project.run("run").code == 0
+    project.pipeline('[targets.other]\ncmd = "true"\n')
+    assert "train@lr=0.1,epochs=1" in project.run("clean").out  # pointed out, kept
+    assert (project.root / "models/0.1-1.txt").exists()
+    result = project.run("clean", "train")
+    assert result.code == 0, result
+    assert not any((project.root / "models").iterdir())
+    assert "report" in project.run("clean").out  # the report's outputs are still kept
+
+
 def test_values_are_named_canonically(project: Project) -> None:
     project.pipeline(one_axis("0.10, 1e-3, true"))
     result = project.run("run")
