@@ -192,6 +192,25 @@ def test_clean_of_a_removed_matrix_target_cleans_its_recorded_points(project: Pr
     assert "report" in project.run("clean").out  # the report's outputs are still kept
 
 
+def test_the_experiment_table_has_no_column_per_point(project: Project) -> None:
+    project.pipeline(
+        """
+        [params]
+        seed = 1
+
+        [targets.train]
+        cmd = '''printf '{"acc": %s}' {matrix.lr} > {outputs.0}'''
+        params = ["seed"]
+        metrics = ["m/{matrix.lr}.json"]
+        matrix = { lr = [0.5, 0.25] }
+        """
+    )
+    assert project.run("run").code == 0
+    table = project.run("exp", "show", "--all").out  # every parameter, varying or not
+    assert "seed" in table and "m/0.5.json:acc" in table
+    assert "train@" not in table
+
+
 def test_values_are_named_canonically(project: Project) -> None:
     project.pipeline(one_axis("0.10, 1e-3, true"))
     result = project.run("run")
