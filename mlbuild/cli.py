@@ -237,6 +237,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     status = _subcommand(sub, command, "status", parents=[common], help="what would run and why")
     status.add_argument("targets", nargs="*", metavar="TARGET")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "-v", "--verbose", action="store_true", help="name every point of a matrix target"
+    )
     status.set_defaults(handler=cmd_status)
 
     lister = _subcommand(
@@ -244,6 +247,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     lister.add_argument(
         "--names", action="store_true", help="target names only, one per line (for completion)"
+    )
+    lister.add_argument(
+        "-v", "--verbose", action="store_true", help="name every point of a matrix target"
     )
     lister.set_defaults(handler=cmd_list)
 
@@ -253,6 +259,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     dag_form.add_argument("--dot", action="store_true", help="Graphviz DOT (`dot -Tsvg`)")
     dag_form.add_argument("--mermaid", action="store_true", help="a Mermaid flowchart")
     dag.add_argument("--status", action="store_true", help="mark fresh and stale targets")
+    dag.add_argument(
+        "-v", "--verbose", action="store_true", help="name every point of a matrix target"
+    )
     dag.set_defaults(handler=cmd_dag)
 
     log = _subcommand(
@@ -355,7 +364,16 @@ def load(args: argparse.Namespace) -> tuple[Pipeline, Graph]:
     """Find, read and check the pipeline named by `-f` (or the nearest one)."""
     file = getattr(args, "file", None) or find_pipeline(Path.cwd())
     graph = load_graph(file, parse_overrides(getattr(args, "set", None) or []))
-    return graph.pipeline, graph
+    pipeline = graph.pipeline
+    if pipeline.matrices:  # a matrix target's name stands for all its points (no import here)
+        for attr in ("targets", "force"):
+            if getattr(args, attr, None):
+                setattr(args, attr, pipeline.expand(getattr(args, attr)))
+        if getattr(args, "target", None) in pipeline.matrices:  # `show`, `log`: one point
+            from mlbuild.ui.matrix_view import refuse_matrix_name
+
+            refuse_matrix_name(args.target, pipeline)
+    return pipeline, graph
 
 
 def open_state(pipeline: Pipeline, reporter: Reporter) -> Store:
@@ -581,6 +599,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             for p in predictions
         ]
         print(json.dumps({"stale": len(stale), "targets": rows}, indent=2))
+    elif pipeline.matrices:
+        from mlbuild.ui.matrix_view import status_lines
+
+        sys.stdout.write("".join(status_lines(predictions, pipeline, args.verbose)))
     else:
         lines: list[str] = []  # written at once: a print per target costs as much as its check
         for p in predictions:
@@ -603,6 +625,10 @@ def cmd_dag(args: argparse.Namespace) -> int:
         with open_state(pipeline, PlainReporter(verbosity=-1)) as store:
             predictions = Query(graph, store).predict(args.targets)
         status = {p.name: as_result(p, noted=True) for p in predictions}
+    if pipeline.matrices and not args.verbose:  # a matrix target as one node
+        from mlbuild.ui.matrix_view import collapse
+
+        graph, names, status = collapse(graph, names, status)
     render = render_dot if args.dot else render_mermaid if args.mermaid else render_text
     sys.stdout.write(render(graph, names, status))
     return EXIT_OK
@@ -668,9 +694,15 @@ def _history(args: argparse.Namespace, target: str | None) -> Iterator[Store | N
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    _, graph = load(args)
+    pipeline, graph = load(args)
     if args.names:
-        sys.stdout.write("".join(f"{name}\n" for name in graph.order))
+        names = [*pipeline.matrices, *graph.order]  # a matrix target's name selects its points
+        sys.stdout.write("".join(f"{name}\n" for name in names))
+        return EXIT_OK
+    if pipeline.matrices:
+        from mlbuild.ui.matrix_view import list_lines
+
+        sys.stdout.write("".join(list_lines(graph, args.verbose)))
         return EXIT_OK
     lines: list[str] = []  # written at once, as `status` does
     for name in graph.order:
@@ -862,6 +894,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
             for name, stored in manifests.items()
             if name not in graph.targets
         }
+        if removed and args.targets:  # a removed matrix target's name: its recorded points
+            points = {n: [p for p in removed if p.startswith(n + "@")] for n in names}
+            names = [p for n in names for p in (points[n] if points[n] else [n])]
         graph.select(name for name in names if name not in removed)  # unknown: usage error
         fp = Fingerprinter(root, store.load_stats())
         for name in names:

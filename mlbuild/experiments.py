@@ -176,6 +176,9 @@ def row_params(pipeline: Pipeline, targets: Iterable[str]) -> dict[str, Any]:
         if target is None:
             continue
         own = {p: v for p, v in target.params.items()}
+        if "@" in target_name:  # a matrix point: its matrix values name it, they are no setting
+            for pair in target_name.partition("@")[2].split(","):
+                own.pop(pair.partition("=")[0], None)
         shared = all(globals_.get(p) == encode_value(v) for p, v in own.items())
         for pname, value in own.items():
             params[pname if shared else f"{target_name}.{pname}"] = value

@@ -128,14 +128,14 @@ class Graph(NamedTuple):
 
     def select(self, names: Iterable[str]) -> tuple[str, ...]:
         """The named targets and everything they need, in build order (all if none named)."""
-        wanted = list(names)
+        wanted = self.pipeline.expand(names)  # a matrix target: all its points
         if not wanted:
             return self.order
         for name in wanted:
             if name not in self.targets:
                 raise UsageError(
                     f"unknown target '{name}' in {self.pipeline.display_file}"
-                    + did_you_mean(name, list(self.targets))
+                    + did_you_mean(name, [*self.targets, *self.pipeline.matrices])
                 )
         keep = _reachable(wanted, self.deps)
         return tuple(name for name in self.order if name in keep)

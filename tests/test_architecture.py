@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "pipeline.edit",
                 "pipeline.paramfiles",
                 "pipeline.schema_file",
+                "pipeline.matrix",
             }
         ),
     ),
@@ -67,6 +68,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "ui.experiments",
                 "ui.plots",
                 "ui.completion",
+                "ui.matrix_view",
                 "watch",
                 "scaffold",
             }

@@ -336,3 +336,19 @@ def test_a_chatty_step_on_a_terminal_leaves_its_whole_output_and_the_summary(
     assert re.fullmatch(r"Step `talk` has finished in [\d.]+s\.", lines[30000]), lines[30000:]
     assert re.fullmatch(r"mlbuild: 1 ran in [\d.]+s\.", lines[30001])
     assert len(lines) == 30002
+
+
+def test_live_area_counts_the_points_of_a_matrix_target() -> None:
+    clock = Clock()
+    reporter, _ = live(clock)
+    points = tuple(f"train@lr={i}" for i in range(100))
+    reporter.planned(BuildPlan(("prep", *points), {p: () for p in ("prep", *points)}, 2, {}))
+    reporter.skipped("prep", Decision(True))
+    for point in points[:37]:
+        reporter.skipped(point, Decision(True))
+    reporter.started(points[37], NEVER, "echo")
+    reporter.started(points[38], NEVER, "echo")
+    frame = drawn(reporter.view())
+    assert re.search(r"train +37/100 points · 2 running", frame), frame
+    assert "38/101 targets" in frame
+    reporter.close()

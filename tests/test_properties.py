@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import re
 import shutil
@@ -618,3 +619,113 @@ def test_python_targets_follow_their_helper_modules_and_data_files(
                 assert (project / output).read_text() == expected[output], context
             status = mlbuild_cli(["status", "-f", str(project / "pipeline.toml")], runlog)
             assert status.code == 0, context + status.stdout
+
+
+# --- matrix targets (issue 16): random grids under random edits ------------------------------
+
+MATRIX_EDIT = st.tuples(
+    st.sampled_from(["add", "remove", "reverse", "variant"]),
+    st.sampled_from(["a", "b"]),
+    st.integers(min_value=0, max_value=5),
+)
+
+
+def matrix_toml(axes: Mapping[str, Sequence[int]], variant: int) -> str:
+    """A matrix target over `axes` and an aggregator reading every point's output.
+
+    Only the variant's parity reaches the output bytes: an odd-even change reruns
+    every point and leaves the aggregator fresh (early cutoff).
+    """
+    keys = list(axes)
+    path = "out/p-" + "-".join(f"{{matrix.{k}}}" for k in keys) + ".txt"
+    values = " ".join(f"{{matrix.{k}}}" for k in keys)
+    matrix = ", ".join(f"{k} = [{', '.join(map(str, v))}]" for k, v in axes.items())
+    return (
+        "[targets.agg]\n"
+        'cmd = "cat {inputs} > {outputs.0}"\n'
+        'inputs = ["{targets.grid.outputs.0}"]\n'
+        'outputs = ["out/all.txt"]\n\n'
+        "[targets.grid]\n"
+        f'cmd = "echo {values} p{variant % 2} > {{outputs.0}} # v{variant}"\n'
+        f'outputs = ["{path}"]\n'
+        f"matrix = {{ {matrix} }}\n"
+    )
+
+
+def matrix_expected(axes: Mapping[str, Sequence[int]], variant: int) -> dict[str, bytes]:
+    """Every current point's output and the aggregator's, computed here."""
+    files: dict[str, bytes] = {}
+    for combo in itertools.product(*axes.values()):
+        name = "out/p-" + "-".join(map(str, combo)) + ".txt"
+        files[name] = (" ".join(map(str, combo)) + f" p{variant % 2}\n").encode()
+    files["out/all.txt"] = b"".join(files.values())
+    return files
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    first=st.lists(st.integers(0, 5), min_size=1, max_size=3, unique=True),
+    second=st.one_of(st.none(), st.lists(st.integers(0, 5), min_size=1, max_size=2, unique=True)),
+    batches=st.lists(st.lists(MATRIX_EDIT, min_size=1, max_size=2), min_size=1, max_size=4),
+    jobs=st.sampled_from([1, 3]),
+)
+def test_matrix_runs_match_clean_builds_and_run_only_new_points(
+    first: list[int],
+    second: list[int] | None,
+    batches: list[list[tuple[str, str, int]]],
+    jobs: int,
+) -> None:
+    axes: dict[str, list[int]] = {"a": list(first)}
+    if second is not None:
+        axes["b"] = list(second)
+    variant = 0
+    last: dict[str, object] = {}
+    seen: set[tuple[str, object]] = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        project, scratch, runlog = Path(tmp) / "p", Path(tmp) / "clean", Path(tmp) / "log"
+        project.mkdir()
+        for number, batch in enumerate([[], *batches]):
+            for kind, key, value in batch:
+                values = axes.get(key)
+                if values is None:
+                    continue
+                if kind == "add" and value not in values:
+                    values.append(value)
+                elif kind == "remove" and len(values) > 1:
+                    values.pop(value % len(values))
+                elif kind == "reverse":
+                    values.reverse()
+                elif kind == "variant":
+                    variant += 1
+            text = matrix_toml(axes, variant)
+            (project / "pipeline.toml").write_text(text)
+            expected = matrix_expected(axes, variant)
+            # The model: a point runs when it was never built with this command, is
+            # restored when it was built so before but not last; the aggregator the same
+            # by the bytes it reads.
+            ran: set[str] = set()
+            restored: set[str] = set()
+            points = [
+                "grid@" + ",".join(f"{k}={v}" for k, v in zip(axes, combo, strict=True))
+                for combo in itertools.product(*axes.values())
+            ]
+            agg_key = tuple(v for k, v in expected.items() if k != "out/all.txt")
+            for name, state in [*((p, variant) for p in points), ("agg", agg_key)]:
+                if last.get(name) != state:
+                    (restored if (name, state) in seen else ran).add(name)
+                last[name] = state
+                seen.add((name, state))
+            result = mlbuild_run(project, runlog, ["-j", str(jobs)])
+            context = f"run {number} after {batch}\n{text}\n{result.stdout}{result.stderr}"
+            assert result.code == 0, context
+            assert set(matching(STARTED, result.stdout)) == ran, context
+            assert set(matching(RESTORED, result.stdout)) == restored, context
+            for rel, data in expected.items():
+                assert (project / rel).read_bytes() == data, context + rel
+            if scratch.exists():
+                shutil.rmtree(scratch)
+            scratch.mkdir()
+            shutil.copyfile(project / "pipeline.toml", scratch / "pipeline.toml")
+            clean = mlbuild_run(scratch, runlog, ["-j", str(jobs)])
+            assert clean.code == 0, clean.stdout + clean.stderr
+            assert read_outputs(scratch) == expected, context

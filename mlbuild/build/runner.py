@@ -235,6 +235,8 @@ class Build:
         start = time.perf_counter()
         started_at = time.time()
         forced = self.options.force
+        if forced and self.graph.pipeline.matrices:  # `--force train`: every point (watch too)
+            forced = frozenset(self.graph.pipeline.expand(forced))
         selected = self.graph.select((*self.options.targets, *(forced or ())))
         check_sources(self.graph, selected, self.fp)
         check_code(self.graph, selected, self.code)

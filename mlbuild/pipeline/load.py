@@ -64,6 +64,7 @@ _TARGET_KEYS = (
     "strict_inputs",
     "metrics",
     "plots",
+    "matrix",
 )
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 _PORT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -357,14 +358,25 @@ class _Loader:
             if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
                 raise self.fail(f"pools.{pool}", "must be a whole number of at least 1")
         targets: dict[str, Target] = {}
+        expander = None  # matrix targets and references to their points (pipeline/matrix.py)
         for name, raw in raw_targets.items():
-            target = self._target(name, raw, params, local_overrides.get(name, {}))
-            if target.pool is not None and target.pool not in pools:
-                raise self.fail(
-                    f"targets.{name}.pool",
-                    f"unknown pool '{target.pool}'" + did_you_mean(target.pool, list(pools)),
-                )
-            targets[name] = target
+            inputs = raw.get("inputs") if isinstance(raw, dict) else None
+            if isinstance(raw, dict) and ("matrix" in raw or "{targets." in repr(inputs)):
+                if expander is None:
+                    from mlbuild.pipeline.matrix import Expander
+
+                    expander = Expander(self, raw_targets, params, local_overrides)
+                made = expander.target(name)
+            else:
+                made = {name: self._target(name, raw, params, local_overrides.get(name, {}))}
+            for target in made.values():
+                if target.pool is not None and target.pool not in pools:
+                    raise self.fail(
+                        f"targets.{name}.pool",
+                        f"unknown pool '{target.pool}'" + did_you_mean(target.pool, list(pools)),
+                    )
+                targets[target.name] = target
+        matrices = expander.resolve_after(targets) if expander is not None else {}
         return Pipeline(
             file=self.file,
             params=params,
@@ -375,6 +387,7 @@ class _Loader:
             params_files=self.files,
             param_sources=self.from_files.sources if self.from_files else {},
             workers=self._workers_settings(),
+            matrices=matrices,
         )
 
     def _table(self, key: str, known: tuple[str, ...]) -> dict[str, Any]:
@@ -450,7 +463,12 @@ class _Loader:
         return local
 
     def _target(
-        self, name: str, raw: Any, params: Mapping[str, Any], overrides: Mapping[str, Any]
+        self,
+        name: str,
+        raw: Any,
+        params: Mapping[str, Any],
+        overrides: Mapping[str, Any],
+        matrix: Mapping[str, Any] | None = None,  # a matrix point's values (pipeline/matrix.py)
     ) -> Target:
         where = f"targets.{name}"
         if not _NAME_RE.fullmatch(name):
@@ -468,6 +486,8 @@ class _Loader:
             )
         if cmd is not None and (not isinstance(cmd, str) or not cmd.strip()):
             raise self.fail(f"{where}.cmd", "must be a non-empty string")
+        if cmd is not None and "{matrix." in cmd:  # a matrix point's cmd has none left
+            raise self.fail(f"{where}.cmd", "{matrix.KEY} in a target without a matrix")
         if python is not None and (
             not isinstance(python, str) or not _PYTHON_REF_RE.fullmatch(python)
         ):
@@ -480,6 +500,8 @@ class _Loader:
         plots = self._declared_files(f"{where}.plots", raw.get("plots", []), PLOT_SUFFIXES, "plot")
         outputs = with_declared_outputs(outputs, metrics + plots)
         target_params = self._params(where, raw.get("params"), params, overrides)
+        if matrix:
+            target_params.update(matrix)
         command = None
         if cmd is not None:
             from mlbuild.pipeline.interpolate import TemplateError, fill, parse_template
@@ -580,6 +602,8 @@ class _Loader:
         """Normalize a path and refuse one that leaves the project or touches .mlbuild."""
         if "\0" in value:
             raise self.fail(key, f"{value!r} contains a NUL character")
+        if "{matrix." in value:  # a matrix point's paths have none left
+            raise self.fail(key, f"{value!r}: {{matrix.KEY}} in a target without a matrix")
         if posixpath.isabs(value) or re.match(r"[A-Za-z]:[\\/]", value):
             raise self.fail(key, f"{value!r} is absolute; paths are relative to the project")
         path = posixpath.normpath(value.replace("\\", "/"))

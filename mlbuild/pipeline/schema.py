@@ -8,7 +8,7 @@ need these types stay cheap to import.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -161,6 +161,7 @@ class Pipeline(NamedTuple):
     params_files: tuple[str, ...] = ()  # `params_files`, project paths in order
     param_sources: Mapping[str, str] = EMPTY  # a params-file key's dotted name -> its file
     workers: WorkersSettings = WorkersSettings()
+    matrices: Mapping[str, tuple[str, ...]] = EMPTY  # a matrix target -> its points' names
 
     @property
     def root(self) -> Path:
@@ -171,6 +172,13 @@ class Pipeline(NamedTuple):
     def display_file(self) -> str:
         """The file name as the user should read it in messages."""
         return display_path(self.file)
+
+    def expand(self, names: Iterable[str]) -> list[str]:
+        """`names` with each matrix target's name replaced by its points' names."""
+        matrices = self.matrices
+        if not matrices:
+            return list(names)
+        return [point for name in names for point in matrices.get(name, (name,))]
 
 
 def display_path(path: Path) -> str:

@@ -134,6 +134,7 @@ class LiveReporter:
         self.clock = clock
         self.auto_refresh = auto_refresh
         self.plan = BuildPlan((), {})
+        self.matrices: dict[str, int] = {}  # a matrix target in the plan -> its points there
         self.began = clock()
         self.done: set[str] = set()
         self.running: dict[str, tuple[float, str]] = {}  # target -> (start, why it runs)
@@ -156,6 +157,7 @@ class LiveReporter:
         with self._lock:
             self.plan = plan
             self.began = self.clock()
+            self.matrices = _matrices(plan.targets)
 
     def skipped(self, target: str, decision: Decision) -> None:
         self._decided(target)
@@ -270,6 +272,8 @@ class LiveReporter:
         rows.add_column(no_wrap=True)
         rows.add_column(no_wrap=True, justify="right")
         rows.add_column(no_wrap=True, overflow="ellipsis", style="dim")
+        for base, line in _matrix_rows(self.matrices, done, running)[:MAX_ROWS]:
+            rows.add_row(f"  {base}", line, "")
         ordered = sorted(running.items(), key=lambda item: item[1][0])
         for name, (_, why) in ordered[:MAX_ROWS]:
             last = plan.durations.get(name)
@@ -390,6 +394,36 @@ class LiveReporter:
             self._draw()  # the step's output that came before it
             self.err.write(text + "\n")
             self.err.flush()
+
+
+def _matrices(targets: Sequence[str]) -> dict[str, int]:
+    """Matrix target -> how many of its points (`NAME@...`, pipeline/matrix.py) are planned."""
+    counts: dict[str, int] = {}
+    for name in targets:
+        base, at, _ = name.partition("@")
+        if at:
+            counts[base] = counts.get(base, 0) + 1
+    return counts
+
+
+def _matrix_rows(
+    matrices: Mapping[str, int], done: set[str], running: Mapping[str, object]
+) -> list[tuple[str, str]]:
+    """`train`, `37/100 points · 2 running` for each matrix target not yet done."""
+    if not matrices:
+        return []
+    finished: dict[str, int] = {}
+    active: dict[str, int] = {}
+    for names, counts in ((done, finished), (running, active)):
+        for name in names:
+            base, at, _ = name.partition("@")
+            if at:
+                counts[base] = counts.get(base, 0) + 1
+    return [
+        (base, f"{finished.get(base, 0)}/{total} points · {active.get(base, 0)} running")
+        for base, total in matrices.items()
+        if finished.get(base, 0) < total
+    ]
 
 
 class _Raw:
