@@ -385,3 +385,41 @@ def test_a_step_whose_mlbuild_was_killed_while_spawning_it_is_stopped(project: P
             orphan.kill()
             orphan.wait()
     assert not (running / "long").exists()
+
+
+SHARED_SOURCE = """
+[targets.writer]
+cmd = "cat {inputs} > {outputs}; %s"
+inputs = ["shared.txt"]
+outputs = ["writer.out"]
+
+[targets.reader]
+cmd = "cat {inputs} > {outputs}"
+inputs = ["shared.txt"]
+outputs = ["reader.out"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("edit", "bytes_after"),
+    [
+        ("printf tampered > shared.txt; printf 'one\\n' > shared.txt", "one\n"),  # put back
+        ("printf 'two\\n' > shared.txt", "two\n"),  # changed for good
+    ],
+)
+def test_a_step_started_after_its_input_was_rewritten_is_recorded_with_what_it_read(
+    project: Project, edit: str, bytes_after: str
+) -> None:
+    """`reader` was checked before `writer` ran and rewrote their shared input; it started
+    after. It read the file as it is then, and is recorded with that, not taken for a step
+    whose input changed under it."""
+    project.write("shared.txt", "one\n")
+    project.pipeline(SHARED_SOURCE % edit)
+    result = project.run("run", "-j", "1")
+    assert result.code == 0, result.err
+    assert "`writer`: input 'shared.txt' changed while the step ran" in result.err
+    assert "`reader`" not in result.err
+    assert project.read("reader.out") == bytes_after
+    status = project.run("status")
+    assert "stale  writer" in status.out
+    assert "fresh  reader" in status.out  # recorded with what it read

@@ -440,21 +440,9 @@ class Build:
 
     def _changed_input(self, target: Target, before: Observation, taken: StatMap) -> str | None:
         """An input (or code file) that changed since the step started, or None."""
-        prefix = str(self.root) + os.sep
-        for rel, entry in taken.items():
-            if entry is None:
-                continue
-            if rel.startswith(LINK_PREFIX):
-                path = rel[len(LINK_PREFIX) :]
-                if _link_stat(prefix + path) != entry:
-                    return path
-                continue
-            try:
-                st = os.stat(prefix + rel)
-            except OSError:
-                return rel
-            if not entry.same_file(st):
-                return rel
+        moved = _moved(self.root, taken)
+        if moved is not None:
+            return moved
         listings: dict[str, tuple[tuple[str, str], ...]] = {}
         now = observe_paths(self.fp, expand_inputs(target, str(self.root)), listings)
         for path, digest in now.items():
@@ -481,7 +469,13 @@ class Build:
                         f"targets.{name}.outputs",
                     ) from None
                 self.made_dirs.add(parent)
-        now, decision, _ = self._running[name]
+        now, decision, taken = self._running[name]
+        if _moved(self.root, taken):
+            # An input changed between the visit and now (a step that ran meanwhile wrote
+            # it): the step reads what is there now, so that is what it is recorded with.
+            self.fp.expire()
+            now = self._observe(target, now.fingerprint)
+            self._running[name] = (now, decision, self._input_stats(target, now))
         self.reporter.started(name, decision, target.shown)
         from mlbuild.exec.base import Step
 
@@ -794,6 +788,26 @@ class Build:
     def _finish(self, result: TargetResult) -> None:
         self.outcomes[result.name] = result.outcome
         self.results.append(result)
+
+
+def _moved(root: Path, taken: StatMap) -> str | None:
+    """The first file (or symlink) of `taken` whose stat is not the one taken, or None."""
+    prefix = str(root) + os.sep
+    for rel, entry in taken.items():
+        if entry is None:
+            continue
+        if rel.startswith(LINK_PREFIX):
+            path = rel[len(LINK_PREFIX) :]
+            if _link_stat(prefix + path) != entry:
+                return path
+            continue
+        try:
+            st = os.stat(prefix + rel)
+        except OSError:
+            return rel
+        if not entry.same_file(st):
+            return rel
+    return None
 
 
 def _link_stat(full: str) -> StatEntry | None:
