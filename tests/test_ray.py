@@ -262,7 +262,7 @@ def test_killed_worker_fails_cleanly_then_retries_succeed(
     assert "Step `flaky` has finished" in result.out
     assert project.read("flaky.txt") == "ok\n"
     status = project.run("status")
-    assert "stale  dies: never built" in status.out  # nothing recorded for it
+    assert "stale  dies: its last run failed" in status.out  # no manifest recorded for it
     time.sleep(1)
     assert project.read("dies.txt") == "partial\n"  # the step died with its worker
 
@@ -376,4 +376,4 @@ def test_failed_transfer_fails_the_target_cleanly(
     assert result.code == 1
     assert "Step `where` failed" in result.err
     assert "uploading its inputs to the remote cache failed" in result.err
-    assert "stale  where: never built" in project.run("status").out
+    assert "stale  where: its last run failed" in project.run("status").out
