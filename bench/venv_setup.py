@@ -128,3 +128,43 @@ def mlbuild_command(venv: Path) -> list[str]:
     if exe.exists():
         return [str(exe)]
     return [str(venv / "bin" / "python"), "-m", "mlbuild"]
+
+
+# ZenML's own bench venv (issue 20), apart from the peers' so its dependency tree (SQLAlchemy,
+# pydantic, click pins) cannot move theirs. The demo's work needs TensorFlow and scikit-learn:
+# the same pins as pyproject.toml's `examples` extra, so both tools train the same model.
+ZENML_PINS: tuple[str, ...] = (
+    "zenml[local]==0.98.0",  # [local]: SQLAlchemy etc. for the local SQLite store
+    "tensorflow-cpu==2.21.0; platform_machine == 'x86_64'",
+    "tensorflow==2.21.0; platform_machine != 'x86_64'",
+    "scikit-learn>=1.3",
+)
+
+
+def _zenml_key() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}|" + "|".join(ZENML_PINS)
+
+
+def ensure_zenml_venv(venv: Path, *, log: bool = True) -> Path:
+    """Make sure `venv` has ZenML with the demo's TensorFlow; return its python.
+
+    Raises SystemExit with pip's own error lines when the install fails, so a
+    bench never reports a ZenML number it could not measure.
+    """
+    stamp = _read_stamp(venv)
+    if (venv / "bin" / "python").exists() and stamp.get("zenml") == _zenml_key():
+        return venv / "bin" / "python"
+    if venv.exists():
+        shutil.rmtree(venv)
+    if log:
+        print(f"[venv] creating {venv} and installing {' '.join(ZENML_PINS)}", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    res = _pip(venv, "install", "--quiet", *ZENML_PINS)
+    if res.returncode != 0:
+        sys.stderr.write(res.stdout + res.stderr)
+        raise SystemExit("pip install of ZenML failed (pip's error above)")
+    check = _pip(venv, "check")
+    if log and check.returncode != 0:
+        print("[venv] pip check: " + check.stdout.strip(), flush=True)
+    _write_stamp(venv, {"zenml": _zenml_key()})
+    return venv / "bin" / "python"
