@@ -510,3 +510,24 @@ def test_a_kept_worker_gets_the_parameters_of_its_call(keeping: Project) -> None
     env = seen["env"]
     assert isinstance(env, dict)
     assert seen["k"] == 2 and env["MLBUILD_PARAM_K"] == "2"  # ... called with k = 2
+
+
+def test_watch_keeps_the_last_steps_that_ran_warm_not_the_first() -> None:
+    """After the demo's first build (importer, normalizer, trainer, evaluator) at -j 2,
+    watch keeps the trainer and evaluator warm: an edit to the trainer reruns both, while
+    the data steps rarely rerun (the ZenML bench found the importer and normalizer kept)."""
+    from mlbuild.exec.warm import likely_to_rerun
+    from mlbuild.pipeline.schema import Target
+
+    def python(name: str) -> Target:
+        return Target(name, None, None, f"steps.{name}:run", (), (), {})
+
+    names = ("importer", "normalizer", "trainer", "evaluator")
+    targets = {name: python(name) for name in names}
+    targets["report"] = Target("report", "cat x", "cat x", None, (), (), {})
+    ran = [*names, "report"]
+    assert likely_to_rerun(targets, ran, [], 2) == ["evaluator", "trainer"]
+    assert likely_to_rerun(targets, ["trainer"], ["evaluator", "gone"], 2) == [
+        "trainer",
+        "evaluator",
+    ]

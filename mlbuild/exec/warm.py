@@ -321,15 +321,13 @@ def end_session(pool: WarmPool) -> None:
 def keep_for(pool: WarmPool, targets: Mapping[str, Target], ran: Sequence[str], jobs: int) -> None:
     """After a watch build: a warm worker for each Python target likely to run again.
 
-    Those that just ran come first (an edit to a trainer's code or params
-    reruns it), then those already warm; `jobs` at most. One that died, or
-    whose packages or code changed since it started, is replaced.
+    `jobs` at most (see likely_to_rerun). One that died, or whose packages or
+    code changed since it started, is replaced.
     """
     from mlbuild.code import CodeScanner
     from mlbuild.fingerprint import Fingerprinter
 
-    python = [n for n in ran if n in targets and targets[n].kind is ActionKind.PYTHON]
-    keep = list(dict.fromkeys([*python, *(n for n in pool.workers if n in targets)]))[:jobs]
+    keep = likely_to_rerun(targets, ran, list(pool.workers), jobs)
     pool.keep_only(keep)
     env = dict(os.environ)
     code = CodeScanner(Fingerprinter(pool.root, {}), {})
@@ -355,6 +353,21 @@ def keep_for(pool: WarmPool, targets: Mapping[str, Target], ran: Sequence[str], 
             pool.spawn(target, spec, env, stamp)  # replaces the one it had
         except OSError:
             return
+
+
+def likely_to_rerun(
+    targets: Mapping[str, Target], ran: Sequence[str], warm: Sequence[str], jobs: int
+) -> list[str]:
+    """The Python targets to keep warm after a build, `jobs` at most, in order of use.
+
+    Those that just ran, the last first: `ran` is in build order, and the
+    last ones are downstream, rerun by an edit to anything above them (after a
+    first build of importer, normalizer, trainer, evaluator that is the
+    trainer and evaluator, not the data steps that rarely rerun). Then those
+    already warm.
+    """
+    python = [n for n in reversed(ran) if n in targets and targets[n].kind is ActionKind.PYTHON]
+    return list(dict.fromkeys([*python, *(n for n in warm if n in targets)]))[:jobs]
 
 
 def _stamp_for(target: Target, env: Mapping[str, str]) -> Stamp:
