@@ -124,6 +124,37 @@ def test_version_2_is_upgraded_in_place_keeping_manifests_and_history(
         assert conn.execute("SELECT value FROM meta").fetchone() == (SCHEMA_VERSION,)
 
 
+def test_version_4_is_upgraded_keeping_everything_and_indexing_the_history(
+    state: Path, warned: Warnings
+) -> None:
+    with open_store(state, warned) as store:
+        store.save_stats({"in.txt": ENTRY})
+        store.record("t", '{"version": 2}', 2.0, {}, {})
+        store.record_run(1.0, "run", "ok", [RunRow("t", "ran", 2.0, "never built")])
+    with sqlite3.connect(state / "state.db") as conn:  # as schema 4 left it
+        conn.execute("DROP INDEX run_targets_target")
+        conn.execute("ALTER TABLE manifests DROP COLUMN sig")
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    with open_store(state, warned) as store:
+        stored = store.load_manifest("t")
+        assert stored is not None and stored.data == '{"version": 2}' and stored.sig is None
+        assert store.load_stats().files == {"in.txt": ENTRY}
+        assert [run.targets for run in store.load_runs(5)] == [
+            (RunRow("t", "ran", 2.0, "never built"),)
+        ]
+        store.save_signatures([("t", b"sig")])
+        assert store.load_manifests()["t"].sig == b"sig"
+        store.record("t", '{"version": 2}', 3.0, {}, {})  # a new manifest: no signature yet
+        assert store.load_manifests()["t"].sig is None
+    assert warned == [] and backups(state) == []
+    with sqlite3.connect(state / "state.db") as conn:
+        assert conn.execute("SELECT value FROM meta").fetchone() == (SCHEMA_VERSION,)
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT * FROM run_targets WHERE target = 't'"
+        ).fetchall()
+    assert "run_targets_target" in str(plan)  # `show` reads one target's history by index
+
+
 @pytest.mark.parametrize("version", ["1", "999", None])
 def test_an_unknown_schema_is_moved_aside_never_deleted(
     state: Path, warned: Warnings, version: str | None

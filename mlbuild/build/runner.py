@@ -43,9 +43,11 @@ from mlbuild.manifest import CHANGED_DURING_STEP, Fingerprint, is_dir, is_missin
 from mlbuild.pipeline.load import missing_hint
 from mlbuild.pipeline.schema import ActionKind, Target
 from mlbuild.scheduler import Scheduler
+from mlbuild.signature import fresh_by_signature, make_signature
 from mlbuild.staleness import (
     Decision,
     Observation,
+    compared_text,
     decide,
     expand_inputs,
     observe,
@@ -206,7 +208,7 @@ class Build:
         self.root = graph.pipeline.root
         self.where = graph.pipeline.display_file  # for messages; computed once, not per target
         self.manifests = store.load_manifests()
-        self.fp = Fingerprinter(self.root, store.load_stats(), reuse_walks=True)
+        self.fp = Fingerprinter(self.root, store.load_stats, reuse_walks=True)
         parsed = {raw: Parsed.from_json(data) for raw, data in store.load_parsed().items()}
         self.code = CodeScanner(self.fp, {raw: p for raw, p in parsed.items() if p is not None})
         self.packages: dict[str, str | None] = {}
@@ -225,6 +227,8 @@ class Build:
         self.made_dirs: set[Path] = set()  # output parents created in this build
         self._pending: list[Record] = []  # manifests not yet written (_record_later)
         self._pending_since = 0.0  # monotonic time the oldest of them was queued
+        self._signed: list[tuple[str, bytes]] = []  # stat signatures to write (signature.py)
+        self._fresh: dict[tuple[int, ...], Decision] = {}  # by counts, for signed targets
 
     def run(self) -> BuildResult:
         start = time.perf_counter()
@@ -266,6 +270,7 @@ class Build:
             if self._remote is not None:
                 self._remote.finish(wait=status is not RunStatus.INTERRUPTED)  # background uploads
         save_checked(self.store, self.fp, self.code)
+        self.store.save_signatures(self._signed)
         rows = [
             RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons)) for r in self.results
         ]
@@ -356,12 +361,26 @@ class Build:
             return False
         checking = time.perf_counter()
         stored = self.manifests.get(name)
+        if stored is not None and stored.sig is not None and not forced:
+            counts = fresh_by_signature(target, stored.sig, self.fp)
+            if counts is not None:  # fresh by the stat of its files alone (signature.py)
+                decision = self._fresh.get(counts)
+                if decision is None:
+                    decision = self._fresh[counts] = Decision(True, (), compared_text(counts))
+                self._finish(
+                    TargetResult(name, Outcome.SKIPPED, duration=time.perf_counter() - checking)
+                )
+                self.reporter.skipped(name, decision)
+                return False
         before = Fingerprint.from_json(stored.data) if stored is not None else None
         now = self._observe(target, before)
         decision = decide(
             target, now, before, self.store.load_tree, forced=forced, stored=stored is not None
         )
         if decision.fresh:
+            sig = make_signature(target, now.fingerprint, self.fp.stats)
+            if sig is not None and stored is not None and sig != stored.sig:
+                self._signed.append((name, sig))
             # A skipped target's duration is what checking it cost.
             cost = time.perf_counter() - checking
             self._finish(TargetResult(name, Outcome.SKIPPED, duration=cost))
