@@ -23,7 +23,9 @@ machine loses at most the last transactions, never the database):
 - `trees(digest, listing)`: zlib-compressed listings of input/output directories,
   so that a reason can name the entries that changed.
 - `runs` and `run_targets`: history, one row per run and per target in it;
-  `run_targets_target` indexes the latter by target (`show`, `log TARGET`).
+  `run_targets_target` indexes the latter by target, skipped rows left out (a
+  no-op adds one per target, and indexing them doubled its insert cost): what
+  `show` asks, the run that last built a target, is found at once.
 - `experiments(id, name, created, built, params, targets)`: one row per
   configuration built to success (experiments.py owns its meaning): `params`
   the JSON of its parameter values, `targets` the JSON of target -> [cache
@@ -115,7 +117,8 @@ CREATE TABLE IF NOT EXISTS run_targets (
     run_id INTEGER NOT NULL, target TEXT NOT NULL, status TEXT NOT NULL,
     duration REAL NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (run_id, target)
 );
-CREATE INDEX IF NOT EXISTS run_targets_target ON run_targets (target, run_id);
+CREATE INDEX IF NOT EXISTS run_targets_target ON run_targets (target, run_id)
+    WHERE status != 'skipped';
 CREATE TABLE IF NOT EXISTS experiments (
     id TEXT PRIMARY KEY, name TEXT, created REAL NOT NULL, built REAL NOT NULL,
     params TEXT NOT NULL, targets TEXT NOT NULL
@@ -368,10 +371,18 @@ class Store:
         """The last `limit` runs that decided `target` (with one of `statuses`), newest first."""
         wanted = list(statuses) if statuses is not None else []
         only = f" AND t.status IN ({', '.join('?' * len(wanted))})" if wanted else ""
+        # Without skipped rows asked for, the partial index run_targets_target (target,
+        # run_id) yields the newest rows first: the query stops at `limit`. With them,
+        # runs are walked from the newest, each looked up by the primary key.
+        order = "t.run_id"
+        if wanted and "skipped" not in wanted:
+            only += " AND t.status != 'skipped'"  # the index's own condition, word for word
+        else:
+            order = "r.id"
         rows = self.conn.execute(
             "SELECT r.id, r.started_at, t.status, t.duration, t.reason"
             " FROM run_targets t JOIN runs r ON r.id = t.run_id"
-            f" WHERE t.target = ?{only} ORDER BY r.id DESC LIMIT ?",
+            f" WHERE t.target = ?{only} ORDER BY {order} DESC LIMIT ?",
             (target, *wanted, limit),
         )
         return [TargetRun(*row) for row in rows]

@@ -149,10 +149,27 @@ def test_version_4_is_upgraded_keeping_everything_and_indexing_the_history(
     assert warned == [] and backups(state) == []
     with sqlite3.connect(state / "state.db") as conn:
         assert conn.execute("SELECT value FROM meta").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'run_targets'"
+            " AND name = 'run_targets_target'"
+        ).fetchone()
+
+
+def test_the_run_that_built_a_target_is_found_among_later_no_ops(store: Store, state: Path) -> None:
+    store.record_run(1.0, "run", "ok", [RunRow("t", "ran", 2.0, "never built")])
+    for n in range(50):
+        store.record_run(2.0 + n, "run", "ok", [RunRow("t", "skipped", 0.0, "")])
+    (built,) = store.load_target_runs("t", 1, ("ran", "restored"))
+    assert (built.run_id, built.status, built.reason) == (1, "ran", "never built")
+    assert [r.status for r in store.load_target_runs("t", 2)] == ["skipped", "skipped"]
+    with sqlite3.connect(state / "state.db") as conn:
         plan = conn.execute(
-            "EXPLAIN QUERY PLAN SELECT * FROM run_targets WHERE target = 't'"
+            "EXPLAIN QUERY PLAN SELECT r.id FROM run_targets t JOIN runs r ON r.id = t.run_id"
+            " WHERE t.target = ? AND t.status IN ('ran') AND t.status != 'skipped'"
+            " ORDER BY t.run_id DESC LIMIT 1",
+            ("t",),
         ).fetchall()
-    assert "run_targets_target" in str(plan)  # `show` reads one target's history by index
+    assert "run_targets_target" in str(plan)  # `show` reads by index, not the whole history
 
 
 @pytest.mark.parametrize("version", ["1", "999", None])
