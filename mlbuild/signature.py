@@ -67,18 +67,19 @@ def signable(target: Target) -> bool:
 
 def _static(target: Target) -> tuple[Any, ...]:
     """The fingerprint's static part, built from the target and the environment now."""
-    ports = [("in", port.name, port.path, ()) for port in target.inputs]
-    ports += [("out", port.name, port.path, ()) for port in target.outputs]
+    ports = tuple([("in", port.name, port.path, ()) for port in target.inputs]) + tuple(
+        [("out", port.name, port.path, ()) for port in target.outputs]
+    )
     params = target.params
     env = target.env
     return (
         SIG_FORMAT,
         MANIFEST_VERSION,
         target.command,
-        target.action,
-        tuple((name, encode_value(value)) for name, value in params.items()) if params else (),
-        tuple((name, env_digest(os.environ.get(name))) for name in env) if env else (),
-        tuple(ports),
+        target.cmd if target.cmd is not None else target.action,
+        tuple([(name, encode_value(value)) for name, value in params.items()]) if params else (),
+        tuple([(name, env_digest(os.environ.get(name))) for name in env]) if env else (),
+        ports,
     )
 
 
@@ -135,14 +136,19 @@ def make_signature(
 
 
 def fresh_by_signature(target: Target, sig: bytes, fp: Fingerprinter) -> Counts | None:
-    """The counts of a target its signature finds fresh now; None: decide the long way."""
-    if not signable(target):
+    """The counts of a target its signature finds fresh now; None: decide the long way.
+
+    The hot loop of a no-op: one call per target, two `lstat`s of most of its cost.
+    No glob check here: a port is a glob by its path's text, which the static
+    part compares, and no signature is made for a target with one.
+    """
+    if target.python is not None or target.track or target.always_run:
         return None
     payload = sig[_CRC:]
-    if zlib.crc32(payload).to_bytes(_CRC, "big") != sig[:_CRC]:
+    if _crc32(payload).to_bytes(_CRC, "big") != sig[:_CRC]:
         return None
     try:
-        static, files, counts = marshal.loads(payload)
+        static, files, counts = _loads(payload)
     except (EOFError, ValueError, TypeError):
         return None
     if static != _static(target):
@@ -150,12 +156,17 @@ def fresh_by_signature(target: Target, sig: bytes, fp: Fingerprinter) -> Counts 
     lstat = fp.lstat
     for path, size, mtime_ns, ctime_ns, ino in files:
         st = lstat(path)
-        if st is None or (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != (
-            size,
-            mtime_ns,
-            ctime_ns,
-            ino,
+        if (
+            st is None
+            or st.st_mtime_ns != mtime_ns
+            or st.st_ctime_ns != ctime_ns
+            or st.st_size != size
+            or st.st_ino != ino
         ):
             return None
     result: Counts = counts
     return result
+
+
+_crc32 = zlib.crc32
+_loads = marshal.loads
