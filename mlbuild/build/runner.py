@@ -138,9 +138,11 @@ def clear_outputs(
     """
     moved: list[tuple[str, str]] = []
     for port in target.outputs:
-        full = check_writable(root, where, target, port.path)
         digest = current.get(port.path)
-        if digest is None or is_missing(digest) or not os.path.lexists(full):
+        if digest is None or is_missing(digest):
+            continue  # nothing there to delete or move: no write, so no check (a first build)
+        full = check_writable(root, where, target, port.path)
+        if not os.path.lexists(full):
             continue
         if known.get(port.path) == digest:
             _delete(full)
