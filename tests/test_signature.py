@@ -164,3 +164,23 @@ def test_python_targets_and_scripts_are_left_to_the_long_way(project: Project) -
     assert signatures(project) == {"py": None, "script": None}
     project.write("gen.sh", 'echo bye > "$1"\n')
     assert project.run().started() == ["script"]
+
+
+def test_the_signature_knows_every_fingerprint_field() -> None:
+    """A new Fingerprint field is a new reason to be stale: signature.py must cover it
+    (in its static part, its files, or by refusing such targets) before this list grows."""
+    from mlbuild.manifest import Fingerprint
+
+    assert Fingerprint._fields == (
+        "action",  # static part
+        "params",  # static part
+        "env",  # static part
+        "inputs",  # files
+        "outputs",  # files
+        "code",  # must be empty (shell commands naming no script)
+        "packages",  # must be empty (no `track`)
+        "ports",  # static part (no glob: no matches)
+        "discovered",  # files
+        "imported",  # must be empty
+        "dynamic",  # must be empty
+    )
