@@ -254,6 +254,9 @@ class Store:
         self.path = path
         self.conn = conn
         self.warn = warn
+        # The rows `load_manifests` returned, while nothing was written since: what
+        # `load_durations` reads instead of scanning the table again (a no-op's summary).
+        self._read: dict[str, StoredManifest] | None = None
 
     def __enter__(self) -> Store:
         return self
@@ -314,7 +317,9 @@ class Store:
         """Every manifest row; its text is checked where it is parsed (Fingerprint.from_json)."""
         rows = self.conn.execute("SELECT target, data, finished_at, duration, sig FROM manifests")
         with _no_collection():
-            return {row[0]: _make(StoredManifest, row[1:]) for row in rows}
+            loaded = {row[0]: _make(StoredManifest, row[1:]) for row in rows}
+        self._read = loaded
+        return loaded
 
     @_guarded
     def load_manifest(self, target: str) -> StoredManifest | None:
@@ -339,6 +344,8 @@ class Store:
         and a skipped target keeps its manifest, so this is what skipping or
         restoring saved (unlike `run_targets`, where a skip records its check cost).
         """
+        if self._read is not None:  # nothing written since they were read
+            return {target: row.duration for target, row in self._read.items()}
         return dict(self.conn.execute("SELECT target, duration FROM manifests"))
 
     @_guarded
@@ -433,6 +440,7 @@ class Store:
         """Write several manifests in one transaction (a first build records in batches):
         all of them, with what each relies on, or none."""
         records = list(records)  # a retry after starting over must see them again
+        self._read = None
         with self._transaction() as conn:
             for r in records:
                 self._put_stats(conn, r.stats)
@@ -463,6 +471,7 @@ class Store:
     @_guarded
     def forget(self, targets: Iterable[str]) -> None:
         """Drop manifests, so that these targets are stale (before rerunning or cleaning)."""
+        self._read = None
         with self._transaction() as conn:
             conn.executemany("DELETE FROM manifests WHERE target = ?", [(t,) for t in targets])
 
@@ -566,6 +575,7 @@ class Store:
         """After a failed query: start over if the database is corrupt, else one StateError."""
         if not is_corrupt(exc):
             raise state_error(self.path, exc) from None
+        self._read = None
         with contextlib.suppress(sqlite3.Error):
             self.conn.close()
         self.conn = _start_over(self.path, f"it is corrupt ({exc})", self.warn)

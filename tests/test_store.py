@@ -319,3 +319,15 @@ def test_a_new_connection_sees_only_committed_records(store: Store, state: Path)
     with sqlite3.connect(state / "state.db") as conn:
         assert conn.execute("SELECT target FROM manifests").fetchall() == [("t",)]
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_durations_read_after_the_manifests_follow_every_write(store: Store) -> None:
+    store.record("a", '{"version": 2}', 2.0, {}, {})
+    store.record("b", '{"version": 2}', 3.0, {}, {})
+    assert set(store.load_manifests()) == {"a", "b"}
+    assert store.load_durations() == {"a": 2.0, "b": 3.0}  # from the rows just read
+    store.record("a", '{"version": 2}', 5.0, {}, {})
+    assert store.load_durations() == {"a": 5.0, "b": 3.0}
+    store.load_manifests()
+    store.forget(["b"])
+    assert store.load_durations() == {"a": 5.0}
