@@ -55,6 +55,13 @@ SCRIPT_SUFFIXES = (".py", ".sh", ".bash", ".zsh", ".R", ".r", ".jl", ".pl", ".rb
 _MAY_NAME_SCRIPT = re.compile(
     r"\.(?:" + "|".join(re.escape(x[1:]) for x in SCRIPT_SUFFIXES) + r")\b|(?:^|\s)-m\s"
 )
+
+
+def may_name_script(command: str) -> bool:
+    """False when a shell command cannot name a script: its code closure is empty."""
+    return _MAY_NAME_SCRIPT.search(command) is not None
+
+
 _PYTHONS = ("python", "python3", "python3.11", "python3.12", "python3.13", "ipython")
 
 

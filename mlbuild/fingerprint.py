@@ -272,7 +272,9 @@ def _no_dirs(rel: str) -> None:
 class Fingerprinter:
     """Digests paths under `root`, consulting and updating a stat cache.
 
-    `stats` is the persisted cache (`StatCache`), or a plain mapping of file
+    `stats` is the persisted cache (`StatCache`), a function returning it (called
+    on first use: a no-op whose targets are all fresh by their stat signatures,
+    signature.py, never reads the stat cache), or a plain mapping of file
     entries for a cache that starts empty of directories. `updates` collects
     the entries learned since the last `take_updates`, for the caller to
     persist with the manifest they belong to.
@@ -285,16 +287,23 @@ class Fingerprinter:
     """
 
     def __init__(
-        self, root: Path, stats: StatCache | Mapping[str, StatEntry], *, reuse_walks: bool = False
+        self,
+        root: Path,
+        stats: StatCache | Mapping[str, StatEntry] | Callable[[], StatCache],
+        *,
+        reuse_walks: bool = False,
     ) -> None:
         self.root = root
         self._prefix = str(root) + os.sep
+        self._stats: dict[str, StatEntry] | None = None
+        self._load_dir: Callable[[str], DirStat | None] = _no_dirs
+        self._source: Callable[[], StatCache] | None = None
         if isinstance(stats, StatCache):
-            self.stats: dict[str, StatEntry] = dict(stats.files)
-            self._load_dir: Callable[[str], DirStat | None] = stats.load_dir
+            self._use(stats)
+        elif callable(stats):
+            self._source = stats
         else:
-            self.stats = dict(stats)
-            self._load_dir = _no_dirs
+            self._stats = dict(stats)
         self.dirs: dict[str, DirStat | None] = {}  # loaded or learned this run
         self.updates: dict[str, StatEntry | DirStat] = {}
         self._reuse_walks = reuse_walks
@@ -302,6 +311,20 @@ class Fingerprinter:
         # lstat results taken by `exists` (a build's check that sources exist), each
         # used once by `digest` until expire(): one syscall per source, not two.
         self._checked: dict[str, os.stat_result] = {}
+
+    def _use(self, cache: StatCache) -> dict[str, StatEntry]:
+        self._load_dir = cache.load_dir
+        stats = self._stats = dict(cache.files)
+        return stats
+
+    @property
+    def stats(self) -> dict[str, StatEntry]:
+        """File path -> stat entry: the persisted cache with what this run learned."""
+        stats = self._stats
+        if stats is None:
+            assert self._source is not None
+            stats = self._use(self._source())
+        return stats
 
     def take_updates(self) -> dict[str, StatEntry | DirStat]:
         """The stat entries learned since the last call, emptied."""
@@ -331,6 +354,16 @@ class Fingerprinter:
         except OSError:
             return False
         return True
+
+    def lstat(self, rel: str) -> os.stat_result | None:
+        """The lstat of a project-relative path (the one `exists` took, if any); None if absent."""
+        st = self._checked.pop(rel, None) if self._checked else None
+        if st is not None:
+            return st
+        try:
+            return os.lstat(self._prefix + rel)
+        except OSError:
+            return None
 
     def digest(self, rel: str) -> Digest:
         """The fingerprint of a project-relative path, following no symlink.
@@ -401,6 +434,8 @@ class Fingerprinter:
         if rel in self.dirs:
             known = self.dirs[rel]
         else:
+            if self._stats is None:
+                self.stats  # noqa: B018  # loads the cache: the directory loader comes with it
             known = self.dirs[rel] = self._load_dir(rel)
         if known is not None and known.summary == summary:
             return Digest(_DIR, known.digest, known.listing)

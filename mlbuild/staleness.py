@@ -230,7 +230,7 @@ _compared_texts: dict[tuple[int, ...], str] = {}  # counts -> text: a pipeline h
 
 
 def _compared(cur: Fingerprint) -> str:
-    """What a fresh target was found equal in, for --explain (made once per shape of counts)."""
+    """What a fresh target was found equal in, for --explain."""
     counts = (
         len(cur.code),
         len(cur.params),
@@ -240,6 +240,12 @@ def _compared(cur: Fingerprint) -> str:
         len(cur.discovered),
         len(cur.outputs),
     )
+    return compared_text(counts)
+
+
+def compared_text(counts: tuple[int, ...]) -> str:
+    """The --explain text for these counts of code files, params, env vars, packages,
+    inputs, discovered inputs and outputs (made once per shape: a pipeline has few)."""
     text = _compared_texts.get(counts)
     if text is None:
         parts = [

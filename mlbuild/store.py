@@ -14,13 +14,18 @@ machine loses at most the last transactions, never the database):
   damaged blob reads as absent and costs a re-hash, never a wrong digest.
   `files` is read only when a directory's summary changed. Writing a row
   drops the `stats` rows below that directory (a cache restore learns them).
-- `manifests(target, data, finished_at, duration)`: one row per target, `data`
-  is the JSON of its last successful build (opaque here; see staleness.py).
+- `manifests(target, data, finished_at, duration, sig)`: one row per target, `data`
+  is the JSON of its last successful build (opaque here; see staleness.py), `sig`
+  its stat signature or NULL (opaque here; see signature.py): what lets a no-op
+  call it fresh from the stat of its files alone.
 - `parsed(raw, data)`: what code.py learned from a Python file with that raw
   digest (its AST digest and imports), so unchanged files are never parsed again.
 - `trees(digest, listing)`: zlib-compressed listings of input/output directories,
   so that a reason can name the entries that changed.
-- `runs` and `run_targets`: history, one row per run and per target in it.
+- `runs` and `run_targets`: history, one row per run and per target in it;
+  `run_targets_target` indexes the latter by target, skipped rows left out (a
+  no-op adds one per target, and indexing them doubled its insert cost): what
+  `show` asks, the run that last built a target, is found at once.
 - `experiments(id, name, created, built, params, targets)`: one row per
   configuration built to success (experiments.py owns its meaning): `params`
   the JSON of its parameter values, `targets` the JSON of target -> [cache
@@ -34,7 +39,9 @@ under a name no other backup has (never deleted) and the build starts over
 with one warning: a lost state costs a rebuild and the history, never a wrong
 result. Version 2 (no ctime, one stats row per file) is upgraded in place by
 dropping its stat cache: those files are simply hashed again. Version 3 (no
-experiment tables) is upgraded by creating them; nothing else changes. Any other
+experiment tables) is upgraded by creating them, version 4 (no `manifests.sig`,
+no history index) by adding the column (NULL: those targets are checked the long
+way once) and the index; nothing else changes. Any other
 database error (read-only, locked, disk full) is one `StateError` line
 naming the path and what to do.
 """
@@ -59,9 +66,9 @@ from mlbuild.errors import StateError
 from mlbuild.fingerprint import DirStat, StatCache, StatEntry
 from mlbuild.pipeline.schema import display_path
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 UPGRADABLE = {"2"}  # schema versions opened by dropping their stat cache
-ADDITIVE = {"3"}  # schema versions opened by creating the tables they lack
+ADDITIVE = {"3", "4"}  # schema versions opened by creating the tables, columns, indexes they lack
 DB_NAME = "state.db"
 WarnFn = Callable[[str], None]
 
@@ -97,7 +104,8 @@ CREATE TABLE IF NOT EXISTS dirs (
     listing BLOB NOT NULL, files BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS manifests (
-    target TEXT PRIMARY KEY, data TEXT NOT NULL, finished_at REAL NOT NULL, duration REAL NOT NULL
+    target TEXT PRIMARY KEY, data TEXT NOT NULL, finished_at REAL NOT NULL, duration REAL NOT NULL,
+    sig BLOB
 );
 CREATE TABLE IF NOT EXISTS parsed (raw TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS trees (digest TEXT PRIMARY KEY, listing BLOB NOT NULL) WITHOUT ROWID;
@@ -109,6 +117,8 @@ CREATE TABLE IF NOT EXISTS run_targets (
     run_id INTEGER NOT NULL, target TEXT NOT NULL, status TEXT NOT NULL,
     duration REAL NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (run_id, target)
 );
+CREATE INDEX IF NOT EXISTS run_targets_target ON run_targets (target, run_id)
+    WHERE status != 'skipped';
 CREATE TABLE IF NOT EXISTS experiments (
     id TEXT PRIMARY KEY, name TEXT, created REAL NOT NULL, built REAL NOT NULL,
     params TEXT NOT NULL, targets TEXT NOT NULL
@@ -123,11 +133,13 @@ R = TypeVar("R")
 
 
 class StoredManifest(NamedTuple):
-    """A manifest row: the opaque JSON plus when the target finished and how long it took."""
+    """A manifest row: the opaque JSON plus when the target finished and how long it took,
+    and its stat signature (signature.py) if one was written."""
 
     data: str
     finished_at: float
     duration: float
+    sig: bytes | None = None
 
 
 class Record(NamedTuple):
@@ -242,6 +254,9 @@ class Store:
         self.path = path
         self.conn = conn
         self.warn = warn
+        # The rows `load_manifests` returned, while nothing was written since: what
+        # `load_durations` reads instead of scanning the table again (a no-op's summary).
+        self._read: dict[str, StoredManifest] | None = None
 
     def __enter__(self) -> Store:
         return self
@@ -300,15 +315,17 @@ class Store:
     @_guarded
     def load_manifests(self) -> dict[str, StoredManifest]:
         """Every manifest row; its text is checked where it is parsed (Fingerprint.from_json)."""
-        rows = self.conn.execute("SELECT target, data, finished_at, duration FROM manifests")
+        rows = self.conn.execute("SELECT target, data, finished_at, duration, sig FROM manifests")
         with _no_collection():
-            return {row[0]: _make(StoredManifest, row[1:]) for row in rows}
+            loaded = {row[0]: _make(StoredManifest, row[1:]) for row in rows}
+        self._read = loaded
+        return loaded
 
     @_guarded
     def load_manifest(self, target: str) -> StoredManifest | None:
         """One target's manifest; None when there is none or its text is not a JSON object."""
         row = self.conn.execute(
-            "SELECT data, finished_at, duration FROM manifests WHERE target = ?", (target,)
+            "SELECT data, finished_at, duration, sig FROM manifests WHERE target = ?", (target,)
         ).fetchone()
         if row is None:
             return None
@@ -327,6 +344,8 @@ class Store:
         and a skipped target keeps its manifest, so this is what skipping or
         restoring saved (unlike `run_targets`, where a skip records its check cost).
         """
+        if self._read is not None:  # nothing written since they were read
+            return {target: row.duration for target, row in self._read.items()}
         return dict(self.conn.execute("SELECT target, duration FROM manifests"))
 
     @_guarded
@@ -359,10 +378,18 @@ class Store:
         """The last `limit` runs that decided `target` (with one of `statuses`), newest first."""
         wanted = list(statuses) if statuses is not None else []
         only = f" AND t.status IN ({', '.join('?' * len(wanted))})" if wanted else ""
+        # Without skipped rows asked for, the partial index run_targets_target (target,
+        # run_id) yields the newest rows first: the query stops at `limit`. With them,
+        # runs are walked from the newest, each looked up by the primary key.
+        order = "t.run_id"
+        if wanted and "skipped" not in wanted:
+            only += " AND t.status != 'skipped'"  # the index's own condition, word for word
+        else:
+            order = "r.id"
         rows = self.conn.execute(
             "SELECT r.id, r.started_at, t.status, t.duration, t.reason"
             " FROM run_targets t JOIN runs r ON r.id = t.run_id"
-            f" WHERE t.target = ?{only} ORDER BY r.id DESC LIMIT ?",
+            f" WHERE t.target = ?{only} ORDER BY {order} DESC LIMIT ?",
             (target, *wanted, limit),
         )
         return [TargetRun(*row) for row in rows]
@@ -425,6 +452,7 @@ class Store:
         """Write several manifests in one transaction (a first build records in batches):
         all of them, with what each relies on, or none."""
         records = list(records)  # a retry after starting over must see them again
+        self._read = None
         with self._transaction() as conn:
             for r in records:
                 self._put_stats(conn, r.stats)
@@ -436,6 +464,8 @@ class Store:
                     conn.execute(
                         "INSERT INTO trees (digest, listing) VALUES (?, ?)", (digest, blob)
                     )
+                # No signature yet (NULL): the outputs a step just wrote are racy, so the
+                # next no-op checks the long way, re-hashes them and writes one.
                 conn.execute(
                     "INSERT OR REPLACE INTO manifests (target, data, finished_at, duration)"
                     " VALUES (?, ?, ?, ?)",
@@ -443,8 +473,17 @@ class Store:
                 )
 
     @_guarded
+    def save_signatures(self, sigs: Iterable[tuple[str, bytes]]) -> None:
+        """Set the stat signatures of manifests found fresh the long way (target, sig)."""
+        rows = [(sig, target) for target, sig in sigs]
+        if rows:
+            with self._transaction() as conn:
+                conn.executemany("UPDATE manifests SET sig = ? WHERE target = ?", rows)
+
+    @_guarded
     def forget(self, targets: Iterable[str]) -> None:
         """Drop manifests, so that these targets are stale (before rerunning or cleaning)."""
+        self._read = None
         with self._transaction() as conn:
             conn.executemany("DELETE FROM manifests WHERE target = ?", [(t,) for t in targets])
 
@@ -548,6 +587,7 @@ class Store:
         """After a failed query: start over if the database is corrupt, else one StateError."""
         if not is_corrupt(exc):
             raise state_error(self.path, exc) from None
+        self._read = None
         with contextlib.suppress(sqlite3.Error):
             self.conn.close()
         self.conn = _start_over(self.path, f"it is corrupt ({exc})", self.warn)
@@ -731,8 +771,11 @@ def _prepare(conn: sqlite3.Connection) -> str | None:
     if version in UPGRADABLE or version in ADDITIVE:
         # Older stat entries lack the ctime: dropping them costs one re-hash.
         drop = "DROP TABLE IF EXISTS stats; DROP TABLE IF EXISTS dirs;" * (version in UPGRADABLE)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(manifests)")}
+        # Before 5: no stat signature (NULL: checked the long way once, then written).
+        add_sig = "ALTER TABLE manifests ADD COLUMN sig BLOB;" * ("sig" not in columns)
         conn.executescript(
-            f"BEGIN IMMEDIATE; {drop}"
+            f"BEGIN IMMEDIATE; {drop} {add_sig}"
             f"{_SCHEMA} INSERT OR REPLACE INTO meta (key, value)"
             f" VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
         )

@@ -124,6 +124,54 @@ def test_version_2_is_upgraded_in_place_keeping_manifests_and_history(
         assert conn.execute("SELECT value FROM meta").fetchone() == (SCHEMA_VERSION,)
 
 
+def test_version_4_is_upgraded_keeping_everything_and_indexing_the_history(
+    state: Path, warned: Warnings
+) -> None:
+    with open_store(state, warned) as store:
+        store.save_stats({"in.txt": ENTRY})
+        store.record("t", '{"version": 2}', 2.0, {}, {})
+        store.record_run(1.0, "run", "ok", [RunRow("t", "ran", 2.0, "never built")])
+    with sqlite3.connect(state / "state.db") as conn:  # as schema 4 left it
+        conn.execute("DROP INDEX run_targets_target")
+        conn.execute("ALTER TABLE manifests DROP COLUMN sig")
+        conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
+    with open_store(state, warned) as store:
+        stored = store.load_manifest("t")
+        assert stored is not None and stored.data == '{"version": 2}' and stored.sig is None
+        assert store.load_stats().files == {"in.txt": ENTRY}
+        assert [run.targets for run in store.load_runs(5)] == [
+            (RunRow("t", "ran", 2.0, "never built"),)
+        ]
+        store.save_signatures([("t", b"sig")])
+        assert store.load_manifests()["t"].sig == b"sig"
+        store.record("t", '{"version": 2}', 3.0, {}, {})  # a new manifest: no signature yet
+        assert store.load_manifests()["t"].sig is None
+    assert warned == [] and backups(state) == []
+    with sqlite3.connect(state / "state.db") as conn:
+        assert conn.execute("SELECT value FROM meta").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'run_targets'"
+            " AND name = 'run_targets_target'"
+        ).fetchone()
+
+
+def test_the_run_that_built_a_target_is_found_among_later_no_ops(store: Store, state: Path) -> None:
+    store.record_run(1.0, "run", "ok", [RunRow("t", "ran", 2.0, "never built")])
+    for n in range(50):
+        store.record_run(2.0 + n, "run", "ok", [RunRow("t", "skipped", 0.0, "")])
+    (built,) = store.load_target_runs("t", 1, ("ran", "restored"))
+    assert (built.run_id, built.status, built.reason) == (1, "ran", "never built")
+    assert [r.status for r in store.load_target_runs("t", 2)] == ["skipped", "skipped"]
+    with sqlite3.connect(state / "state.db") as conn:
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT r.id FROM run_targets t JOIN runs r ON r.id = t.run_id"
+            " WHERE t.target = ? AND t.status IN ('ran') AND t.status != 'skipped'"
+            " ORDER BY t.run_id DESC LIMIT 1",
+            ("t",),
+        ).fetchall()
+    assert "run_targets_target" in str(plan)  # `show` reads by index, not the whole history
+
+
 @pytest.mark.parametrize("version", ["1", "999", None])
 def test_an_unknown_schema_is_moved_aside_never_deleted(
     state: Path, warned: Warnings, version: str | None
@@ -271,3 +319,15 @@ def test_a_new_connection_sees_only_committed_records(store: Store, state: Path)
     with sqlite3.connect(state / "state.db") as conn:
         assert conn.execute("SELECT target FROM manifests").fetchall() == [("t",)]
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_durations_read_after_the_manifests_follow_every_write(store: Store) -> None:
+    store.record("a", '{"version": 2}', 2.0, {}, {})
+    store.record("b", '{"version": 2}', 3.0, {}, {})
+    assert set(store.load_manifests()) == {"a", "b"}
+    assert store.load_durations() == {"a": 2.0, "b": 3.0}  # from the rows just read
+    store.record("a", '{"version": 2}', 5.0, {}, {})
+    assert store.load_durations() == {"a": 5.0, "b": 3.0}
+    store.load_manifests()
+    store.forget(["b"])
+    assert store.load_durations() == {"a": 5.0}

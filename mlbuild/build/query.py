@@ -41,7 +41,8 @@ from mlbuild.fingerprint import Fingerprinter
 from mlbuild.graph import Graph
 from mlbuild.manifest import MISSING_TEXT, Fingerprint, file_hex, target_key
 from mlbuild.pipeline.schema import Target
-from mlbuild.staleness import NEVER_BUILT, Decision, Observation, decide
+from mlbuild.signature import fresh_by_signature
+from mlbuild.staleness import NEVER_BUILT, Decision, Observation, compared_text, decide
 from mlbuild.store import Store
 from mlbuild.workspace import cache_dir
 
@@ -79,7 +80,7 @@ class Query:
         self.store = store
         self.root = graph.pipeline.root
         self.manifests = store.load_manifests()
-        self.fp = Fingerprinter(self.root, store.load_stats(), reuse_walks=True)
+        self.fp = Fingerprinter(self.root, store.load_stats, reuse_walks=True)
         parsed = {raw: Parsed.from_json(data) for raw, data in store.load_parsed().items()}
         self.code = CodeScanner(self.fp, {raw: p for raw, p in parsed.items() if p is not None})
         self.packages: dict[str, str | None] = {}
@@ -127,6 +128,16 @@ class Query:
         target = self.graph.targets[name]
         deps = self.graph.deps[name]
         stored = self.manifests.get(name)
+        if (
+            stored is not None
+            and stored.sig is not None
+            and not forced
+            and not restored.outputs
+            and all(actions[d] is Action.SKIP for d in deps)
+        ):
+            counts = fresh_by_signature(target, stored.sig, self.fp)
+            if counts is not None:  # fresh by the stat of its files (signature.py)
+                return Prediction(name, Action.SKIP, (), Decision(True, (), compared_text(counts)))
         before = Fingerprint.from_json(stored.data) if stored is not None else None
         now = observe_target(target, before, self.fp, self.code, self.packages, self.where)
         waiting = [d for d in deps if actions[d] is Action.RUN]

@@ -45,10 +45,12 @@ from mlbuild.manifest import CHANGED_DURING_STEP, Fingerprint, is_dir, is_missin
 from mlbuild.pipeline.load import missing_hint
 from mlbuild.pipeline.schema import ActionKind, Target
 from mlbuild.scheduler import Scheduler
+from mlbuild.signature import fresh_by_signature, make_signature
 from mlbuild.staleness import (
     NEVER_BUILT,
     Decision,
     Observation,
+    compared_text,
     decide,
     expand_inputs,
     observe,
@@ -139,9 +141,11 @@ def clear_outputs(
     """
     moved: list[tuple[str, str]] = []
     for port in target.outputs:
-        full = check_writable(root, where, target, port.path)
         digest = current.get(port.path)
-        if digest is None or is_missing(digest) or not os.path.lexists(full):
+        if digest is None or is_missing(digest):
+            continue  # nothing there to delete or move: no write, so no check (a first build)
+        full = check_writable(root, where, target, port.path)
+        if not os.path.lexists(full):
             continue
         if known.get(port.path) == digest:
             _delete(full)
@@ -209,7 +213,7 @@ class Build:
         self.root = graph.pipeline.root
         self.where = graph.pipeline.display_file  # for messages; computed once, not per target
         self.manifests = store.load_manifests()
-        self.fp = Fingerprinter(self.root, store.load_stats(), reuse_walks=True)
+        self.fp = Fingerprinter(self.root, store.load_stats, reuse_walks=True)
         parsed = {raw: Parsed.from_json(data) for raw, data in store.load_parsed().items()}
         self.code = CodeScanner(self.fp, {raw: p for raw, p in parsed.items() if p is not None})
         self.packages: dict[str, str | None] = {}
@@ -230,6 +234,8 @@ class Build:
         self.made_dirs: set[Path] = set()  # output parents created in this build
         self._pending: list[Record] = []  # manifests not yet written (_record_later)
         self._pending_since = 0.0  # monotonic time the oldest of them was queued
+        self._signed: list[tuple[str, bytes]] = []  # stat signatures to write (signature.py)
+        self._fresh: dict[tuple[int, ...], Decision] = {}  # by counts, for signed targets
 
     def run(self) -> BuildResult:
         start = time.perf_counter()
@@ -273,6 +279,7 @@ class Build:
             if self._remote is not None:
                 self._remote.finish(wait=status is not RunStatus.INTERRUPTED)  # background uploads
         save_checked(self.store, self.fp, self.code)
+        self.store.save_signatures(self._signed)
         rows = [
             RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons)) for r in self.results
         ]
@@ -368,6 +375,17 @@ class Build:
             return False
         checking = time.perf_counter()
         stored = self.manifests.get(name)
+        if stored is not None and stored.sig is not None and not forced:
+            counts = fresh_by_signature(target, stored.sig, self.fp)
+            if counts is not None:  # fresh by the stat of its files alone (signature.py)
+                decision = self._fresh.get(counts)
+                if decision is None:
+                    decision = self._fresh[counts] = Decision(True, (), compared_text(counts))
+                self._finish(
+                    TargetResult(name, Outcome.SKIPPED, duration=time.perf_counter() - checking)
+                )
+                self.reporter.skipped(name, decision)
+                return False
         before = Fingerprint.from_json(stored.data) if stored is not None else None
         now = self._observe(target, before)
         decision = decide(
@@ -380,6 +398,9 @@ class Build:
             unbuilt=self._unbuilt.reason(name) if stored is None else NEVER_BUILT,
         )
         if decision.fresh:
+            sig = make_signature(target, now.fingerprint, self.fp.stats)
+            if sig is not None and stored is not None and sig != stored.sig:
+                self._signed.append((name, sig))
             # A skipped target's duration is what checking it cost.
             cost = time.perf_counter() - checking
             self._finish(TargetResult(name, Outcome.SKIPPED, duration=cost))

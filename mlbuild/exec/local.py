@@ -20,6 +20,14 @@ While a step runs, `.mlbuild/running/<short name>` holds its process group,
 token and target, so that if mlbuild itself is killed (-9) the next run can
 stop leftover steps before starting them again (`reap_orphans`).
 
+A shell command with no shell syntax (no quote, expansion, redirection,
+operator, glob, assignment or comment; its first word not a shell builtin or
+keyword) runs as its words, without `/bin/sh`, as make runs such a recipe:
+dash would fork it as a second process, which cost about as much again as the
+command itself for a short step. Should that exec fail (not found, not
+executable, a script without `#!`), the step is started through the shell
+after all, so it reports what it always did (`sh: 1: foo: not found`).
+
 A Python step may start in a worker that is already running: a warm one of
 this build or watch session (`warm_pool`, exec/warm.py) or one kept by the
 workspace's keep-warm process (`adopt`, exec/keepwarm.py). From its call on
@@ -70,6 +78,78 @@ if TYPE_CHECKING:
     from mlbuild.exec.warm import WarmPool
 
 DRAIN_SECONDS = 0.2  # output read after a step's main process exited
+# A command holding any of these needs the shell (quoting, expansion, redirection,
+# operators, globs, comments, assignments, line breaks); tabs too, to split on spaces.
+_SHELL_CHARS = frozenset("#;&|<>()$`\\\"'*?[]{}~!^=%\n\r\t")
+# First words the shell gives its own meaning (builtins and keywords of dash, POSIX, bash).
+_SHELL_WORDS = frozenset(
+    [
+        ".",
+        ":",
+        "[",
+        "alias",
+        "bg",
+        "break",
+        "builtin",
+        "case",
+        "cd",
+        "chdir",
+        "command",
+        "continue",
+        "declare",
+        "do",
+        "done",
+        "echo",
+        "elif",
+        "else",
+        "enable",
+        "esac",
+        "eval",
+        "exec",
+        "exit",
+        "export",
+        "false",
+        "fc",
+        "fg",
+        "fi",
+        "for",
+        "function",
+        "getopts",
+        "hash",
+        "if",
+        "in",
+        "jobs",
+        "kill",
+        "let",
+        "local",
+        "newgrp",
+        "printf",
+        "pwd",
+        "read",
+        "readonly",
+        "return",
+        "select",
+        "set",
+        "shift",
+        "shopt",
+        "source",
+        "test",
+        "then",
+        "time",
+        "times",
+        "trap",
+        "true",
+        "type",
+        "typeset",
+        "ulimit",
+        "umask",
+        "unalias",
+        "unset",
+        "until",
+        "wait",
+        "while",
+    ]
+)
 WARM_SUFFIX = ".warm"  # the marker of a warm worker (exec/warm.py), not of a step
 # The warm workers of a watch session (exec/warm.session), kept from one build to the next.
 SESSION_POOL: WarmPool | None = None
@@ -172,15 +252,15 @@ class LocalExecutor:
             if taken is not None:
                 proc, token = taken
             else:
-                proc = subprocess.Popen(
-                    step_argv(target, self.root, timing_path(log_path)),
-                    cwd=self.root,
-                    env=step_environment(target, self.base_env, token),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+                argv = step_argv(target, self.root, timing_path(log_path))
+                env = step_environment(target, self.base_env, token)
+                words = direct_words(argv) if target.kind is ActionKind.SHELL else None
+                try:
+                    proc = _popen(words or argv, self.root, env)
+                except OSError:
+                    if words is None:
+                        raise
+                    proc = _popen(argv, self.root, env)  # the shell says what is wrong
             assert proc.stdout is not None
             write_marker(marker, proc.pid, token, target.name)
             pidfd = _pidfd(proc.pid)
@@ -401,6 +481,31 @@ class LocalExecutor:
 
 _PIPE = "pipe"
 _EXIT = "exit"
+
+
+def direct_words(argv: list[str]) -> list[str] | None:
+    """The words of `/bin/sh -c COMMAND` when COMMAND has no shell syntax, else None."""
+    if len(argv) != 3 or argv[:2] != ["/bin/sh", "-c"]:
+        return None
+    command = argv[2]
+    if not _SHELL_CHARS.isdisjoint(command):
+        return None
+    words = [word for word in command.split(" ") if word]  # the shell's split: spaces only
+    if not words or words[0] in _SHELL_WORDS:
+        return None
+    return words
+
+
+def _popen(argv: list[str], root: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv,
+        cwd=root,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _pidfd(pid: int) -> int | None:

@@ -50,16 +50,32 @@ LEFTOVER_GRACE_SECONDS = 1.0  # SIGTERM to SIGKILL, for what a finished step lef
 POLL_SECONDS = 0.02  # how often a stop looks whether everything is gone
 _PROBE_LIMIT = 64  # process ids probed one by one; more: /proc is listed
 _HAVE_PROC = os.path.isdir("/proc/self")
+_READ_SIZE = 16384
 
 
 def new_token() -> str:
     return os.urandom(8).hex()
 
 
+def _read(path: str) -> bytes:
+    """A small file's bytes in three system calls (open, read, close) where `open()` makes
+    eight (fstat twice, isatty, two seeks): /proc files are read several times per step."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, _READ_SIZE)
+        if len(data) < _READ_SIZE:
+            return data  # a /proc file's text is made whole at its first read
+        chunks = [data]
+        while chunk := os.read(fd, _READ_SIZE):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def _last_pid() -> int | None:
     try:
-        with open("/proc/sys/kernel/ns_last_pid", "rb") as handle:
-            return int(handle.read())
+        return int(_read("/proc/sys/kernel/ns_last_pid"))
     except (OSError, ValueError):
         return None
 
@@ -88,8 +104,7 @@ def _candidates(first: int) -> list[int]:
 def _state(pid: int) -> tuple[str, int] | None:
     """(state letter, process group) of a process, None if there is none."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[1].split()
+        fields = _read(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()
     except (OSError, IndexError):
         return None
     return fields[0].decode(), int(fields[2])
@@ -98,8 +113,7 @@ def _state(pid: int) -> tuple[str, int] | None:
 def carries(pid: int, token: str) -> bool:
     """Whether process `pid` has the step token `token` in its environment."""
     try:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            data = handle.read()
+        data = _read(f"/proc/{pid}/environ")
     except OSError:  # gone, or another user's
         return False
     return f"{STEP_ID_VAR}={token}\0".encode() in data
