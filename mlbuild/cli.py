@@ -270,6 +270,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gc = _subcommand(sub, command, "gc", parents=[file_only], help="prune the output cache")
     gc.add_argument("--max-size", metavar="SIZE", help="keep the newest entries up to SIZE (10GB)")
     gc.add_argument("--keep-runs", type=int, metavar="N", help="keep N older entries per target")
+    gc.add_argument("--remote", action="store_true", help="trim the remote cache instead")
+    gc.add_argument("--max-age", metavar="AGE", help="--remote: drop records older than AGE (30d)")
+    gc.add_argument("--grace", metavar="AGE", help="--remote: keep blobs younger than AGE (1h)")
     gc.set_defaults(handler=cmd_gc)
 
     cache = _subcommand(sub, command, "cache", parents=[file_only], help="inspect the output cache")
@@ -694,6 +697,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-size: {exc}") from None
     if max_size is not None and max_size < 0:
         raise UsageError(f"--max-size {args.max_size}: needs 0 or more bytes")
+    if args.remote:
+        return _gc_remote(args, pipeline, max_size)
+    if args.max_age or args.grace:
+        raise UsageError("--max-age and --grace are for `mlbuild gc --remote`")
     if args.keep_runs is not None and args.keep_runs < 0:
         raise UsageError(f"--keep-runs {args.keep_runs}: must be 0 or more")
     reporter = PlainReporter()
@@ -719,6 +726,40 @@ def cmd_gc(args: argparse.Namespace) -> int:
     )
     if max_size is None and args.keep_runs is None:
         print("  (every entry kept: use --max-size or --keep-runs to drop older ones)")
+    return EXIT_OK
+
+
+def _gc_remote(args: argparse.Namespace, pipeline: Pipeline, max_size: int | None) -> int:
+    """`mlbuild gc --remote`: records by age and size, then unnamed blobs (remote_gc.py)."""
+    from mlbuild.remote import Remote
+    from mlbuild.remote_gc import GRACE_SECONDS, parse_age, trim_remote
+
+    _require_remote(pipeline, "gc --remote")
+    if args.keep_runs is not None:
+        raise UsageError("--keep-runs is for the local cache; with --remote use --max-age")
+    if not pipeline.cache.remote_write:
+        raise UsageError(f"{pipeline.display_file}: cache.remote_write: false; gc cannot delete")
+    ages = {}
+    for flag, text in (("--max-age", args.max_age), ("--grace", args.grace)):
+        try:
+            ages[flag] = parse_age(text) if text else None
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
+    assert pipeline.cache.remote is not None
+    remote = Remote(pipeline.cache.remote, pipeline.cache.remote_options)
+    grace = ages["--grace"]
+    report = trim_remote(
+        remote,
+        max_age=ages["--max-age"],
+        max_size=max_size,
+        grace=GRACE_SECONDS if grace is None else grace,
+    )
+    broken = f" (and {report.broken_removed} written meanwhile)" if report.broken_removed else ""
+    print(
+        f"mlbuild gc --remote: removed {messages.plural(report.records_removed, 'record')}{broken}"
+        f" and {messages.plural(report.blobs_removed, 'blob')}, freed {_size(report.bytes_freed)};"
+        f" kept {messages.plural(report.records_kept, 'record')} ({_size(report.bytes_kept)})."
+    )
     return EXIT_OK
 
 
