@@ -102,10 +102,20 @@ def _add_jobs(parser: Any) -> None:
         "-j",
         "--jobs",
         type=int,
-        default=os.cpu_count() or 1,
+        default=None,
         metavar="N",
-        help="run up to N steps at once (default: the number of CPUs)",
+        help="run up to N steps at once (default: the number of CPUs; on Ray, the cluster's)",
     )
+
+
+def _resolve_jobs(args: argparse.Namespace) -> bool:
+    """Check `-j`, or fill in this machine's CPUs; True when the user gave none."""
+    auto = args.jobs is None
+    if auto:
+        args.jobs = os.cpu_count() or 1
+    if args.jobs < 1:
+        raise UsageError(f"-j {args.jobs}: needs at least 1")
+    return auto
 
 
 def command_word(words: Sequence[str]) -> str | None:
@@ -211,6 +221,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     watch.add_argument("targets", nargs="*", metavar="TARGET")
     _add_jobs(watch)
+    watch.add_argument(
+        "--executor", choices=EXECUTOR_KINDS, help="where steps run (default: [executor] kind)"
+    )
+    watch.add_argument("--address", metavar="ADDR", help="the Ray cluster (default: RAY_ADDRESS)")
+    watch.add_argument(
+        "--remote-read-only", action="store_true", help="read the remote cache, upload nothing"
+    )
     watch.add_argument(
         "--debounce",
         type=float,
@@ -361,8 +378,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.watch:
         return cmd_watch(args)
     pipeline, graph = load(args)
-    if args.jobs < 1:
-        raise UsageError(f"-j {args.jobs}: needs at least 1")
+    auto_jobs = _resolve_jobs(args)
     reporter = make_reporter(args)
     if args.dry_run:
         return dry_run(args, pipeline, graph, reporter)
@@ -372,6 +388,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         keep_going=args.keep_going,
         no_cache=args.no_cache,
         jobs=args.jobs,
+        auto_jobs=auto_jobs,
         command_line=args.command_line,
         executor=args.executor,
         address=args.address,
@@ -474,8 +491,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     if getattr(args, "dry_run", False):
         raise UsageError("--watch and --dry-run do not go together")
-    if args.jobs < 1:
-        raise UsageError(f"-j {args.jobs}: needs at least 1")
+    auto_jobs = _resolve_jobs(args)
     debounce_ms: float = getattr(args, "debounce", 150.0)
     if debounce_ms < 0:
         raise UsageError(f"--debounce {debounce_ms:g}: needs 0 or more milliseconds")
@@ -500,7 +516,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
             force=None if force is None else frozenset(force),
             no_cache=args.no_cache,
             jobs=args.jobs,
+            auto_jobs=auto_jobs,
             command_line=args.command_line,
+            executor=getattr(args, "executor", None),
+            address=getattr(args, "address", None),
+            remote_read_only=getattr(args, "remote_read_only", False),
         ),
     )
     return watcher.run()
