@@ -22,7 +22,11 @@ the target's and name exactly its declared outputs; a corrupted or missing
 blob makes the target run, with a warning. Writing checks which blobs exist
 (concurrently), uploads the others (each hashed again first, so a file that
 changed since it was fingerprinted never lands under the wrong name), then
-writes the record.
+writes the record, then checks again the blobs it found rather than uploaded
+(one request each) and uploads any that `mlbuild gc --remote` deleted
+meanwhile (remote_gc.py says why that closes the race). Two writers of one
+key each write whole records over whole blobs: the last record wins, and
+either is valid.
 
 An unreachable remote is a warning, never a failed build: the first error
 disables the remote for the rest of the build. fsspec and its backends
@@ -335,8 +339,9 @@ class Remote:
         """Download blobs to final paths: `items` are (digest, destination, mode).
 
         Each goes to a temp file beside its destination, is hashed, and is
-        renamed into place only if it matches (CorruptObject otherwise). For
-        a worker's sandbox; the local cache uses `Cache.receive` instead.
+        renamed into place only if it matches (CorruptObject otherwise). The
+        local cache uses `Cache.receive` instead, a Ray sandbox the node's
+        cache (exec/ray.py NodeCache).
         """
 
         def one(item: tuple[str, str, int]) -> int:
