@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from mlbuild.cache import is_digest
+from mlbuild.cache import MAX_ENTRY_BYTES, is_digest
 from mlbuild.remote import IO_THREADS, Remote
 
 GRACE_SECONDS = 3600.0  # default: no upload between a blob and its record takes an hour
@@ -104,7 +104,10 @@ def _listing(remote: Remote, folder: str) -> dict[str, Mapping[str, Any]]:
 def _read(remote: Remote, path: str, listed_time: float) -> _Record:
     """A record's upload time and the blobs it names, read loosely (any mlbuild version)."""
     try:
-        data = json.loads(remote._call("reading a record", remote.fs.cat_file, path))
+        raw = remote._call(
+            "reading a record", remote.fs.cat_file, path, start=0, end=MAX_ENTRY_BYTES + 1
+        )
+        data = json.loads(raw) if len(raw) <= MAX_ENTRY_BYTES else None
     except (FileNotFoundError, ValueError):
         return _Record(path, listed_time, frozenset(), False)
     if not isinstance(data, dict):
