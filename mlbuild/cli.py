@@ -102,10 +102,20 @@ def _add_jobs(parser: Any) -> None:
         "-j",
         "--jobs",
         type=int,
-        default=os.cpu_count() or 1,
+        default=None,
         metavar="N",
-        help="run up to N steps at once (default: the number of CPUs)",
+        help="run up to N steps at once (default: the number of CPUs; on Ray, the cluster's)",
     )
+
+
+def _resolve_jobs(args: argparse.Namespace) -> bool:
+    """Check `-j`, or fill in this machine's CPUs; True when the user gave none."""
+    auto = args.jobs is None
+    if auto:
+        args.jobs = os.cpu_count() or 1
+    if args.jobs < 1:
+        raise UsageError(f"-j {args.jobs}: needs at least 1")
+    return auto
 
 
 def command_word(words: Sequence[str]) -> str | None:
@@ -212,6 +222,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     watch.add_argument("targets", nargs="*", metavar="TARGET")
     _add_jobs(watch)
     watch.add_argument(
+        "--executor", choices=EXECUTOR_KINDS, help="where steps run (default: [executor] kind)"
+    )
+    watch.add_argument("--address", metavar="ADDR", help="the Ray cluster (default: RAY_ADDRESS)")
+    watch.add_argument(
+        "--remote-read-only", action="store_true", help="read the remote cache, upload nothing"
+    )
+    watch.add_argument(
         "--debounce",
         type=float,
         default=150.0,
@@ -279,6 +296,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     gc = _subcommand(sub, command, "gc", parents=[file_only], help="prune the output cache")
     gc.add_argument("--max-size", metavar="SIZE", help="keep the newest entries up to SIZE (10GB)")
     gc.add_argument("--keep-runs", type=int, metavar="N", help="keep N older entries per target")
+    gc.add_argument("--remote", action="store_true", help="trim the remote cache instead")
+    gc.add_argument("--max-age", metavar="AGE", help="--remote: drop records older than AGE (30d)")
+    gc.add_argument("--grace", metavar="AGE", help="--remote: keep blobs younger than AGE (1h)")
     gc.set_defaults(handler=cmd_gc)
 
     cache = _subcommand(sub, command, "cache", parents=[file_only], help="inspect the output cache")
@@ -384,8 +404,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.watch:
         return cmd_watch(args)
     pipeline, graph = load(args)
-    if args.jobs < 1:
-        raise UsageError(f"-j {args.jobs}: needs at least 1")
+    auto_jobs = _resolve_jobs(args)
     reporter = make_reporter(args)
     if args.dry_run:
         return dry_run(args, pipeline, graph, reporter)
@@ -395,6 +414,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         keep_going=args.keep_going,
         no_cache=args.no_cache,
         jobs=args.jobs,
+        auto_jobs=auto_jobs,
         command_line=args.command_line,
         executor=args.executor,
         address=args.address,
@@ -497,8 +517,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
     if getattr(args, "dry_run", False):
         raise UsageError("--watch and --dry-run do not go together")
-    if args.jobs < 1:
-        raise UsageError(f"-j {args.jobs}: needs at least 1")
+    auto_jobs = _resolve_jobs(args)
     debounce_ms: float = getattr(args, "debounce", 150.0)
     if debounce_ms < 0:
         raise UsageError(f"--debounce {debounce_ms:g}: needs 0 or more milliseconds")
@@ -523,7 +542,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
             force=None if force is None else frozenset(force),
             no_cache=args.no_cache,
             jobs=args.jobs,
+            auto_jobs=auto_jobs,
             command_line=args.command_line,
+            executor=getattr(args, "executor", None),
+            address=getattr(args, "address", None),
+            remote_read_only=getattr(args, "remote_read_only", False),
         ),
     )
     return watcher.run()
@@ -734,6 +757,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-size: {exc}") from None
     if max_size is not None and max_size < 0:
         raise UsageError(f"--max-size {args.max_size}: needs 0 or more bytes")
+    if args.remote:
+        return _gc_remote(args, pipeline, max_size)
+    if args.max_age or args.grace:
+        raise UsageError("--max-age and --grace are for `mlbuild gc --remote`")
     if args.keep_runs is not None and args.keep_runs < 0:
         raise UsageError(f"--keep-runs {args.keep_runs}: must be 0 or more")
     reporter = PlainReporter()
@@ -759,6 +786,40 @@ def cmd_gc(args: argparse.Namespace) -> int:
     )
     if max_size is None and args.keep_runs is None:
         print("  (every entry kept: use --max-size or --keep-runs to drop older ones)")
+    return EXIT_OK
+
+
+def _gc_remote(args: argparse.Namespace, pipeline: Pipeline, max_size: int | None) -> int:
+    """`mlbuild gc --remote`: records by age and size, then unnamed blobs (remote_gc.py)."""
+    from mlbuild.remote import Remote
+    from mlbuild.remote_gc import GRACE_SECONDS, parse_age, trim_remote
+
+    _require_remote(pipeline, "gc --remote")
+    if args.keep_runs is not None:
+        raise UsageError("--keep-runs is for the local cache; with --remote use --max-age")
+    if not pipeline.cache.remote_write:
+        raise UsageError(f"{pipeline.display_file}: cache.remote_write: false; gc cannot delete")
+    ages = {}
+    for flag, text in (("--max-age", args.max_age), ("--grace", args.grace)):
+        try:
+            ages[flag] = parse_age(text) if text else None
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
+    assert pipeline.cache.remote is not None
+    remote = Remote(pipeline.cache.remote, pipeline.cache.remote_options)
+    grace = ages["--grace"]
+    report = trim_remote(
+        remote,
+        max_age=ages["--max-age"],
+        max_size=max_size,
+        grace=GRACE_SECONDS if grace is None else grace,
+    )
+    broken = f" (and {report.broken_removed} written meanwhile)" if report.broken_removed else ""
+    print(
+        f"mlbuild gc --remote: removed {messages.plural(report.records_removed, 'record')}{broken}"
+        f" and {messages.plural(report.blobs_removed, 'blob')}, freed {_size(report.bytes_freed)};"
+        f" kept {messages.plural(report.records_kept, 'record')} ({_size(report.bytes_kept)})."
+    )
     return EXIT_OK
 
 

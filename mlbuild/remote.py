@@ -22,7 +22,11 @@ the target's and name exactly its declared outputs; a corrupted or missing
 blob makes the target run, with a warning. Writing checks which blobs exist
 (concurrently), uploads the others (each hashed again first, so a file that
 changed since it was fingerprinted never lands under the wrong name), then
-writes the record.
+writes the record, then checks again the blobs it found rather than uploaded
+(one request each) and uploads any that `mlbuild gc --remote` deleted
+meanwhile (remote_gc.py says why that closes the race). Two writers of one
+key each write whole records over whole blobs: the last record wins, and
+either is valid.
 
 An unreachable remote is a warning, never a failed build: the first error
 disables the remote for the rest of the build. fsspec and its backends
@@ -114,6 +118,7 @@ class Transfer:
 
     blobs: int = 0
     bytes: int = 0
+    digests: frozenset[str] = frozenset()  # of the blobs uploaded (put_blobs)
 
 
 def open_fs(url: str, options: Mapping[str, Any]) -> tuple[Any, str]:
@@ -247,7 +252,28 @@ class Remote:
         missing = [d for d in files if d not in present]
         list(pool.map(lambda d: self.put_blob(files[d][0], d), missing))
         self.known.update(missing)
-        return Transfer(len(missing), sum(files[d][1] for d in missing))
+        return Transfer(len(missing), sum(files[d][1] for d in missing), frozenset(missing))
+
+    def recheck_blobs(
+        self, files: Mapping[str, tuple[str, int]], pool: ThreadPoolExecutor
+    ) -> Transfer:
+        """Upload again any of `files` gone since it was seen (after its record is written).
+
+        A blob found on the remote instead of uploaded may be old and named by
+        no record, so `mlbuild gc --remote` may delete it between the check
+        and the record: checked again after the record, one request each, and
+        put back if it went. Either this sees it missing, or the deletion came
+        after the record, and gc, which looks at every record written while it
+        deletes, removes that record (remote_gc.py). Blobs this process
+        uploaded are young; gc's grace period keeps them.
+        """
+        digests = sorted(files)
+        found = pool.map(
+            lambda d: self._call("checking a blob", self.fs.exists, self.blob_path(d)), digests
+        )
+        gone = [d for d, there in zip(digests, found, strict=True) if not there]
+        list(pool.map(lambda d: self.put_blob(files[d][0], d), gone))
+        return Transfer(len(gone), sum(files[d][1] for d in gone))
 
     def put_blob(self, src: str, digest: str) -> None:
         """Upload one file as blob `digest`, after checking that its bytes hash to it.
@@ -267,8 +293,26 @@ class Remote:
             before.st_mtime_ns,
             before.st_ino,
         ):
-            self._call("removing a blob", self.fs.rm_file, dest)
+            self._remove_if_wrong(digest)
             raise CacheError(f"{src} changed while it was uploaded")
+
+    def _remove_if_wrong(self, digest: str) -> None:
+        """Remove blob `digest` if its bytes do not hash to it.
+
+        Not unconditionally: another builder may have put good bytes there
+        (and a record naming them) since, and removing them would break that
+        record.
+        """
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mlbuild-check-") as folder:
+            local = os.path.join(folder, "blob")
+            try:
+                self._call("checking a blob", self.fs.get_file, self.blob_path(digest), local)
+            except FileNotFoundError:
+                return
+            if hash_file(local, os.path.getsize(local)) != digest:
+                self.delete_blob(digest)
 
     def get_blob(self, digest: str, dest: str, size: int | None = None) -> None:
         """Download blob `digest` to the path `dest` (its bytes unchecked: callers verify)."""
@@ -295,8 +339,9 @@ class Remote:
         """Download blobs to final paths: `items` are (digest, destination, mode).
 
         Each goes to a temp file beside its destination, is hashed, and is
-        renamed into place only if it matches (CorruptObject otherwise). For
-        a worker's sandbox; the local cache uses `Cache.receive` instead.
+        renamed into place only if it matches (CorruptObject otherwise). The
+        local cache uses `Cache.receive` instead, a Ray sandbox the node's
+        cache (exec/ray.py NodeCache).
         """
 
         def one(item: tuple[str, str, int]) -> int:
@@ -427,7 +472,10 @@ def upload_entry(remote: Remote, cache: Cache, entry: Entry, pool: ThreadPoolExe
         files[digest] = (str(path), path.stat().st_size)
     moved = remote.put_blobs(files, pool)
     remote.write_record(entry, {d: n for d, (_, n) in files.items()})
-    return moved
+    # The blobs found rather than uploaded: seen again now that the record names them.
+    seen = {d: files[d] for d in files if d not in moved.digests}
+    again = remote.recheck_blobs(seen, pool) if seen else Transfer()
+    return Transfer(moved.blobs + again.blobs, moved.bytes + again.bytes, moved.digests)
 
 
 @dataclass

@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ),
     ("state", frozenset({"workspace", "manifest", "fingerprint", "graph", "store", "snapshot"})),
     ("analysis", frozenset({"code", "staleness", "signature", "observed", "metrics", "plotdata"})),
-    ("storage", frozenset({"cache", "remote", "experiments"})),
+    ("storage", frozenset({"cache", "remote", "remote_gc", "experiments"})),
     (
         "execution",
         frozenset(

@@ -11,6 +11,7 @@ killed under its step must fail the target cleanly, or be retried.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -377,3 +378,187 @@ def test_failed_transfer_fails_the_target_cleanly(
     assert "Step `where` failed" in result.err
     assert "uploading its inputs to the remote cache failed" in result.err
     assert "stale  where: its last run failed" in project.run("status").out
+
+
+# -- -j under Ray, watch with Ray -----------------------------------------------------------
+
+# Each step waits (up to 30 s) until all three have started: only -j >= 3 lets them finish.
+RENDEZVOUS = """
+[targets.{name}]
+cmd = '''mkdir -p started; touch started/{name}
+for i in $(seq 300); do [ $(ls started | wc -l) -ge 3 ] && break; sleep 0.1; done
+[ $(ls started | wc -l) -ge 3 ] && echo met > {{outputs.o}}'''
+outputs = {{ o = "{name}.txt" }}
+"""
+
+
+def test_jobs_default_to_the_cluster_cpus_under_ray(
+    project: Project, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This machine "has" one CPU; the cluster has three (2 + 1): without -j, three at once.
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    project.pipeline(
+        f'[executor]\nkind = "ray"\nfiles = "shared"\naddress = "{cluster.address}"\n'
+        + "".join(RENDEZVOUS.format(name=n) for n in ("r1", "r2", "r3"))
+    )
+    result = project.run()
+    assert result.code == 0, result.out + result.err
+    assert all(project.read(f"r{i}.txt") == "met\n" for i in (1, 2, 3))
+
+
+def test_watch_with_the_ray_executor_rebuilds_on_a_change(
+    project: Project, cluster: Cluster
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    project.pipeline(
+        """
+        [targets.echo]
+        cmd = "cat {inputs} > {outputs.o}; echo node $MLBUILD_RAY_NODE >> {outputs.o}"
+        inputs = ["in.txt"]
+        outputs = { o = "out.txt" }
+        """
+    )
+    project.write("in.txt", "one\n")
+    argv = ["watch", "--executor", "ray", "--address", cluster.address, "--debounce", "50"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlbuild", *argv],
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: "waiting for changes" in "".join(lines), timeout=60)
+        assert project.read("out.txt").startswith("one\nnode ")
+        project.write("in.txt", "two\n")
+        wait_for(lambda: "".join(lines).count("waiting for changes") >= 2, timeout=60)
+        assert project.read("out.txt").startswith("two\n")
+        node = project.read("out.txt").split()[-1]
+        assert node in (cluster.cpu_node, cluster.gpu_node)  # ran as a Ray task
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        reader.join(10)
+    out = "".join(lines)
+    assert proc.returncode == 0, out
+    assert out.count("Step `echo` has finished") == 2
+
+
+# -- a node that does not see the project: auto picks the CAS; the node's blob cache ----------
+
+
+# A worker node joining the test cluster on loopback, as ray.cluster_utils adds one (the
+# `ray start` command refuses to join with the loopback-only switch the cluster needs).
+JOIN_NODE = """
+import signal, threading
+from ray._private import ray_constants
+ray_constants.ENABLE_RAY_CLUSTER = False
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+params = RayParams(
+    gcs_address="{address}", node_ip_address="127.0.0.1", num_cpus=2, num_gpus=0,
+    resources={{"hidden": 2}}, object_store_memory=80_000_000, min_worker_port=0,
+    max_worker_port=0, include_log_monitor=False, node_manager_port=0,
+)
+params.dashboard_agent_listen_port = None
+node = Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+stop.wait()
+node.kill_all_processes(check_alive=False, allow_graceful=True)
+"""
+
+
+class HiddenNode:
+    """A Ray node in its own mount namespace, where the tests' temp tree is an empty tmpfs."""
+
+    def __init__(self, node_cache: Path) -> None:
+        self.node_cache = node_cache
+
+
+@pytest.fixture
+def hidden_node(cluster: Cluster, tmp_path: Path) -> Iterator[HiddenNode]:
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to hide the project from a node")
+    hidden = tmp_path.parent.parent  # every test's project lives under it
+    node_cache = Path(tempfile.mkdtemp(prefix="mlbuild-node-cache-"))  # outside `hidden`
+    script = f'mount -t tmpfs none {hidden} && exec {sys.executable} -c "$NODE"'
+    env = {
+        **os.environ,
+        "MLBUILD_NODE_CACHE": str(node_cache),
+        "NODE": JOIN_NODE.format(address=cluster.address),
+    }
+    log = node_cache.with_suffix(".log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["unshare", "-m", "sh", "-c", script], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+    def hidden_alive() -> bool:
+        return any(n["Alive"] and "hidden" in n["Resources"] for n in ray.nodes())
+
+    try:
+        try:
+            wait_for(hidden_alive, timeout=60)
+        except AssertionError:
+            tail = log.read_text()[-3000:]
+            raise AssertionError(f"the hidden node did not start: {tail}") from None
+        yield HiddenNode(node_cache)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        wait_for(lambda: not hidden_alive(), timeout=60)
+        shutil.rmtree(node_cache, ignore_errors=True)
+        log.unlink(missing_ok=True)
+
+
+def test_auto_moves_files_through_the_cas_when_a_node_cannot_see_the_project(
+    project: Project, cluster: Cluster, s3: SeaweedS3, hidden_node: HiddenNode
+) -> None:
+    cache = (
+        f'remote = "s3://{BUCKET}/hidden{time.time_ns()}"\n'
+        f'remote_options = {{ endpoint_url = "{s3.endpoint}" }}\n'
+    )
+    uses = "".join(
+        f"""
+[targets.use{i}]
+cmd = '''wc -c < {{inputs}} > {{outputs.o}}; pwd >> {{outputs.o}}
+ls {project.root} >> {{outputs.o}} 2>/dev/null || echo absent >> {{outputs.o}}'''
+inputs = ["data/big.bin"]
+outputs = {{ o = "build/use{i}.txt" }}
+resources = {{ cpus = 0, custom = {{ hidden = 1 }} }}
+"""
+        for i in range(4)
+    )
+    project.pipeline(
+        f'[executor]\nkind = "ray"\naddress = "{cluster.address}"\n[cache]\n{cache}\n{uses}'
+    )
+    project.write("data/big.bin", "x" * 1_000_000)
+    result = project.run("run", "-j", "4")
+    assert result.code == 0, result.out + result.err
+    downloaded = cached = 0
+    for i in range(4):
+        count, where, *listing = project.read(f"build/use{i}.txt").split("\n")
+        assert count == "1000000"
+        assert not where.startswith(str(project.root))  # a sandbox: auto chose the CAS
+        assert listing == ["absent", ""]  # the project directory is not there on that node
+        log = (project.root / f".mlbuild/logs/use{i}.log").read_text()
+        line = log.strip().splitlines()[-1]
+        assert line.startswith("mlbuild: inputs on node ")
+        numbers = [int(w) for w in line.replace(",", " ").split() if w.isdigit()]
+        downloaded, cached = downloaded + numbers[0], cached + numbers[1]
+    # One input, four tasks on one node: downloaded once, then taken from the node's cache.
+    assert (downloaded, cached) == (1, 3)
+    blobs = [p for p in hidden_node.node_cache.rglob("*") if p.is_file() and p.name[0] != "."]
+    assert len(blobs) == 1

@@ -102,6 +102,7 @@ class BuildOptions(NamedTuple):
     keep_going: bool = False
     no_cache: bool = False  # do not restore from the output cache (still store)
     jobs: int = 1  # steps running at once
+    auto_jobs: bool = False  # no `-j`: an executor with `slots` (Ray: the cluster's CPUs) sets it
     command_line: str = "run"
     executor: str | None = None  # `--executor`: overrides [executor] kind
     address: str | None = None  # `--address`: the Ray cluster

@@ -318,6 +318,8 @@ class Build:
                     sched.finished(name)
             for name in sched.startable():
                 self._start(name)
+            if self.options.auto_jobs and self._executor is not None:
+                sched.jobs = getattr(self._executor, "slots", None) or sched.jobs  # Ray's CPUs
             if self._executor is None or not self._executor.running:
                 if sched.idle:
                     return

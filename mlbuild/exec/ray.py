@@ -27,6 +27,18 @@ How files travel, chosen once per build (`[executor] files`, default `auto`):
 - `auto`: one probe task per alive node checks for a token file the driver
   wrote under `.mlbuild/`: `shared` when every node sees it, else `cas`.
 
+In `cas` mode each node keeps the blobs its tasks fetched in a node-local
+cache (`$MLBUILD_NODE_CACHE`, default `<node temp dir>/mlbuild-node-cache`,
+trimmed to `$MLBUILD_NODE_CACHE_MAX` bytes, default 5 GB, least recently
+used first), so an input read by many tasks on one node is downloaded once:
+the first task takes the blob's lock and downloads it (verified), the others
+wait for it and copy it. The cache's files are never handed to a step: each
+sandbox gets its own copy. The driver appends what moved to the target's log
+(`mlbuild: inputs on node ...: N downloaded, M from the node's cache`).
+
+Without `-j`, a Ray build runs up to as many steps at once as the cluster
+has CPUs (`slots`), learnt when the executor connects.
+
 A worker that dies or a node that is lost fails its target with a message
 saying so; with `retries = N` the task is retried up to N times first (so
 is a failed transfer). Nothing is recorded for a failed target: the
@@ -46,6 +58,7 @@ Ray is imported only when this executor is chosen.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -62,7 +75,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlbuild.cache import CacheError, Entry, check_entry, describe_outputs
+from mlbuild.cache import (
+    MODE_BITS,
+    CacheError,
+    CorruptObject,
+    Entry,
+    check_entry,
+    describe_outputs,
+    install_verified,
+)
 from mlbuild.errors import MlbuildError, UsageError
 from mlbuild.exec import reaper
 from mlbuild.exec.base import (
@@ -96,6 +117,9 @@ from mlbuild.workspace import ray_dir, short_name
 
 POLL_SECONDS = 0.2  # how often the driver looks at finished tasks and growing logs
 _LOG_LIMIT = 8 << 20  # bytes of a sandboxed step's log sent back to the driver
+NODE_CACHE_ENV = "MLBUILD_NODE_CACHE"  # where a node keeps the blobs its tasks fetched
+NODE_CACHE_MAX_ENV = "MLBUILD_NODE_CACHE_MAX"  # its size limit in bytes
+NODE_CACHE_MAX = 5 * 10**9
 
 
 class TransferFailed(MlbuildError):
@@ -229,6 +253,14 @@ class RayExecutor:
             seen = []
         self.mode = "shared" if seen and all(seen) else "cas"
         return self.mode
+
+    @property
+    def slots(self) -> int | None:
+        """The cluster's CPUs once connected: `-j` when the user gave none (runner)."""
+        if self.cluster is None:
+            return None
+        cpus = sum(totals.get("CPU", 0.0) for totals in self.cluster.nodes.values())
+        return max(1, int(cpus))
 
     # -- starting ---------------------------------------------------------------
 
@@ -423,7 +455,7 @@ class RayExecutor:
             data = self._tail(task)
         else:
             data = result["log"]
-            task.log_path.write_bytes(data)
+            task.log_path.write_bytes(data + _transfer_line(result))
         if data:
             yield Output(name, data)
         message = str(result.get("message", ""))
@@ -474,6 +506,18 @@ def _returned_outputs(
     return "", RemoteOutputs(entry, dict(result["blobs"]))
 
 
+def _transfer_line(result: Mapping[str, Any]) -> bytes:
+    """What a sandboxed task's inputs cost, for the end of its log (not shown as output)."""
+    fetched = result.get("fetched")
+    if not isinstance(fetched, dict):
+        return b""
+    node = str(fetched.get("node", ""))[:12] or "?"
+    return (
+        f"mlbuild: inputs on node {node}: {fetched.get('downloaded', 0)} downloaded,"
+        f" {fetched.get('cached', 0)} from the node's cache\n"
+    ).encode()
+
+
 def _failure_message(exc: BaseException, retries: int) -> str:
     from ray import exceptions as rex
 
@@ -520,7 +564,7 @@ def run_step(spec: dict[str, Any]) -> dict[str, Any]:
     sandbox.mkdir()
     pool = ThreadPoolExecutor(8)
     try:
-        _materialize(remote, sandbox, spec, pool)
+        downloaded, cached = _materialize(remote, sandbox, spec, pool)
         for port in target.outputs:
             (sandbox / port.path).parent.mkdir(parents=True, exist_ok=True)
         log_path = work / "step.log"
@@ -541,6 +585,7 @@ def run_step(spec: dict[str, Any]) -> dict[str, Any]:
             "outputs": outputs,
             "blobs": blobs,
             "sandbox": str(sandbox),
+            "fetched": {"downloaded": downloaded, "cached": cached, "node": _node_id()},
         }
     finally:
         pool.shutdown()
@@ -549,23 +594,110 @@ def run_step(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _materialize(
     remote: Remote, sandbox: Path, spec: Mapping[str, Any], pool: ThreadPoolExecutor
-) -> None:
-    """The sandbox: declared input directories, files fetched by digest (verified), links."""
+) -> tuple[int, int]:
+    """The sandbox: declared input directories, files by digest (verified), links.
+
+    Files come through the node's cache (NodeCache); returns how many blobs
+    were downloaded and how many the cache already had.
+    """
     for rel in spec["dirs"]:
         (sandbox / rel).mkdir(parents=True, exist_ok=True)
-    items = []
-    for rel, digest, mode in spec["files"]:
+    node = NodeCache.here()
+    sizes: Mapping[str, int] = spec["sizes"]
+
+    def one(item: list[Any]) -> bool:
+        rel, digest, mode = item
         dest = sandbox / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        items.append((digest, str(dest), mode))
+        source, downloaded = node.get(remote, digest, sizes.get(digest))
+        try:
+            shutil.copyfile(source, dest)
+        except FileNotFoundError:  # trimmed by another task just now: fetched again
+            source, downloaded = node.get(remote, digest, sizes.get(digest))
+            shutil.copyfile(source, dest)
+        os.chmod(dest, mode & MODE_BITS)
+        return downloaded
+
     try:
-        remote.fetch_verified(items, pool, spec["sizes"])
+        fetched = list(pool.map(one, spec["files"]))
     except (RemoteError, BadRecord, CacheError, OSError) as exc:
         raise TransferFailed(f"fetching inputs: {exc}") from None
     for rel, link in spec["links"]:
         dest = sandbox / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.symlink_to(link)
+    node.trim()
+    return sum(fetched), len(fetched) - sum(fetched)
+
+
+class NodeCache:
+    """A node's blobs, shared by the tasks on it: `<root>/<d[:2]>/<d>`, read-only files.
+
+    A blob enters only verified (install_verified: a temp file hashed, then
+    renamed), under a lock per blob, so tasks wanting one blob at once
+    download it once. Its mtime is its last use, for `trim`.
+    """
+
+    def __init__(self, root: Path, limit: int) -> None:
+        self.root = root
+        self.limit = limit
+
+    @classmethod
+    def here(cls) -> NodeCache:
+        root = os.environ.get(NODE_CACHE_ENV) or os.path.join(
+            tempfile.gettempdir(), "mlbuild-node-cache"
+        )
+        try:
+            limit = int(os.environ.get(NODE_CACHE_MAX_ENV, NODE_CACHE_MAX))
+        except ValueError:
+            limit = NODE_CACHE_MAX
+        return cls(Path(root), limit)
+
+    def get(self, remote: Remote, digest: str, size: int | None) -> tuple[Path, bool]:
+        """The cached file of blob `digest`, and whether it had to be downloaded now."""
+        path = self.root / digest[:2] / digest
+        if self._usable(path, size):
+            return path, False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{digest}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when the task dies
+            if self._usable(path, size):
+                return path, False
+            tmp = str(path.parent / f".tmp-{uuid.uuid4().hex}")
+            try:
+                install_verified(
+                    tmp, str(path), digest, lambda p: remote.get_blob(digest, p, size), 0o444
+                )
+            except CorruptObject as exc:
+                raise BadRecord(f"blob {digest[:12]}: {exc}") from None
+        return path, True
+
+    @staticmethod
+    def _usable(path: Path, size: int | None) -> bool:
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        if size is not None and st.st_size != size:
+            path.unlink(missing_ok=True)  # truncated by someone: fetched again
+            return False
+        with contextlib.suppress(OSError):
+            os.utime(path)  # last use
+        return True
+
+    def trim(self) -> None:
+        """Remove the least recently used blobs beyond the size limit."""
+        try:
+            files = [(p.stat(), p) for p in self.root.glob("??/*") if not p.name.startswith(".")]
+        except OSError:
+            return
+        total = sum(st.st_size for st, _ in files)
+        for st, path in sorted(files, key=lambda f: f[0].st_mtime):
+            if total <= self.limit:
+                break
+            with contextlib.suppress(OSError):
+                path.unlink()  # a task copying it has it open: its copy completes
+                total -= st.st_size
 
 
 def _upload_outputs(
