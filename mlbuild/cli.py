@@ -897,6 +897,7 @@ def cmd_exp_run(args: argparse.Namespace) -> int:
     """Build a grid of parameter values, each point in a sandbox (build/sweep.py)."""
     from mlbuild.build.sweep import SweepOptions, sweep_command
 
+    _resolve_jobs(args)  # points at once: this machine's CPUs unless -j says
     options = SweepOptions(
         tuple(args.sweep), tuple(args.targets), args.jobs, args.keep_going, args.command_line, main
     )
