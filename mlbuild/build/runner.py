@@ -503,7 +503,18 @@ class Build:
         from mlbuild.exec.base import Step
 
         self._started[name] = time.monotonic()  # an interrupted step's duration
-        self.executor.start(Step(target, log_path(self.root, name), now))
+        try:
+            self.executor.start(Step(target, log_path(self.root, name), now))
+        except KeyboardInterrupt:
+            # Stopped while being spawned: the executor killed what had started, and
+            # stop_all will not list it, so it is told and recorded as interrupted here.
+            if name not in self.executor.running:
+                took = time.monotonic() - self._started[name]
+                self._remember_made(target)
+                self._finish(TargetResult(name, Outcome.INTERRUPTED, decision.reasons, took))
+                with contextlib.suppress(OSError):
+                    self.reporter.interrupted(name, took)
+            raise
 
     def _complete(self, name: str, result: ExecResult) -> None:
         """A step exited: check its outputs, record it, store its outputs in the cache."""
