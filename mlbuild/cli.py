@@ -778,11 +778,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
             f"mlbuild gc: emptied {messages.plural(trashed, 'trash folder')} older than a week"
             " (.mlbuild/trash/)"
         )
+    removed = messages.plural(report.entries_removed, "entry", "entries")
+    kept = messages.plural(report.entries_kept, "entry", "entries")
     print(
-        f"mlbuild gc: removed {_entries(report.entries_removed)} and"
-        f" {messages.plural(report.objects_removed, 'object')},"
-        f" freed {_size(report.bytes_freed)}; kept {_entries(report.entries_kept)}"
-        f" ({_size(report.bytes_kept)})."
+        f"mlbuild gc: removed {removed} and {messages.plural(report.objects_removed, 'object')},"
+        f" freed {_size(report.bytes_freed)}; kept {kept} ({_size(report.bytes_kept)})."
     )
     if max_size is None and args.keep_runs is None:
         print("  (every entry kept: use --max-size or --keep-runs to drop older ones)")
@@ -835,10 +835,6 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
     checked_objects = messages.plural(checked, "object")
     print(f"mlbuild cache verify: {checked_objects} checked, {len(corrupt)} corrupted.")
     return EXIT_FAILED if corrupt else EXIT_OK
-
-
-def _entries(n: int) -> str:
-    return f"{n} {'entry' if n == 1 else 'entries'}"
 
 
 def _size(n: int) -> str:

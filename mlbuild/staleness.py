@@ -243,6 +243,18 @@ def _compared(cur: Fingerprint) -> str:
     return compared_text(counts)
 
 
+_fresh_decisions: dict[tuple[int, ...], Decision] = {}
+
+
+def fresh_decision(counts: tuple[int, ...]) -> Decision:
+    """The decision for a target found fresh by its stat signature (signature.py), by the
+    counts --explain shows: one value per shape, shared by a build and a query."""
+    decision = _fresh_decisions.get(counts)
+    if decision is None:
+        decision = _fresh_decisions[counts] = Decision(True, (), compared_text(counts))
+    return decision
+
+
 def compared_text(counts: tuple[int, ...]) -> str:
     """The --explain text for these counts of code files, params, env vars, packages,
     inputs, discovered inputs and outputs (made once per shape: a pipeline has few)."""

@@ -7,6 +7,7 @@ it was started with (`KEY`, `SECRET`) and pre-creates one bucket.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -152,3 +154,17 @@ class SeaweedS3:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@contextlib.contextmanager
+def s3_in_environment(folder: Path) -> Iterator[SeaweedS3]:
+    """A server whose credentials are in os.environ while it runs (as a builder's would be),
+    the environment put back after; the caller skips first when `weed_binary()` is None."""
+    saved = dict(os.environ)
+    with SeaweedS3(folder) as server:
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)

@@ -70,8 +70,11 @@ def test_set_before_the_subcommand_still_works_for_run(tmp_path: Path) -> None:
 
 
 def test_watch_accepts_plain(tmp_path: Path) -> None:
-    result = mlbuild(tmp_path, "watch", "--help")
-    assert "--plain" in result.stdout
+    """`--plain` is taken (here watch goes on to find no pipeline), not refused as unknown."""
+    assert "--plain" in mlbuild(tmp_path, "watch", "--help").stdout
+    result = mlbuild(tmp_path, "watch", "--plain")
+    assert result.returncode == 2
+    assert result.stderr.startswith("mlbuild: error: no pipeline.toml in ")
 
 
 def test_kill_int_stops_watch_started_in_the_background_of_a_script(tmp_path: Path) -> None:

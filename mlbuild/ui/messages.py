@@ -109,6 +109,6 @@ def summary_with_failures(summary: str, failures: Sequence[Failure]) -> str:
     return f"{summary} Failed: {', '.join(f.target for f in failures)}."
 
 
-def plural(n: int, word: str) -> str:
-    """`1 entry`-style counts: "1 object", "2 objects" (words that take an s)."""
-    return f"{n} {word}" + ("" if n == 1 else "s")
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """Counts as read: "1 object", "2 objects"; `words` for another plural ("entries")."""
+    return f"{n} {word}" if n == 1 else f"{n} {words or word + 's'}"
