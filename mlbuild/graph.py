@@ -96,6 +96,14 @@ class Held(NamedTuple):
     reader: str  # the target reading it
 
 
+class Origin(NamedTuple):
+    """The key of a loaded pipeline (`uptodate.pipeline_key`) and the (path, digest) of each
+    other file it was made from."""
+
+    key: str
+    sources: tuple[tuple[str, str], ...]
+
+
 class Graph(NamedTuple):
     """Dependencies between the targets of one pipeline, in a stable topological order."""
 
@@ -106,6 +114,9 @@ class Graph(NamedTuple):
     below: Mapping[str, set[str]]  # directory -> targets writing something inside it
     tree: OutputNode  # the output paths by component, for glob inputs
     held: Mapping[str, tuple[Held, ...]]  # writer -> read paths inside its outputs
+    # What the value was loaded from (snapshot.py), when nothing else counts: the up-to-date
+    # stamp (uptodate.py) is made only for such a graph.
+    origin: Origin | None = None
 
     @property
     def targets(self) -> Mapping[str, Target]:

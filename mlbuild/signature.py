@@ -35,21 +35,22 @@ import marshal
 import os
 import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlbuild.code import may_name_script
 from mlbuild.fingerprint import Fingerprinter, StatEntry, encode_value, is_trusted
 from mlbuild.manifest import MANIFEST_VERSION, Fingerprint
 from mlbuild.pipeline.schema import Target
-from mlbuild.staleness import env_digest
+from mlbuild.uptodate import env_digest
+
+if TYPE_CHECKING:
+    from mlbuild.uptodate import SignedFile
 
 SIG_FORMAT = 1
 _MARSHAL = 2
 _CRC = 4
 _FILE_PREFIX = "file:"
 
-# (path, size, mtime_ns, ctime_ns, inode) of one file the fingerprint digested.
-SignedFile = tuple[str, int, int, int, int]
 # Counts of (code files, params, env vars, packages, inputs, discovered, outputs),
 # the shape staleness.compared_text describes for --explain.
 Counts = tuple[int, int, int, int, int, int, int]
@@ -166,6 +167,14 @@ def fresh_by_signature(target: Target, sig: bytes, fp: Fingerprinter) -> Counts 
             return None
     result: Counts = counts
     return result
+
+
+def proof(sig: bytes) -> tuple[tuple[tuple[str, str | None], ...], tuple[SignedFile, ...]]:
+    """The environment digests and the file stats that `sig` (found valid by
+    `fresh_by_signature`) rests on: what the up-to-date stamp keeps (uptodate.py)."""
+    static, files, _ = _loads(sig[_CRC:])
+    env: tuple[tuple[str, str | None], ...] = static[5]
+    return env, files
 
 
 _crc32 = zlib.crc32

@@ -14,12 +14,14 @@ On disk, `snapshot/<digest of the pipeline file's path>.pickle`:
     pickle: (Source, ...)       other files the value was made from, with digests
     pickle: Graph               the graph, holding the Pipeline (all its fields)
 
-The key is the BLAKE3 of: FORMAT, mlbuild's version, a stamp of mlbuild's
-own source files (name, size, mtime of every .py: an edited or upgraded
-mlbuild never reads an older snapshot, even at the same version), the
-Python version, the pipeline file's resolved path and bytes, and the `--set`
-overrides. The sources (a params file, say; the loader records them through
-`_Loader.read_source`) are checked by re-reading and hashing each one.
+The key (`uptodate.pipeline_key`) is the BLAKE3 of: mlbuild's version, a
+stamp of mlbuild's own source files (name, size, mtime of every .py: an
+edited or upgraded mlbuild never reads an older snapshot, even at the same
+version), the Python version, the pipeline file's resolved path and bytes,
+and the `--set` overrides. The graph returned carries it with the sources
+(`Graph.origin`) when the value depends on nothing else. The sources (a
+params file, say; the loader records them through `_Loader.read_source`) are
+checked by re-reading and hashing each one.
 
 What the disk decides while building a graph is decided again on every hit
 (`graph.check_nothing_destroyed`); a pipeline whose value depends on the disk
@@ -39,26 +41,25 @@ import contextlib
 import gc
 import os
 import pickle
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from mlbuild import __version__
 from mlbuild.graph import (
     Graph,
+    Origin,
     OutputNode,
     build_graph,
     check_nothing_destroyed,
     output_tree,
 )
 from mlbuild.pipeline.load import Source, load_pipeline, read_pipeline_bytes, source_digest
+from mlbuild.uptodate import pipeline_key
 from mlbuild.workspace import snapshot_dir, state_dir
 
-FORMAT = 1
+FORMAT = 2
 MAGIC = f"mlbuild-snapshot {FORMAT}\n".encode()
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_graph(file: Path, overrides: Mapping[str, Any] | None = None) -> Graph:
@@ -84,7 +85,7 @@ def _load_graph(file: Path, overrides: Mapping[str, Any] | None) -> Graph:
     file = file.resolve()
     data = read_pipeline_bytes(file)
     overrides = dict(overrides or {})
-    key = _key(file, data, overrides)
+    key = pipeline_key(str(file), data, repr(list(overrides.items())))
     path = snapshot_path(file)
     graph = _read(path, key, file)
     if graph is not None:
@@ -94,38 +95,17 @@ def _load_graph(file: Path, overrides: Mapping[str, Any] | None) -> Graph:
     graph = build_graph(load_pipeline(file, overrides, data=data, sources=sources))
     if _keepable(graph):
         _write(path, key, tuple(sources), graph)
+        graph = graph._replace(origin=_origin(key, sources))
     return graph
+
+
+def _origin(key: str, sources: list[Source]) -> Origin:
+    return Origin(key, tuple([(source.path, source.digest) for source in sources]))
 
 
 def snapshot_path(file: Path) -> Path:
     """Where the snapshot of pipeline `file` (resolved) lives."""
     return snapshot_dir(file.parent) / f"{source_digest(str(file).encode())[:32]}.pickle"
-
-
-def code_stamp() -> str:
-    """Names, sizes and mtimes of mlbuild's own source files: changes whenever its code does."""
-    parts: list[str] = []
-    stack = [_PACKAGE]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
-            parts.append(f"{folder} unreadable")
-            continue
-        for entry in entries:
-            if entry.name.endswith(".py"):
-                st = entry.stat()
-                parts.append(f"{entry.path} {st.st_size} {st.st_mtime_ns} {st.st_ino}")
-            elif entry.name != "__pycache__" and entry.is_dir():
-                stack.append(entry.path)
-    return "\n".join(parts)
-
-
-def _key(file: Path, data: bytes, overrides: Mapping[str, Any]) -> str:
-    settings = repr(list(overrides.items()))
-    head = "\0".join((str(FORMAT), __version__, sys.version, code_stamp(), str(file), settings))
-    return source_digest(head.encode() + b"\0" + data)
 
 
 def _keepable(graph: Graph) -> bool:
@@ -148,7 +128,7 @@ def _read(path: Path, key: str, file: Path) -> Graph | None:
             graph = pickle.load(handle)
         if not isinstance(graph, Graph) or graph.pipeline.file != file:
             return None
-        return graph._replace(tree=output_tree(graph.producers))
+        return graph._replace(tree=output_tree(graph.producers), origin=_origin(key, sources))
     except Exception:  # unreadable or corrupt in any way: load the TOML
         return None
 
@@ -164,7 +144,7 @@ def _write(path: Path, key: str, sources: tuple[Source, ...], graph: Graph) -> N
             handle.write(MAGIC + key.encode() + b"\n")
             # Each its own pickle, as `_read` loads them; the output tree is rebuilt
             # from `producers` (faster than unpickling its nodes).
-            for value in (sources, graph._replace(tree=OutputNode())):
+            for value in (sources, graph._replace(tree=OutputNode(), origin=None)):
                 _Pickler(handle, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
         os.replace(tmp, path)
     except Exception:  # unwritable, or a value pickle cannot take: no snapshot

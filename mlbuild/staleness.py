@@ -35,10 +35,10 @@ from mlbuild.fingerprint import (
     diff_listings,
     encode_value,
     expand_port,
-    hash_bytes,
 )
 from mlbuild.manifest import DigestKind, Fingerprint, PortEntry, kind_of
 from mlbuild.pipeline.schema import EMPTY, ActionKind, Target
+from mlbuild.uptodate import env_digest
 
 _DIR = DigestKind.DIR  # a module global: an enum attribute costs a lookup in its class
 _MAX_LISTED = 3  # entries named per directory in a reason before "and N more"
@@ -78,13 +78,6 @@ def interface(target: Target, root: str) -> tuple[PortEntry, ...]:
             matches = tuple(expand_port(port, root)) if port.is_glob else ()
             entries.append((kind, port.name, port.path, matches))
     return tuple(entries)
-
-
-def env_digest(value: str | None) -> str | None:
-    """What the manifest keeps of an environment value: its BLAKE3, None when unset."""
-    if value is None:
-        return None
-    return hash_bytes(value.encode("utf-8", "surrogateescape"))
 
 
 def observe_paths(

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "mlbuild"
 # from mlbuild/ (`exec.worker` is mlbuild/exec/worker.py); a subpackage named alone
 # (`cache`) is one module, all its files together. A subpackage is one layer's modules.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("foundation", frozenset({"errors", "scheduler"})),
+    ("foundation", frozenset({"errors", "scheduler", "uptodate"})),
     (
         "pipeline",
         frozenset(
@@ -74,7 +74,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             }
         ),
     ),
-    ("entry", frozenset({"cli", "__main__", "__init__"})),
+    ("entry", frozenset({"cli", "commands", "__main__", "__init__"})),
 )
 MODULES = frozenset().union(*(members for _, members in LAYERS))
 # Run in every step's own interpreter: the standard library and these only. The

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlbuild import snapshot
+from mlbuild import snapshot, uptodate
 from mlbuild.pipeline.load import Source, source_digest
 from tests.conftest import Project
 
@@ -114,7 +114,7 @@ def test_a_code_change_of_mlbuild_is_a_miss(
 ) -> None:
     kept = _built(project)
     stamp = kept.stat().st_mtime_ns
-    monkeypatch.setattr(snapshot, "code_stamp", lambda: "another mlbuild")
+    monkeypatch.setattr(uptodate, "code_stamp", lambda: "another mlbuild")
     assert project.run("status").out == FRESH
     assert kept.stat().st_mtime_ns != stamp  # the old snapshot was not used, a new one kept
 
@@ -125,11 +125,11 @@ def test_the_code_stamp_follows_mlbuilds_files(
     (tmp_path / "sub").mkdir()
     module = tmp_path / "sub" / "mod.py"
     module.write_text("x = 1\n")
-    monkeypatch.setattr(snapshot, "_PACKAGE", str(tmp_path))
-    first = snapshot.code_stamp()
+    monkeypatch.setattr(uptodate, "_PACKAGE", str(tmp_path))
+    first = uptodate.code_stamp()
     module.write_text("x = 2\n")  # same size
     os.utime(module, ns=(0, module.stat().st_mtime_ns + 1))
-    assert snapshot.code_stamp() != first
+    assert uptodate.code_stamp() != first
 
 
 def test_the_disk_check_of_a_python_module_is_made_again(project: Project) -> None:
@@ -165,7 +165,7 @@ def test_a_changed_source_file_is_a_miss(project: Project) -> None:
     file = (project.root / "pipeline.toml").resolve()
     data = file.read_bytes()
     graph = snapshot.load_graph(file)
-    key = snapshot._key(file, data, {})
+    key = uptodate.pipeline_key(str(file), data, "[]")
     path = snapshot.snapshot_path(file)
     snapshot._write(path, key, (Source(str(extra), source_digest(extra.read_bytes())),), graph)
     assert snapshot._read(path, key, file) is not None

@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlbuild.errors import MlbuildError
+from mlbuild.errors import MlbuildError, StateError
 from mlbuild.store import Store, open_lock_file, open_store
+from mlbuild.uptodate import forget
 from mlbuild.workspace import running_dir, staging_dir, state_dir
 
 POLL_SECONDS = 0.1
@@ -58,6 +59,12 @@ class WorkspaceLock:
                     self.notify(f"waiting for another mlbuild in this workspace ({holder})")
                     told = True
                 time.sleep(POLL_SECONDS)
+        # Whatever this command changes, the stamp of the last no-op no longer holds.
+        try:
+            forget(str(self.path.parent.parent))
+        except OSError as exc:
+            os.close(self.fd)
+            raise StateError(f"cannot remove {exc.filename}: {exc.strerror}") from None
         # Who holds the lock is only for a waiting user's message: a full disk
         # must not stop the command that would free space (`mlbuild gc`).
         with contextlib.suppress(OSError):

@@ -115,6 +115,9 @@ class BuildResult(NamedTuple):
     results: tuple[TargetResult, ...]
     duration: float
     failures: tuple[Failure, ...] = ()
+    # When every target was found fresh by its stat signature: those signatures, the
+    # proof an up-to-date stamp is made from (uptodate.py); else None.
+    signed: tuple[bytes, ...] | None = None
 
     @property
     def ok(self) -> bool:

@@ -235,6 +235,7 @@ class Build:
         self._pending: list[Record] = []  # manifests not yet written (_record_later)
         self._pending_since = 0.0  # monotonic time the oldest of them was queued
         self._signed: list[tuple[str, bytes]] = []  # stat signatures to write (signature.py)
+        self._proof: list[bytes] = []  # signatures that found their target fresh
 
     def run(self) -> BuildResult:
         start = time.perf_counter()
@@ -258,7 +259,8 @@ class Build:
             self._finish_build(started_at, status)
         self._record_experiment(status is RunStatus.OK)
         failures = tuple(r.failure for r in self.results if r.failure is not None)
-        return BuildResult(tuple(self.results), time.perf_counter() - start, failures)
+        proof = tuple(self._proof) if len(self._proof) == len(self.results) else None
+        return BuildResult(tuple(self.results), time.perf_counter() - start, failures, proof)
 
     def _finish_build(self, started_at: float, status: RunStatus) -> None:
         """Write what finished first (a second Ctrl-C while waiting on cache writes keeps
@@ -279,10 +281,14 @@ class Build:
                 self._remote.finish(wait=status is not RunStatus.INTERRUPTED)  # background uploads
         save_checked(self.store, self.fp, self.code)
         self.store.save_signatures(self._signed)
-        rows = [
-            RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons)) for r in self.results
-        ]
-        self.store.record_run(started_at, self.options.command_line, status.value, rows)
+        skipped = Outcome.SKIPPED
+        if status is not RunStatus.OK or any(r.outcome is not skipped for r in self.results):
+            # The history lists runs that did something: a no-op is not one (uptodate.py).
+            rows = [
+                RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons))
+                for r in self.results
+            ]
+            self.store.record_run(started_at, self.options.command_line, status.value, rows)
         keep_warm = self.graph.pipeline.workers.keep_warm
         if self._executor is not None and keep_warm and status is not RunStatus.INTERRUPTED:
             from mlbuild.exec.keepwarm import keep_after
@@ -379,6 +385,7 @@ class Build:
         if stored is not None and stored.sig is not None and not forced:
             counts = fresh_by_signature(target, stored.sig, self.fp)
             if counts is not None:  # fresh by the stat of its files alone (signature.py)
+                self._proof.append(stored.sig)
                 decision = fresh_decision(counts)
                 self._finish(
                     TargetResult(name, Outcome.SKIPPED, duration=time.perf_counter() - checking)

@@ -32,6 +32,7 @@ from mlbuild.pipeline.schema import (
     WorkersSettings,
     display_path,
 )
+from mlbuild.uptodate import digest
 
 if TYPE_CHECKING:
     # The parser and the templates are imported only when a file is parsed: a
@@ -237,9 +238,7 @@ class Source(NamedTuple):
 
 def source_digest(data: bytes) -> str:
     """The digest the snapshot keys a file's bytes by (BLAKE3, already loaded for fingerprints)."""
-    from blake3 import blake3
-
-    return blake3(data).hexdigest()
+    return digest(data)
 
 
 def read_pipeline_bytes(file: Path) -> bytes:

@@ -13,10 +13,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from mlbuild.uptodate import PIPELINE_FILE as PIPELINE_FILE
+from mlbuild.uptodate import STATE_DIR as STATE_DIR
+
 # Default for mapping fields of the value types here: shared, so read-only.
 EMPTY: Mapping[str, Any] = MappingProxyType({})
-PIPELINE_FILE = "pipeline.toml"
-STATE_DIR = ".mlbuild"
 EXECUTOR_KINDS = ("local", "ray")
 FILE_MODES = ("auto", "shared", "cas")
 # The plot file formats `plots = [...]` accepts, by file name ending (mlbuild.plotdata reads them).

@@ -23,6 +23,7 @@ from typing import TextIO
 from mlbuild.build.results import BuildPlan, BuildResult, Failure, Outcome
 from mlbuild.staleness import Decision
 from mlbuild.ui import messages
+from mlbuild.uptodate import summary_text
 
 MIN_SAVED = 0.01  # less saved than this goes unsaid: "saved 0.002s" is noise
 
@@ -71,17 +72,25 @@ def summary_line(result: BuildResult, recorded: Mapping[str, float] | None = Non
     Counts per outcome, the build's wall time, and with `recorded` durations
     the time saved by skipping and restoring.
     """
-    parts = []
-    for outcome in Outcome:
-        count = result.count_of(outcome)
-        if count:
-            parts.append(f"{count} {outcome.value}")
+    head, note = summary_parts(result, recorded)
+    return summary_text(head, result.duration, note)
+
+
+def summary_parts(
+    result: BuildResult, recorded: Mapping[str, float] | None = None
+) -> tuple[str, str]:
+    """The summary line before and after its time (`mlbuild: 2 skipped`, ` (saved 1m 12s by
+    skipping)`): the up-to-date stamp keeps them to tell a no-op again (uptodate.py)."""
+    counts: dict[Outcome, int] = {}
+    for r in result.results:
+        counts[r.outcome] = counts.get(r.outcome, 0) + 1
+    parts = [f"{counts[outcome]} {outcome.value}" for outcome in Outcome if outcome in counts]
     text = ", ".join(parts) if parts else "nothing to do"
     saved = time_saved(result, recorded) if recorded is not None else None
     note = ""
     if saved is not None and saved[0] >= MIN_SAVED:
         note = f" (saved {format_duration(saved[0])} by {saved[1]})"
-    return f"mlbuild: {text} in {result.duration:.3f}s{note}."
+    return f"mlbuild: {text}", note
 
 
 def stdout_closed() -> bool:

@@ -1,0 +1,285 @@
+"""The up-to-date stamp (uptodate.py): a no-op told before loading anything, never wrongly.
+
+Each test builds a pipeline, lets its files age past the racy window so that a
+no-op signs every target and the next one writes the stamp, then checks that
+the stamp answers (`by_stamp`) and that every kind of change makes it step
+aside: the full command then decides, and reruns exactly what it must.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mlbuild import cli, uptodate
+from tests.conftest import Project, Result
+from tests.test_signature import age
+
+PIPELINE = """
+params_files = ["params.yaml"]
+
+[targets.copy]
+cmd = "cp {inputs} {outputs}"
+inputs = ["src/a.txt"]
+outputs = ["build/a.txt"]
+env = ["MODE"]
+
+[targets.count]
+cmd = "wc -c < {inputs} > {outputs} && echo {params.n} >> {outputs}"
+inputs = ["build/a.txt"]
+outputs = ["build/count.txt"]
+params = ["n"]
+"""
+
+
+class Told:
+    """Records whether the last `mlbuild` call was answered by the stamp."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.by_stamp: list[bool] = []
+        real = uptodate.answer
+
+        def answer(words: list[str]) -> int | None:
+            code = real(words)
+            self.by_stamp.append(code is not None)
+            return code
+
+        monkeypatch.setattr(cli, "answer", answer)
+
+
+@pytest.fixture
+def stamped(project: Project, monkeypatch: pytest.MonkeyPatch) -> tuple[Project, Told]:
+    """A built pipeline whose next `mlbuild run` is answered by its stamp."""
+    monkeypatch.setenv("MODE", "fast")
+    monkeypatch.delenv("MLBUILD_UNSET", raising=False)
+    project.write("src/a.txt", "hello\n")
+    project.write("params.yaml", "n: 1  # kept\n")
+    project.pipeline(PIPELINE)
+    told = Told(monkeypatch)
+    assert project.run().started() == ["copy", "count"]
+    age()
+    assert project.run().started() == []  # the long way: signs both targets
+    assert not stamp_file(project).exists()  # not decided by signatures: no stamp yet
+    assert project.run().started() == []  # by signatures: writes the stamp
+    assert stamp_file(project).exists()
+    assert told.by_stamp == [False, False, False]
+    return project, told
+
+
+def stamp_file(project: Project) -> Path:
+    return project.root / ".mlbuild" / "uptodate"
+
+
+def run(project: Project, told: Told, *args: str) -> tuple[Result, bool]:
+    result = project.run(*args)
+    return result, told.by_stamp[-1]
+
+
+def test_the_stamp_tells_a_no_op_as_the_full_command_does(
+    stamped: tuple[Project, Told],
+) -> None:
+    project, told = stamped
+    full = project.run("run", "--no-wait")  # an option the stamp leaves to the full command
+    assert told.by_stamp[-1] is False
+    result, by_stamp = run(project, told)
+    assert by_stamp
+    assert result.code == 0 and result.err == ""
+    assert _untimed(result.out) == _untimed(full.out)
+    assert result.out.splitlines()[:2] == [
+        "Step `copy` is up to date (skipped).",
+        "Step `count` is up to date (skipped).",
+    ]
+    quiet, by_stamp = run(project, told, "run", "-q", "-j", "2", "-k")
+    assert (
+        by_stamp and quiet.out.startswith("mlbuild: 2 skipped in ") and quiet.out.count("\n") == 1
+    )
+
+
+def _untimed(out: str) -> str:
+    return "\n".join(line.split(" in ")[0] for line in out.splitlines())
+
+
+def test_a_no_op_is_not_in_the_history(stamped: tuple[Project, Told]) -> None:
+    project, told = stamped
+    assert run(project, told)[1]
+    log = project.run("log").out
+    assert log.count("\nrun ") + log.startswith("run ") == 1  # the first build only
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "edit_keeping_size_and_mtime",
+        "touch_input",
+        "delete_output",
+        "replace_output_by_symlink",
+        "env_value",
+        "env_unset",
+        "params_value",
+        "pipeline_edit",
+        "state_db_replaced",
+    ],
+)
+def test_every_change_is_left_to_the_full_command(
+    stamped: tuple[Project, Told], monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    project, told = stamped
+    root = project.root
+    expected: list[str] | None
+    if change == "edit_keeping_size_and_mtime":
+        path = root / "src/a.txt"
+        before = path.stat()
+        path.write_text("HELLO\n")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        expected = ["copy", "count"]
+    elif change == "touch_input":
+        os.utime(root / "src/a.txt")
+        expected = []  # same bytes: the long way finds nothing changed
+    elif change == "delete_output":
+        (root / "build/count.txt").unlink()
+        expected = ["count"]
+    elif change == "replace_output_by_symlink":
+        target = root / "elsewhere.txt"
+        target.write_bytes((root / "build/count.txt").read_bytes())
+        (root / "build/count.txt").unlink()
+        (root / "build/count.txt").symlink_to(target)
+        expected = None  # the long way decides (by content)
+    elif change == "env_value":
+        monkeypatch.setenv("MODE", "slow")
+        expected = ["copy"]
+    elif change == "env_unset":
+        monkeypatch.delenv("MODE")
+        expected = ["copy"]
+    elif change == "params_value":
+        project.write("params.yaml", "n: 2  # kept\n")
+        expected = ["count"]
+    elif change == "pipeline_edit":
+        project.pipeline(PIPELINE.replace("wc -c <", "wc -c  <"))
+        expected = ["count"]
+    else:
+        db = root / ".mlbuild/state.db"
+        for suffix in ("-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        db.rename(root / "elsewhere.db")
+        expected = None
+    result, by_stamp = run(project, told, "run", "--no-cache")
+    assert not by_stamp
+    assert result.code in (0, 1, 2)
+    if expected is not None:
+        assert result.code == 0, result.err
+        assert result.started() == expected
+
+
+def test_options_and_targets_go_to_the_full_command(stamped: tuple[Project, Told]) -> None:
+    project, told = stamped
+    for args in (
+        ("run", "copy"),
+        ("run", "-v"),
+        ("run", "--explain"),
+        ("run", "--set", "n=1"),
+        ("run", "-n"),
+        ("run", "-j", "0"),
+        ("run", "-qv"),
+        ("run", "--quie"),
+        ("status",),
+    ):
+        result, by_stamp = run(project, told, *args)
+        assert not by_stamp, args
+        assert result.code in (0, 2), (args, result.err)
+    assert run(project, told, "run", "-j", "0")[0].err.startswith("mlbuild: error: -j 0")
+
+
+def test_any_command_taking_the_lock_removes_the_stamp(stamped: tuple[Project, Told]) -> None:
+    project, told = stamped
+    assert project.run("clean").code == 0
+    assert not stamp_file(project).exists()
+    result, by_stamp = run(project, told)
+    assert not by_stamp and "up to date" not in result.out  # restored from the cache
+
+
+def test_a_damaged_stamp_is_not_read(stamped: tuple[Project, Told]) -> None:
+    project, told = stamped
+    path = stamp_file(project)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result, by_stamp = run(project, told)
+    assert not by_stamp and result.code == 0
+    path.write_bytes(b"mlbuild-uptodate 9\n" + bytes(data))
+    assert not run(project, told)[1]
+    assert run(project, told)[1]  # the full no-op wrote a good one again
+
+
+def test_the_stamp_is_gone_while_another_build_runs(project: Project, tmp_path: Path) -> None:
+    """A build in another process removes the stamp before it changes anything."""
+    project.write("src/a.txt", "a\n")
+    project.pipeline(
+        """
+        [targets.slow]
+        cmd = "cat {inputs} > {outputs} && sleep 3"
+        inputs = ["src/a.txt"]
+        outputs = ["out.txt"]
+        """
+    )
+    assert project.run().code == 0
+    age()
+    project.run()
+    project.run()
+    assert stamp_file(project).exists()
+    project.write("src/a.txt", "b\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    other = subprocess.Popen(
+        [sys.executable, "-m", "mlbuild", "run", "-f", str(project.root / "pipeline.toml")],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        made = project.root / "out.txt"
+        while not (made.exists() and made.read_text() == "b\n"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not stamp_file(project).exists()  # the step is running now
+    finally:
+        out, _ = other.communicate(timeout=60)
+    assert "has started" in out
+
+
+def test_the_no_op_imports_only_the_stamp_reader(tmp_path: Path) -> None:
+    """What makes it cheap: neither the parser nor the engine is imported."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/a.txt").write_text("a\n")
+    (tmp_path / "pipeline.toml").write_text(
+        textwrap.dedent(
+            """
+            [targets.copy]
+            cmd = "cp {inputs} {outputs}"
+            inputs = ["src/a.txt"]
+            outputs = ["out.txt"]
+            """
+        )
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    command = [sys.executable, "-X", "importtime", "-m", "mlbuild", "run"]
+    subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
+    age()
+    for _ in range(2):
+        subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
+    done = subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
+    imported = {line.split("|")[-1].strip() for line in done.stderr.decode().splitlines()}
+    assert "mlbuild.uptodate" in imported
+    mine = {name for name in imported if name.startswith("mlbuild")}
+    assert mine == {"mlbuild", "mlbuild.cli", "mlbuild.uptodate"}
+    assert "typing" not in imported and "argparse" not in imported and "sqlite3" not in imported
+    assert (
+        done.stdout.decode()
+        == "Step `copy` is up to date (skipped).\n"
+        + done.stdout.decode().splitlines(keepends=True)[-1]
+    )
