@@ -114,7 +114,7 @@ def record_build(
         known = store.load_metrics()
         skipped = [t for t in skipped if t in manifests and key_of(t, manifests[t]) not in known]
     _record_metrics(store, pipeline, [*made, *skipped], manifests, warn)
-    keys = _configuration(decided, manifests) if ok else None
+    keys = _configuration(decided, manifests, store) if ok else None
     if keys is None:
         if name is not None:
             why = "the build failed" if not ok else "an input changed while a step ran"
@@ -135,19 +135,29 @@ def record_build(
 
 
 def _configuration(
-    decided: Sequence[str], manifests: Mapping[str, StoredManifest]
+    decided: Sequence[str], manifests: Mapping[str, StoredManifest], store: Store
 ) -> dict[str, str] | None:
     """Target -> cache key of what the decided targets hold; None when that is no
-    configuration its outputs can stand for (an input changed during a step)."""
+    configuration its outputs can stand for (an input changed during a step).
+
+    A key is computed from its manifest once and then kept beside it (the store's
+    `manifests.key`): a build that ran one of 10,000 targets parses one manifest.
+    """
+    kept = store.load_manifest_keys()
     keys: dict[str, str] = {}
+    learned: list[tuple[str, str, str]] = []
     for target in decided:
         stored = manifests.get(target)
         if stored is None or CHANGED_DURING_STEP in stored.data:
             return None
-        key = key_of(target, stored)
+        key = kept.get(target)
         if key is None:
-            return None
+            key = key_of(target, stored)
+            if key is None:
+                return None
+            learned.append((target, stored.data, key))
         keys[target] = key
+    store.save_manifest_keys(learned)
     return keys or None
 
 
@@ -223,9 +233,10 @@ def _record_metrics(
 
 def current_keys(store: Store) -> dict[str, str]:
     """Target -> cache key of the outputs the workspace holds now (its manifests)."""
+    kept = store.load_manifest_keys()
     keys: dict[str, str] = {}
     for target, stored in store.load_manifests().items():
-        key = key_of(target, stored)
+        key = kept.get(target) or key_of(target, stored)
         if key is not None:
             keys[target] = key
     return keys

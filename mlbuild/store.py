@@ -14,10 +14,13 @@ machine loses at most the last transactions, never the database):
   damaged blob reads as absent and costs a re-hash, never a wrong digest.
   `files` is read only when a directory's summary changed. Writing a row
   drops the `stats` rows below that directory (a cache restore learns them).
-- `manifests(target, data, finished_at, duration, sig)`: one row per target, `data`
-  is the JSON of its last successful build (opaque here; see staleness.py), `sig`
-  its stat signature or NULL (opaque here; see signature.py): what lets a no-op
-  call it fresh from the stat of its files alone.
+- `manifests(target, data, finished_at, duration, sig, key)`: one row per target,
+  `data` is the JSON of its last successful build (opaque here; see staleness.py),
+  `sig` its stat signature or NULL (opaque here; see signature.py): what lets a
+  no-op call it fresh from the stat of its files alone. `key` is the cache key
+  `data` stands for, or NULL until experiments.py first needs it (parsing 10,000
+  manifests to name a configuration cost more than the build of one changed
+  target); writing a manifest replaces the row, so a key never outlives its data.
 - `parsed(raw, data)`: what code.py learned from a Python file with that raw
   digest (its AST digest and imports), so unchanged files are never parsed again.
 - `trees(digest, listing)`: zlib-compressed listings of input/output directories,
@@ -66,9 +69,10 @@ from mlbuild.errors import StateError
 from mlbuild.fingerprint import DirStat, StatCache, StatEntry
 from mlbuild.pipeline.schema import display_path
 
-SCHEMA_VERSION = "5"
+SCHEMA_VERSION = "6"
 UPGRADABLE = {"2"}  # schema versions opened by dropping their stat cache
-ADDITIVE = {"3", "4"}  # schema versions opened by creating the tables, columns, indexes they lack
+# Schema versions opened by creating the tables, columns and indexes they lack.
+ADDITIVE = {"3", "4", "5"}
 DB_NAME = "state.db"
 WarnFn = Callable[[str], None]
 
@@ -105,7 +109,7 @@ CREATE TABLE IF NOT EXISTS dirs (
 );
 CREATE TABLE IF NOT EXISTS manifests (
     target TEXT PRIMARY KEY, data TEXT NOT NULL, finished_at REAL NOT NULL, duration REAL NOT NULL,
-    sig BLOB
+    sig BLOB, key TEXT
 );
 CREATE TABLE IF NOT EXISTS parsed (raw TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS trees (digest TEXT PRIMARY KEY, listing BLOB NOT NULL) WITHOUT ROWID;
@@ -524,6 +528,19 @@ class Store:
         return [StoredExperiment(*row) for row in rows]
 
     @_guarded
+    def load_manifest_keys(self) -> dict[str, str | None]:
+        """Target -> the cache key kept beside its manifest (None: not computed yet)."""
+        return dict(self.conn.execute("SELECT target, key FROM manifests"))
+
+    @_guarded
+    def save_manifest_keys(self, keys: Iterable[tuple[str, str, str]]) -> None:
+        """Keep (target, data, key): only on the row still holding that very data."""
+        rows = [(key, target, data) for target, data, key in keys]
+        if rows:
+            with self._transaction() as conn:
+                conn.executemany("UPDATE manifests SET key = ? WHERE target = ? AND data = ?", rows)
+
+    @_guarded
     def save_experiment(self, row: StoredExperiment) -> None:
         """Add a row, or mark a known one built again; a name given moves to this row."""
         with self._transaction() as conn:
@@ -774,8 +791,10 @@ def _prepare(conn: sqlite3.Connection) -> str | None:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(manifests)")}
         # Before 5: no stat signature (NULL: checked the long way once, then written).
         add_sig = "ALTER TABLE manifests ADD COLUMN sig BLOB;" * ("sig" not in columns)
+        # Before 6: no cache key kept (NULL: computed from `data` when first needed).
+        add_key = "ALTER TABLE manifests ADD COLUMN key TEXT;" * ("key" not in columns)
         conn.executescript(
-            f"BEGIN IMMEDIATE; {drop} {add_sig}"
+            f"BEGIN IMMEDIATE; {drop} {add_sig} {add_key}"
             f"{_SCHEMA} INSERT OR REPLACE INTO meta (key, value)"
             f" VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
         )

@@ -131,6 +131,33 @@ def test_a_rerun_of_the_same_configuration_adds_no_row(dvc_project: Project) -> 
     assert [r["current"] for r in rows] == [True, False]
 
 
+def test_cache_keys_are_kept_beside_manifests_and_follow_each_rewrite(
+    dvc_project: Project,
+) -> None:
+    """A row's identity needs every target's cache key: each is computed from its
+    manifest once, kept, and dropped with the manifest it was computed from."""
+    from mlbuild.experiments import key_of
+    from mlbuild.store import open_store
+
+    def kept() -> dict[str, str | None]:
+        with open_store(dvc_project.root / ".mlbuild", print) as store:
+            keys = store.load_manifest_keys()
+            assert {t: key_of(t, m) for t, m in store.load_manifests().items()} == keys
+            return keys
+
+    dvc_project.run()
+    first = kept()
+    assert set(first) == {"prepare", "train", "evaluate"} and all(first.values())
+    assert dvc_project.run("run", "--set", "n_est=20").started() == ["train", "evaluate"]
+    second = kept()
+    assert second["prepare"] == first["prepare"]
+    assert second["train"] != first["train"] and second["evaluate"] != first["evaluate"]
+    assert [r["current"] for r in show(dvc_project)] == [False, True]
+    back = dvc_project.run()
+    assert back.started() == [] and kept() == first
+    assert [r["current"] for r in show(dvc_project)] == [True, False]
+
+
 def test_name_names_the_row_and_moves_from_an_older_one(dvc_project: Project) -> None:
     dvc_project.run("run", "--name", "baseline")
     dvc_project.run("run", "--set", "n_est=20", "--name", "wide")

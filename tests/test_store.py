@@ -134,6 +134,7 @@ def test_version_4_is_upgraded_keeping_everything_and_indexing_the_history(
     with sqlite3.connect(state / "state.db") as conn:  # as schema 4 left it
         conn.execute("DROP INDEX run_targets_target")
         conn.execute("ALTER TABLE manifests DROP COLUMN sig")
+        conn.execute("ALTER TABLE manifests DROP COLUMN key")
         conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     with open_store(state, warned) as store:
         stored = store.load_manifest("t")
@@ -144,8 +145,13 @@ def test_version_4_is_upgraded_keeping_everything_and_indexing_the_history(
         ]
         store.save_signatures([("t", b"sig")])
         assert store.load_manifests()["t"].sig == b"sig"
+        assert store.load_manifest_keys() == {"t": None}
+        store.save_manifest_keys([("t", '{"version": 2}', "k2")])
+        store.save_manifest_keys([("t", '{"version": 1}', "k1")])  # not the data it holds
+        assert store.load_manifest_keys() == {"t": "k2"}
         store.record("t", '{"version": 2}', 3.0, {}, {})  # a new manifest: no signature yet
         assert store.load_manifests()["t"].sig is None
+        assert store.load_manifest_keys() == {"t": None}  # nor a key
     assert warned == [] and backups(state) == []
     with sqlite3.connect(state / "state.db") as conn:
         assert conn.execute("SELECT value FROM meta").fetchone() == (SCHEMA_VERSION,)
