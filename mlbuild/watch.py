@@ -12,7 +12,10 @@ debouncer and become the next cycle.
 
 Which targets a changed path affects comes from an index (`Readers`) built
 once per pipeline and code scan: a dictionary probe per ancestor of the path,
-and a match per glob input, never a scan of every target per path.
+and a match per glob input, never a scan of every target per path. The
+code files and the directories to watch are worked out again only when a
+batch may change them (`Planner`): an edited data file costs a stat per
+changed path, not a pass over every target.
 
 Each cycle's build holds the workspace lock (`lock.hold_workspace`, as `mlbuild
 run` takes it) from before the runner reads the state until it has written
