@@ -293,7 +293,7 @@ def watch_only(sizes: list[int], writes: int, load_before: str) -> int:
         samples, error = watch_latency(size, writes)
         ms = ", ".join(f"{s * 1000:.0f}" for s in samples)
         median = f"{statistics.median(samples) * 1000:.0f} ms" if samples else "-"
-        print(f"  watch wide{size}: median {median} of {len(samples)}; samples (ms): {ms}", flush=True)
+        print(f"  watch wide{size}: median {median} of {len(samples)}; ms: {ms}", flush=True)
         if error:
             print(f"  watch wide{size}: {error}", flush=True)
     print(f"  load average before: {load_before}; after: {engine.load_average()}", flush=True)
