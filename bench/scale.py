@@ -287,6 +287,20 @@ def watch_latency(size: int, writes: int) -> tuple[list[float], str | None]:
         return samples, None
 
 
+def watch_only(sizes: list[int], writes: int, load_before: str) -> int:
+    """`--watch-only`: the watch latency at each size, printed (median, samples, load)."""
+    for size in sizes:
+        samples, error = watch_latency(size, writes)
+        ms = ", ".join(f"{s * 1000:.0f}" for s in samples)
+        median = f"{statistics.median(samples) * 1000:.0f} ms" if samples else "-"
+        print(f"  watch wide{size}: median {median} of {len(samples)}; ms: {ms}", flush=True)
+        if error:
+            print(f"  watch wide{size}: {error}", flush=True)
+    print(f"  load average before: {load_before}; after: {engine.load_average()}", flush=True)
+    shutil.rmtree(engine.WORK, ignore_errors=True)
+    return 0
+
+
 # ---------------------------------------------------------------- goals and tables
 
 
@@ -481,6 +495,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="watch-mode pipeline size (default 10000 when that size is run; 0: skip)",
     )
+    ap.add_argument(
+        "--watch-only",
+        action="store_true",
+        help="measure only watch mode, at each of --sizes; prints, writes nothing",
+    )
+    ap.add_argument("--watch-writes", type=int, default=WATCH_WRITES, help="writes per watch size")
     ap.add_argument("--mlbuild-src", type=Path, default=REPO, help="checkout to test")
     ap.add_argument("--label", default="", help="RESULTS.md section is `Scale: LABEL`")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
@@ -534,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = Cells(args.repeat, args.cell_budget)
     cells.skipped += [f"{name}: {why}" for name, why in missing.items()]
     print(f"mlbuild under test: {where}", flush=True)
+    if args.watch_only:
+        return watch_only(args.size_list, args.watch_writes, load_before)
 
     pipes = [pl.wide(BASELINE)]
     if 200 in args.size_list and not args.no_chain:

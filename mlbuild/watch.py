@@ -12,7 +12,10 @@ debouncer and become the next cycle.
 
 Which targets a changed path affects comes from an index (`Readers`) built
 once per pipeline and code scan: a dictionary probe per ancestor of the path,
-and a match per glob input, never a scan of every target per path.
+and a match per glob input, never a scan of every target per path. The
+code files and the directories to watch are worked out again only when a
+batch may change them (`Planner`): an edited data file costs a stat per
+changed path, not a pass over every target.
 
 Each cycle's build holds the workspace lock (`lock.hold_workspace`, as `mlbuild
 run` takes it) from before the runner reads the state until it has written
@@ -55,6 +58,7 @@ import fnmatch
 import os
 import posixpath
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -72,7 +76,7 @@ from watchdog.observers.polling import PollingObserver
 from mlbuild.build.lock import hold_workspace
 from mlbuild.build.results import BuildOptions, BuildResult, CliReporter, Failure, Outcome, Reporter
 from mlbuild.build.runner import run_build
-from mlbuild.code import CodeError, CodeScanner, Parsed
+from mlbuild.code import SCRIPT_SUFFIXES, CodeError, CodeScanner, Parsed
 from mlbuild.errors import Interrupted, MlbuildError
 from mlbuild.fingerprint import Digest, Fingerprinter, expand_port
 from mlbuild.graph import Graph, ancestors, build_graph, glob_base
@@ -226,9 +230,26 @@ def _sources(graph: Graph, name: str) -> Iterator[tuple[str, Port]]:
             yield base, port
 
 
+class Plan(NamedTuple):
+    """The watches a selection needs, and the paths found to be directories on the way.
+
+    The watches depend on the filesystem only through whether those paths are
+    directories, so a batch that made none of them a directory, or stopped one
+    being one, leaves the plan as it is (`Watcher._refresh` keeps it).
+    """
+
+    watches: dict[str, bool]
+    dirs: frozenset[str]
+
+
 def plan_watches(
     graph: Graph, selected: Iterable[str], code: Mapping[str, frozenset[str]]
 ) -> dict[str, bool]:
+    """Directories to watch ("" is the root) -> recursive, for the selection's sources and code."""
+    return make_plan(graph, selected, code).watches
+
+
+def make_plan(graph: Graph, selected: Iterable[str], code: Mapping[str, frozenset[str]]) -> Plan:
     """Directories to watch ("" is the root) -> recursive, for the selection's sources and code.
 
     A file is watched through its directory (so an atomic rename over it is
@@ -258,7 +279,7 @@ def plan_watches(
             if port.is_glob:
                 rest = port.path[len(base) :].lstrip("/")
                 add(base, "**" in rest or "/" in rest)
-            elif os.path.isdir(os.path.join(root, port.path)):
+            elif exists(port.path):
                 add(port.path, True)
             add(posixpath.dirname(port.path), False)
         for file in code.get(name, ()):
@@ -268,11 +289,94 @@ def plan_watches(
     # A directory below a recursive watch is covered by it (looked up through its
     # ancestors: linear in the directories, not directories times recursive ones).
     tops = {d for d, recursive in wanted.items() if recursive}
-    return {
+    watches = {
         d: r
         for d, r in wanted.items()
         if not (d and ("" in tops or any(a in tops for a in ancestors(d))))
     }
+    return Plan(watches, frozenset(rel for rel, found in is_dir.items() if found))
+
+
+class Planner:
+    """The watch plan and the reverse dependencies, kept until a batch may change them.
+
+    Planning looks at every selected target (and stats each input), which at
+    ten thousand targets took longer than the debounce; a cycle for an edited
+    data file needs none of it again. The plan is made anew when the graph or
+    the code files changed, or when a path of the batch is a directory now or
+    was one when the plan was made (the only way the filesystem enters it).
+    The code files are scanned anew unless every path of the batch is a
+    regular file that is not a script or module by its suffix (the only files
+    a scan can newly find: SCRIPT_SUFFIXES), not a code file, and not above one.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+        self._for: tuple[Graph, Mapping[str, frozenset[str]]] | None = None
+        self._plan = Plan({}, frozenset())
+        self._code_paths: frozenset[str] = frozenset()  # code files and the directories above
+        self._users_of: tuple[Graph, dict[str, list[str]]] | None = None
+
+    def may_change_code(self, paths: set[str] | None) -> bool:
+        """Whether a batch (None: unknown changes) may change some target's code files."""
+        if paths is None:
+            return True
+        return any(
+            path.endswith(SCRIPT_SUFFIXES)
+            or path in self._code_paths
+            or not stat.S_ISREG(_mode(self.root, path))
+            for path in paths
+        )
+
+    def watches(
+        self,
+        graph: Graph,
+        selected: Sequence[str],
+        code: Mapping[str, frozenset[str]],
+        paths: set[str] | None,
+    ) -> dict[str, bool]:
+        """The directories to watch after a batch (None: unknown changes)."""
+        same = self._for is not None and self._for[0] is graph and self._for[1] is code
+        if not same:
+            self._code_paths = frozenset(
+                a for files in code.values() for f in files for a in (f, *ancestors(f))
+            )
+        if (
+            not same
+            or paths is None
+            or any(
+                path in self._plan.dirs or stat.S_ISDIR(_mode(self.root, path)) for path in paths
+            )
+        ):
+            self._plan = make_plan(graph, selected, code)
+            self._for = (graph, code)
+        return self._plan.watches
+
+    def downstream(self, graph: Graph, names: Iterable[str]) -> set[str]:
+        """`graph.downstream`, with its reverse index built once per graph, not per cycle."""
+        if self._users_of is None or self._users_of[0] is not graph:
+            users: dict[str, list[str]] = {name: [] for name in graph.order}
+            for name, needs in graph.deps.items():
+                for need in needs:
+                    users[need].append(name)
+            self._users_of = (graph, users)
+        users = self._users_of[1]
+        seen = set(names)
+        todo = list(seen)
+        while todo:
+            for user in users.get(todo.pop(), ()):
+                if user not in seen:
+                    seen.add(user)
+                    todo.append(user)
+        return seen
+
+
+def _mode(root: str, rel: str) -> int:
+    """The file type bits of a project path, following links as `os.path.isdir` does; 0 if gone."""
+    try:
+        return os.stat(os.path.join(root, rel)).st_mode
+    except (OSError, ValueError):
+        return 0
 
 
 class Readers:
@@ -538,6 +642,7 @@ class Watcher:
         self.code: dict[str, frozenset[str]] = {}
         self.scope = scope_of(self.graph, self.code)
         self.readers = Readers(self.graph, self.selection, self.code)
+        self.planner = Planner(self.graph.pipeline.root)
         self.carry: set[str] = set()  # targets of a build that stopped on an error
         # Stat cache of code files and source inputs; filled from the state at the first build.
         self._fp = Fingerprinter(self.graph.pipeline.root, {})
@@ -608,7 +713,7 @@ class Watcher:
                 self._say(f"{_shown(paths)} changed; no selected target reads it.")
             return
         carried = self.carry.intersection(self.selection)  # a reload may have removed some
-        wanted = self.graph.downstream(set().union(*hits.values()) | carried)
+        wanted = self.planner.downstream(self.graph, set().union(*hits.values()) | carried)
         names = self.selection if reloaded else tuple(n for n in self.selection if n in wanted)
         changed = {*hits, *(paths & loaded_from if reloaded else ())}
         self._say(f"{_shown(changed)} changed; checking {', '.join(names)}.")
@@ -678,12 +783,28 @@ class Watcher:
         graph = build_graph(load_pipeline(self.file, self.overrides))
         return graph, graph.select(self.targets)
 
-    def _refresh(self, changed: Iterable[str] = ()) -> None:
+    def _refresh(self, changed: Iterable[str] | None = None) -> None:
         """Rescan the selection's code files, then bring the watches in line with them.
 
         This runs before each build, so a write lands either before the build
-        reads the file or after the watch on its directory exists.
+        reads the file or after the watch on its directory exists. `changed`:
+        the batch's paths (None: anything may have changed). What a batch
+        cannot have changed is kept (`Planner`), so an edit of one data file in
+        a pipeline of ten thousand targets costs a stat, not a rescan of all.
         """
+        paths = None if changed is None else set(changed)
+        graph_changed = self.readers.graph is not self.graph
+        if graph_changed or self.planner.may_change_code(paths):
+            code = self._scan_code()
+            if graph_changed or code != self.code:  # kept as the same object when equal
+                self.readers = Readers(self.graph, self.selection, code)
+                self.scope = scope_of(self.graph, code)
+                self.code = code
+        watches = self.planner.watches(self.graph, self.selection, self.code, paths)
+        self._sync_watches(watches, paths or ())
+
+    def _scan_code(self) -> dict[str, frozenset[str]]:
+        """The code files of every selected target (a module's may not exist yet)."""
         scanner = CodeScanner(self._fp, self._parsed)
         code: dict[str, frozenset[str]] = {}
         for name in self.selection:
@@ -697,13 +818,9 @@ class Watcher:
             except (CodeError, OSError):
                 files.update(self.code.get(name, ()))  # a broken module keeps its last closure
             code[name] = frozenset(files)
-        if code != self.code or self.readers.graph is not self.graph:
-            self.readers = Readers(self.graph, self.selection, code)
-        self.code = code
         self._parsed.update(scanner.new_parsed)
         self._fp.take_updates()
-        self.scope = scope_of(self.graph, code)
-        self._sync_watches(plan_watches(self.graph, self.selection, code), changed)
+        return code
 
     def _use_observer(self, limit: OSError | None) -> None:
         """Start inotify (or the platform's native observer), or polling when asked or forced."""

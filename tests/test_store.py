@@ -15,7 +15,7 @@ import pytest
 
 from mlbuild.errors import StateError
 from mlbuild.fingerprint import DirStat, StatEntry
-from mlbuild.store import SCHEMA_VERSION, RunRow, Store, open_store
+from mlbuild.store import SCHEMA_VERSION, Record, RunRow, Store, open_store
 
 ENTRY = StatEntry(5, 1_000, 42, 2_000_000_000_000, "d" * 64, 1_500)
 # The schema this mlbuild wrote before ctimes were recorded.
@@ -337,3 +337,16 @@ def test_durations_read_after_the_manifests_follow_every_write(store: Store) -> 
     store.load_manifests()
     store.forget(["b"])
     assert store.load_durations() == {"a": 5.0}
+
+
+def test_the_manifests_of_some_targets_are_theirs_in_any_number(store: Store) -> None:
+    """A watch cycle's build reads only its targets' rows; more than one query's worth too."""
+    records = [Record(f"t{i}", f'{{"version": {i}}}', float(i), {}, {}, 0.0) for i in range(1300)]
+    store.record_many(records)
+    everything = store.load_manifests()
+    some = [f"t{i}" for i in range(0, 1300, 2)] + ["never-built"]
+    assert store.load_manifests_of(some) == {n: everything[n] for n in some[:-1]}
+    assert store.load_manifests_of([]) == {}
+    store.record("t0", '{"version": 9}', 9.0, {}, {})
+    store.load_manifests_of(["t0"])  # not all of them: the durations are read afresh
+    assert store.load_durations()["t0"] == 9.0 and len(store.load_durations()) == 1300

@@ -824,3 +824,62 @@ def test_run_without_watch_never_imports_watchdog(tmp_path: Path) -> None:
         " assert not [m for m in sys.modules if m.startswith(('watchdog', 'mlbuild.watch'))]"
     )
     subprocess.run([sys.executable, "-c", check], check=True, capture_output=True)
+
+
+def test_a_script_created_later_is_followed_and_data_edits_still_rerun(tmp_path: Path) -> None:
+    """A cycle for an edited data file keeps the code scan and the watch plan (Planner);
+    a new directory or script in the batch rescans and replans, so neither is missed."""
+    write(
+        tmp_path,
+        "pipeline.toml",
+        """
+        [targets.run]
+        cmd = "sh tools/go.sh {inputs.d} > {outputs.o}"
+        inputs = { d = "data/d.txt" }
+        outputs = { o = "build/o.txt" }
+
+        [targets.probe]
+        cmd = "cp {inputs.p} {outputs.p}"
+        inputs = { p = "probe.txt" }
+        outputs = { p = "build/probe.out" }
+        """,
+    )
+    write(tmp_path, "data/d.txt", "one\n")
+    write(tmp_path, "probe.txt", "0\n")
+    with watching(tmp_path) as w:  # tools/go.sh does not exist yet: `run` fails
+        mark = w.mark()
+        write(tmp_path, "tools/go.sh", 'cat "$1"\n')  # a new directory, a new script
+        seen = w.wait_text("waiting for changes.", mark)
+        assert "tools changed; checking run." in seen and started(seen) == ["run"]
+        assert (tmp_path / "build/o.txt").read_text() == "one\n"
+        assert started(w.probe_file("data/d.txt", "two\n", w.mark())) == ["run"]
+        assert (tmp_path / "build/o.txt").read_text() == "two\n"
+        assert started(w.probe_file("tools/go.sh", 'tr a-z A-Z < "$1"\n', w.mark())) == ["run"]
+        assert (tmp_path / "build/o.txt").read_text() == "TWO\n"
+        write(tmp_path, "tools/lib/x.sh", "true\n")  # below a code file's directory: rescanned
+        assert started(w.probe(w.mark())) == ["probe"]
+        assert started(w.probe_file("data/d.txt", "three\n", w.mark())) == ["run"]
+        assert (tmp_path / "build/o.txt").read_text() == "THREE\n"
+
+
+def test_an_input_in_a_directory_made_later_is_watched_in_it(tmp_path: Path) -> None:
+    """The kept watch plan is made anew when a batch holds a new directory."""
+    write(
+        tmp_path,
+        "pipeline.toml",
+        """
+        [targets.late]
+        cmd = "cp {inputs.x} {outputs.o}"
+        inputs = { x = "data/new/x.txt" }
+        outputs = { o = "build/x.txt" }
+        """,
+    )
+    write(tmp_path, "data/keep.txt", "kept\n")
+    with watching(tmp_path) as w:  # data/new/x.txt does not exist: data/ stands in for it
+        mark = w.mark()
+        write(tmp_path, "data/new/x.txt", "one\n")
+        w.wait_for(lambda s: "ran late" in s and _ended(s), mark)
+        assert (tmp_path / "build/x.txt").read_text() == "one\n"
+        for text in ("two\n", "three\n"):  # seen through the watch on data/new/ only
+            assert started(w.probe_file("data/new/x.txt", text, w.mark())) == ["late"]
+            assert (tmp_path / "build/x.txt").read_text() == text

@@ -56,7 +56,7 @@ from mlbuild.staleness import (
     observe,
     observe_paths,
 )
-from mlbuild.store import Record, RunRow, Store
+from mlbuild.store import Record, RunRow, Store, StoredManifest
 from mlbuild.workspace import (
     OutsideProject,
     cache_dir,
@@ -212,7 +212,7 @@ class Build:
         self.options = options
         self.root = graph.pipeline.root
         self.where = graph.pipeline.display_file  # for messages; computed once, not per target
-        self.manifests = store.load_manifests()
+        self.manifests: dict[str, StoredManifest] = {}  # the selection's, read by run()
         self.fp = Fingerprinter(self.root, store.load_stats, reuse_walks=True)
         parsed = {raw: Parsed.from_json(data) for raw, data in store.load_parsed().items()}
         self.code = CodeScanner(self.fp, {raw: p for raw, p in parsed.items() if p is not None})
@@ -244,6 +244,10 @@ class Build:
         if forced and self.graph.pipeline.matrices:  # `--force train`: every point (watch too)
             forced = frozenset(self.graph.pipeline.expand(forced))
         selected = self.graph.select((*self.options.targets, *(forced or ())))
+        few = len(selected) * 2 < len(self.graph.order)  # a watch cycle: only their rows
+        self.manifests = (
+            self.store.load_manifests_of(selected) if few else self.store.load_manifests()
+        )
         check_sources(self.graph, selected, self.fp)
         check_code(self.graph, selected, self.code)
         pool_of = {name: self.graph.targets[name].pool for name in selected}
