@@ -2,7 +2,8 @@
 
 Kept to the standard library and `uptodate`, so that a no-op pays for
 neither the parser nor the engine (uptodate.py says when the stamp holds);
-every other command, and a run the stamp cannot tell, goes to commands.py.
+every other command, and a run the stamp cannot tell, goes to commands.py,
+with what the stamp proved of it.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tell(interrupted())
         return EXIT_INTERRUPTED
-    if code is not None:
+    if isinstance(code, int):
         return code
     from mlbuild.commands import main as full
 
-    return full(words)
+    return full(words, proof=code)
 
 
 def run_main() -> NoReturn:

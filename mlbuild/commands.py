@@ -34,17 +34,17 @@ from mlbuild.errors import Interrupted, MlbuildError, UsageError
 from mlbuild.graph import Graph
 from mlbuild.pipeline.load import find_pipeline, parse_overrides
 from mlbuild.pipeline.schema import EXECUTOR_KINDS, ActionKind, Pipeline
-from mlbuild.signature import proof
+from mlbuild.signature import signed_parts
 from mlbuild.snapshot import load_graph
 from mlbuild.store import Store, open_existing_store, open_store
 from mlbuild.ui import messages
 from mlbuild.ui.report import PlainReporter, silence_stdout, stdout_closed, summary_parts
-from mlbuild.uptodate import Stamp, write
+from mlbuild.uptodate import Proof, Stamp, write
 from mlbuild.workspace import cache_dir, empty_trash, forget_made, load_made, log_path, state_dir
 
 if TYPE_CHECKING:
     from mlbuild.experiments import Row
-    from mlbuild.uptodate import SignedFile
+    from mlbuild.uptodate import Entry
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -423,10 +423,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         address=args.address,
         remote_read_only=args.remote_read_only,
         name=args.name,
+        proof=getattr(args, "proof", None),
     )
     try:
         with hold_workspace(
-            pipeline.root, args.command_line, wait=not args.no_wait, warn=reporter.warn
+            pipeline.root,
+            args.command_line,
+            wait=not args.no_wait,
+            warn=reporter.warn,
+            proof=options.proof,
         ) as store:
             write_params(pipeline, args)
             _plan(reporter, graph, store, options.targets, options.force, options.jobs)
@@ -443,34 +448,44 @@ def cmd_run(args: argparse.Namespace) -> int:
 def keep_stamp(
     args: argparse.Namespace, graph: Graph, result: BuildResult, recorded: Mapping[str, float]
 ) -> None:
-    """After a plain `mlbuild run` that found everything fresh by signature, the stamp that
-    lets the next one answer before loading anything (uptodate.py); the lock is held."""
+    """After a plain `mlbuild run` that brought every target up to date, the stamp the next
+    one reads before loading anything (uptodate.py); the lock is held. Each target that
+    was proven fresh keeps its files in it; one that ran or was restored is unproven."""
     if (
         args.targets
         or args.force is not None
         or getattr(args, "set", None)
         or args.name is not None
         or graph.origin is None
-        or result.signed is None
+        or not result.proven
         or not result.ok
+        or len(result.results) != len(graph.order)
     ):
         return
-    env: dict[str, str | None] = {}
-    files: list[SignedFile] = []
-    for sig in result.signed:
-        names, signed = proof(sig)
-        env.update(names)
-        files.extend(signed)
-    root = graph.pipeline.root
+    proof: Proof | None = getattr(args, "proof", None)
+    env: dict[str, str | None] = dict(proof.env) if proof is not None and proof.valid else {}
+    entries: list[Entry] = []
+    for r in result.results:
+        item = result.proven.get(r.name)
+        if isinstance(item, bytes):
+            names, files, counts = signed_parts(item)
+            env.update(names)
+            entries.append((r.name, counts, files))
+        elif item is not None:
+            entries.append((r.name, *item))
+        else:
+            entries.append((r.name, None, ()))
     try:
-        state_ino = os.lstat(state_dir(root) / "state.db").st_ino
+        state_ino = os.lstat(state_dir(graph.pipeline.root) / "state.db").st_ino
     except OSError:
         return
-    lines = "".join([messages.step_skipped(r.name) + "\n" for r in result.results])
-    head, note = summary_parts(result, recorded)
+    lines = head = note = ""  # what the stamp prints: only when it proves every target
+    if all(counts is not None for _, counts, _ in entries):
+        lines = "".join([messages.step_skipped(r.name) + "\n" for r in result.results])
+        head, note = summary_parts(result, recorded)
     key, sources = graph.origin
-    stamp = Stamp(key, sources, tuple(env.items()), state_ino, tuple(files), lines, head, note)
-    write(str(root), stamp)
+    stamp = Stamp(key, sources, tuple(env.items()), state_ino, tuple(entries), lines, head, note)
+    write(str(graph.pipeline.root), stamp)
 
 
 def write_params(pipeline: Pipeline, args: argparse.Namespace) -> dict[str, Any]:
@@ -1067,12 +1082,15 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `mlbuild` command; returns the exit code."""
+def main(argv: Sequence[str] | None = None, proof: Proof | None = None) -> int:
+    """The `mlbuild` command in full (cli.main asks the stamp first); returns the exit code.
+
+    `proof`: the targets the up-to-date stamp proved fresh (uptodate.py), for `run`.
+    """
     previous = {signum: signal.signal(signum, _terminate) for signum in STOP_SIGNALS}
     words = list(sys.argv[1:] if argv is None else argv)
     try:
-        code = _dispatch(words)
+        code = _dispatch(words, proof)
         _flush_stdout()
         return code
     except KeyboardInterrupt:
@@ -1123,7 +1141,7 @@ def _interrupted(exc: BaseException) -> bool:
 SET_COMMANDS = ("run", "watch", "status", "dag", "push", "pull")  # where parameters matter
 
 
-def _dispatch(words: list[str]) -> int:
+def _dispatch(words: list[str], proof: Proof | None = None) -> int:
     args, unknown = build_parser(command_word(words)).parse_known_args(words)
     if unknown:
         # argparse reports these from the top-level parser; point at the subcommand.
@@ -1137,6 +1155,7 @@ def _dispatch(words: list[str]) -> int:
             f" (it applies to {', '.join(SET_COMMANDS)})"
         )
     args.command_line = " ".join(words)
+    args.proof = proof
     handler: Any = args.handler
     return int(handler(args))
 

@@ -108,13 +108,23 @@ def record_build(
     recorded for its key (a state from before metrics were declared or
     recorded): its file is the one its run wrote.
     """
-    manifests = store.load_manifests()
+    kept = store.load_manifest_keys()
     skipped = [t for t in decided if t not in made and pipeline.targets[t].metrics]
+    # Only the manifests whose key is not kept, and those whose metrics are read.
+    wanted = {t for t in decided if kept.get(t) is None} | set(made) | set(skipped)
+    if len(wanted) * 2 < len(kept):
+        manifests = store.load_manifests_of(sorted(wanted))
+    else:
+        manifests = store.load_manifests()
     if skipped:
         known = store.load_metrics()
-        skipped = [t for t in skipped if t in manifests and key_of(t, manifests[t]) not in known]
+        skipped = [
+            t
+            for t in skipped
+            if t in manifests and (kept.get(t) or key_of(t, manifests[t])) not in known
+        ]
     _record_metrics(store, pipeline, [*made, *skipped], manifests, warn)
-    keys = _configuration(decided, manifests, store) if ok else None
+    keys = _configuration(decided, manifests, kept, store) if ok else None
     if keys is None:
         if name is not None:
             why = "the build failed" if not ok else "an input changed while a step ran"
@@ -135,27 +145,34 @@ def record_build(
 
 
 def _configuration(
-    decided: Sequence[str], manifests: Mapping[str, StoredManifest], store: Store
+    decided: Sequence[str],
+    manifests: Mapping[str, StoredManifest],
+    kept: Mapping[str, str | None],
+    store: Store,
 ) -> dict[str, str] | None:
     """Target -> cache key of what the decided targets hold; None when that is no
     configuration its outputs can stand for (an input changed during a step).
 
     A key is computed from its manifest once and then kept beside it (the store's
     `manifests.key`): a build that ran one of 10,000 targets parses one manifest.
+    A key is kept only for a manifest without CHANGED_DURING_STEP (checked below
+    before it is computed), and goes with its manifest, so a kept key needs no look.
+    `manifests` holds at least the rows whose key `kept` lacks.
     """
-    kept = store.load_manifest_keys()
     keys: dict[str, str] = {}
     learned: list[tuple[str, str, str]] = []
     for target in decided:
+        key = kept.get(target)
+        if key is not None:
+            keys[target] = key
+            continue
         stored = manifests.get(target)
         if stored is None or CHANGED_DURING_STEP in stored.data:
             return None
-        key = kept.get(target)
+        key = key_of(target, stored)
         if key is None:
-            key = key_of(target, stored)
-            if key is None:
-                return None
-            learned.append((target, stored.data, key))
+            return None
+        learned.append((target, stored.data, key))
         keys[target] = key
     store.save_manifest_keys(learned)
     return keys or None

@@ -169,12 +169,14 @@ def fresh_by_signature(target: Target, sig: bytes, fp: Fingerprinter) -> Counts 
     return result
 
 
-def proof(sig: bytes) -> tuple[tuple[tuple[str, str | None], ...], tuple[SignedFile, ...]]:
-    """The environment digests and the file stats that `sig` (found valid by
-    `fresh_by_signature`) rests on: what the up-to-date stamp keeps (uptodate.py)."""
-    static, files, _ = _loads(sig[_CRC:])
+def signed_parts(
+    sig: bytes,
+) -> tuple[tuple[tuple[str, str | None], ...], tuple[SignedFile, ...], Counts]:
+    """The environment digests, file stats and counts of `sig` (a valid signature): what
+    the up-to-date stamp keeps of a target (uptodate.py)."""
+    static, files, counts = _loads(sig[_CRC:])
     env: tuple[tuple[str, str | None], ...] = static[5]
-    return env, files
+    return env, files, counts
 
 
 _crc32 = zlib.crc32

@@ -3,33 +3,40 @@
 Importing the command line, the store and the graph costs a no-op three times
 what deciding it does, and at 10,000 targets loading the snapshot and the
 manifests costs more than the stat calls that decide. So a full `mlbuild run`
-that found every target fresh by its stat signature (signature.py) leaves a
-stamp, `.mlbuild/uptodate`, and the next `mlbuild run` reads it first:
+that ends with every target fresh leaves a stamp, `.mlbuild/uptodate`, and the
+next `mlbuild run` reads it first:
 
 - the key of the pipeline as it was loaded (mlbuild's version and source
   stamp, Python's version, the pipeline file's path and bytes, no `--set`;
   the snapshot is keyed by the same) and the digest of each params file;
-- every environment variable a target declares, with the digest of its value;
+- every environment variable a signed target declares, with its digest;
 - the inode of `state.db` (a deleted or replaced state database is a miss);
-- the stat every signature holds: (path, size, mtime_ns, ctime_ns, inode) of
-  each input and output, taken when its digest was, never racy;
-- what that run printed: its skipped lines and its summary around the time.
+- per target, in build order: the stat its signature holds of each input and
+  output (path, size, mtime_ns, ctime_ns, inode; taken when its digest was,
+  never racy) and the counts `--explain` tells; or nothing, for a target that
+  ran or was restored in that run (its outputs are too new to be signed yet);
+- what a run deciding everything fresh printed: its skipped lines and its
+  summary around the time.
 
-When all of it is equal now, every target's signature would find it fresh
-again (signature.py's rule, with the target fixed by the key), so the answer
-is the same: the same lines, the summary with this run's time, exit 0, and
-nothing written. Anything else (an option not listed in `_options`, a file
-that moved, a stamp unreadable, corrupt or of another format) is a miss, and
-the full command decides as if the stamp were not there.
+When all of it is equal now and every target has its stats, every target's
+signature would find it fresh again (signature.py's rule, with the target
+fixed by the key), so the answer is the same: the same lines, the summary
+with this run's time, exit 0, and nothing written. When only some targets'
+files moved, the stamp still proves the others fresh: the full command gets
+that `Proof` and skips them without a look, once it holds the lock and has
+found the stamp unchanged (no other command ran in between; any command that
+takes the workspace lock removes the stamp first, `build/lock.py`). Anything
+else (an option not listed in `_options`, another key, environment or
+state database, a stamp unreadable, corrupt or of another format) is a miss,
+and the full command decides as if the stamp were not there.
 
-Any command that takes the workspace lock removes the stamp first
-(`build/lock.py`), before it can change an output or a manifest; a new one is
-written only by the next run that decides everything fresh, while it holds the
-lock. A no-op is thus not in `mlbuild log`: the history lists runs that did
-something (the full command records none either).
+The stamp is written only by a run that decided every target (no target
+named, nothing failed), while it holds the lock. A no-op is thus not in
+`mlbuild log`: the history lists runs that did something (the full command
+records none either).
 
-Format (`FORMAT` 1): MAGIC, then a CRC-32 (4 bytes, big endian) of the
-payload, then the payload, `marshal` version 2 of `Stamp` as a plain tuple.
+Format (`FORMAT` 2): MAGIC, then a CRC-32 (4 bytes, big endian) of the
+payload, then the payload, `marshal` version 2 of `Stamp.fields()`.
 """
 
 from __future__ import annotations
@@ -48,11 +55,16 @@ if TYPE_CHECKING:
 
     # (path, size, mtime_ns, ctime_ns, inode) of one signed file, relative to the project.
     SignedFile: TypeAlias = tuple[str, int, int, int, int]
+    # Counts of (code files, params, env vars, packages, inputs, discovered, outputs),
+    # the shape staleness.compared_text describes for --explain.
+    Counts: TypeAlias = tuple[int, int, int, int, int, int, int]
+    # One target of a stamp: its name, and its counts and files (None: not proven).
+    Entry: TypeAlias = tuple[str, Counts | None, tuple[SignedFile, ...]]
 
 PIPELINE_FILE = "pipeline.toml"
 STATE_DIR = ".mlbuild"
 STAMP_FILE = "uptodate"
-FORMAT = 1
+FORMAT = 2
 MAGIC = f"mlbuild-uptodate {FORMAT}\n".encode()
 _MARSHAL = 2
 _CRC = 4
@@ -61,11 +73,11 @@ _BOOLEAN_OPTIONS = frozenset({"-k", "--keep-going", "--no-cache"})
 
 
 class Stamp:
-    """What a no-op run decided, and everything that decision rested on (module docstring).
+    """What a run decided, and everything that decision rested on (module docstring).
 
     A plain class, not a NamedTuple: see TYPE_CHECKING above."""
 
-    __slots__ = ("env", "files", "head", "key", "lines", "note", "sources", "state_ino")
+    __slots__ = ("entries", "env", "head", "key", "lines", "note", "sources", "state_ino")
 
     def __init__(
         self,
@@ -73,7 +85,7 @@ class Stamp:
         sources: tuple[tuple[str, str], ...],  # (absolute path, digest) of each params file
         env: tuple[tuple[str, str | None], ...],  # (variable, env_digest of its value)
         state_ino: int,  # inode of .mlbuild/state.db
-        files: tuple[SignedFile, ...],
+        entries: tuple[Entry, ...],  # every target, in the order the run decided them
         lines: str,  # the skipped lines of the plain log, newline-terminated
         head: str,  # the summary before its time: `mlbuild: 200 skipped`
         note: str,  # the summary after its time: ` (saved 0.432s by skipping)` or ""
@@ -82,7 +94,7 @@ class Stamp:
         self.sources = sources
         self.env = env
         self.state_ino = state_ino
-        self.files = files
+        self.entries = entries
         self.lines = lines
         self.head = head
         self.note = note
@@ -94,11 +106,35 @@ class Stamp:
             self.sources,
             self.env,
             self.state_ino,
-            self.files,
+            self.entries,
             self.lines,
             self.head,
             self.note,
         )
+
+
+class Proof:
+    """The targets a stamp proves fresh in a run it cannot tell alone, for the full command.
+
+    Valid only once `confirm` is given, under the workspace lock, the stamp file it
+    removed and it is the very file this proof was read from: no command ran between.
+    """
+
+    __slots__ = ("env", "fresh", "seen", "valid")
+
+    def __init__(
+        self,
+        fresh: dict[str, tuple[Counts, tuple[SignedFile, ...]]],
+        env: tuple[tuple[str, str | None], ...],
+        seen: tuple[int, ...],
+    ) -> None:
+        self.fresh = fresh  # target -> its counts and files, all as the stamp has them
+        self.env = env  # the stamp's environment digests (equal now)
+        self.seen = seen  # identity of the stamp file read (see _identity)
+        self.valid = False
+
+    def confirm(self, removed: tuple[int, ...] | None) -> None:
+        self.valid = removed is not None and removed == self.seen
 
 
 def digest(data: bytes) -> str:
@@ -146,12 +182,21 @@ def stamp_path(root: str) -> str:
     return os.path.join(root, STATE_DIR, STAMP_FILE)
 
 
-def forget(root: str) -> None:
-    """Remove the stamp: called with the workspace lock held, before anything changes."""
-    try:  # noqa: SIM105 (contextlib would be one more import on the no-op path)
-        os.unlink(stamp_path(root))
+def forget(root: str) -> tuple[int, ...] | None:
+    """Remove the stamp, with the workspace lock held, before anything changes; the
+    identity of the file removed (None: there was none), for `Proof.confirm`."""
+    path = stamp_path(root)
+    try:
+        seen = _identity(os.lstat(path))
+        os.unlink(path)
     except FileNotFoundError:
-        pass
+        return None
+    return seen
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    """What tells one stamp file from any other: each is written anew and renamed in."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def write(root: str, stamp: Stamp) -> None:
@@ -170,24 +215,36 @@ def write(root: str, stamp: Stamp) -> None:
             pass
 
 
-def answer(words: list[str]) -> int | None:
+def answer(words: list[str]) -> int | Proof | None:
     """Exit code of `mlbuild WORDS` when the stamp tells it (after printing what the full
-    command would), else None: then the full command runs."""
+    command would); a `Proof` of the targets it proves fresh when it cannot tell it all;
+    None when it proves nothing. Not 0: the full command runs."""
     start = time.perf_counter()
     options = _options(words)
     if options is None:
         return None
     file, quiet, plain = options
-    file = _pipeline_file(file)
-    if file is None:
+    try:
+        file = _pipeline_file(file)
+        if file is None:
+            return None
+        root = os.path.dirname(file)
+        read = _read(root)
+        if read is None:
+            return None
+        stamp, seen = read
+        fresh = _fresh(stamp, root, file)
+    except OSError:  # the working directory is gone, say: the full command tells
         return None
-    root = os.path.dirname(file)
-    stamp = _read(root)
-    if stamp is None or not _holds(stamp, root, file):
+    if fresh is None:
+        return None
+    if len(fresh) < len(stamp.entries):
+        return Proof(fresh, stamp.env, seen)
+    if sys.stdout is None:
         return None
     terminal = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
     text = "" if quiet or (terminal and not plain) else stamp.lines
-    text += f"{stamp.head} in {time.perf_counter() - start:.3f}s{stamp.note}.\n"
+    text += summary_text(stamp.head, time.perf_counter() - start, stamp.note) + "\n"
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -261,9 +318,10 @@ def _pipeline_file(file: str | None) -> str | None:
     return os.path.realpath(file)
 
 
-def _read(root: str) -> Stamp | None:
+def _read(root: str) -> tuple[Stamp, tuple[int, ...]] | None:
     try:
         with open(stamp_path(root), "rb") as handle:
+            seen = _identity(os.fstat(handle.fileno()))
             data = handle.read()
     except OSError:
         return None
@@ -277,42 +335,48 @@ def _read(root: str) -> Stamp | None:
         stamp = Stamp(*marshal.loads(payload))
     except (EOFError, ValueError, TypeError):
         return None
-    return stamp
+    return stamp, seen
 
 
-def _holds(stamp: Stamp, root: str, file: str) -> bool:
-    """Whether everything the stamp's decision rested on is as it was (module docstring)."""
-    try:
-        st = os.lstat(os.path.join(root, STATE_DIR, "state.db"))
-        if st.st_ino != stamp.state_ino:
-            return False
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return False
-    try:
-        for path, size, mtime_ns, ctime_ns, ino in stamp.files:
-            st = os.lstat(path, dir_fd=fd)
-            if (
-                st.st_mtime_ns != mtime_ns
-                or st.st_ctime_ns != ctime_ns
-                or st.st_size != size
-                or st.st_ino != ino
-            ):
-                return False
-    except (OSError, ValueError):
-        return False
-    finally:
-        os.close(fd)
+def _fresh(
+    stamp: Stamp, root: str, file: str
+) -> dict[str, tuple[Counts, tuple[SignedFile, ...]]] | None:
+    """The targets whose every file is as the stamp has it, with their counts and files;
+    None when what the whole stamp rests on moved (module docstring)."""
+    st = os.lstat(os.path.join(root, STATE_DIR, "state.db"))
+    if st.st_ino != stamp.state_ino:
+        return None
     environ = os.environ
     if any(env_digest(environ.get(name)) != value for name, value in stamp.env):
-        return False
+        return None
+    for path, known in stamp.sources:
+        with open(path, "rb") as handle:
+            if digest(handle.read()) != known:
+                return None
+    with open(file, "rb") as handle:
+        if pipeline_key(file, handle.read(), "[]") != stamp.key:
+            return None
+    fresh: dict[str, tuple[Counts, tuple[SignedFile, ...]]] = {}
+    lstat = os.lstat
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for path, known in stamp.sources:
-            with open(path, "rb") as handle:
-                if digest(handle.read()) != known:
-                    return False
-        with open(file, "rb") as handle:
-            data = handle.read()
-    except OSError:
-        return False
-    return pipeline_key(file, data, "[]") == stamp.key
+        for name, counts, files in stamp.entries:
+            if counts is None:
+                continue
+            for path, size, mtime_ns, ctime_ns, ino in files:
+                try:
+                    st = lstat(path, dir_fd=fd)
+                except (OSError, ValueError):
+                    break
+                if (
+                    st.st_mtime_ns != mtime_ns
+                    or st.st_ctime_ns != ctime_ns
+                    or st.st_size != size
+                    or st.st_ino != ino
+                ):
+                    break
+            else:
+                fresh[name] = (counts, files)
+    finally:
+        os.close(fd)
+    return fresh

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from mlbuild import cli, uptodate
+from mlbuild import cli, signature, uptodate
+from mlbuild.build import runner
+from mlbuild.fingerprint import Fingerprinter
+from mlbuild.pipeline.schema import Target
+from mlbuild.signature import Counts
 from tests.conftest import Project, Result
 from tests.test_signature import age
 
@@ -43,11 +47,13 @@ class Told:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.by_stamp: list[bool] = []
+        self.proofs: list[uptodate.Proof | None] = []
         real = uptodate.answer
 
-        def answer(words: list[str]) -> int | None:
+        def answer(words: list[str]) -> int | uptodate.Proof | None:
             code = real(words)
-            self.by_stamp.append(code is not None)
+            self.by_stamp.append(isinstance(code, int))
+            self.proofs.append(code if isinstance(code, uptodate.Proof) else None)
             return code
 
         monkeypatch.setattr(cli, "answer", answer)
@@ -64,11 +70,9 @@ def stamped(project: Project, monkeypatch: pytest.MonkeyPatch) -> tuple[Project,
     told = Told(monkeypatch)
     assert project.run().started() == ["copy", "count"]
     age()
-    assert project.run().started() == []  # the long way: signs both targets
-    assert not stamp_file(project).exists()  # not decided by signatures: no stamp yet
-    assert project.run().started() == []  # by signatures: writes the stamp
-    assert stamp_file(project).exists()
-    assert told.by_stamp == [False, False, False]
+    assert not stamp_file(project).exists()  # nothing proven: both just ran
+    assert project.run().started() == []  # the long way signs both: the stamp proves them
+    assert told.by_stamp == [False, False] and told.proofs == [None, None]
     return project, told
 
 
@@ -283,3 +287,80 @@ def test_the_no_op_imports_only_the_stamp_reader(tmp_path: Path) -> None:
         == "Step `copy` is up to date (skipped).\n"
         + done.stdout.decode().splitlines(keepends=True)[-1]
     )
+
+
+class Looks:
+    """Counts the targets the full command looks at by their signature."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.names: list[str] = []
+        real = signature.fresh_by_signature
+
+        def counted(target: Target, sig: bytes, fp: Fingerprinter) -> Counts | None:
+            self.names.append(target.name)
+            return real(target, sig, fp)
+
+        monkeypatch.setattr(runner, "fresh_by_signature", counted)
+
+
+def test_one_changed_input_under_a_stamp_looks_only_at_its_target(
+    stamped: tuple[Project, Told], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stamp proves `count` fresh (its files did not move); `copy` is decided as ever."""
+    project, told = stamped
+    looks = Looks(monkeypatch)
+    project.write("src/a.txt", "hello\n")  # same bytes, new file: copy's stat moved
+    result, by_stamp = run(project, told)
+    assert not by_stamp and told.proofs[-1] is not None and told.proofs[-1].valid
+    assert set(told.proofs[-1].fresh) == {"count"}
+    assert looks.names == ["copy"]
+    assert result.started() == [] and result.out.count("up to date (skipped)") == 2
+    # `copy`'s input was too new to sign: unproven until the long way signs it.
+    age()
+    assert not run(project, told)[1]
+    proof = told.proofs[-1]
+    assert proof is not None and set(proof.fresh) == {"count"}
+    assert run(project, told)[1]
+
+
+def test_a_target_proven_by_the_stamp_below_one_that_ran_is_decided_as_ever(
+    stamped: tuple[Project, Told], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project, told = stamped
+    looks = Looks(monkeypatch)
+    project.write("src/a.txt", "changed\n")
+    result, by_stamp = run(project, told)
+    assert not by_stamp and set(told.proofs[-1].fresh) == {"count"}  # type: ignore[union-attr]
+    assert result.started() == ["copy", "count"]  # count's input is copy's new output
+    assert project.read("build/count.txt") == "8\n1\n"
+    assert looks.names == ["copy", "count"]
+    # The stamp of that build leaves both unproven (just made): no answer, no proof.
+    age()
+    result, by_stamp = run(project, told)
+    assert not by_stamp and told.proofs[-1] is None and result.started() == []
+    assert run(project, told)[1]  # the long way signed both; its stamp answers
+
+
+def test_a_proof_is_not_used_when_another_command_ran_in_between(
+    stamped: tuple[Project, Told], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stamp read before the lock must be the one the lock removes."""
+    project, _ = stamped
+    project.write("src/a.txt", "hello\n")
+    real = uptodate.answer
+
+    def then_another(words: list[str]) -> int | uptodate.Proof | None:
+        code = real(words)
+        path = stamp_file(project)  # another command, and a no-op, wrote a new stamp
+        path.write_bytes(path.read_bytes() + b"")
+        path.rename(path.with_name("x"))
+        path.with_name("x").rename(path)
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes(data)
+        return code
+
+    monkeypatch.setattr(cli, "answer", then_another)
+    looks = Looks(monkeypatch)
+    result = project.run()
+    assert result.code == 0 and looks.names == ["copy", "count"]  # both looked at again

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mlbuild.errors import MlbuildError, StateError
 from mlbuild.store import Store, open_lock_file, open_store
-from mlbuild.uptodate import forget
+from mlbuild.uptodate import Proof, forget
 from mlbuild.workspace import running_dir, staging_dir, state_dir
 
 POLL_SECONDS = 0.1
@@ -33,12 +33,19 @@ class WorkspaceLock:
     """Hold with `with WorkspaceLock(...)`; released on exit (or by the kernel on death)."""
 
     def __init__(
-        self, state_dir: Path, command: str, *, wait: bool, notify: Callable[[str], None]
+        self,
+        state_dir: Path,
+        command: str,
+        *,
+        wait: bool,
+        notify: Callable[[str], None],
+        proof: Proof | None = None,
     ) -> None:
         self.path = state_dir / "lock"
         self.command = command
         self.wait = wait
         self.notify = notify
+        self.proof = proof  # confirmed (or not) by the stamp this lock removes
         self.fd = -1
 
     def __enter__(self) -> WorkspaceLock:
@@ -61,10 +68,12 @@ class WorkspaceLock:
                 time.sleep(POLL_SECONDS)
         # Whatever this command changes, the stamp of the last no-op no longer holds.
         try:
-            forget(str(self.path.parent.parent))
+            removed = forget(str(self.path.parent.parent))
         except OSError as exc:
             os.close(self.fd)
             raise StateError(f"cannot remove {exc.filename}: {exc.strerror}") from None
+        if self.proof is not None:
+            self.proof.confirm(removed)
         # Who holds the lock is only for a waiting user's message: a full disk
         # must not stop the command that would free space (`mlbuild gc`).
         with contextlib.suppress(OSError):
@@ -88,16 +97,21 @@ class WorkspaceLock:
 
 @contextmanager
 def hold_workspace(
-    root: Path, command: str, *, wait: bool, warn: Callable[[str], None]
+    root: Path,
+    command: str,
+    *,
+    wait: bool,
+    warn: Callable[[str], None],
+    proof: Proof | None = None,
 ) -> Iterator[Store]:
     """Everything a build needs before it starts: the lock, no orphans, the open state.
 
     Steps left running by an mlbuild that was killed (-9) are stopped first;
     the executor (and subprocess with it) is imported only when there are any,
-    keeping it off the no-op path.
+    keeping it off the no-op path. `proof` is confirmed by the stamp the lock removes.
     """
     state = state_dir(root)
-    with WorkspaceLock(state, command, wait=wait, notify=warn):
+    with WorkspaceLock(state, command, wait=wait, notify=warn, proof=proof):
         staging = staging_dir(root)
         if staging.is_dir() and any(staging.iterdir()):
             # What a killed restore left; the cache module only then (off the no-op path).

@@ -9,10 +9,17 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from mlbuild.pipeline.schema import EMPTY, ActionKind, Target
 from mlbuild.staleness import NEVER_BUILT, Decision
+from mlbuild.uptodate import Proof
+
+if TYPE_CHECKING:
+    from mlbuild.uptodate import Counts, SignedFile
+
+    # What the up-to-date stamp proved of a target: its counts and files (uptodate.py).
+    ProvenFiles = tuple[Counts, tuple[SignedFile, ...]]
 
 
 class Outcome(enum.Enum):
@@ -109,15 +116,16 @@ class BuildOptions(NamedTuple):
     remote_read_only: bool = False  # `--remote-read-only`: never upload to the remote cache
     restore_only: bool = False  # `mlbuild pull`: restore stale targets from a cache, run none
     name: str | None = None  # `run --name`: the name of the experiment row it builds
+    proof: Proof | None = None  # targets the up-to-date stamp proved fresh (uptodate.py)
 
 
 class BuildResult(NamedTuple):
     results: tuple[TargetResult, ...]
     duration: float
     failures: tuple[Failure, ...] = ()
-    # When every target was found fresh by its stat signature: those signatures, the
-    # proof an up-to-date stamp is made from (uptodate.py); else None.
-    signed: tuple[bytes, ...] | None = None
+    # Target -> what proved it fresh: its stat signature, or the (counts, files) of the
+    # up-to-date stamp; the next stamp is made from them (uptodate.py). Others: unproven.
+    proven: Mapping[str, bytes | ProvenFiles] = EMPTY
 
     @property
     def ok(self) -> bool:

@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     # imported only when a target is stale: a no-op build never pays for them.
     from concurrent.futures import Future, ThreadPoolExecutor
 
+    from mlbuild.build.results import ProvenFiles
     from mlbuild.cache import Cache
     from mlbuild.exec.base import ExecResult, Executor
     from mlbuild.remote import RemoteCache
@@ -235,7 +236,11 @@ class Build:
         self._pending: list[Record] = []  # manifests not yet written (_record_later)
         self._pending_since = 0.0  # monotonic time the oldest of them was queued
         self._signed: list[tuple[str, bytes]] = []  # stat signatures to write (signature.py)
-        self._proof: list[bytes] = []  # signatures that found their target fresh
+        # What proved each skipped target fresh: its signature or the up-to-date stamp's
+        # files (the next stamp is made of them, uptodate.py); the stamp's own proof.
+        self._proven: dict[str, bytes | ProvenFiles] = {}
+        proof = options.proof
+        self.by_stamp = proof.fresh if proof is not None and proof.valid else {}
 
     def run(self) -> BuildResult:
         start = time.perf_counter()
@@ -244,11 +249,14 @@ class Build:
         if forced and self.graph.pipeline.matrices:  # `--force train`: every point (watch too)
             forced = frozenset(self.graph.pipeline.expand(forced))
         selected = self.graph.select((*self.options.targets, *(forced or ())))
-        few = len(selected) * 2 < len(self.graph.order)  # a watch cycle: only their rows
+        by_stamp = self.by_stamp
+        looked_at = [name for name in selected if name not in by_stamp] if by_stamp else selected
+        # A watch cycle, or one changed input under a stamp: only the rows looked at.
+        few = len(looked_at) * 2 < len(self.graph.order)
         self.manifests = (
-            self.store.load_manifests_of(selected) if few else self.store.load_manifests()
+            self.store.load_manifests_of(looked_at) if few else self.store.load_manifests()
         )
-        check_sources(self.graph, selected, self.fp)
+        check_sources(self.graph, looked_at, self.fp)
         check_code(self.graph, selected, self.code)
         pool_of = {name: self.graph.targets[name].pool for name in selected}
         sched = Scheduler(
@@ -263,8 +271,8 @@ class Build:
             self._finish_build(started_at, status)
         self._record_experiment(status is RunStatus.OK)
         failures = tuple(r.failure for r in self.results if r.failure is not None)
-        proof = tuple(self._proof) if len(self._proof) == len(self.results) else None
-        return BuildResult(tuple(self.results), time.perf_counter() - start, failures, proof)
+        took = time.perf_counter() - start
+        return BuildResult(tuple(self.results), took, failures, self._proven)
 
     def _finish_build(self, started_at: float, status: RunStatus) -> None:
         """Write what finished first (a second Ctrl-C while waiting on cache writes keeps
@@ -385,11 +393,22 @@ class Build:
             self._not_run(name, because)
             return False
         checking = time.perf_counter()
+        stamped = self.by_stamp.get(name)
+        skipped = Outcome.SKIPPED
+        if stamped is not None and not forced and all(self.outcomes[d] is skipped for d in deps):
+            # Its files were as the up-to-date stamp has them when this command began, and
+            # nothing it reads was made since (uptodate.py): its signature would say fresh.
+            self._proven[name] = stamped
+            self._finish(TargetResult(name, Outcome.SKIPPED, duration=0.0))
+            self.reporter.skipped(name, fresh_decision(stamped[0]))
+            return False
         stored = self.manifests.get(name)
+        if stored is None and stamped is not None:  # not read with the others
+            stored = self.store.load_manifests_of([name]).get(name)
         if stored is not None and stored.sig is not None and not forced:
             counts = fresh_by_signature(target, stored.sig, self.fp)
             if counts is not None:  # fresh by the stat of its files alone (signature.py)
-                self._proof.append(stored.sig)
+                self._proven[name] = stored.sig
                 decision = fresh_decision(counts)
                 self._finish(
                     TargetResult(name, Outcome.SKIPPED, duration=time.perf_counter() - checking)
@@ -411,6 +430,8 @@ class Build:
             sig = make_signature(target, now.fingerprint, self.fp.stats)
             if sig is not None and stored is not None and sig != stored.sig:
                 self._signed.append((name, sig))
+            if sig is not None:
+                self._proven[name] = sig
             # A skipped target's duration is what checking it cost.
             cost = time.perf_counter() - checking
             self._finish(TargetResult(name, Outcome.SKIPPED, duration=cost))
