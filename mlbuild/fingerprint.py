@@ -113,6 +113,45 @@ class DirStat(NamedTuple):
     files: Mapping[str, StatEntry]  # path below the directory -> entry (may load lazily)
 
 
+class LazyStats(dict[str, StatEntry]):
+    """The persisted file entries, read from the store one path at a time at first.
+
+    A build that digests a few files of a large project (one input changed in
+    10,000) reads their rows, not every row; past `BULK_AFTER` reads the rest
+    come in one query. Only `get` reads through: the fingerprinter's one way
+    to look an entry up. Entries set in this run win over rows read later.
+    """
+
+    BULK_AFTER = 64
+
+    def __init__(
+        self,
+        one: Callable[[str], StatEntry | None],
+        every: Callable[[], Mapping[str, StatEntry]],
+    ) -> None:
+        super().__init__()
+        self._one = one
+        self._every: Callable[[], Mapping[str, StatEntry]] | None = every
+        self._asked = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self:
+            return self[key]
+        if self._every is None:
+            return default
+        self._asked += 1
+        if self._asked > self.BULK_AFTER:
+            every, self._every = self._every, None
+            for path, entry in every().items():
+                self.setdefault(path, entry)
+            return super().get(key, default)
+        found = self._one(key)
+        if found is None:
+            return default
+        self[key] = found
+        return found
+
+
 class StatCache:
     """The persisted stat cache: file entries in memory, directory records on demand.
 
@@ -314,7 +353,8 @@ class Fingerprinter:
 
     def _use(self, cache: StatCache) -> dict[str, StatEntry]:
         self._load_dir = cache.load_dir
-        stats = self._stats = dict(cache.files)
+        files = cache.files
+        stats = self._stats = files if isinstance(files, LazyStats) else dict(files)
         return stats
 
     @property

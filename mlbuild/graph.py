@@ -135,7 +135,10 @@ class Graph(NamedTuple):
 
     def producers_of(self, port: Port) -> set[str]:
         """Targets that write `port`'s path, a directory around it, or files inside it."""
-        return _producers_of(port, self.producers, self.below, self.tree)
+        tree = self.tree
+        if port.is_glob and not tree.children and self.producers:  # left out (snapshot.py)
+            tree = output_tree(self.producers)
+        return _producers_of(port, self.producers, self.below, tree)
 
     def select(self, names: Iterable[str]) -> tuple[str, ...]:
         """The named targets and everything they need, in build order (all if none named)."""

@@ -128,7 +128,10 @@ def _read(path: Path, key: str, file: Path) -> Graph | None:
             graph = pickle.load(handle)
         if not isinstance(graph, Graph) or graph.pipeline.file != file:
             return None
-        return graph._replace(tree=output_tree(graph.producers), origin=_origin(key, sources))
+        # The output tree serves glob inputs only: rebuilt when the pipeline has one.
+        globbing = any(port.is_glob for t in graph.targets.values() for port in t.inputs)
+        tree = output_tree(graph.producers) if globbing else OutputNode()
+        return graph._replace(tree=tree, origin=_origin(key, sources))
     except Exception:  # unreadable or corrupt in any way: load the TOML
         return None
 

@@ -66,7 +66,7 @@ from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 import blake3
 
 from mlbuild.errors import StateError
-from mlbuild.fingerprint import DirStat, StatCache, StatEntry
+from mlbuild.fingerprint import DirStat, LazyStats, StatCache, StatEntry
 from mlbuild.pipeline.schema import display_path
 
 SCHEMA_VERSION = "6"
@@ -297,6 +297,22 @@ class Store:
         )
         with _no_collection():
             return StatCache({row[0]: _make(StatEntry, row[1:]) for row in rows}, self.load_dir)
+
+    def lazy_stats(self) -> StatCache:
+        """As `load_stats`, with file entries read as they are asked for (`LazyStats`)."""
+        return StatCache(LazyStats(self.load_stat, self._file_stats), self.load_dir)
+
+    @_guarded
+    def load_stat(self, path: str) -> StatEntry | None:
+        """One file's entry in the stat cache, if it has one."""
+        row = self.conn.execute(
+            "SELECT size, mtime_ns, ino, checked_ns, digest, ctime_ns FROM stats WHERE path = ?",
+            (path,),
+        ).fetchone()
+        return None if row is None else _make(StatEntry, row)
+
+    def _file_stats(self) -> Mapping[str, StatEntry]:
+        return self.load_stats().files
 
     @_guarded
     def load_dir(self, path: str) -> DirStat | None:

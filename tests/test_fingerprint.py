@@ -23,6 +23,7 @@ from mlbuild.fingerprint import (
     MMAP_THRESHOLD,
     DirStat,
     Fingerprinter,
+    LazyStats,
     StatCache,
     StatEntry,
     diff_listings,
@@ -325,3 +326,30 @@ def test_a_character_device_is_refused(tmp_path: Path) -> None:
     (tmp_path / "null").symlink_to("/dev/null")
     with pytest.raises(FingerprintError, match="'null': it is a character device"):
         Fingerprinter(tmp_path, {}).digest("null")
+
+
+def test_lazy_stats_read_few_rows_one_by_one_then_all_at_once() -> None:
+    """A build digesting one file of 10,000 reads its row only (store.lazy_stats)."""
+    rows = {f"f{i}": StatEntry(i, i, i, i, f"d{i}", i) for i in range(200)}
+    asked: list[str] = []
+    bulk: list[int] = []
+
+    def one(path: str) -> StatEntry | None:
+        asked.append(path)
+        return rows.get(path)
+
+    def every() -> dict[str, StatEntry]:
+        bulk.append(1)
+        return rows
+
+    stats = LazyStats(one, every)
+    assert stats.get("f3") == rows["f3"] and stats.get("f3") == rows["f3"]
+    assert stats.get("nothing") is None
+    assert asked == ["f3", "nothing"] and bulk == []
+    learned = StatEntry(1, 1, 1, 1, "new", 1)
+    stats["f7"] = learned  # learned in this run: kept over the row read later
+    for i in range(LazyStats.BULK_AFTER - 2):  # with f3 and nothing: BULK_AFTER rows
+        stats.get(f"f{100 + i}")
+    assert bulk == [] and stats.get("f199") == rows["f199"] and bulk == [1]
+    assert stats.get("f7") == learned and stats.get("f150") == rows["f150"]
+    assert stats.get("absent") is None and bulk == [1]

@@ -214,7 +214,7 @@ class Build:
         self.root = graph.pipeline.root
         self.where = graph.pipeline.display_file  # for messages; computed once, not per target
         self.manifests: dict[str, StoredManifest] = {}  # the selection's, read by run()
-        self.fp = Fingerprinter(self.root, store.load_stats, reuse_walks=True)
+        self.fp = Fingerprinter(self.root, store.lazy_stats, reuse_walks=True)
         parsed = {raw: Parsed.from_json(data) for raw, data in store.load_parsed().items()}
         self.code = CodeScanner(self.fp, {raw: p for raw, p in parsed.items() if p is not None})
         self.packages: dict[str, str | None] = {}
