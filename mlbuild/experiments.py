@@ -200,7 +200,7 @@ def row_params(pipeline: Pipeline, targets: Iterable[str]) -> dict[str, Any]:
     globals_ = {name: encode_value(value) for name, value in pipeline.params.items()}
     for target_name in targets:
         target = pipeline.targets.get(target_name)
-        if target is None:
+        if target is None or not target.params:
             continue
         own = {p: v for p, v in target.params.items()}
         if "@" in target_name:  # a matrix point: its matrix values name it, they are no setting

@@ -382,8 +382,19 @@ class Build:
 
     def _visit(self, name: str, forced: bool) -> bool:
         """Decide one target whose dependencies are done; True if its step must run."""
-        target = self.graph.targets[name]
         deps = self.graph.deps[name]
+        stamped = self.by_stamp.get(name) if not forced else None
+        if stamped is not None and not self.stopped:
+            outcomes, skipped = self.outcomes, Outcome.SKIPPED
+            if all(outcomes[d] is skipped for d in deps):
+                # Its files were as the up-to-date stamp has them when this command began,
+                # and nothing it reads was made since (uptodate.py): its signature would
+                # find it fresh. A chain's first rebuilt link sends the rest the long way.
+                self._proven[name] = stamped
+                self._finish(TargetResult(name, Outcome.SKIPPED, duration=0.0))
+                self.reporter.skipped(name, fresh_decision(stamped[0]))
+                return False
+        target = self.graph.targets[name]
         blocked = [d for d in deps if self.outcomes[d] in (Outcome.FAILED, Outcome.NOT_RUN)]
         if blocked or self.stopped:
             because = "the build stopped after a failure"
@@ -393,15 +404,6 @@ class Build:
             self._not_run(name, because)
             return False
         checking = time.perf_counter()
-        stamped = self.by_stamp.get(name)
-        skipped = Outcome.SKIPPED
-        if stamped is not None and not forced and all(self.outcomes[d] is skipped for d in deps):
-            # Its files were as the up-to-date stamp has them when this command began, and
-            # nothing it reads was made since (uptodate.py): its signature would say fresh.
-            self._proven[name] = stamped
-            self._finish(TargetResult(name, Outcome.SKIPPED, duration=0.0))
-            self.reporter.skipped(name, fresh_decision(stamped[0]))
-            return False
         stored = self.manifests.get(name)
         if stored is None and stamped is not None:  # not read with the others
             stored = self.store.load_manifests_of([name]).get(name)
