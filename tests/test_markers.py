@@ -13,19 +13,20 @@ from __future__ import annotations
 import signal
 
 from tests.conftest import Project
-from tests.test_parallel import mlbuild
-from tests.test_trust_proc import HANG, alive, gone, pid_in, wait_for
+from tests.test_parallel import alive, mlbuild, wait_for
+from tests.test_trust_proc import HANG, gone, pid_in
 
 # Each step copies the markers it can see (the shell reads them while the step runs).
-SEEN = """
+CAT = "cat .mlbuild/running/.[!.]* .mlbuild/running/* 2>/dev/null > {outputs.o}; true"
+SEEN = f"""
 [targets.first]
-cmd = "cat .mlbuild/running/.[!.]* .mlbuild/running/* 2>/dev/null > {outputs.o}; true"
-outputs = { o = "first.txt" }
+cmd = "{CAT}"
+outputs = {{ o = "first.txt" }}
 
 [targets.second]
-cmd = "echo $$ > second.pid; cat .mlbuild/running/.[!.]* .mlbuild/running/* 2>/dev/null > {outputs.o}; true"
+cmd = "echo $$ > second.pid; {CAT}"
 inputs = ["first.txt"]
-outputs = { o = "second.txt" }
+outputs = {{ o = "second.txt" }}
 """
 
 
