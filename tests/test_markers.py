@@ -11,6 +11,7 @@ after a kill -9.
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 from tests.conftest import Project
 from tests.test_parallel import alive, mlbuild, wait_for
@@ -88,3 +89,21 @@ def test_a_step_in_a_reused_marker_is_stopped_after_a_kill_9(project: Project) -
     assert "stopped step `second` left running by an mlbuild that was killed" in result.err
     wait_for(lambda: gone(step) and gone(escaped), timeout=5)
     assert project.read("second.txt") == "two\n"
+
+
+def test_two_executors_of_one_process_never_share_a_marker(tmp_path: Path) -> None:
+    """Each executor counts its markers, but the names are the process's: a second executor
+    (a watch cycle's next build, a wrapping executor) never truncates a live marker."""
+    from mlbuild.exec.local import LocalExecutor
+
+    one, two = LocalExecutor(tmp_path), LocalExecutor(tmp_path)
+    (tmp_path / ".mlbuild" / "running").mkdir(parents=True)
+    first = one.markers.take(-5, "a" * 16, "first")
+    second = two.markers.take(-5, "b" * 16, "second")
+    assert first.path != second.path
+    assert first.path.read_text().splitlines()[1] == "first"
+    assert second.path.read_text().splitlines()[1] == "second"
+    for executor, marker in ((one, first), (two, second)):
+        executor.markers.give_back(marker)
+        executor.close_warm()
+    assert list((tmp_path / ".mlbuild" / "running").iterdir()) == []

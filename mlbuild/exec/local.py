@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import os
 import selectors
 import signal
@@ -225,7 +226,6 @@ class _Markers:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.free: list[_Marker] = []
-        self.count = 0
         self.closed = False  # after `close`, a marker given back is removed at once
 
     def take(self, pgid: int, token: str, target: str) -> _Marker:
@@ -241,9 +241,13 @@ class _Markers:
                     raise
                 return marker
             self._discard(marker)
-        self.count += 1
-        path = self.folder / f"{_MARKER_PREFIX}{os.getpid()}-{self.count}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        while True:  # a new name: never another executor's marker (one per process counts)
+            path = self.folder / f"{_MARKER_PREFIX}{os.getpid()}-{next(_MARKER_NUMBERS)}"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                break
+            except FileExistsError:
+                continue
         marker = _Marker(fd, path)
         try:
             _pwrite_all(fd, data)
@@ -571,6 +575,7 @@ _PIPE = "pipe"
 _EXIT = "exit"
 _LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 _MARKER_PREFIX = ".step-"  # no target's short name starts with a dot
+_MARKER_NUMBERS = itertools.count(1)  # marker names of this process, whichever executor
 _PGID_WIDTH = 11  # "-" and ten digits: any pid (Linux: at most 2**22)
 
 
