@@ -16,9 +16,12 @@ processes that left the group but carry the step's token (reaper.py). Only
 then is the step reported done, so nothing it started can write to its
 outputs after they are recorded.
 
-While a step runs, `.mlbuild/running/<short name>` holds its process group,
+While a step runs, a marker in `.mlbuild/running/` holds its process group,
 token and target, so that if mlbuild itself is killed (-9) the next run can
-stop leftover steps before starting them again (`reap_orphans`).
+stop leftover steps before starting them again (`reap_orphans`). Markers are
+files kept open and reused from one step to the next (`_Markers`): emptied
+when a step ends, removed when the build ends. Creating and unlinking a file
+per step cost more on ext4 than the rest of a short step's bookkeeping.
 
 A shell command with no shell syntax (no quote, expansion, redirection,
 operator, glob, assignment or comment; its first word not a shell builtin or
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import os
 import selectors
 import signal
@@ -46,7 +50,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, NamedTuple, Protocol
 
 from mlbuild.exec.base import (
     TERM_GRACE_SECONDS,
@@ -72,7 +76,7 @@ from mlbuild.exec.reaper import (
 )
 from mlbuild.exec.worker import EXIT_RAISED
 from mlbuild.pipeline.schema import ActionKind
-from mlbuild.workspace import running_dir, short_name
+from mlbuild.workspace import running_dir
 
 if TYPE_CHECKING:
     from mlbuild.exec.warm import WarmPool
@@ -183,10 +187,10 @@ class _Phase(enum.Enum):
 class _Running:
     name: str
     proc: StepProcess
-    log: IO[bytes]
+    log: int  # descriptor of the step's log file
     log_path: Path
     start: float
-    marker: Path
+    marker: _Marker
     token: str
     python: bool
     pidfd: int | None  # readable when the main process exits (None: polled)
@@ -195,6 +199,87 @@ class _Running:
     returncode: int = 0
     duration: float = 0.0
     deadline: float = 0.0  # monotonic time when DRAINING or STOPPING ends
+
+
+class _Marker(NamedTuple):
+    """One marker file, open: `fd` is written in place (pwrite), never reopened."""
+
+    fd: int
+    path: Path
+
+    def started(self, pgid: int) -> None:
+        """The step runs as group `pgid`: the marker says so from now on."""
+        _pwrite_all(self.fd, f"{pgid:0{_PGID_WIDTH}d}".encode())
+
+
+class _Markers:
+    """The marker files of this executor's steps, each reused by the next step to start.
+
+    A marker is written whole before its step is spawned (the file is empty
+    then), its group updated in place once the step runs (the number has a
+    fixed width, so the rest stays as it is), and emptied when the step is
+    over: an empty marker names no step (`reap_orphans` removes it). Removed
+    at the end of the build (`close`); a killed mlbuild leaves empty ones,
+    which the next run removes.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.free: list[_Marker] = []
+        self.closed = False  # after `close`, a marker given back is removed at once
+
+    def take(self, pgid: int, token: str, target: str) -> _Marker:
+        """A marker holding `PGID TOKEN` then `target`: written before this returns."""
+        data = _marker_text(pgid, token, target)
+        while self.free:
+            marker = self.free.pop()
+            if os.fstat(marker.fd).st_nlink:  # not removed meanwhile (by hand)
+                try:
+                    _pwrite_all(marker.fd, data)
+                except BaseException:
+                    self._discard(marker)
+                    raise
+                return marker
+            self._discard(marker)
+        while True:  # a new name: never another executor's marker (one per process counts)
+            path = self.folder / f"{_MARKER_PREFIX}{os.getpid()}-{next(_MARKER_NUMBERS)}"
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                break
+            except FileExistsError:
+                continue
+        marker = _Marker(fd, path)
+        try:
+            _pwrite_all(fd, data)
+        except BaseException:
+            self._discard(marker)
+            raise
+        return marker
+
+    def give_back(self, marker: _Marker) -> None:
+        """The marker's step is over (all its processes gone): empty it for the next one."""
+        if self.closed:
+            self._discard(marker)
+            return
+        try:
+            os.ftruncate(marker.fd, 0)
+        except OSError:
+            self._discard(marker)
+            return
+        self.free.append(marker)
+
+    def close(self) -> None:
+        """Remove the markers kept for reuse (the build is over; a step stopped after this
+        has its marker removed when it is given back)."""
+        self.closed = True
+        for marker in self.free:
+            self._discard(marker)
+        self.free.clear()
+
+    def _discard(self, marker: _Marker) -> None:
+        with contextlib.suppress(OSError):
+            os.close(marker.fd)
+        marker.path.unlink(missing_ok=True)
 
 
 class LocalExecutor:
@@ -216,6 +301,7 @@ class LocalExecutor:
         self.failed_to_start: list[Done] = []
         self.base_env = dict(os.environ)  # copied once: a build starts hundreds of steps
         self.made_dirs: set[Path] = set()
+        self.markers = _Markers(self.running_dir)
 
     def _mkdir(self, path: Path) -> None:
         if path not in self.made_dirs:
@@ -238,15 +324,15 @@ class LocalExecutor:
         if target.kind is ActionKind.PYTHON:
             timing_path(log_path).unlink(missing_ok=True)
         token = new_token()
-        marker = self.running_dir / short_name(target.name)
         mark = pid_mark()
-        log = open(log_path, "wb")  # noqa: SIM115 - closed in _close
         proc: StepProcess | None = None
         pidfd: int | None = None
+        log: int | None = None
         start = time.perf_counter()  # before the spawn: a step's time includes starting it
         # Written before the spawn, with the pid mark in place of the group: killed between
-        # the fork and the marker below, mlbuild still leaves a way to the step's processes.
-        write_marker(marker, -mark, token, target.name)
+        # the fork and the marker's update below, mlbuild still leaves a way to the step's
+        # processes.
+        marker = self.markers.take(-mark, token, target.name)
         try:
             taken = self._take_warm(step)
             if taken is not None:
@@ -262,7 +348,10 @@ class LocalExecutor:
                         raise
                     proc = _popen(argv, self.root, env)  # the shell says what is wrong
             assert proc.stdout is not None
-            write_marker(marker, proc.pid, token, target.name)
+            marker.started(proc.pid)
+            # Opened once the step runs: creating a file is much of a short step's cost
+            # here, and it overlaps with the step (nothing is read from its pipe before).
+            log = os.open(log_path, _LOG_FLAGS, 0o666)
             pidfd = _pidfd(proc.pid)
             os.set_blocking(proc.stdout.fileno(), False)
             self.selector.register(proc.stdout, selectors.EVENT_READ, (target.name, _PIPE))
@@ -297,7 +386,9 @@ class LocalExecutor:
         return self.adopt(step, self.base_env, call) if self.adopt is not None else None
 
     def close_warm(self) -> None:
-        """The build is over: kill the warm workers no step took (a watch session keeps its own)."""
+        """The build is over: kill the warm workers no step took (a watch session keeps its own),
+        and remove the markers kept for reuse."""
+        self.markers.close()
         if self.warm_pool is not None and self.owns_pool:
             self.warm_pool.close()
 
@@ -305,8 +396,8 @@ class LocalExecutor:
         self,
         proc: StepProcess | None,
         pidfd: int | None,
-        log: IO[bytes],
-        marker: Path,
+        log: int | None,
+        marker: _Marker,
         mark: int,
         token: str,
     ) -> None:
@@ -323,8 +414,9 @@ class LocalExecutor:
                 proc.stdout.close()
             kill_leftovers(proc.pid, token)
             proc.wait()
-        log.close()
-        marker.unlink(missing_ok=True)
+        if log is not None:
+            os.close(log)
+        self.markers.give_back(marker)
 
     @property
     def running(self) -> list[str]:
@@ -382,7 +474,7 @@ class LocalExecutor:
         except BlockingIOError:
             return b""
         if chunk:
-            step.log.write(chunk)
+            _write_all(step.log, chunk)
             return chunk
         self._close_pipe(step)
         if step.phase is _Phase.DRAINING:
@@ -438,8 +530,8 @@ class LocalExecutor:
             os.close(step.pidfd)
             step.pidfd = None
         self._close_pipe(step)
-        step.log.close()
-        step.marker.unlink(missing_ok=True)
+        os.close(step.log)
+        self.markers.give_back(step.marker)
         message = ""
         if step.python and step.returncode == EXIT_RAISED:
             message = raised_message(timing_path(step.log_path))
@@ -481,6 +573,10 @@ class LocalExecutor:
 
 _PIPE = "pipe"
 _EXIT = "exit"
+_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+_MARKER_PREFIX = ".step-"  # no target's short name starts with a dot
+_MARKER_NUMBERS = itertools.count(1)  # marker names of this process, whichever executor
+_PGID_WIDTH = 11  # "-" and ten digits: any pid (Linux: at most 2**22)
 
 
 def direct_words(argv: list[str]) -> list[str] | None:
@@ -516,17 +612,27 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-def write_marker(marker: Path, pgid: int, token: str, target: str) -> None:
-    """`.mlbuild/running/<short name>`: `PGID TOKEN` then the target's name, for reap_orphans.
+def _marker_text(pgid: int, token: str, target: str) -> bytes:
+    """A marker's bytes: `PGID TOKEN` then the target's name, for reap_orphans.
 
     Before the step is spawned, PGID is the negated pid mark (reaper.pid_mark): the step is
-    then found as the processes made after it that carry TOKEN.
+    then found as the processes made after it that carry TOKEN. PGID has a fixed width
+    (zero-padded), so that `_Marker.started` rewrites it in place.
     """
-    fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, f"{pgid} {token}\n{target}\n".encode())
-    finally:
-        os.close(fd)
+    return f"{pgid:0{_PGID_WIDTH}d} {token}\n{target}\n".encode()
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int = 0) -> None:
+    view = memoryview(data)
+    while view:
+        offset += (n := os.pwrite(fd, view, offset))
+        view = view[n:]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def reap_orphans(root: Path) -> list[str]:
