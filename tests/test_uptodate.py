@@ -364,3 +364,48 @@ def test_a_proof_is_not_used_when_another_command_ran_in_between(
     looks = Looks(monkeypatch)
     result = project.run()
     assert result.code == 0 and looks.names == ["copy", "count"]  # both looked at again
+
+
+def _stamp_again(project: Project, told: Told) -> None:
+    """Build what changed, then let the long way sign it and write a stamp that answers."""
+    assert project.run().code == 0
+    age()
+    assert project.run().code == 0
+    assert run(project, told)[1]
+
+
+def test_a_state_database_restored_in_place_is_a_miss(stamped: tuple[Project, Told]) -> None:
+    """`cp backup.db .mlbuild/state.db` keeps the inode but not the manifests: the full
+    command restores the outputs the older database names, so the stamp must step aside."""
+    project, told = stamped
+    db = project.root / ".mlbuild/state.db"
+    older = db.read_bytes()
+    project.write("src/a.txt", "bye\n")
+    _stamp_again(project, told)
+    with open(db, "r+b") as handle:  # same inode, the older content
+        handle.write(older)
+        handle.truncate()
+    result, by_stamp = run(project, told)
+    assert not by_stamp
+    # The older database knew `src/a.txt` as "hello": both are restored (the newer build).
+    assert result.code == 0 and result.out.count("restored from cache") == 2, result.out
+
+
+def test_a_state_directory_that_cannot_be_written_is_left_to_the_full_command(
+    stamped: tuple[Project, Told], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only .mlbuild (chmod, or a read-only mount: even root cannot write) makes
+    the full command fail with one line; the stamp must not answer 0 instead."""
+    project, told = stamped
+    state = str(project.root / ".mlbuild")
+    real = os.access
+
+    def access(path: object, mode: int, **kwargs: object) -> bool:
+        if mode & os.W_OK and os.fspath(path).startswith(state):  # type: ignore[call-overload]
+            return False
+        return real(path, mode, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "access", access)
+    result, by_stamp = run(project, told)
+    assert not by_stamp
+    assert result.code == 1 and "cannot write the state database" in result.err
