@@ -30,7 +30,8 @@ found the stamp unchanged (no other command ran in between; any command that
 takes the workspace lock removes the stamp first, `build/lock.py`). Anything
 else (an option not listed in `_options`, another key, environment or
 state database, a state directory this user cannot write, where the full
-command would fail; a stamp unreadable, corrupt or of another format) is a miss,
+command would fail, or without the `.gitignore` it writes again; a stamp
+unreadable, corrupt or of another format) is a miss,
 and the full command decides as if the stamp were not there.
 
 The stamp is written only by a run that decided every target (no target
@@ -369,6 +370,8 @@ def _fresh(
         and access(os.path.join(folder, "lock"), writable | os.R_OK)
     ):
         return None  # the full command fails (its lock, `Store.check_writable`): it says so
+    if not os.path.lexists(os.path.join(folder, ".gitignore")):
+        return None  # the full command writes it again (store.open_store)
     environ = os.environ
     if any(env_digest(environ.get(name)) != value for name, value in stamp.env):
         return None

@@ -409,3 +409,13 @@ def test_a_state_directory_that_cannot_be_written_is_left_to_the_full_command(
     result, by_stamp = run(project, told)
     assert not by_stamp
     assert result.code == 1 and "cannot write the state database" in result.err
+
+
+def test_a_deleted_state_gitignore_is_written_again(stamped: tuple[Project, Told]) -> None:
+    """Every full command keeps `.mlbuild/` out of git; a no-op told by the stamp too."""
+    project, told = stamped
+    ignore = project.root / ".mlbuild/.gitignore"
+    ignore.unlink()
+    result, by_stamp = run(project, told)
+    assert not by_stamp and result.code == 0
+    assert ignore.read_text().endswith("*\n")
