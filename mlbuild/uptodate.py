@@ -50,6 +50,7 @@ import os
 import sys
 import time
 import zlib
+from stat import S_ISREG
 
 from mlbuild import __version__
 
@@ -336,12 +337,23 @@ def _pipeline_file(file: str | None) -> str | None:
 
 
 def _read(root: str) -> tuple[Stamp, tuple[int, ...]] | None:
+    """The stamp and its identity; None unless it is a regular file (a FIFO put in its
+    place must not hang a command the full engine would run: it only unlinks it)."""
     try:
-        with open(stamp_path(root), "rb") as handle:
-            seen = _identity(os.fstat(handle.fileno()))
+        fd = os.open(stamp_path(root), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not S_ISREG(st.st_mode):
+            return None
+        seen = _identity(st)
+        with open(fd, "rb", closefd=False) as handle:
             data = handle.read()
     except OSError:
         return None
+    finally:
+        os.close(fd)
     if not data.startswith(MAGIC):
         return None
     body = data[len(MAGIC) :]

@@ -419,3 +419,30 @@ def test_a_deleted_state_gitignore_is_written_again(stamped: tuple[Project, Told
     result, by_stamp = run(project, told)
     assert not by_stamp and result.code == 0
     assert ignore.read_text().endswith("*\n")
+
+
+def test_a_fifo_in_place_of_the_stamp_does_not_hang_the_run(project: Project) -> None:
+    """The full command only unlinks `.mlbuild/uptodate`; reading a FIFO there would wait
+    for a writer forever."""
+    project.write("src/a.txt", "a\n")
+    project.pipeline(
+        """
+        [targets.copy]
+        cmd = "cp {inputs} {outputs}"
+        inputs = ["src/a.txt"]
+        outputs = ["out.txt"]
+        """
+    )
+    assert project.run().code == 0
+    os.mkfifo(stamp_file(project))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run(
+        [sys.executable, "-m", "mlbuild", "run"],
+        cwd=project.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "Step `copy` is up to date" in done.stdout, done.stderr
+    assert not stamp_file(project).is_fifo()  # the lock removed it
