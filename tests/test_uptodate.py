@@ -446,3 +446,18 @@ def test_a_fifo_in_place_of_the_stamp_does_not_hang_the_run(project: Project) ->
     )
     assert done.returncode == 0 and "Step `copy` is up to date" in done.stdout, done.stderr
     assert not stamp_file(project).is_fifo()  # the lock removed it
+
+
+def test_a_state_database_written_through_its_wal_is_a_miss(stamped: tuple[Project, Told]) -> None:
+    """A write another process keeps in `state.db-wal` leaves `state.db` itself as it was."""
+    import sqlite3
+
+    project, told = stamped
+    other = sqlite3.connect(project.root / ".mlbuild/state.db", isolation_level=None)
+    try:
+        other.execute("DELETE FROM manifests WHERE target = 'count'")  # no record of it now
+        result, by_stamp = run(project, told)
+    finally:
+        other.close()
+    assert not by_stamp
+    assert result.code == 0 and "Step `count` restored from cache" in result.out, result.out
