@@ -39,7 +39,7 @@ from mlbuild.snapshot import load_graph
 from mlbuild.store import Store, open_existing_store, open_store
 from mlbuild.ui import messages
 from mlbuild.ui.report import PlainReporter, silence_stdout, stdout_closed, summary_parts
-from mlbuild.uptodate import Proof, Stamp, write
+from mlbuild.uptodate import Proof, Stamp, state_identity, write
 from mlbuild.workspace import cache_dir, empty_trash, forget_made, load_made, log_path, state_dir
 
 if TYPE_CHECKING:
@@ -438,7 +438,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = run_build(graph, store, reporter, options)
             # Read after the build: a restored target's duration is now its original run's.
             recorded = store.load_durations()
-            keep_stamp(args, graph, result, recorded)
+            keep_stamp(args, graph, result, recorded, store)
         reporter.summary(result, recorded)
     finally:
         reporter.close()  # gives the terminal back after Ctrl-C too
@@ -446,11 +446,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def keep_stamp(
-    args: argparse.Namespace, graph: Graph, result: BuildResult, recorded: Mapping[str, float]
+    args: argparse.Namespace,
+    graph: Graph,
+    result: BuildResult,
+    recorded: Mapping[str, float],
+    store: Store,
 ) -> None:
     """After a plain `mlbuild run` that brought every target up to date, the stamp the next
     one reads before loading anything (uptodate.py); the lock is held. Each target that
-    was proven fresh keeps its files in it; one that ran or was restored is unproven."""
+    was proven fresh keeps its files in it; one that ran or was restored is unproven.
+    It closes `store` (the stamp holds the database's stat as it is left)."""
     if (
         args.targets
         or args.force is not None
@@ -475,16 +480,16 @@ def keep_stamp(
             entries.append((r.name, *item))
         else:
             entries.append((r.name, None, ()))
-    try:
-        state_ino = os.lstat(state_dir(graph.pipeline.root) / "state.db").st_ino
-    except OSError:
+    store.close()  # checkpoints the -wal into state.db: its stat is final from here
+    state = state_identity(str(graph.pipeline.root))
+    if state is None:
         return
     lines = head = note = ""  # what the stamp prints: only when it proves every target
     if all(counts is not None for _, counts, _ in entries):
         lines = "".join([messages.step_skipped(r.name) + "\n" for r in result.results])
         head, note = summary_parts(result, recorded)
     key, sources = graph.origin
-    stamp = Stamp(key, sources, tuple(env.items()), state_ino, tuple(entries), lines, head, note)
+    stamp = Stamp(key, sources, tuple(env.items()), state, tuple(entries), lines, head, note)
     write(str(graph.pipeline.root), stamp)
 
 

@@ -10,7 +10,9 @@ next `mlbuild run` reads it first:
   stamp, Python's version, the pipeline file's path and bytes, no `--set`;
   the snapshot is keyed by the same) and the digest of each params file;
 - every environment variable a signed target declares, with its digest;
-- the inode of `state.db` (a deleted or replaced state database is a miss);
+- the stat of `state.db` (inode, size, mtime_ns, ctime_ns) once the run closed
+  it, and that no `state.db-wal` was left: a database deleted, replaced or
+  written over in place (a backup copied back) is a miss;
 - per target, in build order: the stat its signature holds of each input and
   output (path, size, mtime_ns, ctime_ns, inode; taken when its digest was,
   never racy) and the counts `--explain` tells; or nothing, for a target that
@@ -27,7 +29,9 @@ that `Proof` and skips them without a look, once it holds the lock and has
 found the stamp unchanged (no other command ran in between; any command that
 takes the workspace lock removes the stamp first, `build/lock.py`). Anything
 else (an option not listed in `_options`, another key, environment or
-state database, a stamp unreadable, corrupt or of another format) is a miss,
+state database, a state directory this user cannot write, where the full
+command would fail, or without the `.gitignore` it writes again; a stamp
+unreadable, corrupt or of another format) is a miss,
 and the full command decides as if the stamp were not there.
 
 The stamp is written only by a run that decided every target (no target
@@ -35,7 +39,7 @@ named, nothing failed), while it holds the lock. A no-op is thus not in
 `mlbuild log`: the history lists runs that did something (the full command
 records none either).
 
-Format (`FORMAT` 2): MAGIC, then a CRC-32 (4 bytes, big endian) of the
+Format (`FORMAT` 3): MAGIC, then a CRC-32 (4 bytes, big endian) of the
 payload, then the payload, `marshal` version 2 of `Stamp.fields()`.
 """
 
@@ -46,6 +50,7 @@ import os
 import sys
 import time
 import zlib
+from stat import S_ISREG
 
 from mlbuild import __version__
 
@@ -64,7 +69,7 @@ if TYPE_CHECKING:
 PIPELINE_FILE = "pipeline.toml"
 STATE_DIR = ".mlbuild"
 STAMP_FILE = "uptodate"
-FORMAT = 2
+FORMAT = 3
 MAGIC = f"mlbuild-uptodate {FORMAT}\n".encode()
 _MARSHAL = 2
 _CRC = 4
@@ -77,14 +82,14 @@ class Stamp:
 
     A plain class, not a NamedTuple: see TYPE_CHECKING above."""
 
-    __slots__ = ("entries", "env", "head", "key", "lines", "note", "sources", "state_ino")
+    __slots__ = ("entries", "env", "head", "key", "lines", "note", "sources", "state")
 
     def __init__(
         self,
         key: str,  # pipeline_key of the pipeline file as loaded
         sources: tuple[tuple[str, str], ...],  # (absolute path, digest) of each params file
         env: tuple[tuple[str, str | None], ...],  # (variable, env_digest of its value)
-        state_ino: int,  # inode of .mlbuild/state.db
+        state: tuple[int, ...],  # `state_identity` of .mlbuild, the database closed
         entries: tuple[Entry, ...],  # every target, in the order the run decided them
         lines: str,  # the skipped lines of the plain log, newline-terminated
         head: str,  # the summary before its time: `mlbuild: 200 skipped`
@@ -93,7 +98,7 @@ class Stamp:
         self.key = key
         self.sources = sources
         self.env = env
-        self.state_ino = state_ino
+        self.state = state
         self.entries = entries
         self.lines = lines
         self.head = head
@@ -105,7 +110,7 @@ class Stamp:
             self.key,
             self.sources,
             self.env,
-            self.state_ino,
+            self.state,
             self.entries,
             self.lines,
             self.head,
@@ -192,6 +197,19 @@ def forget(root: str) -> tuple[int, ...] | None:
     except FileNotFoundError:
         return None
     return seen
+
+
+def state_identity(root: str) -> tuple[int, ...] | None:
+    """(inode, size, mtime_ns, ctime_ns) of `state.db`, or None while a `-wal` holds
+    part of it: any write to the database, even in place, changes one of them."""
+    folder = os.path.join(root, STATE_DIR)
+    try:
+        st = os.lstat(os.path.join(folder, "state.db"))
+    except OSError:
+        return None
+    if os.path.lexists(os.path.join(folder, "state.db-wal")):
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
@@ -319,12 +337,23 @@ def _pipeline_file(file: str | None) -> str | None:
 
 
 def _read(root: str) -> tuple[Stamp, tuple[int, ...]] | None:
+    """The stamp and its identity; None unless it is a regular file (a FIFO put in its
+    place must not hang a command the full engine would run: it only unlinks it)."""
     try:
-        with open(stamp_path(root), "rb") as handle:
-            seen = _identity(os.fstat(handle.fileno()))
+        fd = os.open(stamp_path(root), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not S_ISREG(st.st_mode):
+            return None
+        seen = _identity(st)
+        with open(fd, "rb", closefd=False) as handle:
             data = handle.read()
     except OSError:
         return None
+    finally:
+        os.close(fd)
     if not data.startswith(MAGIC):
         return None
     body = data[len(MAGIC) :]
@@ -343,9 +372,18 @@ def _fresh(
 ) -> dict[str, tuple[Counts, tuple[SignedFile, ...]]] | None:
     """The targets whose every file is as the stamp has it, with their counts and files;
     None when what the whole stamp rests on moved (module docstring)."""
-    st = os.lstat(os.path.join(root, STATE_DIR, "state.db"))
-    if st.st_ino != stamp.state_ino:
+    if state_identity(root) != stamp.state:
         return None
+    folder = os.path.join(root, STATE_DIR)
+    access, writable = os.access, os.W_OK
+    if not (
+        access(folder, writable)
+        and access(os.path.join(folder, "state.db"), writable)
+        and access(os.path.join(folder, "lock"), writable | os.R_OK)
+    ):
+        return None  # the full command fails (its lock, `Store.check_writable`): it says so
+    if not os.path.lexists(os.path.join(folder, ".gitignore")):
+        return None  # the full command writes it again (store.open_store)
     environ = os.environ
     if any(env_digest(environ.get(name)) != value for name, value in stamp.env):
         return None

@@ -364,3 +364,100 @@ def test_a_proof_is_not_used_when_another_command_ran_in_between(
     looks = Looks(monkeypatch)
     result = project.run()
     assert result.code == 0 and looks.names == ["copy", "count"]  # both looked at again
+
+
+def _stamp_again(project: Project, told: Told) -> None:
+    """Build what changed, then let the long way sign it and write a stamp that answers."""
+    assert project.run().code == 0
+    age()
+    assert project.run().code == 0
+    assert run(project, told)[1]
+
+
+def test_a_state_database_restored_in_place_is_a_miss(stamped: tuple[Project, Told]) -> None:
+    """`cp backup.db .mlbuild/state.db` keeps the inode but not the manifests: the full
+    command restores the outputs the older database names, so the stamp must step aside."""
+    project, told = stamped
+    db = project.root / ".mlbuild/state.db"
+    older = db.read_bytes()
+    project.write("src/a.txt", "bye\n")
+    _stamp_again(project, told)
+    with open(db, "r+b") as handle:  # same inode, the older content
+        handle.write(older)
+        handle.truncate()
+    result, by_stamp = run(project, told)
+    assert not by_stamp
+    # The older database knew `src/a.txt` as "hello": both are restored (the newer build).
+    assert result.code == 0 and result.out.count("restored from cache") == 2, result.out
+
+
+def test_a_state_directory_that_cannot_be_written_is_left_to_the_full_command(
+    stamped: tuple[Project, Told], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only .mlbuild (chmod, or a read-only mount: even root cannot write) makes
+    the full command fail with one line; the stamp must not answer 0 instead."""
+    project, told = stamped
+    state = str(project.root / ".mlbuild")
+    real = os.access
+
+    def access(path: object, mode: int, **kwargs: object) -> bool:
+        if mode & os.W_OK and os.fspath(path).startswith(state):  # type: ignore[call-overload]
+            return False
+        return real(path, mode, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "access", access)
+    result, by_stamp = run(project, told)
+    assert not by_stamp
+    assert result.code == 1 and "cannot write the state database" in result.err
+
+
+def test_a_deleted_state_gitignore_is_written_again(stamped: tuple[Project, Told]) -> None:
+    """Every full command keeps `.mlbuild/` out of git; a no-op told by the stamp too."""
+    project, told = stamped
+    ignore = project.root / ".mlbuild/.gitignore"
+    ignore.unlink()
+    result, by_stamp = run(project, told)
+    assert not by_stamp and result.code == 0
+    assert ignore.read_text().endswith("*\n")
+
+
+def test_a_fifo_in_place_of_the_stamp_does_not_hang_the_run(project: Project) -> None:
+    """The full command only unlinks `.mlbuild/uptodate`; reading a FIFO there would wait
+    for a writer forever."""
+    project.write("src/a.txt", "a\n")
+    project.pipeline(
+        """
+        [targets.copy]
+        cmd = "cp {inputs} {outputs}"
+        inputs = ["src/a.txt"]
+        outputs = ["out.txt"]
+        """
+    )
+    assert project.run().code == 0
+    os.mkfifo(stamp_file(project))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run(
+        [sys.executable, "-m", "mlbuild", "run"],
+        cwd=project.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "Step `copy` is up to date" in done.stdout, done.stderr
+    assert not stamp_file(project).is_fifo()  # the lock removed it
+
+
+def test_a_state_database_written_through_its_wal_is_a_miss(stamped: tuple[Project, Told]) -> None:
+    """A write another process keeps in `state.db-wal` leaves `state.db` itself as it was."""
+    import sqlite3
+
+    project, told = stamped
+    other = sqlite3.connect(project.root / ".mlbuild/state.db", isolation_level=None)
+    try:
+        other.execute("DELETE FROM manifests WHERE target = 'count'")  # no record of it now
+        result, by_stamp = run(project, told)
+    finally:
+        other.close()
+    assert not by_stamp
+    assert result.code == 0 and "Step `count` restored from cache" in result.out, result.out
