@@ -55,7 +55,7 @@ from mlbuild.graph import (
     output_tree,
 )
 from mlbuild.pipeline.load import Source, load_pipeline, read_pipeline_bytes, source_digest
-from mlbuild.uptodate import pipeline_key
+from mlbuild.uptodate import open_new, pipeline_key
 from mlbuild.workspace import snapshot_dir, state_dir
 
 FORMAT = 2
@@ -143,7 +143,7 @@ def _write(path: Path, key: str, sources: tuple[Source, ...], graph: Graph) -> N
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(exist_ok=True)
-        with open(tmp, "wb") as handle:
+        with open_new(str(tmp)) as handle:
             handle.write(MAGIC + key.encode() + b"\n")
             # Each its own pickle, as `_read` loads them; the output tree is rebuilt
             # from `producers` (faster than unpickling its nodes).

@@ -56,7 +56,7 @@ from mlbuild import __version__
 
 TYPE_CHECKING = False  # typing itself costs the no-op 3 ms: only for the type checker
 if TYPE_CHECKING:
-    from typing import Any, TypeAlias
+    from typing import Any, BinaryIO, TypeAlias
 
     # (path, size, mtime_ns, ctime_ns, inode) of one signed file, relative to the project.
     SignedFile: TypeAlias = tuple[str, int, int, int, int]
@@ -217,13 +217,25 @@ def _identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def open_new(path: str) -> BinaryIO:
+    """A new file at `path` to write, never through a symlink planted there: a name left
+    by an earlier process of this pid is removed (unlink takes the link, not its target)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        os.unlink(path)
+        fd = os.open(path, flags, 0o644)
+    return os.fdopen(fd, "wb")
+
+
 def write(root: str, stamp: Stamp) -> None:
     """Keep `stamp` atomically (temporary file, then rename); silently nothing on failure."""
     path = stamp_path(root)
     tmp = f"{path}.{os.getpid()}.tmp"
     payload = marshal.dumps(stamp.fields(), _MARSHAL)
     try:
-        with open(tmp, "wb") as handle:
+        with open_new(tmp) as handle:
             handle.write(MAGIC + zlib.crc32(payload).to_bytes(_CRC, "big") + payload)
         os.replace(tmp, path)
     except OSError:

@@ -22,6 +22,7 @@ from mlbuild.build import runner
 from mlbuild.fingerprint import Fingerprinter
 from mlbuild.pipeline.schema import Target
 from mlbuild.signature import Counts
+from mlbuild.snapshot import snapshot_path
 from tests.conftest import Project, Result
 from tests.test_signature import age
 
@@ -461,3 +462,35 @@ def test_a_state_database_written_through_its_wal_is_a_miss(stamped: tuple[Proje
         other.close()
     assert not by_stamp
     assert result.code == 0 and "Step `count` restored from cache" in result.out, result.out
+
+
+def test_a_symlink_planted_at_a_temporary_name_is_not_written_through(
+    project: Project, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The stamp and the snapshot are written to `NAME.<pid>.tmp` first: never through
+    a symlink someone put there."""
+    outside = tmp_path_factory.mktemp("outside") / "victim.txt"
+    outside.write_text("mine\n")
+    project.write("src/a.txt", "a\n")
+    project.pipeline(
+        """
+        [targets.copy]
+        cmd = "cp {inputs} {outputs}"
+        inputs = ["src/a.txt"]
+        outputs = ["out.txt"]
+        """
+    )
+    (project.root / ".mlbuild/snapshot").mkdir(parents=True)
+    snapshot = snapshot_path((project.root / "pipeline.toml").resolve())
+    planted = [
+        Path(f"{stamp_file(project)}.{os.getpid()}.tmp"),
+        snapshot.with_name(f"{snapshot.name}.{os.getpid()}.tmp"),
+    ]
+    for link in planted:
+        link.symlink_to(outside)
+    assert project.run().code == 0
+    age()
+    assert project.run().code == 0
+    assert outside.read_text() == "mine\n"
+    assert stamp_file(project).is_file() and snapshot.is_file()
+    assert not any(link.is_symlink() for link in planted)
