@@ -8,6 +8,7 @@ with what the stamp proved of it.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from mlbuild.uptodate import TYPE_CHECKING, answer
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mlbuild` command; returns the exit code."""
     words = list(sys.argv[1:] if argv is None else argv)
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:  # started with it closed (`>&-`): said to nobody
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (lives as long as we do)
     try:
         code = answer(words)
     except KeyboardInterrupt:  # nothing was changed: said as the full command says it

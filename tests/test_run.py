@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from tests.conftest import Project
 
@@ -356,3 +361,19 @@ def test_list_shows_targets_in_build_order(project: Project) -> None:
     result = project.run("list")
     names = [line.split(":")[0] for line in result.out.splitlines()]
     assert names == ["upper", "first_line", "greet", "report"]
+
+
+@pytest.mark.parametrize("closed", [">&-", ">&- 2>&-"])
+def test_a_run_with_stdout_closed_builds_and_says_nothing(tmp_path: Path, closed: str) -> None:
+    """`mlbuild run >&-` used to end in a traceback (sys.stdout is None then)."""
+    (tmp_path / "pipeline.toml").write_text(
+        '[targets.a]\ncmd = "echo hi > {outputs}"\noutputs = ["a.txt"]\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    command = f"{sys.executable} -m mlbuild run {closed}"
+    for _ in range(2):
+        done = subprocess.run(
+            ["sh", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert (tmp_path / "a.txt").read_text() == "hi\n"
