@@ -43,6 +43,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from mlbuild.cli import main
+from mlbuild.fingerprint import FINE_WINDOW_NS
 
 SOURCES = ("src/s0.txt", "src/s1.txt", "src/s2.txt")
 # Dotted names are keys of params.yaml (`params_files`); the others are `[params]`.
@@ -141,6 +142,7 @@ def edits(draw: st.DrawFn, n_targets: int) -> Edit:
                 "reorder",
                 "same_size_same_mtime",
                 "edit_during_step",
+                "age",
             ]
         )
     )
@@ -155,7 +157,7 @@ def edits(draw: st.DrawFn, n_targets: int) -> Edit:
         return Edit(kind, draw(target), value=draw(st.integers(0, len(KINDS))))
     if kind == "jobs":
         return Edit(kind, value=draw(st.sampled_from([1, 3, 8])))
-    if kind in ("delete_output", "no_cache", "reorder", "edit_during_step"):
+    if kind in ("delete_output", "no_cache", "reorder", "edit_during_step", "age"):
         return Edit(kind, draw(target))
     if kind == "same_size_same_mtime":
         return Edit(kind, draw(source), value=draw(st.integers(0, 255)))
@@ -402,6 +404,10 @@ def apply_edit(project: Path, model: Model, edit: Edit, next_run: NextRun) -> No
             (project / path).write_bytes(data)
             os.utime(project / path, ns=(st_before.st_atime_ns, st_before.st_mtime_ns))
             model.files[path] = data
+    elif edit.kind == "age":
+        # No change: time passes beyond the racy window, so the next run signs what it
+        # checks and writes the up-to-date stamp, and the run after reads it (uptodate.py).
+        time.sleep(2 * FINE_WINDOW_NS / 1e9)
     elif edit.kind == "delete_output":
         output = model.targets[edit.index].output
         (project / output).unlink(missing_ok=True)
