@@ -258,6 +258,9 @@ class Build:
         )
         check_sources(self.graph, looked_at, self.fp)
         check_code(self.graph, selected, self.code)
+        if by_stamp and forced is None:  # the stamp's proven targets: never scheduled
+            proven = self._skip_proven(selected)
+            selected = tuple([name for name in selected if name not in proven])
         pool_of = {name: self.graph.targets[name].pool for name in selected}
         sched = Scheduler(
             selected, self.graph.deps, self.options.jobs, self.graph.pipeline.pools, pool_of
@@ -273,6 +276,22 @@ class Build:
         failures = tuple(r.failure for r in self.results if r.failure is not None)
         took = time.perf_counter() - start
         return BuildResult(tuple(self.results), took, failures, self._proven)
+
+    def _skip_proven(self, selected: Sequence[str]) -> set[str]:
+        """Skip, in build order, each target the up-to-date stamp proves fresh whose
+        dependencies were all skipped so: nothing it reads was made since the stamp's
+        check (uptodate.py). The scheduler never sees them; a proven target below one
+        decided otherwise is visited (`_visit` may still skip it by the proof)."""
+        done: set[str] = set()
+        by_stamp, deps = self.by_stamp, self.graph.deps
+        for name in selected:
+            stamped = by_stamp.get(name)
+            if stamped is not None and all(d in done for d in deps[name]):
+                done.add(name)
+                self._proven[name] = stamped
+                self._finish(TargetResult(name, Outcome.SKIPPED, duration=0.0))
+                self.reporter.skipped(name, fresh_decision(stamped[0]))
+        return done
 
     def _finish_build(self, started_at: float, status: RunStatus) -> None:
         """Write what finished first (a second Ctrl-C while waiting on cache writes keeps
