@@ -46,7 +46,7 @@ def _reachable(start: Iterable[str], edges: Mapping[str, Sequence[str]]) -> set[
         name = stack.pop()
         if name not in seen:
             seen.add(name)
-            stack.extend(edges[name])
+            stack.extend(edges.get(name, ()))
     return seen
 
 
@@ -154,13 +154,22 @@ class Graph(NamedTuple):
         keep = _reachable(wanted, self.deps)
         return tuple(name for name in self.order if name in keep)
 
-    def downstream(self, names: Iterable[str]) -> set[str]:
-        """The named targets and every target that depends on them, transitively."""
+    def users(self) -> dict[str, list[str]]:
+        """Target -> the targets that need it: the reverse of `deps`, for `downstream`."""
         users: dict[str, list[str]] = {name: [] for name in self.order}
         for name, needs in self.deps.items():
             for need in needs:
                 users[need].append(name)
-        return _reachable(names, users)
+        return users
+
+    def downstream(
+        self, names: Iterable[str], users: Mapping[str, Sequence[str]] | None = None
+    ) -> set[str]:
+        """The named targets and every target that depends on them, transitively.
+
+        `users`: this graph's `users()` when the caller keeps it (watch mode, per cycle).
+        """
+        return _reachable(names, self.users() if users is None else users)
 
 
 def output_tree(producers: Mapping[str, str]) -> OutputNode:

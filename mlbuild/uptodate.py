@@ -270,8 +270,6 @@ def answer(words: list[str]) -> int | Proof | None:
         return None
     if len(fresh) < len(stamp.entries):
         return Proof(fresh, stamp.env, seen)
-    if sys.stdout is None:
-        return None
     terminal = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
     text = "" if quiet or (terminal and not plain) else stamp.lines
     text += summary_text(stamp.head, time.perf_counter() - start, stamp.note) + "\n"

@@ -315,7 +315,7 @@ class Planner:
         self._for: tuple[Graph, Mapping[str, frozenset[str]]] | None = None
         self._plan = Plan({}, frozenset())
         self._code_paths: frozenset[str] = frozenset()  # code files and the directories above
-        self._users_of: tuple[Graph, dict[str, list[str]]] | None = None
+        self._users_of: tuple[Graph, dict[str, list[str]]] | None = None  # Graph.users()
 
     def may_change_code(self, paths: set[str] | None) -> bool:
         """Whether a batch (None: unknown changes) may change some target's code files."""
@@ -355,20 +355,8 @@ class Planner:
     def downstream(self, graph: Graph, names: Iterable[str]) -> set[str]:
         """`graph.downstream`, with its reverse index built once per graph, not per cycle."""
         if self._users_of is None or self._users_of[0] is not graph:
-            users: dict[str, list[str]] = {name: [] for name in graph.order}
-            for name, needs in graph.deps.items():
-                for need in needs:
-                    users[need].append(name)
-            self._users_of = (graph, users)
-        users = self._users_of[1]
-        seen = set(names)
-        todo = list(seen)
-        while todo:
-            for user in users.get(todo.pop(), ()):
-                if user not in seen:
-                    seen.add(user)
-                    todo.append(user)
-        return seen
+            self._users_of = (graph, graph.users())
+        return graph.downstream(names, self._users_of[1])
 
 
 def _mode(root: str, rel: str) -> int:

@@ -288,10 +288,15 @@ class Build:
             stamped = by_stamp.get(name)
             if stamped is not None and all(d in done for d in deps[name]):
                 done.add(name)
-                self._proven[name] = stamped
-                self._finish(TargetResult(name, Outcome.SKIPPED, duration=0.0))
-                self.reporter.skipped(name, fresh_decision(stamped[0]))
+                self._skip_by_stamp(name, stamped)
         return done
+
+    def _skip_by_stamp(self, name: str, stamped: ProvenFiles) -> None:
+        """Its files were as the up-to-date stamp has them when this command began, and
+        nothing it reads was made since (uptodate.py): its signature would find it fresh."""
+        self._proven[name] = stamped
+        self._finish(TargetResult(name, Outcome.SKIPPED, duration=0.0))
+        self.reporter.skipped(name, fresh_decision(stamped[0]))
 
     def _finish_build(self, started_at: float, status: RunStatus) -> None:
         """Write what finished first (a second Ctrl-C while waiting on cache writes keeps
@@ -402,16 +407,11 @@ class Build:
     def _visit(self, name: str, forced: bool) -> bool:
         """Decide one target whose dependencies are done; True if its step must run."""
         deps = self.graph.deps[name]
-        stamped = self.by_stamp.get(name) if not forced else None
-        if stamped is not None and not self.stopped:
+        stamped = self.by_stamp.get(name)
+        if stamped is not None and not forced and not self.stopped:
             outcomes, skipped = self.outcomes, Outcome.SKIPPED
-            if all(outcomes[d] is skipped for d in deps):
-                # Its files were as the up-to-date stamp has them when this command began,
-                # and nothing it reads was made since (uptodate.py): its signature would
-                # find it fresh. A chain's first rebuilt link sends the rest the long way.
-                self._proven[name] = stamped
-                self._finish(TargetResult(name, Outcome.SKIPPED, duration=0.0))
-                self.reporter.skipped(name, fresh_decision(stamped[0]))
+            if all(outcomes[d] is skipped for d in deps):  # else: a dependency was made
+                self._skip_by_stamp(name, stamped)
                 return False
         target = self.graph.targets[name]
         blocked = [d for d in deps if self.outcomes[d] in (Outcome.FAILED, Outcome.NOT_RUN)]
