@@ -67,7 +67,7 @@ def run(out: Path) -> None:
     seen = "fresh"
     if os.environ.get("WAIT_FOR_WARM"):
         for _ in range(1200):  # a minute at most: only a broken warm worker makes it wait
-            if trace.exists():
+            if trace.exists() and trace.read_text().strip():  # its pid written, not just made
                 seen = "warmed"
                 break
             time.sleep(0.05)

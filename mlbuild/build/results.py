@@ -90,6 +90,8 @@ def failure_of(
 ) -> Failure:
     """A target's failure, naming what it runs as the user wrote it (not as a shell line)."""
     what = target.python if target.python is not None else target.shown
+    if log_path is not None and not log_path.exists():
+        log_path = None  # the step printed nothing: it has no log to point to
     return Failure(target.name, what, message, log_path, tail, target.kind)
 
 

@@ -23,6 +23,11 @@ files kept open and reused from one step to the next (`_Markers`): emptied
 when a step ends, removed when the build ends. Creating and unlinking a file
 per step cost more on ext4 than the rest of a short step's bookkeeping.
 
+A step's output goes to `.mlbuild/logs/<target>.log`, made at its first
+byte: the last run's log is removed when the step starts, and a step that
+prints nothing leaves none. Creating a file costs a short step as much as
+its own work on ext4 (inode allocation), and most steps print nothing.
+
 A shell command with no shell syntax (no quote, expansion, redirection,
 operator, glob, assignment or comment; its first word not a shell builtin or
 keyword) runs as its words, without `/bin/sh`, as make runs such a recipe:
@@ -187,13 +192,14 @@ class _Phase(enum.Enum):
 class _Running:
     name: str
     proc: StepProcess
-    log: int  # descriptor of the step's log file
     log_path: Path
     start: float
     marker: _Marker
     token: str
     python: bool
     pidfd: int | None  # readable when the main process exits (None: polled)
+    log: int | None = None  # descriptor of the step's log, opened at its first output
+    log_error: str = ""  # why the log could not be written (the step fails)
     pipe_open: bool = True
     phase: _Phase = _Phase.RUNNING
     returncode: int = 0
@@ -323,11 +329,11 @@ class LocalExecutor:
         self._mkdir(self.running_dir)
         if target.kind is ActionKind.PYTHON:
             timing_path(log_path).unlink(missing_ok=True)
+        log_path.unlink(missing_ok=True)  # the last run's: this step's is made if it prints
         token = new_token()
         mark = pid_mark()
         proc: StepProcess | None = None
         pidfd: int | None = None
-        log: int | None = None
         start = time.perf_counter()  # before the spawn: a step's time includes starting it
         # Written before the spawn, with the pid mark in place of the group: killed between
         # the fork and the marker's update below, mlbuild still leaves a way to the step's
@@ -349,23 +355,18 @@ class LocalExecutor:
                     proc = _popen(argv, self.root, env)  # the shell says what is wrong
             assert proc.stdout is not None
             marker.started(proc.pid)
-            # Opened once the step runs: creating a file is much of a short step's cost
-            # here, and it overlaps with the step (nothing is read from its pipe before).
-            log = os.open(log_path, _LOG_FLAGS, 0o666)
             pidfd = _pidfd(proc.pid)
             os.set_blocking(proc.stdout.fileno(), False)
             self.selector.register(proc.stdout, selectors.EVENT_READ, (target.name, _PIPE))
             if pidfd is not None:
                 self.selector.register(pidfd, selectors.EVENT_READ, (target.name, _EXIT))
             python = target.kind is ActionKind.PYTHON
-            running = _Running(
-                target.name, proc, log, log_path, start, marker, token, python, pidfd
-            )
+            running = _Running(target.name, proc, log_path, start, marker, token, python, pidfd)
             self.steps[target.name] = running  # from here on, stop_all stops it
         except BaseException:
             # Not tracked (a marker that cannot be written, or Ctrl-C landing between
             # the fork and here, while the step already runs): stop it by its token.
-            self._abandon(proc, pidfd, log, marker, mark, token)
+            self._abandon(proc, pidfd, marker, mark, token)
             raise
 
     def _take_warm(self, step: Step) -> tuple[StepProcess, str] | None:
@@ -396,7 +397,6 @@ class LocalExecutor:
         self,
         proc: StepProcess | None,
         pidfd: int | None,
-        log: int | None,
         marker: _Marker,
         mark: int,
         token: str,
@@ -414,8 +414,6 @@ class LocalExecutor:
                 proc.stdout.close()
             kill_leftovers(proc.pid, token)
             proc.wait()
-        if log is not None:
-            os.close(log)
         self.markers.give_back(marker)
 
     @property
@@ -474,12 +472,27 @@ class LocalExecutor:
         except BlockingIOError:
             return b""
         if chunk:
-            _write_all(step.log, chunk)
+            self._log(step, chunk)
             return chunk
         self._close_pipe(step)
         if step.phase is _Phase.DRAINING:
             step.deadline = 0.0  # all read: on to its leftovers
         return b""
+
+    def _log(self, step: _Running, chunk: bytes) -> None:
+        """Append to the step's log, made at its first output: a silent step leaves none.
+
+        A log that cannot be written (a full disk) fails the step, which is still read
+        to its end: its output is shown, and nothing it made is recorded.
+        """
+        if step.log_error:
+            return
+        try:
+            if step.log is None:
+                step.log = os.open(step.log_path, _LOG_FLAGS, 0o666)
+            _write_all(step.log, chunk)
+        except OSError as exc:
+            step.log_error = f"its output could not be written to its log: {exc.strerror}"
 
     def _close_pipe(self, step: _Running) -> None:
         if step.pipe_open:
@@ -530,10 +543,11 @@ class LocalExecutor:
             os.close(step.pidfd)
             step.pidfd = None
         self._close_pipe(step)
-        os.close(step.log)
+        if step.log is not None:
+            os.close(step.log)
         self.markers.give_back(step.marker)
-        message = ""
-        if step.python and step.returncode == EXIT_RAISED:
+        message = step.log_error
+        if not message and step.python and step.returncode == EXIT_RAISED:
             message = raised_message(timing_path(step.log_path))
         return ExecResult(step.returncode, step.duration, step.log_path, message)
 
@@ -573,7 +587,9 @@ class LocalExecutor:
 
 _PIPE = "pipe"
 _EXIT = "exit"
-_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+# The last run's log was removed when the step started: a symlink found here now was
+# planted since, and is not followed.
+_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
 _MARKER_PREFIX = ".step-"  # no target's short name starts with a dot
 _MARKER_NUMBERS = itertools.count(1)  # marker names of this process, whichever executor
 _PGID_WIDTH = 11  # "-" and ten digits: any pid (Linux: at most 2**22)

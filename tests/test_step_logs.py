@@ -1,0 +1,77 @@
+"""Step logs: made at a step's first output, never left from an older run, never followed out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import Project
+
+LOGS = ".mlbuild/logs"
+
+
+def test_a_silent_step_leaves_no_log_and_a_talking_one_keeps_its_output(project: Project) -> None:
+    project.write("in.txt", "x\n")
+    project.pipeline(
+        '[targets.quiet]\ncmd = "cp {inputs.i} {outputs.o}"\n'
+        'inputs = { i = "in.txt" }\noutputs = { o = "quiet.txt" }\n\n'
+        "[targets.loud]\ncmd = 'echo one; echo two >&2; cp {inputs.i} {outputs.o}'\n"
+        'inputs = { i = "in.txt" }\noutputs = { o = "loud.txt" }\n'
+    )
+    result = project.run("run", "-j", "1")
+    assert result.code == 0, result.err
+    assert not (project.root / LOGS / "quiet.log").exists()
+    assert project.read(f"{LOGS}/loud.log") == "one\ntwo\n"
+    quiet = project.run("log", "quiet")
+    assert quiet.code == 0 and "output of its last step" not in quiet.out
+    loud = project.run("log", "loud")
+    assert "output of its last step: " in loud.out and f"{LOGS}/loud.log" in loud.out
+
+
+def test_a_step_silent_this_time_loses_the_last_runs_log(project: Project) -> None:
+    project.write("in.txt", "x\n")
+    project.write("say.txt", "hello\n")
+    project.pipeline(
+        "[targets.t]\ncmd = 'cat {inputs.say}; cp {inputs.i} {outputs.o}'\n"
+        'inputs = { i = "in.txt", say = "say.txt" }\noutputs = { o = "out.txt" }\n'
+    )
+    assert project.run("run").code == 0
+    assert project.read(f"{LOGS}/t.log") == "hello\n"
+    project.write("say.txt", "")
+    assert project.run("run").code == 0
+    assert not (project.root / LOGS / "t.log").exists()  # not the older run's "hello"
+    assert "output of its last step" not in project.run("log", "t").out
+
+
+def test_a_silent_failure_points_to_no_log(project: Project) -> None:
+    project.pipeline('[targets.t]\ncmd = "false"\noutputs = { o = "out.txt" }\n')
+    result = project.run("run")
+    assert result.code == 1
+    assert "Step `t` failed" in result.err and "exit code 1" in result.err
+    assert "full log" not in result.err
+    assert not (project.root / LOGS / "t.log").exists()
+
+
+def test_a_talking_failure_points_to_its_log(project: Project) -> None:
+    project.pipeline("[targets.t]\ncmd = 'echo broken; exit 3'\noutputs = { o = \"out.txt\" }\n")
+    result = project.run("run")
+    assert result.code == 1
+    assert "    broken" in result.err
+    assert "full log: " in result.err and f"{LOGS}/t.log" in result.err
+
+
+def test_a_log_replaced_by_a_symlink_is_not_followed_out_of_the_project(
+    project: Project, tmp_path: Path
+) -> None:
+    """A step that plants a symlink at its own log's name before it prints fails; the
+    file the link names is not written."""
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
+    outside.write_text("theirs\n")
+    project.pipeline(
+        f"[targets.t]\ncmd = 'ln -s {outside} {LOGS}/t.log; echo hi; touch {{outputs.o}}'\n"
+        'outputs = { o = "out.txt" }\n'
+    )
+    result = project.run("run")
+    assert result.code == 1
+    assert "its output could not be written to its log" in result.err
+    assert outside.read_text() == "theirs\n"
+    assert project.run("show", "t").code == 1  # nothing recorded
