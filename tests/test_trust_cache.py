@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 import mlbuild.cache.restore
+from mlbuild.cache import ENTRY_VERSION
 from mlbuild.fingerprint import hash_bytes
 from tests.conftest import Project
 
@@ -143,7 +144,7 @@ def test_entries_of_the_old_format_are_a_quiet_miss(tree: Project) -> None:
     assert result.err == ""
     assert result.started() == ["tree", "count"]
     versions = {json.loads(p.read_bytes())["version"] for p in entry_files(tree)}
-    assert versions == {2}
+    assert versions == {ENTRY_VERSION}
 
 
 def test_255_byte_names_are_restored(project: Project) -> None:
@@ -353,7 +354,7 @@ HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "size-bool": (set_field("size", True), "size True is not a byte count"),
     "target-other": (set_field("target", "count"), "the record of another target"),
     "unknown-field": (set_field("extra", 1), "unknown field 'extra'"),
-    "blobs-missing": (set_field("blobs", {}), "its record lists malformed blob sizes"),
+    "blobs-other": (set_field("blobs", {"0" * 64: 1}), "its record lists malformed blob sizes"),
     "producer-time": (set_field("producer", {"time": "now"}), "has a malformed producer"),
     "deep-path": (deep_path, "is more than 128 levels deep"),
     "link-absolute": (add_items(link("evil", "/etc")), "has an unusable target"),
