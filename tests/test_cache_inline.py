@@ -26,7 +26,7 @@ from tests.conftest import Project
 
 # `small` writes bytes no text step would (NUL, 0xff) with an unusual mode; `big` is one
 # byte over INLINE_MAX; `tree` holds a small executable file, one of exactly INLINE_MAX
-# bytes and a big one.
+# bytes, an empty one and a big one.
 PIPELINE = r"""
 [params]
 v = 1
@@ -50,7 +50,8 @@ params = ["v"]
 cmd = '''echo tree >> ran.log; mkdir -p {{outputs.d}}/sub
 printf '#!/bin/sh\necho %s\n' {{params.v}} > {{outputs.d}}/sub/run.sh
 chmod 755 {{outputs.d}}/sub/run.sh; seq 1 3000 > {{outputs.d}}/big.txt
-head -c {edge} /dev/zero > {{outputs.d}}/edge; echo {{params.v}} >> {{outputs.d}}/edge'''
+head -c {edge} /dev/zero > {{outputs.d}}/edge; echo {{params.v}} >> {{outputs.d}}/edge
+: > {{outputs.d}}/empty'''
 outputs = {{ d = "out/d" }}
 params = ["v"]
 """
@@ -95,10 +96,6 @@ def outputs(root: Path) -> dict[str, tuple[bytes, int]]:
     }
 
 
-def digest_of(data: bytes) -> str:
-    return hash_bytes(data)
-
-
 def test_a_small_output_is_saved_in_its_entry_and_restored_exact(project: Project) -> None:
     make(project)
     assert project.run("run", "small").code == 0
@@ -108,7 +105,7 @@ def test_a_small_output_is_saved_in_its_entry_and_restored_exact(project: Projec
     assert built == {"out/s.bin": (b"v1\0\xff\n", 0o640)}
     (_, entry) = entries(project.root)["small"]
     assert entry["version"] == 3
-    assert entry["inline"] == {digest_of(b"v1\0\xff\n"): base64.b64encode(b"v1\0\xff\n").decode()}
+    assert entry["inline"] == {hash_bytes(b"v1\0\xff\n"): base64.b64encode(b"v1\0\xff\n").decode()}
     assert entry["size"] == 5
 
     assert project.run("run", "small", "--set", "v=2").code == 0
@@ -131,14 +128,14 @@ def test_a_file_over_the_limit_is_still_an_object(project: Project) -> None:
     assert big["inline"] == {}
     (_, tree) = entries(project.root)["tree"]
     files = {c: v[5:] for c, v, _, _ in tree["outputs"]["out/d"]["tree"] if v != "dir:"}
-    assert set(tree["inline"]) == {files["sub/run.sh"], files["edge"]}  # not big.txt
+    assert set(tree["inline"]) == {files["sub/run.sh"], files["edge"], files["empty"]}
     held = sorted(p.parent.name + p.name for p in objects(project.root))
     big_file = project.root / "out/b.bin"
     assert big_file.stat().st_size == INLINE_MAX + 1
     assert (project.root / "out/d/edge").stat().st_size == INLINE_MAX
     expected = [
-        digest_of(big_file.read_bytes()),
-        digest_of((project.root / "out/d/big.txt").read_bytes()),
+        hash_bytes(big_file.read_bytes()),
+        hash_bytes((project.root / "out/d/big.txt").read_bytes()),
     ]
     assert held == sorted(expected)
 
@@ -312,8 +309,8 @@ def test_entries_of_version_2_are_still_restored(project: Project) -> None:
 def test_a_file_changed_since_it_was_fingerprinted_is_not_inlined(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"before")
-    files = {digest_of(b"before"): (str(path), 6)}
-    assert read_small(files) == {digest_of(b"before"): b"before"}
+    files = {hash_bytes(b"before"): (str(path), 6)}
+    assert read_small(files) == {hash_bytes(b"before"): b"before"}
     path.write_bytes(b"after!")
     with pytest.raises(Uncacheable, match="changed since it was fingerprinted"):
         read_small(files)
