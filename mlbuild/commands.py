@@ -886,12 +886,16 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
     pipeline, _ = load(args)
     reporter = PlainReporter()
     with hold_workspace(pipeline.root, args.command_line, wait=True, warn=reporter.warn):
-        checked, corrupt = verify_objects(Cache(cache_dir(pipeline.root)))
-    for digest in corrupt:
+        report = verify_objects(Cache(cache_dir(pipeline.root)))
+    for digest in report.corrupt:
         print(f"corrupted object {digest} removed (its entries will be dropped when used)")
-    checked_objects = messages.plural(checked, "object")
-    print(f"mlbuild cache verify: {checked_objects} checked, {len(corrupt)} corrupted.")
-    return EXIT_FAILED if corrupt else EXIT_OK
+    for key, why in report.bad:
+        print(f"invalid entry {key} removed: {why}")
+    objects = messages.plural(report.objects, "object")
+    checked = f"{objects} and {messages.plural(report.entries, 'entry', 'entries')}"
+    bad = len(report.corrupt) + len(report.bad)
+    print(f"mlbuild cache verify: {checked} checked, {bad} corrupted.")
+    return EXIT_FAILED if bad else EXIT_OK
 
 
 def _size(n: int) -> str:

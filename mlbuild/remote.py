@@ -5,28 +5,29 @@ Layout under the configured URL, in the style of Bazel's remote cache:
 - `cas/<d[:2]>/<d>`: the bytes of one file, named by its BLAKE3 digest `d`.
 - `ac/<key>`: the record of one target's run for cache key `key` (cache.py's
   `manifest.cache_key`): the local cache's entry (outputs with fingerprints, modes and
-  directory trees) plus `blobs` (digest -> size) and `producer` (host,
-  mlbuild version, upload time). It is written after every blob it names, so a
-  record never names a blob that was not complete: the record is the commit
-  point. In a directory (local, NFS, `file://`) every file is written as a
-  temp file beside its final name and renamed; an object store's PUT is
-  atomic by itself.
+  directory trees, small files inline) plus `blobs` (digest -> size, every
+  file but the inline ones) and `producer` (host, mlbuild version, upload
+  time). It is written after every blob it names, so a record never names a
+  blob that was not complete: the record is the commit point. In a
+  directory (local, NFS, `file://`) every file is written as a temp file
+  beside its final name and renamed; an object store's PUT is atomic by
+  itself.
 
 Reading costs one `ac/` lookup per stale target (a missing record is a miss;
 nothing is ever listed), then downloads of the blobs the local cache lacks,
 concurrently, each verified against its digest before it enters the local
 cache. Nothing read is trusted: a record is checked whole before any use by
 the local cache's own rules (`cache.parse_entry`: types, ranges, paths, modes,
-symlinks, the directory digest), its blob sizes and producer too, and must be
-the target's and name exactly its declared outputs; a corrupted or missing
-blob makes the target run, with a warning. Writing checks which blobs exist
-(concurrently), uploads the others (each hashed again first, so a file that
-changed since it was fingerprinted never lands under the wrong name), then
-writes the record, then checks again the blobs it found rather than uploaded
-(one request each) and uploads any that `mlbuild gc --remote` deleted
-meanwhile (remote_gc.py says why that closes the race). Two writers of one
-key each write whole records over whole blobs: the last record wins, and
-either is valid.
+symlinks, the directory digest, inline files hashed), its blob sizes and
+producer too, and must be the target's and name exactly its declared outputs;
+a corrupted or missing blob makes the target run, with a warning. Writing
+checks which blobs exist (concurrently), uploads the others (each hashed again
+first, so a file that changed since it was fingerprinted never lands under the
+wrong name), then writes the record, then checks again the blobs it found
+rather than uploaded (one request each) and uploads any that `mlbuild gc
+--remote` deleted meanwhile (remote_gc.py says why that closes the race). Two
+writers of one key each write whole records over whole blobs: the last record
+wins, and either is valid.
 
 An unreachable remote is a warning, never a failed build: the first error
 disables the remote for the rest of the build. fsspec and its backends

@@ -178,7 +178,7 @@ def test_lookups_are_one_request_per_stale_target_among_100000_entries(
     remote = "counting://{folder}"
 
     [targets.a]
-    cmd = "echo {{params.n}} > {{outputs.o}}"
+    cmd = "seq {{params.n}} 2000 > {{outputs.o}}"  # larger than INLINE_MAX: blobs
     outputs = {{ o = "a.txt" }}
     params = ["n"]
 

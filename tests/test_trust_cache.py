@@ -10,6 +10,7 @@ Remotes here are plain directories (the fast way to forge records).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 import mlbuild.cache.restore
+from mlbuild.cache import ENTRY_VERSION
 from mlbuild.fingerprint import hash_bytes
 from tests.conftest import Project
 
@@ -143,7 +145,7 @@ def test_entries_of_the_old_format_are_a_quiet_miss(tree: Project) -> None:
     assert result.err == ""
     assert result.started() == ["tree", "count"]
     versions = {json.loads(p.read_bytes())["version"] for p in entry_files(tree)}
-    assert versions == {2}
+    assert versions == {ENTRY_VERSION}
 
 
 def test_255_byte_names_are_restored(project: Project) -> None:
@@ -339,6 +341,31 @@ def tree_mode(child: str, mode: int) -> Callable[[dict[str, Any]], None]:
     return change
 
 
+def inline_bytes(change: Callable[[bytes], bytes]) -> Callable[[dict[str, Any]], None]:
+    """Change the bytes of every inline file, keeping its digest."""
+
+    def edit(record: dict[str, Any]) -> None:
+        for digest, text in record["inline"].items():
+            record["inline"][digest] = base64.b64encode(change(base64.b64decode(text))).decode()
+
+    return edit
+
+
+def add_inline(*files: bytes) -> Callable[[dict[str, Any]], None]:
+    def change(record: dict[str, Any]) -> None:
+        for data in files:
+            record["inline"][hash_bytes(data)] = base64.b64encode(data).decode()
+
+    return change
+
+
+def inline_too_large(record: dict[str, Any]) -> None:
+    """An output whose file, of 5,000 bytes, is inline (its digest right)."""
+    data = b"x" * 5000
+    record["outputs"]["build/f.txt"]["fingerprint"] = "file:" + hash_bytes(data)
+    record["inline"][hash_bytes(data)] = base64.b64encode(data).decode()
+
+
 def deep_path(record: dict[str, Any]) -> None:
     digest = record["outputs"]["build/f.txt"]["fingerprint"]
     deep = "/".join(["a"] * 2000) + "/f"
@@ -353,8 +380,20 @@ HOSTILE: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "size-bool": (set_field("size", True), "size True is not a byte count"),
     "target-other": (set_field("target", "count"), "the record of another target"),
     "unknown-field": (set_field("extra", 1), "unknown field 'extra'"),
-    "blobs-missing": (set_field("blobs", {}), "its record lists malformed blob sizes"),
+    "blobs-other": (set_field("blobs", {"0" * 64: 1}), "its record lists malformed blob sizes"),
     "producer-time": (set_field("producer", {"time": "now"}), "has a malformed producer"),
+    "inline-tampered": (
+        inline_bytes(lambda data: bytes([data[0] ^ 1]) + data[1:]),
+        "does not match its digest",
+    ),
+    "inline-stray": (add_inline(b"evil"), "is not one of its files"),
+    "inline-too-large": (inline_too_large, "is malformed or too large"),
+    "inline-total": (
+        add_inline(*(bytes([i]) * 4096 for i in range(17))),
+        "its inline files hold more than 65536 bytes",
+    ),
+    "inline-not-base64": (set_field("inline", {"0" * 64: "***"}), "is not base64"),
+    "inline-in-version-2": (set_field("version", 2), "unknown field 'inline'"),
     "deep-path": (deep_path, "is more than 128 levels deep"),
     "link-absolute": (add_items(link("evil", "/etc")), "has an unusable target"),
     "link-up": (add_items(link("evil", "../../../etc")), "symlink 'evil' leads out"),

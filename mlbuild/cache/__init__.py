@@ -1,7 +1,7 @@
 """The local output cache, one concept per module (bottom to top):
 
-- `entry`: the entry format (what one target's run produced), its validation
-  and the cache key; the cache's errors.
+- `entry`: the entry format (what one target's run produced, small files
+  inline), its validation and the cache key; the cache's errors.
 - `objects`: content-addressed objects: atomic writes, copies with holes kept,
   verified downloads.
 - `restore`: restoring an entry through a staging folder, and its cost check.
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from mlbuild.cache.entry import (
     ENTRY_VERSION,
+    INLINE_MAX,
+    INLINE_TOTAL_MAX,
     MAX_BYTES,
     MAX_DEPTH,
     MAX_DURATION,
@@ -42,7 +44,7 @@ from mlbuild.cache.entry import (
     parse_entry,
     portable_mode,
 )
-from mlbuild.cache.gc import GcReport, collect_garbage, parse_size, verify_objects
+from mlbuild.cache.gc import GcReport, VerifyReport, collect_garbage, parse_size, verify_objects
 from mlbuild.cache.local import Cache
 from mlbuild.cache.objects import LARGE_FILE, commit, install_verified
 from mlbuild.cache.restore import (
@@ -56,6 +58,8 @@ from mlbuild.manifest import cache_key
 
 __all__ = [
     "ENTRY_VERSION",
+    "INLINE_MAX",
+    "INLINE_TOTAL_MAX",
     "LARGE_FILE",
     "MAX_BYTES",
     "MAX_DEPTH",
@@ -80,6 +84,7 @@ __all__ = [
     "GcReport",
     "SlowerThanRunning",
     "Uncacheable",
+    "VerifyReport",
     "cache_key",
     "check_entry",
     "clear_staging",

@@ -1,16 +1,29 @@
 """The cache entry: what one target's run produced, its JSON form, and its validation.
 
 An entry is written to `runs/` by the local cache (local.py) and, extended
-with `blobs` and `producer`, to a remote's `ac/` (remote.py). Format version 2,
+with `blobs` and `producer`, to a remote's `ac/` (remote.py). Format version 3,
 the JSON of `entry_payload`:
-`{"version": 2, "key", "target", "created", "duration", "size", "outputs"}`
+`{"version": 3, "key", "target", "created", "duration", "size", "outputs", "inline"}`
 where `key` is the target's cache key (`manifest.cache_key`: a digest over the
 target's name, action, code, params, env, packages, input digests and output
 paths), and `outputs` maps each output path to `{"fingerprint": "file:<d>",
 "mode"}` or `{"fingerprint": "dir:<d>", "mode", "tree"}`, and a tree lists
 `[relative path, "file:<d>" | "dir:" | "link:<hash>", mode, link target]`
-sorted by path. Entries of another version are a miss (version 1 had no
-directory modes); an old one is deleted when met.
+sorted by path. `size` counts the bytes of its distinct files.
+
+`inline` maps the digest `d` of some of its files to their bytes in base64:
+files of at most `INLINE_MAX` bytes, `INLINE_TOTAL_MAX` in all, smallest first
+(local.py chooses). They have no object: saving a trivial target creates one
+file, the entry, not two, and a remote serves them with the record, no blob
+request. 4 KiB because a smaller object still takes an inode and a 4 KiB block
+(ext4, XFS), so the entry holding it costs no more disk, while larger files
+gain little (the create they save is the same) and lose the sharing of one
+object between entries; the total bounds what every lookup parses.
+
+Version 2 is version 3 without `inline`: it is still read (an upgrade keeps
+the cache warm), and the version was raised so that an older mlbuild takes a
+new entry as a quiet miss, not as a malformed one. Entries of other versions
+are a miss (version 1 had no directory modes); an older one is deleted when met.
 
 Nothing in an entry is used before `parse_entry` accepted all of it, for
 entries read here as for records from a remote (remote.py): its types and
@@ -18,15 +31,18 @@ ranges, every path (relative, no `.`, `..`, empty or `.mlbuild` component, no
 NUL, at most 128 levels and 4,095 bytes, names of at most 255 bytes), every
 directory entry below a directory of the same tree, symlinks whose targets
 resolve inside their output (other links of the tree followed), modes that are
-permissions without setuid, setgid, sticky or world-write bits, and the
-directory digest recomputed from the tree. Outputs that do not fit (a symlink
-leading out of its directory, say) are not cached at all (`Uncacheable`).
-Modes are recorded as they are minus those bits: a file must be readable and a
-directory usable by its owner.
+permissions without setuid, setgid, sticky or world-write bits, the
+directory digest recomputed from the tree, and every inline file's size and
+BLAKE3 digest, which must be a file the outputs name. Outputs that do not fit
+(a symlink leading out of its directory, say) are not cached at all
+(`Uncacheable`). Modes are recorded as they are minus those bits: a file must
+be readable and a directory usable by its owner.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import json
 import math
@@ -36,6 +52,7 @@ import stat as _stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from mlbuild.errors import MlbuildError
@@ -43,7 +60,8 @@ from mlbuild.fingerprint import hash_bytes
 from mlbuild.manifest import DIR_IN_LISTING, DigestKind, file_hex, split
 from mlbuild.pipeline.schema import STATE_DIR
 
-ENTRY_VERSION = 2
+ENTRY_VERSION = 3
+_READABLE = frozenset({2, 3})  # 2: no `inline` field
 _DIGEST = re.compile("[0-9a-f]{64}")
 # Paths whose every name is plain ASCII not starting with a dot (so never `.`, `..` or
 # `.mlbuild`) and at most 255 bytes long: most of them, checked by one match.
@@ -62,6 +80,11 @@ MAX_FUTURE = 30 * 86400.0  # clock skew tolerated in `created`
 MAX_BYTES = 1 << 60
 MAX_ENTRY_BYTES = 1 << 28  # the JSON of one entry
 MAX_LINK_HOPS = 40  # as Linux's path resolution
+# Output files kept in the entry itself (see the module docstring).
+INLINE_MAX = 4096  # bytes of one file
+INLINE_TOTAL_MAX = 64 << 10  # bytes of one entry's inline files together
+_INLINE_TEXT_MAX = 4 * ((INLINE_MAX + 2) // 3)  # its base64
+_NO_INLINE: Mapping[str, bytes] = MappingProxyType({})
 # Permission bits an entry may record: no setuid, setgid, sticky or world-write.
 MODE_BITS = 0o775
 
@@ -93,10 +116,11 @@ class Entry(NamedTuple):
     created: float
     duration: float
     outputs: Mapping[str, Any]  # path -> {"fingerprint", "mode"[, "tree"]}
-    size: int  # bytes of its distinct objects
+    size: int  # bytes of its distinct files, inline ones included
+    inline: Mapping[str, bytes] = _NO_INLINE  # digest -> bytes of a file held in the entry
 
-    def objects(self) -> set[str]:
-        """Digests of every object the entry needs."""
+    def files(self) -> set[str]:
+        """Digests of every file of its outputs."""
         found: set[str] = set()
         for out in self.outputs.values():
             for value in (out["fingerprint"], *(item[1] for item in out.get("tree", ()))):
@@ -104,6 +128,14 @@ class Entry(NamedTuple):
                 if digest is not None:
                     found.add(digest)
         return found
+
+    def objects(self) -> set[str]:
+        """Digests of every object the entry needs: its files but the inline ones."""
+        return self.files() - self.inline.keys()
+
+    def inline_bytes(self) -> int:
+        """Bytes of the files it holds itself (what it weighs beyond its objects)."""
+        return sum(len(data) for data in self.inline.values())
 
     def counts(self) -> tuple[int, int]:
         """(files, other tree entries: directories and symlinks) a restore creates."""
@@ -131,10 +163,11 @@ def entry_payload(entry: Entry) -> dict[str, Any]:
         "duration": entry.duration,
         "size": entry.size,
         "outputs": entry.outputs,
+        "inline": {d: base64.b64encode(data).decode("ascii") for d, data in entry.inline.items()},
     }
 
 
-_FIELDS = frozenset(entry_payload(Entry("", "", 0.0, 0.0, {}, 0)))
+_FIELDS = frozenset(entry_payload(Entry("", "", 0.0, 0.0, {}, 0))) - {"inline"}
 
 
 # -- checking entries -----------------------------------------------------------
@@ -159,9 +192,10 @@ def parse_entry(data: Any, key: str, extra: frozenset[str] = frozenset()) -> Ent
     """An entry from its JSON form; None when of another version; BadEntry when invalid."""
     if not isinstance(data, dict) or not _is_int(data.get("version")):
         raise BadEntry("it is not an mlbuild cache entry")
-    if data["version"] != ENTRY_VERSION:
+    if data["version"] not in _READABLE:
         return None
-    unknown = set(data) - _FIELDS - extra
+    allowed = _FIELDS | {"inline"} if data["version"] == ENTRY_VERSION else _FIELDS
+    unknown = set(data) - allowed - extra
     if unknown:
         raise BadEntry(f"unknown field {sorted(unknown)[0][:40]!r}")
     missing = _FIELDS - set(data)
@@ -169,11 +203,38 @@ def parse_entry(data: Any, key: str, extra: frozenset[str] = frozenset()) -> Ent
         raise BadEntry(f"field {sorted(missing)[0]!r} is missing")
     if data["key"] != key:
         raise BadEntry("it is the entry of another key")
+    inline = _decode_inline(data.get("inline", {}))
     entry = Entry(
-        key, data["target"], data["created"], data["duration"], data["outputs"], data["size"]
+        key,
+        data["target"],
+        data["created"],
+        data["duration"],
+        data["outputs"],
+        data["size"],
+        inline,
     )
     _check(entry)
     return entry
+
+
+def _decode_inline(found: Any) -> dict[str, bytes]:
+    """The bytes of an entry's `inline` field (their digests and sizes are `_check`'s)."""
+    if not isinstance(found, dict):
+        raise BadEntry("its inline files are malformed")
+    inline: dict[str, bytes] = {}
+    total = 0
+    for digest, text in found.items():
+        if not isinstance(text, str) or len(text) > _INLINE_TEXT_MAX:
+            raise BadEntry(f"inline file {str(digest)[:12]!r} is malformed or too large")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadEntry(f"inline file {str(digest)[:12]!r} is not base64") from None
+        total += len(data)
+        if total > INLINE_TOTAL_MAX:
+            raise BadEntry(f"its inline files hold more than {INLINE_TOTAL_MAX} bytes")
+        inline[digest] = data
+    return inline
 
 
 def check_entry(entry: Entry) -> str | None:
@@ -213,6 +274,27 @@ def _check(entry: Entry) -> None:
     for before, after in itertools.pairwise(paths):
         if after.startswith(before + "/"):
             raise BadEntry(f"output {after[:80]} lies inside output {before[:80]}")
+    if entry.inline:
+        _check_inline(entry)
+
+
+def _check_inline(entry: Entry) -> None:
+    """Each inline file one of its files, within the bounds, its bytes hashing to its digest."""
+    inline = entry.inline
+    if not isinstance(inline, Mapping):
+        raise BadEntry("its inline files are malformed")
+    files = entry.files()
+    total = 0
+    for digest, data in inline.items():
+        if not isinstance(digest, str) or digest not in files:
+            raise BadEntry(f"inline file {str(digest)[:12]!r} is not one of its files")
+        if not isinstance(data, bytes) or len(data) > INLINE_MAX:
+            raise BadEntry(f"inline file {digest[:12]} is larger than {INLINE_MAX} bytes")
+        total += len(data)
+        if total > INLINE_TOTAL_MAX:
+            raise BadEntry(f"its inline files hold more than {INLINE_TOTAL_MAX} bytes")
+        if hash_bytes(data) != digest:
+            raise BadEntry(f"inline file {digest[:12]} does not match its digest")
 
 
 def _is_int(value: Any) -> bool:
@@ -384,7 +466,7 @@ def is_older_version(raw: bytes) -> bool:
         version = json.loads(raw).get("version")
     except (ValueError, RecursionError, AttributeError):
         return False
-    return _is_int(version) and version < ENTRY_VERSION
+    return _is_int(version) and version < min(_READABLE)
 
 
 def describe_outputs(

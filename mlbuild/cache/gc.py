@@ -2,8 +2,11 @@
 
 gc keeps the entries of every target's current outputs, then the newest
 others within `--max-size` and `--keep-runs`, and deletes every object no kept
-entry names; verify hashes every object and deletes the corrupted ones (a
-missing object is a cache miss, a wrong one would be a wrong output).
+entry names. Sizes are bytes of output files: each object once, and each
+entry's inline files (entry.py) with the entry, since entries do not share
+them. verify hashes every object and deletes the corrupted ones (a missing
+object is a cache miss, a wrong one would be a wrong output), and reads every
+entry, which checks its inline files, deleting the bad ones.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from mlbuild.cache.entry import Entry
+from mlbuild.cache.entry import BadEntry, Entry
 from mlbuild.cache.objects import hash_path
 from mlbuild.errors import UsageError
 
@@ -77,29 +80,33 @@ def collect_garbage(
             others.append((path, entry))
     others.sort(key=lambda item: item[1].created, reverse=True)
     kept_objects = set().union(*(e.objects() for e in kept)) if kept else set()
+    kept_inline = sum(e.inline_bytes() for e in kept)
     per_target: dict[str, int] = {}
-    removed_entries = 0
+    removed_entries = bytes_freed = 0
     for path, entry in others:
         count = per_target.get(entry.target, 0)
         objects = entry.objects()
         grown = kept_objects | objects
+        inline = kept_inline + entry.inline_bytes()
         too_many = keep_runs is not None and count >= keep_runs
-        too_big = max_size is not None and sum(sizes.get(d, 0) for d in grown) > max_size
+        too_big = max_size is not None and sum(sizes.get(d, 0) for d in grown) + inline > max_size
         if too_many or too_big:
             path.unlink(missing_ok=True)
             removed_entries += 1
+            bytes_freed += entry.inline_bytes()
             continue
         per_target[entry.target] = count + 1
         kept.append(entry)
         kept_objects = grown
-    objects_removed = bytes_freed = 0
+        kept_inline = inline
+    objects_removed = 0
     for digest, path in cache.object_files():
         if digest not in kept_objects:
             bytes_freed += sizes.get(digest, 0)
             path.unlink(missing_ok=True)
             objects_removed += 1
     _remove_stale_temp_files(cache.root)
-    bytes_kept = sum(sizes.get(d, 0) for d in kept_objects)
+    bytes_kept = sum(sizes.get(d, 0) for d in kept_objects) + kept_inline
     return GcReport(removed_entries, objects_removed, bytes_freed, len(kept), bytes_kept)
 
 
@@ -114,8 +121,17 @@ def _remove_stale_temp_files(root: Path, older_than: float = 3600.0) -> None:
             continue
 
 
-def verify_objects(cache: Cache) -> tuple[int, list[str]]:
-    """Hash every object; delete and return the digests of corrupted ones."""
+class VerifyReport(NamedTuple):
+    """What `mlbuild cache verify` checked and removed."""
+
+    objects: int
+    corrupt: list[str]  # digests of the objects removed
+    entries: int
+    bad: list[tuple[str, str]]  # (key, why) of the entries removed
+
+
+def verify_objects(cache: Cache) -> VerifyReport:
+    """Hash every object and read every entry; delete the corrupted ones (and say which)."""
     checked = 0
     corrupt: list[str] = []
     for digest, path in cache.object_files():
@@ -123,4 +139,12 @@ def verify_objects(cache: Cache) -> tuple[int, list[str]]:
         if hash_path(str(path)) != digest:
             path.unlink(missing_ok=True)
             corrupt.append(digest)
-    return checked, corrupt
+    entries = 0
+    bad: list[tuple[str, str]] = []
+    for key, _ in cache.entry_files():
+        entries += 1
+        try:
+            cache.lookup(key)  # deletes an entry that is not valid
+        except BadEntry as exc:
+            bad.append((key, str(exc)))
+    return VerifyReport(checked, corrupt, entries, bad)

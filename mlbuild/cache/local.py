@@ -6,7 +6,10 @@ Layout:
   digest `d`, read-only, written by temp file and rename (objects.py).
 - `runs/<k[:2]>/<k[2:]>.json`: the entry (entry.py) of cache key `k`.
   Written after every object it names, by rename, as the commit point: an
-  entry never names an object that is not complete.
+  entry never names an object that is not complete. Files of at most
+  `INLINE_MAX` bytes (4 KiB), up to `INLINE_TOTAL_MAX` per entry, smallest
+  first, are held in the entry itself and get no object: a trivial target's
+  save creates one file and no `objects/` folder.
 - `.tmp-<token>-<n>` in either: a writer's temp file; one left by a writer
   that died is removed by `mlbuild gc` (gc.py) once an hour old.
 
@@ -25,6 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mlbuild.cache.entry import (
+    INLINE_MAX,
+    INLINE_TOTAL_MAX,
     MAX_ENTRY_BYTES,
     BadEntry,
     CacheError,
@@ -39,14 +44,16 @@ from mlbuild.cache.entry import (
 )
 from mlbuild.cache.objects import (
     O_NEW,
+    O_READ,
     commit,
     copy_file,
     in_parts,
     install_verified,
+    read_all,
     write_all,
 )
 from mlbuild.cache.restore import check_cost, restore_entry
-from mlbuild.fingerprint import Fingerprinter
+from mlbuild.fingerprint import Fingerprinter, hash_bytes
 from mlbuild.staleness import Observation
 
 
@@ -99,12 +106,17 @@ class Cache:
         except OSError as exc:
             raise Uncacheable(f"`{target}` not cached: {exc}") from exc
         size = sum(n for _, n in files.values())
-        entry = Entry(key, target, time.time(), duration, outputs, size)
+        try:
+            inline = read_small(files)
+        except (OSError, Uncacheable) as exc:
+            raise Uncacheable(f"`{target}` not cached: {exc}") from exc
+        entry = Entry(key, target, time.time(), duration, outputs, size, inline)
         problem = check_entry(entry)
         if problem is not None:
             raise Uncacheable(f"`{target}` not cached: {problem}")
+        objects = [(d, where) for d, where in files.items() if d not in inline]
         try:
-            in_parts(self._put_some, list(files.items()))
+            in_parts(self._put_some, objects)
             self.write_entry(entry)
         except OSError as exc:
             raise CacheError(f"cannot write the cache in {self.root}: {exc.strerror}") from exc
@@ -180,6 +192,16 @@ class Cache:
             path.unlink(missing_ok=True)
         return entry
 
+    def read_file(self, entry: Entry, digest: str) -> bytes | None:
+        """The bytes of `entry`'s file `digest`, from the entry or its object (unverified)."""
+        data = entry.inline.get(digest)
+        if data is not None:
+            return data
+        try:
+            return self.object_path(digest).read_bytes()
+        except OSError:
+            return None
+
     def drop(self, key: str) -> None:
         self.entry_path(key).unlink(missing_ok=True)
 
@@ -220,3 +242,28 @@ class Cache:
                 for path in folder.iterdir():
                     if not path.name.startswith(".tmp-"):
                         yield folder.name + path.name, path
+
+
+def read_small(files: dict[str, tuple[str, int]]) -> dict[str, bytes]:
+    """The bytes of the files an entry holds itself: the smallest, within the bounds.
+
+    `files` maps digest -> (path, size) as fingerprinted. Each is read and
+    hashed again: a file rewritten since it was fingerprinted raises
+    Uncacheable rather than be recorded under a digest it no longer has.
+    """
+    inline: dict[str, bytes] = {}
+    total = 0
+    small = sorted((size, digest) for digest, (_, size) in files.items() if size <= INLINE_MAX)
+    for size, digest in small:
+        if total + size > INLINE_TOTAL_MAX:
+            break
+        fd = os.open(files[digest][0], O_READ | os.O_NONBLOCK)  # never blocks on a FIFO
+        try:
+            data = read_all(fd, INLINE_MAX + 1)
+        finally:
+            os.close(fd)
+        if hash_bytes(data) != digest:
+            raise Uncacheable(f"{files[digest][0]} changed since it was fingerprinted")
+        inline[digest] = data
+        total += size
+    return inline

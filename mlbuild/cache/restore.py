@@ -7,8 +7,10 @@ whatever the output's name. Each file is copied from its object and checked
 against its digest: small files are read, hashed and written in one pass,
 large ones are copied extent by extent in the kernel (objects.py) and the
 copy hashed. A mismatch means a corrupted object, which is deleted, and the
-target simply runs. Only when every output is staged are they renamed into
-place (what they replace goes into the staging folder, deleted with it). A
+target simply runs. A file the entry holds itself (inline) is written from
+the entry's bytes, which `check_entry` hashed just before, into the same
+staging folder. Only when every output is staged are they renamed into place
+(what they replace goes into the staging folder, deleted with it). A
 restore killed midway leaves its folder in `.mlbuild/staging/`, never in the
 project: `clear_staging` removes it at the next start.
 
@@ -80,6 +82,7 @@ class _Staged(NamedTuple):
     mode: int
     rel: str  # project-relative, once in place (for the stat cache)
     umask: int  # the process's: a mode it would mask needs an fchmod
+    data: bytes | None  # the bytes, when the entry holds them (inline); else from the object
 
 
 def restore_entry(objects: str, entry: Entry, project: Path, fp: Fingerprinter) -> dict[str, str]:
@@ -117,7 +120,7 @@ def _restore(
         fingerprint, mode = out["fingerprint"], out["mode"]
         kind, digest = split(fingerprint)
         if kind is DigestKind.FILE:
-            files.append(_Staged(staged, digest, mode, path, umask))
+            files.append(_Staged(staged, digest, mode, path, umask, entry.inline.get(digest)))
             planned.append((path, dest, staged, False))
             continue
         _make_dir(staged, mode, umask)
@@ -129,7 +132,10 @@ def _restore(
             elif kind is DigestKind.LINK:
                 os.symlink(link, full)
             else:
-                files.append(_Staged(full, digest, child_mode, f"{path}/{child}", umask))
+                rel = f"{path}/{child}"
+                files.append(
+                    _Staged(full, digest, child_mode, rel, umask, entry.inline.get(digest))
+                )
         planned.append((path, dest, staged, True))
     stats = in_parts(lambda part: _fill_some(objects, part), files)
     for _, dest, staged, is_dir in planned:
@@ -146,10 +152,21 @@ def _restore(
 
 
 def _fill_some(objects: str, files: list[_Staged]) -> list[tuple[str, StatEntry]]:
-    """Write objects as new files, verifying each against its digest."""
+    """Write objects (or inline bytes) as new files, verifying each against its digest."""
     done: list[tuple[str, StatEntry]] = []
-    for path, digest, mode, rel, umask in files:
+    for path, digest, mode, rel, umask, inline in files:
         checked_ns = time.time_ns()
+        if inline is not None:
+            fd = os.open(path, O_NEW, mode)
+            try:
+                write_all(fd, inline)
+                if mode & umask:
+                    os.fchmod(fd, mode)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            done.append((rel, StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, checked_ns, digest)))
+            continue
         try:
             source = os.open(f"{objects}/{digest[:2]}/{digest[2:]}", O_READ)
         except FileNotFoundError:

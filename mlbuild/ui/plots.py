@@ -181,11 +181,8 @@ def cached_file(cache: Cache, entry: Entry, path: str) -> bytes | None:
         break
     if digest is None:
         return None
-    try:
-        data = cache.object_path(digest).read_bytes()
-    except OSError:
-        return None
-    return data if hash_bytes(data) == digest else None
+    data = cache.read_file(entry, digest)
+    return data if data is not None and hash_bytes(data) == digest else None
 
 
 def row_label(row: Row) -> str:
