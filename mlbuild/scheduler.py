@@ -83,6 +83,19 @@ class Scheduler:
             started.append(name)
         return started
 
+    def can_start(self) -> bool:
+        """Whether `startable` would start something now: a free slot has a target for it."""
+        if len(self.running) >= self.jobs:
+            return False
+        if self._runnable:
+            return True
+        return any(waiting and self.pool_free.get(p, 0) > 0 for p, waiting in self._pooled.items())
+
+    @property
+    def checkable(self) -> bool:
+        """Some target has all its dependencies finished and is not decided yet."""
+        return bool(self._checkable)
+
     def drain_runnable(self) -> list[str]:
         """Runnable targets that will not start (the build is stopping)."""
         ranks = [*self._runnable, *(r for heap in self._pooled.values() for r in heap)]

@@ -214,3 +214,20 @@ def test_a_whole_build_starts_every_stale_target_once_in_dependency_order() -> N
             sched.finished(name)
     assert sched.idle
     assert started == ["prep", "data", "train", "evaluate"]
+
+
+def test_can_start_and_checkable_follow_slots_pools_and_the_queue() -> None:
+    deps: dict[str, list[str]] = {"a": [], "b": [], "g": [], "c": ["a"]}
+    sched = Scheduler(["a", "b", "g", "c"], deps, jobs=1, pools={"gpu": 0}, pool_of={"g": "gpu"})
+    assert sched.checkable and not sched.can_start()
+    assert [sched.next_to_check() for _ in range(3)] == ["a", "b", "g"]
+    assert not sched.checkable  # c waits for a
+    sched.want_run("g")
+    assert not sched.can_start()  # its pool has no room
+    sched.want_run("a")
+    assert sched.can_start()
+    assert sched.startable() == ["a"]
+    sched.want_run("b")
+    assert not sched.can_start()  # the one slot is taken
+    sched.finished("a")
+    assert sched.checkable and sched.can_start()

@@ -83,6 +83,9 @@ if TYPE_CHECKING:
 # RECORD_SECONDS after the oldest finished: one transaction per batch, not per target.
 RECORD_BATCH = 200
 RECORD_SECONDS = 0.5
+# With every job slot busy, targets are checked for at most this long between looks at
+# the running steps: a short step's end is seen within about one check.
+VISIT_SLICE = 0.0005
 
 StatMap = Mapping[str, "StatEntry | None"]
 # Keys of `StatMap` entries that hold a symlink's own lstat rather than its target's.
@@ -347,12 +350,19 @@ class Build:
     def _loop(self, sched: Scheduler, forced: frozenset[str] | None) -> None:
         """Check what is ready, start what may start, wait for steps; until all is done."""
         while True:
+            # Checking goes on while steps run: a free slot is filled as soon as a target
+            # for it is found, and with every slot busy the steps are polled every
+            # VISIT_SLICE, so that 10,000 checks do not hold back the first step.
+            busy = self._executor is not None and bool(self._executor.running)
+            until = time.perf_counter() + VISIT_SLICE
             while (name := sched.next_to_check()) is not None:
                 is_forced = forced is not None and (not forced or name in forced)
                 if self._visit(name, is_forced):
                     sched.want_run(name)
                 else:
                     sched.finished(name)
+                if sched.can_start() or (busy and time.perf_counter() > until):
+                    break
             if self.stopped:
                 for name in sched.drain_runnable():
                     self._not_run(name, "the build stopped after a failure")
@@ -373,7 +383,8 @@ class Build:
                 prepare(self._executor, targets, deps, *args)
             from mlbuild.exec.base import Done
 
-            for event in self._executor.wait(self._flush_due()):
+            timeout = 0.0 if sched.checkable else self._flush_due()
+            for event in self._executor.wait(timeout):
                 if isinstance(event, Done):
                     self._complete(event.target, event.result)
                     sched.finished(event.target)
