@@ -891,9 +891,11 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
         print(f"corrupted object {digest} removed (its entries will be dropped when used)")
     for key, why in report.bad:
         print(f"invalid entry {key} removed: {why}")
+    for key, why in report.kept:
+        print(f"invalid entry {key} could not be removed (remove it by hand): {why}")
     objects = messages.plural(report.objects, "object")
     checked = f"{objects} and {messages.plural(report.entries, 'entry', 'entries')}"
-    bad = len(report.corrupt) + len(report.bad)
+    bad = len(report.corrupt) + len(report.bad) + len(report.kept)
     print(f"mlbuild cache verify: {checked} checked, {bad} corrupted.")
     return EXIT_FAILED if bad else EXIT_OK
 

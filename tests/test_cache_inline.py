@@ -223,6 +223,24 @@ def test_cache_verify_reads_entries_and_removes_a_tampered_one(project: Project)
     assert "small" not in entries(project.root)
 
 
+def test_cache_verify_does_not_claim_to_remove_an_entry_it_left(project: Project) -> None:
+    """A directory at an entry's name cannot be read, nor removed by an unlink: verify
+    says so rather than "removed" (and says it again next time)."""
+    make(project)
+    project.run("run", "small")
+    planted = project.root / ".mlbuild/cache/runs/ab" / ("c" * 62 + ".json")
+    planted.mkdir(parents=True)
+    for _ in range(2):
+        result = project.run("cache", "verify")
+        assert result.code == 1
+        key = "ab" + "c" * 62
+        assert f"invalid entry {key} removed" not in result.out
+        assert f"invalid entry {key} could not be removed (remove it by hand): " in result.out
+        assert "Is a directory" in result.out
+        assert "2 entries checked, 1 corrupted." in result.out
+    assert planted.is_dir()
+
+
 def test_a_remote_serves_inline_files_with_the_record(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import Project
@@ -75,3 +78,39 @@ def test_a_log_replaced_by_a_symlink_is_not_followed_out_of_the_project(
     assert "its output could not be written to its log" in result.err
     assert outside.read_text() == "theirs\n"
     assert project.run("show", "t").code == 1  # nothing recorded
+
+
+def test_a_hard_link_planted_at_the_log_is_not_truncated(project: Project, tmp_path: Path) -> None:
+    """The log is made at the step's first output, so a step has time to plant a hard link
+    to a user's file at its name first: that file keeps its bytes, and the step fails."""
+    theirs = tmp_path.parent / f"{tmp_path.name}-theirs.txt"
+    theirs.write_text("theirs\n")
+    project.pipeline(
+        f"[targets.t]\ncmd = 'ln {theirs} {LOGS}/t.log; echo hi; touch {{outputs.o}}'\n"
+        'outputs = { o = "out.txt" }\n'
+    )
+    result = project.run("run")
+    assert result.code == 1
+    assert "its output could not be written to its log" in result.err
+    assert theirs.read_text() == "theirs\n"
+
+
+def test_a_fifo_planted_at_the_log_does_not_hang_the_build(tmp_path: Path) -> None:
+    """Opening a FIFO for writing waits for a reader: mlbuild would wait forever. The
+    timeout only guards the suite against that hang; the assertions are on the outcome."""
+    (tmp_path / "pipeline.toml").write_text(
+        f"[targets.t]\ncmd = 'mkfifo {LOGS}/t.log; echo hi; touch {{outputs.o}}'\n"
+        'outputs = { o = "out.txt" }\n'
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-m", "mlbuild", "run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "its output could not be written to its log" in done.stderr

@@ -128,6 +128,9 @@ class VerifyReport(NamedTuple):
     corrupt: list[str]  # digests of the objects removed
     entries: int
     bad: list[tuple[str, str]]  # (key, why) of the entries removed
+    # (key, path) of bad ones that are still there: not a file (a directory), so not
+    # removed, and not to be reported as removed
+    kept: tuple[tuple[str, str], ...] = ()
 
 
 def verify_objects(cache: Cache) -> VerifyReport:
@@ -141,10 +144,14 @@ def verify_objects(cache: Cache) -> VerifyReport:
             corrupt.append(digest)
     entries = 0
     bad: list[tuple[str, str]] = []
-    for key, _ in cache.entry_files():
+    kept: list[tuple[str, str]] = []
+    for key, path in cache.entry_files():
         entries += 1
         try:
             cache.lookup(key)  # deletes an entry that is not valid
         except BadEntry as exc:
-            bad.append((key, str(exc)))
-    return VerifyReport(checked, corrupt, entries, bad)
+            if path.exists() or path.is_symlink():
+                kept.append((key, f"{path}: {exc}"))
+            else:
+                bad.append((key, str(exc)))
+    return VerifyReport(checked, corrupt, entries, bad, tuple(kept))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -216,9 +217,17 @@ def raised_message(timing: Path) -> str:
 
 
 def log_tail(log_path: Path, lines: int = _TAIL_LINES) -> list[str]:
-    """The last lines of a step's log, for the failure message."""
+    """The last lines of a step's log, for the failure message.
+
+    Not a symlink's target nor a FIFO (whose open would wait for a writer): a step may
+    plant either at its log's name before it prints (its log is then not made).
+    """
     try:
-        with open(log_path, "rb") as handle:
+        fd = os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return []
+        with open(fd, "rb") as handle:
             handle.seek(0, os.SEEK_END)
             size = handle.tell()
             handle.seek(max(0, size - 8192))

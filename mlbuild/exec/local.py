@@ -589,9 +589,10 @@ class LocalExecutor:
 
 _PIPE = "pipe"
 _EXIT = "exit"
-# The last run's log was removed when the step started: a symlink found here now was
-# planted since, and is not followed.
-_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+# The last run's log was removed when the step started: whatever is found here now was
+# planted since (a symlink, a hard link to a user's file, a FIFO that would block the
+# open) and is neither followed, truncated nor opened.
+_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MARKER_PREFIX = ".step-"  # no target's short name starts with a dot
 _MARKER_NUMBERS = itertools.count(1)  # marker names of this process, whichever executor
 _PGID_WIDTH = 11  # "-" and ten digits: any pid (Linux: at most 2**22)
