@@ -82,7 +82,9 @@ def test_output_of_concurrent_targets_is_prefixed_and_logged(project: Project) -
         """
     )
     result = project.run("run", "-j", "2")
-    assert "[a] alpha one\n" in result.out
+    # `a` may print its first line before `b` starts (targets are checked while steps
+    # run): alone, it is not prefixed; from `b`'s start on, both steps' lines are.
+    assert "[a] alpha one\n" in result.out or "\nalpha one\n" in result.out
     assert "[a] alpha two\n" in result.out
     assert "[b] beta partial\n" in result.out
     assert project.read(".mlbuild/logs/a.log") == "alpha one\nalpha two\n"
@@ -423,3 +425,29 @@ def test_a_step_started_after_its_input_was_rewritten_is_recorded_with_what_it_r
     status = project.run("status")
     assert "stale  writer" in status.out
     assert "fresh  reader" in status.out  # recorded with what it read
+
+
+def test_bad_input_found_while_steps_run_lets_them_finish_and_be_recorded(
+    project: Project, tmp_path: Path
+) -> None:
+    """Targets are checked while steps run: an output leading out of the project, found
+    while `a` runs, stops the build with one line (exit 2) once `a` has finished and been
+    recorded, not by killing it."""
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (project.root / "away").symlink_to(outside)
+    project.pipeline(
+        "[targets.a]\ncmd = 'sleep 0.5; echo made > {outputs.o}'\n"
+        'outputs = { o = "a.txt" }\n\n'
+        '[targets.b]\ncmd = "echo b > {outputs.o}"\noutputs = { o = "away/b.txt" }\n'
+    )
+    first = project.run("run", "-j", "2")
+    assert first.code == 2
+    assert first.started() == ["a"]
+    assert "interrupted" not in first.out + first.err
+    assert first.err.count("mlbuild: error:") == 1 and "targets.b.outputs" in first.err
+    assert project.read("a.txt") == "made\n"
+    assert not (outside / "b.txt").exists()
+    assert project.run("show", "a").code == 0  # recorded
+    again = project.run("run", "-j", "2")
+    assert again.code == 2 and again.started() == []

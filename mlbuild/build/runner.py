@@ -38,7 +38,7 @@ from mlbuild.build.results import (
     failure_of,
 )
 from mlbuild.code import CodeError, CodeScanner, Parsed, check_function, package_versions
-from mlbuild.errors import FingerprintError, PipelineError
+from mlbuild.errors import FingerprintError, PipelineError, UserError
 from mlbuild.fingerprint import Fingerprinter, StatEntry, expand_port
 from mlbuild.graph import Graph, check_kept_sources
 from mlbuild.manifest import CHANGED_DURING_STEP, Fingerprint, is_dir, is_missing, target_key
@@ -224,6 +224,7 @@ class Build:
         self.outcomes: dict[str, Outcome] = {}
         self.results: list[TargetResult] = []
         self.stopped = False
+        self._bad_input: UserError | None = None  # found while steps ran: raised after them
         self.cache_broken = False  # set after a failed write: no more caching this run
         self._saver: ThreadPoolExecutor | None = None  # background cache writes
         self._saves: list[Future[Any]] = []
@@ -357,7 +358,18 @@ class Build:
             until = time.perf_counter() + VISIT_SLICE
             while (name := sched.next_to_check()) is not None:
                 is_forced = forced is not None and (not forced or name in forced)
-                if self._visit(name, is_forced):
+                try:
+                    stale = self._visit(name, is_forced)
+                except UserError as exc:
+                    if not busy:
+                        raise
+                    # Bad input found while steps run: they finish and are recorded
+                    # (nothing is started any more), then the one-line error.
+                    self._bad_input = self._bad_input or exc
+                    self.stopped = True
+                    self._not_run(name, "the build stopped on an error")
+                    stale = False
+                if stale:
                     sched.want_run(name)
                 else:
                     sched.finished(name)
@@ -372,6 +384,8 @@ class Build:
             if self.options.auto_jobs and self._executor is not None:
                 sched.jobs = getattr(self._executor, "slots", None) or sched.jobs  # Ray's CPUs
             if self._executor is None or not self._executor.running:
+                if self._bad_input is not None:
+                    raise self._bad_input
                 if sched.idle:
                     return
                 continue

@@ -190,6 +190,9 @@ class PlainReporter:
         if self.mid_line:  # a lone step's unfinished line must not run into the next one
             self._write_out("\n")
             self.mid_line = False
+        if self.running:  # from now on their lines can interleave: all are prefixed
+            self.tagged.update(self.running)
+            self.tagged.add(target)
         self.running.add(target)
         self._say(messages.step_started(target, decision.reasons))
         if self.verbosity > 0:
