@@ -28,7 +28,13 @@ machine loses at most the last transactions, never the database):
 - `runs` and `run_targets`: history, one row per run and per target in it;
   `run_targets_target` indexes the latter by target, skipped rows left out (a
   no-op adds one per target, and indexing them doubled its insert cost): what
-  `show` asks, the run that last built a target, is found at once.
+  `show` asks, the run that last built a target, is found at once. The targets
+  a run skipped without a look (the up-to-date stamp proved them: no time, no
+  reason) have no row each: `runs.proven` names their list in `name_sets(digest,
+  names)` (the BLAKE3 of the names, zlib of a checksummed `marshal` tuple; one
+  changed input of 10,000 targets wrote 10,000 rows, and the same list is kept
+  once however many runs share it). Read back, each is a `skipped` row with no
+  time and no reason, listed before the run's own rows.
 - `experiments(id, name, created, built, params, targets)`: one row per
   configuration built to success (experiments.py owns its meaning): `params`
   the JSON of its parameter values, `targets` the JSON of target -> [cache
@@ -44,7 +50,8 @@ result. Version 2 (no ctime, one stats row per file) is upgraded in place by
 dropping its stat cache: those files are simply hashed again. Version 3 (no
 experiment tables) is upgraded by creating them, version 4 (no `manifests.sig`,
 no history index) by adding the column (NULL: those targets are checked the long
-way once) and the index; nothing else changes. Any other
+way once) and the index, version 6 (no `runs.proven`) by adding that column and
+`name_sets`; nothing else changes. Any other
 database error (read-only, locked, disk full) is one `StateError` line
 naming the path and what to do.
 """
@@ -69,10 +76,10 @@ from mlbuild.errors import StateError
 from mlbuild.fingerprint import DirStat, LazyStats, StatCache, StatEntry
 from mlbuild.pipeline.schema import display_path
 
-SCHEMA_VERSION = "6"
+SCHEMA_VERSION = "7"
 UPGRADABLE = {"2"}  # schema versions opened by dropping their stat cache
 # Schema versions opened by creating the tables, columns and indexes they lack.
-ADDITIVE = {"3", "4", "5"}
+ADDITIVE = {"3", "4", "5", "6"}
 DB_NAME = "state.db"
 WarnFn = Callable[[str], None]
 
@@ -96,6 +103,7 @@ _IN_CHUNK = 500  # names per `IN (...)` query, below SQLite's oldest limit of 99
 
 _BLOB_MARSHAL = 2
 _CHECKSUM = 16
+SKIPPED = "skipped"  # the history's status of a target decided fresh (results.Outcome's value)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -116,8 +124,9 @@ CREATE TABLE IF NOT EXISTS parsed (raw TEXT PRIMARY KEY, data TEXT NOT NULL) WIT
 CREATE TABLE IF NOT EXISTS trees (digest TEXT PRIMARY KEY, listing BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY, started_at REAL NOT NULL, finished_at REAL NOT NULL,
-    command TEXT NOT NULL, status TEXT NOT NULL
+    command TEXT NOT NULL, status TEXT NOT NULL, proven TEXT
 );
+CREATE TABLE IF NOT EXISTS name_sets (digest TEXT PRIMARY KEY, names BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS run_targets (
     run_id INTEGER NOT NULL, target TEXT NOT NULL, status TEXT NOT NULL,
     duration REAL NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (run_id, target)
@@ -262,6 +271,7 @@ class Store:
         # The rows `load_manifests` returned, while nothing was written since: what
         # `load_durations` reads instead of scanning the table again (a no-op's summary).
         self._read: dict[str, StoredManifest] | None = None
+        self._name_sets: dict[str, tuple[str, ...]] = {}  # `name_sets` rows read (immutable)
 
     def __enter__(self) -> Store:
         return self
@@ -389,15 +399,19 @@ class Store:
 
     @_guarded
     def load_runs(self, limit: int) -> list[RunRecord]:
-        """The last `limit` runs, newest first, each with its targets."""
+        """The last `limit` runs, newest first, each with its targets (those the stamp
+        proved first, then the others in the order they were decided)."""
         runs = self.conn.execute(
-            "SELECT id, started_at, finished_at, command, status FROM runs"
+            "SELECT id, started_at, finished_at, command, status, proven FROM runs"
             " ORDER BY id DESC LIMIT ?",
             (limit,),
         ).fetchall()
         if not runs:
             return []
         rows: dict[int, list[RunRow]] = {run[0]: [] for run in runs}
+        for run_id, *_, proven in runs:
+            if proven is not None:
+                rows[run_id] = [RunRow(n, SKIPPED, 0.0, "") for n in self._name_set(proven)]
         for run_id, target, status, duration, reason in self.conn.execute(
             "SELECT run_id, target, status, duration, reason FROM run_targets"
             " WHERE run_id >= ? ORDER BY run_id, rowid",
@@ -407,7 +421,7 @@ class Store:
                 rows[run_id].append(RunRow(target, status, duration, reason))
         return [
             RunRecord(run_id, started, finished, command, status, tuple(rows[run_id]))
-            for run_id, started, finished, command, status in runs
+            for run_id, started, finished, command, status, _ in runs
         ]
 
     @_guarded
@@ -421,7 +435,8 @@ class Store:
         # run_id) yields the newest rows first: the query stops at `limit`. With them,
         # runs are walked from the newest, each looked up by the primary key.
         order = "t.run_id"
-        if wanted and "skipped" not in wanted:
+        skipped = not wanted or SKIPPED in wanted
+        if not skipped:
             only += " AND t.status != 'skipped'"  # the index's own condition, word for word
         else:
             order = "r.id"
@@ -431,7 +446,18 @@ class Store:
             f" WHERE t.target = ?{only} ORDER BY {order} DESC LIMIT ?",
             (target, *wanted, limit),
         )
-        return [TargetRun(*row) for row in rows]
+        found = [TargetRun(*row) for row in rows]
+        if not skipped:
+            return found
+        proven: list[TargetRun] = []
+        for run_id, started_at, digest in self.conn.execute(
+            "SELECT id, started_at, proven FROM runs WHERE proven IS NOT NULL ORDER BY id DESC"
+        ):
+            if len(proven) == limit or (len(found) == limit and run_id < found[-1].run_id):
+                break
+            if target in self._name_set(digest):
+                proven.append(TargetRun(run_id, started_at, SKIPPED, 0.0, ""))
+        return sorted(found + proven, key=lambda row: -row.run_id)[:limit]
 
     @_guarded
     def last_statuses(self, statuses: Iterable[str]) -> dict[str, str]:
@@ -443,7 +469,15 @@ class Store:
             f" WHERE status IN ({', '.join('?' * len(wanted))}) GROUP BY target",
             wanted,
         )
-        return {target: status for target, status, _ in rows}
+        last = {target: (run_id, status) for target, status, run_id in rows}
+        if SKIPPED in wanted:  # and the lists of proven targets: each list's latest run
+            for digest, run_id in self.conn.execute(
+                "SELECT proven, MAX(id) FROM runs WHERE proven IS NOT NULL GROUP BY proven"
+            ):
+                for name in self._name_set(digest):
+                    if last.get(name, (0,))[0] < run_id:
+                        last[name] = (run_id, SKIPPED)
+        return {target: status for target, (_, status) in last.items()}
 
     @_guarded
     def known_targets(self) -> set[str]:
@@ -451,7 +485,27 @@ class Store:
         rows = self.conn.execute(
             "SELECT target FROM manifests UNION SELECT DISTINCT target FROM run_targets"
         )
-        return {row[0] for row in rows}
+        known = {row[0] for row in rows}
+        for (digest,) in self.conn.execute(
+            "SELECT DISTINCT proven FROM runs WHERE proven IS NOT NULL"
+        ):
+            known.update(self._name_set(digest))
+        return known
+
+    def _name_set(self, digest: str) -> tuple[str, ...]:
+        """The names `runs.proven` refers to, in their order (a damaged list: none)."""
+        names = self._name_sets.get(digest)
+        if names is None:
+            row = self.conn.execute(
+                "SELECT names FROM name_sets WHERE digest = ?", (digest,)
+            ).fetchone()
+            try:
+                value = _unpack(zlib.decompress(row[0])) if row is not None else None
+            except zlib.error:
+                value = None
+            ok = isinstance(value, tuple) and all(isinstance(n, str) for n in value)
+            names = self._name_sets[digest] = value if ok else ()
+        return names
 
     @_guarded
     def load_parsed(self) -> dict[str, str]:
@@ -534,14 +588,32 @@ class Store:
 
     @_guarded
     def record_run(
-        self, started_at: float, command: str, status: str, rows: Iterable[RunRow]
+        self,
+        started_at: float,
+        command: str,
+        status: str,
+        rows: Iterable[RunRow],
+        proven: Sequence[str] = (),
     ) -> int:
-        """Append one run and its per-target outcomes to the history."""
+        """Append one run and its per-target outcomes to the history; `proven` are the
+        targets skipped with no time and no reason (one list, not a row each)."""
         rows = list(rows)  # a retry after starting over must see them again
+        digest = None
+        if proven:
+            packed = _pack(tuple(proven))
+            digest = blake3.blake3(packed).hexdigest()
         with self._transaction() as conn:
+            if digest is not None:
+                known = conn.execute("SELECT 1 FROM name_sets WHERE digest = ?", (digest,))
+                if known.fetchone() is None:
+                    conn.execute(
+                        "INSERT INTO name_sets (digest, names) VALUES (?, ?)",
+                        (digest, zlib.compress(packed, 1)),
+                    )
             cursor = conn.execute(
-                "INSERT INTO runs (started_at, finished_at, command, status) VALUES (?, ?, ?, ?)",
-                (started_at, time.time(), command, status),
+                "INSERT INTO runs (started_at, finished_at, command, status, proven)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (started_at, time.time(), command, status, digest),
             )
             run_id = cursor.lastrowid
             assert run_id is not None
@@ -828,8 +900,11 @@ def _prepare(conn: sqlite3.Connection) -> str | None:
         add_sig = "ALTER TABLE manifests ADD COLUMN sig BLOB;" * ("sig" not in columns)
         # Before 6: no cache key kept (NULL: computed from `data` when first needed).
         add_key = "ALTER TABLE manifests ADD COLUMN key TEXT;" * ("key" not in columns)
+        # Before 7: every skipped target had its row (NULL: none listed apart).
+        run_columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+        add_proven = "ALTER TABLE runs ADD COLUMN proven TEXT;" * ("proven" not in run_columns)
         conn.executescript(
-            f"BEGIN IMMEDIATE; {drop} {add_sig} {add_key}"
+            f"BEGIN IMMEDIATE; {drop} {add_sig} {add_key} {add_proven}"
             f"{_SCHEMA} INSERT OR REPLACE INTO meta (key, value)"
             f" VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
         )

@@ -161,6 +161,73 @@ def test_version_4_is_upgraded_keeping_everything_and_indexing_the_history(
         ).fetchone()
 
 
+def test_version_6_is_upgraded_keeping_the_history_and_listing_proven_targets_apart(
+    state: Path, warned: Warnings
+) -> None:
+    with open_store(state, warned) as store:
+        store.record_run(1.0, "run", "ok", [RunRow("t", "ran", 2.0, "never built")])
+    with sqlite3.connect(state / "state.db") as conn:  # as schema 6 left it
+        conn.execute("DROP TABLE name_sets")
+        conn.execute("ALTER TABLE runs DROP COLUMN proven")
+        conn.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    with open_store(state, warned) as store:
+        assert [run.targets for run in store.load_runs(5)] == [
+            (RunRow("t", "ran", 2.0, "never built"),)
+        ]
+        store.record_run(2.0, "run", "ok", [RunRow("u", "ran", 1.0, "")], ["t"])
+        assert store.load_runs(1)[0].targets == (
+            RunRow("t", "skipped", 0.0, ""),
+            RunRow("u", "ran", 1.0, ""),
+        )
+    assert warned == [] and backups(state) == []
+    with sqlite3.connect(state / "state.db") as conn:
+        assert conn.execute("SELECT value FROM meta").fetchone() == (SCHEMA_VERSION,)
+
+
+def test_targets_proven_in_a_run_read_back_as_skipped_rows_and_are_kept_once(
+    store: Store, state: Path
+) -> None:
+    """A run's stamp-proven targets are one list (not a row each); every reader sees rows."""
+    names = [f"t{i}" for i in range(3)]
+    store.record_run(1.0, "run", "ok", [RunRow(n, "ran", 1.0, "never built") for n in names])
+    store.record_run(2.0, "run", "ok", [RunRow("t2", "ran", 0.5, "input changed")], names[:2])
+    store.record_run(3.0, "run", "ok", [RunRow("t2", "failed", 0.5, "input changed")], names[:2])
+    store.record_run(4.0, "run", "ok", [RunRow("t0", "cleaned", 0.0, "")])
+    (_, third, second) = store.load_runs(3)
+    assert second.targets == (
+        RunRow("t0", "skipped", 0.0, ""),
+        RunRow("t1", "skipped", 0.0, ""),
+        RunRow("t2", "ran", 0.5, "input changed"),
+    )
+    assert [r.status for r in third.targets] == ["skipped", "skipped", "failed"]
+    assert [(r.run_id, r.status) for r in store.load_target_runs("t0", 5)] == [
+        (4, "cleaned"),
+        (3, "skipped"),
+        (2, "skipped"),
+        (1, "ran"),
+    ]
+    assert [r.run_id for r in store.load_target_runs("t0", 2)] == [4, 3]
+    assert [r.run_id for r in store.load_target_runs("t1", 1, ("skipped",))] == [3]
+    assert [r.run_id for r in store.load_target_runs("t1", 5, ("ran", "restored"))] == [1]
+    statuses = store.last_statuses(("ran", "skipped", "failed", "cleaned"))
+    assert statuses == {"t0": "cleaned", "t1": "skipped", "t2": "failed"}
+    assert store.last_statuses(("ran",)) == dict.fromkeys(names, "ran")
+    assert store.known_targets() == set(names)
+    with sqlite3.connect(state / "state.db") as conn:
+        assert conn.execute("SELECT count(*) FROM name_sets").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM run_targets WHERE run_id = 2").fetchone() == (1,)
+
+
+def test_a_damaged_list_of_proven_targets_reads_as_none(store: Store, state: Path) -> None:
+    store.record_run(1.0, "run", "ok", [RunRow("u", "ran", 1.0, "")], ["t"])
+    with sqlite3.connect(state / "state.db") as conn:
+        conn.execute("UPDATE name_sets SET names = x'0102'")
+    reopened = open_store(state, lambda line: None)
+    with reopened:
+        assert reopened.load_runs(1)[0].targets == (RunRow("u", "ran", 1.0, ""),)
+        assert reopened.load_target_runs("t", 5) == []
+
+
 def test_the_run_that_built_a_target_is_found_among_later_no_ops(store: Store, state: Path) -> None:
     store.record_run(1.0, "run", "ok", [RunRow("t", "ran", 2.0, "never built")])
     for n in range(50):

@@ -9,6 +9,8 @@ aside: the full command then decides, and reruns exactly what it must.
 from __future__ import annotations
 
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -494,3 +496,43 @@ def test_a_symlink_planted_at_a_temporary_name_is_not_written_through(
     assert outside.read_text() == "mine\n"
     assert stamp_file(project).is_file() and snapshot.is_file()
     assert not any(link.is_symlink() for link in planted)
+
+
+TWO = """
+[targets.a]
+cmd = "cp {inputs} {outputs}"
+inputs = ["src/a.txt"]
+outputs = ["build/a.txt"]
+
+[targets.b]
+cmd = "cp {inputs} {outputs}"
+inputs = ["src/b.txt"]
+outputs = ["build/b.txt"]
+"""
+
+
+def test_targets_the_stamp_proved_are_in_the_history_as_skipped(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`log` and `log TARGET` tell a proven target as any skipped one, though the state
+    keeps the run's proven targets as one list rather than a row each."""
+    project.write("src/a.txt", "a\n")
+    project.write("src/b.txt", "b\n")
+    project.pipeline(TWO)
+    told = Told(monkeypatch)
+    assert project.run().started() == ["a", "b"]
+    age()
+    assert project.run().started() == []  # signs both; its stamp proves them
+    project.write("src/a.txt", "a2\n")
+    result, by_stamp = run(project, told)
+    assert not by_stamp and set(told.proofs[-1].fresh) == {"b"}  # type: ignore[union-attr]
+    assert result.started() == ["a"]
+    log = project.run("log", "-n", "1").out
+    assert "    ran       1: a (" in log and log.rstrip().endswith("    skipped   1")
+    lines = project.run("log", "b").out.splitlines()
+    assert lines[0] == "b: the last 2 runs that decided it"
+    assert re.fullmatch(r"run 2 +\S+ \S+  skipped +0\.000s", lines[2]), lines[2]
+    assert re.fullmatch(r"run 1 +\S+ \S+  ran +\S+  never built", lines[3]), lines[3]
+    with sqlite3.connect(project.root / ".mlbuild" / "state.db") as conn:
+        rows = conn.execute("SELECT target FROM run_targets WHERE run_id = 2").fetchall()
+    assert rows == [("a",)]

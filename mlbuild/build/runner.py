@@ -320,11 +320,17 @@ class Build:
         skipped = Outcome.SKIPPED
         if status is not RunStatus.OK or any(r.outcome is not skipped for r in self.results):
             # The history lists runs that did something: a no-op is not one (uptodate.py).
-            rows = [
-                RunRow(r.name, r.outcome.value, r.duration, "; ".join(r.reasons))
-                for r in self.results
-            ]
-            self.store.record_run(started_at, self.options.command_line, status.value, rows)
+            # Targets the stamp proved (no time, no reason) go in one list, not a row each.
+            rows: list[RunRow] = []
+            proven: list[str] = []
+            for r in self.results:
+                if r.outcome is skipped and not r.duration and not r.reasons:
+                    proven.append(r.name)
+                else:
+                    reason = "; ".join(r.reasons)
+                    rows.append(RunRow(r.name, r.outcome.value, r.duration, reason))
+            command, value = self.options.command_line, status.value
+            self.store.record_run(started_at, command, value, rows, proven)
         keep_warm = self.graph.pipeline.workers.keep_warm
         if self._executor is not None and keep_warm and status is not RunStatus.INTERRUPTED:
             from mlbuild.exec.keepwarm import keep_after
