@@ -109,9 +109,12 @@ def record_build(
     recorded): its file is the one its run wrote.
     """
     kept = store.load_manifest_keys()
-    skipped = [t for t in decided if t not in made and pipeline.targets[t].metrics]
+    targets_of = pipeline.targets
+    made_set = set(made)
+    skipped = [t for t in decided if targets_of[t].metrics and t not in made_set]
     # Only the manifests whose key is not kept, and those whose metrics are read.
-    wanted = {t for t in decided if kept.get(t) is None} | set(made) | set(skipped)
+    wanted = {t for t in decided if kept.get(t) is None}
+    wanted.update(made, skipped)
     if len(wanted) * 2 < len(kept):
         manifests = store.load_manifests_of(sorted(wanted))
     else:
@@ -130,16 +133,18 @@ def record_build(
             why = "the build failed" if not ok else "an input changed while a step ran"
             warn(f"--name {name}: {why}, so no experiment row was recorded")
         return
-    targets = {t: [key, _cacheable(pipeline, t)] for t, key in sorted(keys.items())}
+    names = sorted(keys)
+    # In name order already: sort_keys's order, without its sort (nor the cycle check).
+    targets = {t: [keys[t], (x := targets_of[t]).cache and not x.always_run] for t in names}
     now = time.time()
     store.save_experiment(
         StoredExperiment(
-            row_id(keys),
+            row_id(keys, names),
             name,
             now,
             now,
             json.dumps(row_params(pipeline, keys), sort_keys=True, default=str),
-            json.dumps(targets, sort_keys=True),
+            json.dumps(targets, check_circular=False),
         )
     )
 
@@ -178,15 +183,12 @@ def _configuration(
     return keys or None
 
 
-def row_id(keys: Mapping[str, str]) -> str:
-    """The identity of a configuration: its targets and their cache keys, in name order."""
-    text = json.dumps(sorted(keys.items()), separators=(",", ":"))
+def row_id(keys: Mapping[str, str], names: Sequence[str] | None = None) -> str:
+    """The identity of a configuration: its targets and their cache keys, in name order
+    (`names`: the targets of `keys` sorted, when the caller has them)."""
+    pairs = sorted(keys.items()) if names is None else [(t, keys[t]) for t in names]
+    text = json.dumps(pairs, separators=(",", ":"), check_circular=False)
     return blake3.blake3(text.encode()).hexdigest()
-
-
-def _cacheable(pipeline: Pipeline, name: str) -> bool:
-    target = pipeline.targets[name]
-    return target.cache and not target.always_run
 
 
 def row_params(pipeline: Pipeline, targets: Iterable[str]) -> dict[str, Any]:
