@@ -527,6 +527,7 @@ def test_targets_the_stamp_proved_are_in_the_history_as_skipped(
     result, by_stamp = run(project, told)
     assert not by_stamp and set(told.proofs[-1].fresh) == {"b"}  # type: ignore[union-attr]
     assert result.started() == ["a"]
+    assert result.out.startswith("Step `b` is up to date (skipped).\nStep `a` has started")
     log = project.run("log", "-n", "1").out
     assert "    ran       1: a (" in log and log.rstrip().endswith("    skipped   1")
     lines = project.run("log", "b").out.splitlines()

@@ -85,6 +85,7 @@ RECORD_BATCH = 200
 RECORD_SECONDS = 0.5
 
 StatMap = Mapping[str, "StatEntry | None"]
+_new = tuple.__new__  # a NamedTuple from its fields without its Python `__new__` (hot loops)
 # Keys of `StatMap` entries that hold a symlink's own lstat rather than its target's.
 LINK_PREFIX = "\0link:"
 
@@ -281,14 +282,32 @@ class Build:
         """Skip, in build order, each target the up-to-date stamp proves fresh whose
         dependencies were all skipped so: nothing it reads was made since the stamp's
         check (uptodate.py). The scheduler never sees them; a proven target below one
-        decided otherwise is visited (`_visit` may still skip it by the proof)."""
+        decided otherwise is visited (`_visit` may still skip it by the proof).
+
+        `_skip_by_stamp` for each, inlined, and told in one batch where the reporter
+        can (`skipped_all`): at 10,000 targets the calls were a tenth of the build."""
         done: set[str] = set()
         by_stamp, deps = self.by_stamp, self.graph.deps
+        proven, outcomes, results = self._proven, self.outcomes, self.results
+        skipped = Outcome.SKIPPED
+        told: list[tuple[str, Decision]] = []
         for name in selected:
             stamped = by_stamp.get(name)
-            if stamped is not None and all(d in done for d in deps[name]):
+            if stamped is None:
+                continue
+            needs = deps[name]
+            if not needs or done.issuperset(needs):
                 done.add(name)
-                self._skip_by_stamp(name, stamped)
+                proven[name] = stamped
+                outcomes[name] = skipped
+                results.append(_new(TargetResult, (name, skipped, (), 0.0, None)))
+                told.append((name, fresh_decision(stamped[0])))
+        tell_all = getattr(self.reporter, "skipped_all", None)
+        if tell_all is not None:
+            tell_all(told)
+        else:
+            for name, decision in told:
+                self.reporter.skipped(name, decision)
         return done
 
     def _skip_by_stamp(self, name: str, stamped: ProvenFiles) -> None:
