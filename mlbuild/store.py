@@ -503,8 +503,10 @@ class Store:
                 value = _unpack(zlib.decompress(row[0])) if row is not None else None
             except zlib.error:
                 value = None
-            ok = isinstance(value, tuple) and all(isinstance(n, str) for n in value)
-            names = self._name_sets[digest] = value if ok else ()
+            names = ()
+            if isinstance(value, tuple) and all(isinstance(n, str) for n in value):
+                names = value
+            self._name_sets[digest] = names
         return names
 
     @_guarded
