@@ -21,6 +21,8 @@ machine loses at most the last transactions, never the database):
   `data` stands for, or NULL until experiments.py first needs it (parsing 10,000
   manifests to name a configuration cost more than the build of one changed
   target); writing a manifest replaces the row, so a key never outlives its data.
+  `manifests_key` covers (target, key, duration): what experiments.py and the
+  summary read of every row, without the pages of `data` and `sig`.
 - `parsed(raw, data)`: what code.py learned from a Python file with that raw
   digest (its AST digest and imports), so unchanged files are never parsed again.
 - `trees(digest, listing)`: zlib-compressed listings of input/output directories,
@@ -50,8 +52,8 @@ result. Version 2 (no ctime, one stats row per file) is upgraded in place by
 dropping its stat cache: those files are simply hashed again. Version 3 (no
 experiment tables) is upgraded by creating them, version 4 (no `manifests.sig`,
 no history index) by adding the column (NULL: those targets are checked the long
-way once) and the index, version 6 (no `runs.proven`) by adding that column and
-`name_sets`; nothing else changes. Any other
+way once) and the index, version 6 (no `runs.proven`) by adding that column,
+`name_sets` and the index `manifests_key`; nothing else changes. Any other
 database error (read-only, locked, disk full) is one `StateError` line
 naming the path and what to do.
 """
@@ -120,6 +122,9 @@ CREATE TABLE IF NOT EXISTS manifests (
     target TEXT PRIMARY KEY, data TEXT NOT NULL, finished_at REAL NOT NULL, duration REAL NOT NULL,
     sig BLOB, key TEXT
 );
+-- Covers `load_manifest_keys` and `load_durations`: scanning the table itself reads every
+-- manifest's JSON and signature pages (ten times the bytes) for these two columns.
+CREATE INDEX IF NOT EXISTS manifests_key ON manifests (target, key, duration);
 CREATE TABLE IF NOT EXISTS parsed (raw TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS trees (digest TEXT PRIMARY KEY, listing BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (

@@ -133,6 +133,7 @@ def test_version_4_is_upgraded_keeping_everything_and_indexing_the_history(
         store.record_run(1.0, "run", "ok", [RunRow("t", "ran", 2.0, "never built")])
     with sqlite3.connect(state / "state.db") as conn:  # as schema 4 left it
         conn.execute("DROP INDEX run_targets_target")
+        conn.execute("DROP INDEX manifests_key")
         conn.execute("ALTER TABLE manifests DROP COLUMN sig")
         conn.execute("ALTER TABLE manifests DROP COLUMN key")
         conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
@@ -168,6 +169,7 @@ def test_version_6_is_upgraded_keeping_the_history_and_listing_proven_targets_ap
         store.record_run(1.0, "run", "ok", [RunRow("t", "ran", 2.0, "never built")])
     with sqlite3.connect(state / "state.db") as conn:  # as schema 6 left it
         conn.execute("DROP TABLE name_sets")
+        conn.execute("DROP INDEX manifests_key")
         conn.execute("ALTER TABLE runs DROP COLUMN proven")
         conn.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
     with open_store(state, warned) as store:
@@ -182,6 +184,9 @@ def test_version_6_is_upgraded_keeping_the_history_and_listing_proven_targets_ap
     assert warned == [] and backups(state) == []
     with sqlite3.connect(state / "state.db") as conn:
         assert conn.execute("SELECT value FROM meta").fetchone() == (SCHEMA_VERSION,)
+        for columns in ("target, key", "target, duration"):  # read without the manifests' pages
+            plan = conn.execute(f"EXPLAIN QUERY PLAN SELECT {columns} FROM manifests").fetchall()
+            assert "COVERING INDEX manifests_key" in str(plan), plan
 
 
 def test_targets_proven_in_a_run_read_back_as_skipped_rows_and_are_kept_once(
