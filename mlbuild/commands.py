@@ -470,22 +470,25 @@ def keep_stamp(
     proof: Proof | None = getattr(args, "proof", None)
     env: dict[str, str | None] = dict(proof.env) if proof is not None and proof.valid else {}
     entries: list[Entry] = []
+    unproven = False
+    proven = result.proven
     for r in result.results:
-        item = result.proven.get(r.name)
-        if isinstance(item, bytes):
+        item = proven.get(r.name)
+        if item is None:
+            entries.append((r.name, None, ()))
+            unproven = True
+        elif isinstance(item, bytes):
             names, files, counts = signed_parts(item)
             env.update(names)
             entries.append((r.name, counts, files))
-        elif item is not None:
-            entries.append((r.name, *item))
         else:
-            entries.append((r.name, None, ()))
+            entries.append((r.name, *item))
     store.close()  # checkpoints the -wal into state.db: its stat is final from here
     state = state_identity(str(graph.pipeline.root))
     if state is None:
         return
     lines = head = note = ""  # what the stamp prints: only when it proves every target
-    if all(counts is not None for _, counts, _ in entries):
+    if not unproven:
         lines = "".join([messages.step_skipped(r.name) + "\n" for r in result.results])
         head, note = summary_parts(result, recorded)
     key, sources = graph.origin
