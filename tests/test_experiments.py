@@ -18,6 +18,7 @@ from typing import Any
 import blake3
 import pytest
 
+from mlbuild.experiments import row_id
 from tests.conftest import Project, Result
 
 PIPELINE = """\
@@ -150,7 +151,7 @@ cache = false
     (row,) = show(project)
     assert list(row["targets"]) == ["Alpha", "beta"]
     text = json.dumps(sorted(row["targets"].items()), separators=(",", ":"))
-    assert row["full_id"] == blake3.blake3(text.encode()).hexdigest()
+    assert row["full_id"] == blake3.blake3(text.encode()).hexdigest() == row_id(row["targets"])
     with sqlite3.connect(project.root / ".mlbuild" / "state.db") as conn:
         (stored,) = conn.execute("SELECT targets FROM experiments").fetchone()
     keys = row["targets"]
