@@ -537,3 +537,41 @@ def test_targets_the_stamp_proved_are_in_the_history_as_skipped(
     with sqlite3.connect(project.root / ".mlbuild" / "state.db") as conn:
         rows = conn.execute("SELECT target FROM run_targets WHERE run_id = 2").fetchall()
     assert rows == [("a",)]
+
+
+def test_a_change_rewrites_only_the_chunks_of_the_stamp_holding_what_moved(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next stamp keeps, byte for byte, each chunk whose targets were proven and
+    skipped; what it keeps still tells every later change, and the no-op after."""
+    monkeypatch.setattr(uptodate, "CHUNK", 2)
+    for i in range(5):
+        project.write(f"src/{i}.txt", f"{i}\n")
+    project.pipeline(
+        "".join(
+            f'[targets.t{i}]\ncmd = "cp {{inputs}} {{outputs}}"\n'
+            f'inputs = ["src/{i}.txt"]\noutputs = ["out/{i}.txt"]\n\n'
+            for i in range(5)
+        )
+    )
+    told = Told(monkeypatch)
+    assert len(project.run().started()) == 5
+    age()
+    assert project.run().started() == []  # signs all: its stamp proves them
+    before = uptodate._read(str(project.root))
+    assert before is not None and len(before[0].chunks) == 3
+    project.write("src/0.txt", "changed\n")
+    result, by_stamp = run(project, told)
+    assert not by_stamp and result.started() == ["t0"]
+    after = uptodate._read(str(project.root))
+    assert after is not None
+    assert after[0].chunks[1:] == before[0].chunks[1:]  # t2..t4: kept as read
+    assert after[0].chunks[0] != before[0].chunks[0]  # t0 ran: unproven now
+    project.write("src/3.txt", "changed too\n")  # a target of a kept chunk
+    result, by_stamp = run(project, told)
+    assert not by_stamp and result.started() == ["t3"]
+    assert project.read("out/3.txt") == "changed too\n"
+    age()
+    assert project.run().started() == []  # the long way signs t0 and t3
+    result, by_stamp = run(project, told)
+    assert by_stamp and result.out.count("up to date (skipped)") == 5

@@ -16,10 +16,10 @@ from mlbuild.staleness import NEVER_BUILT, Decision
 from mlbuild.uptodate import Proof
 
 if TYPE_CHECKING:
-    from mlbuild.uptodate import Counts, SignedFile
+    from mlbuild.uptodate import Proven
 
-    # What the up-to-date stamp proved of a target: its counts and files (uptodate.py).
-    ProvenFiles = tuple[Counts, tuple[SignedFile, ...]]
+    # What the up-to-date stamp proved of a target: its counts, files and chunk (uptodate.py).
+    ProvenFiles = Proven
 
 
 class Outcome(enum.Enum):
