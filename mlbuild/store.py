@@ -276,6 +276,7 @@ class Store:
         # The rows `load_manifests` returned, while nothing was written since: what
         # `load_durations` reads instead of scanning the table again (a no-op's summary).
         self._read: dict[str, StoredManifest] | None = None
+        self._durations: dict[str, float] | None = None  # the same, of `load_manifest_keys`
         self._name_sets: dict[str, tuple[str, ...]] = {}  # `name_sets` rows read (immutable)
 
     def __enter__(self) -> Store:
@@ -400,6 +401,8 @@ class Store:
         """
         if self._read is not None:  # nothing written since they were read
             return {target: row.duration for target, row in self._read.items()}
+        if self._durations is not None:
+            return dict(self._durations)
         return dict(self.conn.execute("SELECT target, duration FROM manifests"))
 
     @_guarded
@@ -552,7 +555,7 @@ class Store:
         """Write several manifests in one transaction (a first build records in batches):
         all of them, with what each relies on, or none."""
         records = list(records)  # a retry after starting over must see them again
-        self._read = None
+        self._read = self._durations = None
         with self._transaction() as conn:
             for r in records:
                 self._put_stats(conn, r.stats)
@@ -583,7 +586,7 @@ class Store:
     @_guarded
     def forget(self, targets: Iterable[str]) -> None:
         """Drop manifests, so that these targets are stale (before rerunning or cleaning)."""
-        self._read = None
+        self._read = self._durations = None
         with self._transaction() as conn:
             conn.executemany("DELETE FROM manifests WHERE target = ?", [(t,) for t in targets])
 
@@ -643,8 +646,13 @@ class Store:
 
     @_guarded
     def load_manifest_keys(self) -> dict[str, str | None]:
-        """Target -> the cache key kept beside its manifest (None: not computed yet)."""
-        return dict(self.conn.execute("SELECT target, key FROM manifests"))
+        """Target -> the cache key kept beside its manifest (None: not computed yet).
+
+        The durations come in the same scan of `manifests_key`, kept for `load_durations`
+        while no manifest is written (a build's summary reads them next)."""
+        rows = self.conn.execute("SELECT target, key, duration FROM manifests").fetchall()
+        self._durations = {target: duration for target, _, duration in rows}
+        return {target: key for target, key, _ in rows}
 
     @_guarded
     def save_manifest_keys(self, keys: Iterable[tuple[str, str, str]]) -> None:
@@ -718,7 +726,7 @@ class Store:
         """After a failed query: start over if the database is corrupt, else one StateError."""
         if not is_corrupt(exc):
             raise state_error(self.path, exc) from None
-        self._read = None
+        self._read = self._durations = None
         with contextlib.suppress(sqlite3.Error):
             self.conn.close()
         self.conn = _start_over(self.path, f"it is corrupt ({exc})", self.warn)

@@ -411,6 +411,18 @@ def test_durations_read_after_the_manifests_follow_every_write(store: Store) -> 
     assert store.load_durations() == {"a": 5.0}
 
 
+def test_durations_read_with_the_keys_follow_every_write(store: Store) -> None:
+    store.record("a", '{"version": 2}', 2.0, {}, {})
+    assert store.load_manifest_keys() == {"a": None}
+    assert store.load_durations() == {"a": 2.0}
+    store.record("a", '{"version": 3}', 5.0, {}, {})
+    store.record("b", '{"version": 3}', 1.0, {}, {})
+    assert store.load_durations() == {"a": 5.0, "b": 1.0}
+    store.load_manifest_keys()
+    store.forget(["a"])
+    assert store.load_durations() == {"b": 1.0}
+
+
 def test_the_manifests_of_some_targets_are_theirs_in_any_number(store: Store) -> None:
     """A watch cycle's build reads only its targets' rows; more than one query's worth too."""
     records = [Record(f"t{i}", f'{{"version": {i}}}', float(i), {}, {}, 0.0) for i in range(1300)]
