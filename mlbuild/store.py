@@ -650,9 +650,12 @@ class Store:
 
         The durations come in the same scan of `manifests_key`, kept for `load_durations`
         while no manifest is written (a build's summary reads them next)."""
-        rows = self.conn.execute("SELECT target, key, duration FROM manifests").fetchall()
-        self._durations = {target: duration for target, _, duration in rows}
-        return {target: key for target, key, _ in rows}
+        with _no_collection():
+            rows = self.conn.execute("SELECT target, key, duration FROM manifests").fetchall()
+            self._durations = {target: duration for target, _, duration in rows}
+            keys = {target: key for target, key, _ in rows}
+            del rows  # freed while collection is paused: nothing left for it to scan
+        return keys
 
     @_guarded
     def save_manifest_keys(self, keys: Iterable[tuple[str, str, str]]) -> None:

@@ -49,6 +49,7 @@ rather than marshalling all 10,000 entries anew.
 
 from __future__ import annotations
 
+import gc
 import marshal
 import os
 import sys
@@ -302,7 +303,14 @@ def answer(words: list[str]) -> int | Proof | None:
         if read is None:
             return None
         stamp, seen = read
-        checked = _fresh(stamp, root, file)
+        collecting = gc.isenabled()
+        gc.disable()  # entries by the ten thousand, and no cycles (snapshot.load_graph too)
+        try:
+            checked = _fresh(stamp, root, file)
+            gc.freeze()  # they live as long as the command: never worth scanning
+        finally:
+            if collecting:
+                gc.enable()
     except OSError:  # the working directory is gone, say: the full command tells
         return None
     if checked is None:
