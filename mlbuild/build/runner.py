@@ -291,7 +291,8 @@ class Build:
         by_stamp, deps = self.by_stamp, self.graph.deps
         proven, outcomes, results = self._proven, self.outcomes, self.results
         skipped = Outcome.SKIPPED
-        told: list[tuple[str, Decision]] = []
+        names: list[str] = []
+        decisions: list[Decision] = []
         collecting = gc.isenabled()
         gc.disable()  # results by the ten thousand, no cycles, kept to the end: not scanned
         try:
@@ -305,16 +306,17 @@ class Build:
                     proven[name] = stamped
                     outcomes[name] = skipped
                     results.append(_new(TargetResult, (name, skipped, (), 0.0, None)))
-                    told.append((name, fresh_decision(stamped[0])))
+                    names.append(name)
+                    decisions.append(fresh_decision(stamped[0]))
             gc.freeze()
         finally:
             if collecting:
                 gc.enable()
         tell_all = getattr(self.reporter, "skipped_all", None)
         if tell_all is not None:
-            tell_all(told)
+            tell_all(names, decisions)
         else:
-            for name, decision in told:
+            for name, decision in zip(names, decisions, strict=True):
                 self.reporter.skipped(name, decision)
         return done
 

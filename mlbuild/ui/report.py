@@ -190,14 +190,18 @@ class PlainReporter:
     def skipped(self, target: str, decision: Decision) -> None:
         self._say(messages.step_skipped(target, decision.compared if self.explain else None))
 
-    def skipped_all(self, told: Sequence[tuple[str, Decision]]) -> None:
-        """`skipped` of each, in one write: the up-to-date stamp's proven targets by the
-        ten thousand (a flush per line cost more than deciding them)."""
-        if self.verbosity >= 0 and told:
-            explain = self.explain
+    def skipped_all(self, targets: Sequence[str], decisions: Sequence[Decision]) -> None:
+        """`skipped` of each target with its decision, in one write: the up-to-date stamp's
+        proven targets by the ten thousand (a flush per line cost more than deciding them)."""
+        if self.verbosity < 0 or not targets:
+            return
+        if self.explain:
             step_skipped = messages.step_skipped
-            lines = [step_skipped(t, d.compared if explain else None) + "\n" for t, d in told]
-            self._write_out("".join(lines))
+            told = zip(targets, decisions, strict=True)
+            self._write_out("".join([step_skipped(t, d.compared) + "\n" for t, d in told]))
+            return
+        head, _, tail = messages.step_skipped("\0").partition("\0")  # the line around a name
+        self._write_out(head + f"{tail}\n{head}".join(targets) + tail + "\n")
 
     def started(self, target: str, decision: Decision, command: str) -> None:
         if self.mid_line:  # a lone step's unfinished line must not run into the next one
