@@ -259,7 +259,9 @@ class Build:
             self.store.load_manifests_of(looked_at) if few else self.store.load_manifests()
         )
         check_sources(self.graph, looked_at, self.fp)
-        check_code(self.graph, selected, self.code)
+        # A target the stamp proves has a signature, which only shell targets naming no
+        # script get (signature.py): no code of its own to check.
+        check_code(self.graph, looked_at if forced is None else selected, self.code)
         if by_stamp and forced is None:  # the stamp's proven targets: never scheduled
             proven = self._skip_proven(selected)
             selected = tuple([name for name in selected if name not in proven])
