@@ -373,11 +373,12 @@ class Build:
 
         A no-op (nothing made, no `--name`) imports nothing for it.
         """
-        made = [r.name for r in self.results if r.outcome in (Outcome.RAN, Outcome.RESTORED)]
+        ran, restored, skipped = Outcome.RAN, Outcome.RESTORED, Outcome.SKIPPED
+        made = [r.name for r in self.results if r.outcome is ran or r.outcome is restored]
         if made or self.options.name is not None:
             from mlbuild.experiments import record_build
 
-            done = [r.name for r in self.results if r.outcome is Outcome.SKIPPED] + made
+            done = [r.name for r in self.results if r.outcome is skipped] + made
             pipeline, warn = self.graph.pipeline, self.reporter.warn
             record_build(self.store, pipeline, done, made, ok, self.options.name, warn)
 
