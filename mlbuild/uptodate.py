@@ -166,9 +166,12 @@ class Proof:
             return None
         dirty = set(unproven.values())
         dirty.update(fresh[name][2] for name in fresh.keys() - skipped)
+        dumps = marshal.dumps
         return tuple(
             [
-                pack_entries([entry_of(entry[0]) for entry in entries])[0] if k in dirty else raw
+                dumps(tuple([entry_of(entry[0]) for entry in entries]), _MARSHAL)
+                if k in dirty
+                else raw
                 for k, (raw, entries) in enumerate(self.chunks)
             ]
         )
