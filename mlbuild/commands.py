@@ -498,7 +498,7 @@ def keep_stamp(
         lines = "".join([messages.step_skipped(r.name) + "\n" for r in result.results])
         head, note = summary_parts(result, recorded)
     key, sources = graph.origin
-    stamp = Stamp(key, sources, tuple(env.items()), state, chunks, lines, head, note)
+    stamp = Stamp(key, sources, tuple(env.items()), state, chunks, lines, head, note, result.row)
     write(str(graph.pipeline.root), stamp)
 
 

@@ -40,8 +40,12 @@ machine loses at most the last transactions, never the database):
 - `experiments(id, name, created, built, params, targets)`: one row per
   configuration built to success (experiments.py owns its meaning): `params`
   the JSON of its parameter values, `targets` the JSON of target -> [cache
-  key, cacheable]. `metrics(key, target, data)`: the numbers read from a
-  target's metrics files, by the cache key of the run that wrote them.
+  key, cacheable], or, for a row in `experiment_bases(id, base)`, only the
+  entries that differ from those of row `base` (a whole row): one changed input
+  among 10,000 targets adds a few hundred bytes, not a megabyte. (Apart, not a
+  column: a column after `targets` is read through its overflow pages.)
+  `metrics(key, target, data)`: the numbers read from a target's metrics files,
+  by the cache key of the run that wrote them.
 
 A manifest and the stat entries it relies on are written in one transaction,
 only after the target succeeded. A database that is corrupt (found when it is
@@ -53,7 +57,7 @@ dropping its stat cache: those files are simply hashed again. Version 3 (no
 experiment tables) is upgraded by creating them, version 4 (no `manifests.sig`,
 no history index) by adding the column (NULL: those targets are checked the long
 way once) and the index, version 6 (no `runs.proven`) by adding that column,
-`name_sets` and the index `manifests_key`; nothing else changes. Any other
+`name_sets`, the index `manifests_key` and `experiment_bases`; nothing else changes. Any other
 database error (read-only, locked, disk full) is one `StateError` line
 naming the path and what to do.
 """
@@ -142,6 +146,7 @@ CREATE TABLE IF NOT EXISTS experiments (
     id TEXT PRIMARY KEY, name TEXT, created REAL NOT NULL, built REAL NOT NULL,
     params TEXT NOT NULL, targets TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS experiment_bases (id TEXT PRIMARY KEY, base TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS metrics (
     key TEXT PRIMARY KEY, target TEXT NOT NULL, data TEXT NOT NULL
 ) WITHOUT ROWID;
@@ -198,7 +203,9 @@ class RunRecord(NamedTuple):
 
 
 class StoredExperiment(NamedTuple):
-    """An `experiments` row as stored; `params` and `targets` are JSON (see experiments.py)."""
+    """An `experiments` row; `params` and `targets` are JSON (see experiments.py). With a
+    `base`, `targets` holds only the entries that differ from that row's (a target
+    absent here but there: null); `load_experiments` gives every row whole."""
 
     id: str
     name: str | None
@@ -206,6 +213,7 @@ class StoredExperiment(NamedTuple):
     built: float
     params: str
     targets: str
+    base: str | None = None
 
 
 class TargetRun(NamedTuple):
@@ -638,11 +646,36 @@ class Store:
 
     @_guarded
     def load_experiments(self) -> list[StoredExperiment]:
-        """Every experiment row, oldest first."""
-        rows = self.conn.execute(
-            "SELECT id, name, created, built, params, targets FROM experiments ORDER BY created, id"
-        )
-        return [StoredExperiment(*row) for row in rows]
+        """Every experiment row, oldest first, whole: a row kept as its difference from
+        another (`base`) has that row's entries with its own over them, as the JSON
+        `json.dumps(..., sort_keys=True)` writes (a base unreadable: `targets` empty)."""
+        rows = [
+            StoredExperiment(*row)
+            for row in self.conn.execute(
+                "SELECT e.id, e.name, e.created, e.built, e.params, e.targets, b.base"
+                " FROM experiments e LEFT JOIN experiment_bases b ON b.id = e.id"
+                " ORDER BY e.created, e.id"
+            )
+        ]
+        whole = {row.id: row.targets for row in rows if row.base is None}
+        parsed: dict[str, Any] = {}  # a base's entries, parsed once for all its differences
+        return [row if row.base is None else _whole(row, whole, parsed) for row in rows]
+
+    @_guarded
+    def experiment_base(self, row_id: str) -> tuple[str, str] | None:
+        """(the row a new row may be kept as a difference from, the entries to carry over
+        as JSON) for row `row_id`: itself and "{}" when it is whole, its base and its own
+        entries when it is a difference (a difference is never taken from another); None
+        when there is no such row."""
+        based = self.conn.execute(
+            "SELECT b.base, e.targets FROM experiment_bases b JOIN experiments e ON e.id = b.id"
+            " WHERE b.id = ?",
+            (row_id,),
+        ).fetchone()
+        if based is not None:
+            return based[0], based[1]
+        whole = self.conn.execute("SELECT 1 FROM experiments WHERE id = ?", (row_id,))
+        return None if whole.fetchone() is None else (row_id, "{}")
 
     @_guarded
     def load_manifest_keys(self) -> dict[str, str | None]:
@@ -674,12 +707,22 @@ class Store:
                     "UPDATE experiments SET name = NULL WHERE name = ? AND id != ?",
                     (row.name, row.id),
                 )
+            known = conn.execute("SELECT 1 FROM experiments WHERE id = ?", (row.id,))
+            if known.fetchone() is not None:  # built again: as it is kept, whole or not
+                conn.execute(
+                    "UPDATE experiments SET built = ?, name = coalesce(?, name) WHERE id = ?",
+                    (row.built, row.name, row.id),
+                )
+                return
             conn.execute(
                 "INSERT INTO experiments (id, name, created, built, params, targets)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-                " built = excluded.built, name = coalesce(excluded.name, experiments.name)",
-                row,
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                row[:6],
             )
+            if row.base is not None:
+                conn.execute(
+                    "INSERT INTO experiment_bases (id, base) VALUES (?, ?)", (row.id, row.base)
+                )
 
     @_guarded
     def load_metrics(self) -> dict[str, str]:
@@ -783,6 +826,22 @@ def _unpack(blob: Any) -> Any:
         return marshal.loads(payload)
     except (EOFError, ValueError, TypeError):
         return None
+
+
+def _whole(
+    row: StoredExperiment, whole: Mapping[str, str], parsed: dict[str, Any]
+) -> StoredExperiment:
+    """A difference row with its base's entries under its own (store.py's doc)."""
+    try:
+        base = row.base or ""
+        if base not in parsed:
+            parsed[base] = json.loads(whole[base])
+        targets = dict(parsed[base])
+        targets.update(json.loads(row.targets))
+        text = json.dumps({t: v for t, v in targets.items() if v is not None}, sort_keys=True)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        text = ""  # read as a damaged row: it costs only its line
+    return row._replace(targets=text, base=None)
 
 
 def is_corrupt(exc: sqlite3.DatabaseError) -> bool:

@@ -18,7 +18,10 @@ next `mlbuild run` reads it first:
   never racy) and the counts `--explain` tells; or nothing, for a target that
   ran or was restored in that run (its outputs are too new to be signed yet);
 - what a run deciding everything fresh printed: its skipped lines and its
-  summary around the time.
+  summary around the time;
+- the experiment row the targets are in, when the run knew it (the row it
+  recorded, or the one its own proof's stamp named, nothing made since): the
+  next run under the proof keeps its row as the difference from that one.
 
 When all of it is equal now and every target has its stats, every target's
 signature would find it fresh again (signature.py's rule, with the target
@@ -91,7 +94,7 @@ class Stamp:
 
     A plain class, not a NamedTuple: see TYPE_CHECKING above."""
 
-    __slots__ = ("chunks", "env", "head", "key", "lines", "note", "sources", "state")
+    __slots__ = ("chunks", "env", "head", "key", "lines", "note", "row", "sources", "state")
 
     def __init__(
         self,
@@ -103,6 +106,7 @@ class Stamp:
         lines: str,  # the skipped lines of the plain log, newline-terminated
         head: str,  # the summary before its time: `mlbuild: 200 skipped`
         note: str,  # the summary after its time: ` (saved 0.432s by skipping)` or ""
+        row: str | None,  # the experiment row the targets are in (experiments.py), if known
     ) -> None:
         self.key = key
         self.sources = sources
@@ -112,6 +116,7 @@ class Stamp:
         self.lines = lines
         self.head = head
         self.note = note
+        self.row = row
 
     def fields(self) -> tuple[Any, ...]:
         """The values in the order `__init__` takes them (what is marshalled)."""
@@ -124,6 +129,7 @@ class Stamp:
             self.lines,
             self.head,
             self.note,
+            self.row,
         )
 
 
@@ -134,7 +140,7 @@ class Proof:
     removed and it is the very file this proof was read from: no command ran between.
     """
 
-    __slots__ = ("chunks", "env", "fresh", "seen", "unproven", "valid")
+    __slots__ = ("chunks", "env", "fresh", "row", "seen", "unproven", "valid")
 
     def __init__(
         self,
@@ -143,12 +149,14 @@ class Proof:
         seen: tuple[int, ...],
         chunks: tuple[tuple[bytes, tuple[Entry, ...]], ...] = (),
         unproven: dict[str, int] | None = None,
+        row: str | None = None,
     ) -> None:
         self.fresh = fresh  # target -> its counts, files and chunk, all as the stamp has them
         self.env = env  # the stamp's environment digests (equal now)
         self.seen = seen  # identity of the stamp file read (see _identity)
         self.chunks = chunks  # each chunk as read, and its entries
         self.unproven = unproven or {}  # the stamp's other targets -> their chunk
+        self.row = row  # the experiment row the stamp's targets are in (Stamp.row)
         self.valid = False
 
     def confirm(self, removed: tuple[int, ...] | None) -> None:
@@ -320,7 +328,7 @@ def answer(words: list[str]) -> int | Proof | None:
         return None
     fresh, chunks, unproven = checked
     if unproven:
-        return Proof(fresh, stamp.env, seen, chunks, unproven)
+        return Proof(fresh, stamp.env, seen, chunks, unproven, stamp.row)
     terminal = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
     text = "" if quiet or (terminal and not plain) else stamp.lines
     text += summary_text(stamp.head, time.perf_counter() - start, stamp.note) + "\n"

@@ -15,7 +15,7 @@ import pytest
 
 from mlbuild.errors import StateError
 from mlbuild.fingerprint import DirStat, StatEntry
-from mlbuild.store import SCHEMA_VERSION, Record, RunRow, Store, open_store
+from mlbuild.store import SCHEMA_VERSION, Record, RunRow, Store, StoredExperiment, open_store
 
 ENTRY = StatEntry(5, 1_000, 42, 2_000_000_000_000, "d" * 64, 1_500)
 # The schema this mlbuild wrote before ctimes were recorded.
@@ -171,11 +171,19 @@ def test_version_6_is_upgraded_keeping_the_history_and_listing_proven_targets_ap
         conn.execute("DROP TABLE name_sets")
         conn.execute("DROP INDEX manifests_key")
         conn.execute("ALTER TABLE runs DROP COLUMN proven")
+        conn.execute("DROP TABLE experiment_bases")
         conn.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
     with open_store(state, warned) as store:
         assert [run.targets for run in store.load_runs(5)] == [
             (RunRow("t", "ran", 2.0, "never built"),)
         ]
+        store.save_experiment(StoredExperiment("a", None, 1.0, 1.0, "{}", '{"t": ["k", true]}'))
+        store.save_experiment(
+            StoredExperiment("b", None, 2.0, 2.0, "{}", '{"u": ["k", true]}', "a")
+        )
+        assert [row.targets for row in store.load_experiments()][1] == (
+            '{"t": ["k", true], "u": ["k", true]}'
+        )
         store.record_run(2.0, "run", "ok", [RunRow("u", "ran", 1.0, "")], ["t"])
         assert store.load_runs(1)[0].targets == (
             RunRow("t", "skipped", 0.0, ""),
@@ -221,6 +229,34 @@ def test_targets_proven_in_a_run_read_back_as_skipped_rows_and_are_kept_once(
     with sqlite3.connect(state / "state.db") as conn:
         assert conn.execute("SELECT count(*) FROM name_sets").fetchone() == (1,)
         assert conn.execute("SELECT count(*) FROM run_targets WHERE run_id = 2").fetchone() == (1,)
+
+
+def test_a_row_kept_as_a_difference_reads_whole_and_a_lost_base_costs_its_line(
+    store: Store, state: Path
+) -> None:
+    whole = '{"a": ["k1", true], "b": ["k2", false], "c": ["k3", true]}'
+    store.save_experiment(StoredExperiment("w", "base", 1.0, 1.0, "{}", whole))
+    store.save_experiment(
+        StoredExperiment("d", None, 2.0, 2.0, '{"p": 1}', '{"b": ["k9", false], "c": null}', "w")
+    )
+    store.save_experiment(StoredExperiment("x", None, 3.0, 3.0, "{}", '{"a": null}', "gone"))
+    rows = store.load_experiments()
+    assert [(r.id, r.name, r.params, r.base) for r in rows] == [
+        ("w", "base", "{}", None),
+        ("d", None, '{"p": 1}', None),
+        ("x", None, "{}", None),
+    ]
+    assert rows[0].targets == whole
+    assert rows[1].targets == '{"a": ["k1", true], "b": ["k9", false]}'
+    assert rows[2].targets == ""  # its base is not there: read as a damaged row
+    assert store.experiment_base("w") == ("w", "{}")
+    assert store.experiment_base("d") == ("w", '{"b": ["k9", false], "c": null}')
+    assert store.experiment_base("nope") is None
+    # Built again (its whole text given, a name with it): kept as it was, marked built.
+    store.save_experiment(StoredExperiment("d", "again", 2.0, 9.0, '{"p": 1}', rows[1].targets))
+    again = store.load_experiments()[1]
+    assert (again.name, again.built, again.targets) == ("again", 9.0, rows[1].targets)
+    assert store.experiment_base("d") == ("w", '{"b": ["k9", false], "c": null}')
 
 
 def test_a_damaged_list_of_proven_targets_reads_as_none(store: Store, state: Path) -> None:

@@ -8,6 +8,8 @@ aside: the full command then decides, and reruns exactly what it must.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import re
 import sqlite3
@@ -21,6 +23,7 @@ import pytest
 
 from mlbuild import cli, signature, uptodate
 from mlbuild.build import runner
+from mlbuild.experiments import row_id
 from mlbuild.fingerprint import Fingerprinter
 from mlbuild.pipeline.schema import Target
 from mlbuild.signature import Counts
@@ -575,3 +578,49 @@ def test_a_change_rewrites_only_the_chunks_of_the_stamp_holding_what_moved(
     assert project.run().started() == []  # the long way signs t0 and t3
     result, by_stamp = run(project, told)
     assert by_stamp and result.out.count("up to date (skipped)") == 5
+
+
+def test_a_row_under_a_proof_is_kept_as_its_difference_and_read_whole(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One changed input among many: the experiment row stores the entries that differ
+    from the stamp's row (a few, not every target's), and `exp show` reads it whole."""
+    n = 16
+    for i in range(n):
+        project.write(f"src/{i}.txt", f"{i}\n")
+    project.pipeline(
+        "".join(
+            f'[targets.t{i:02d}]\ncmd = "cp {{inputs}} {{outputs}}"\n'
+            f'inputs = ["src/{i}.txt"]\noutputs = ["out/{i}.txt"]\n\n'
+            for i in range(n)
+        )
+    )
+    told = Told(monkeypatch)
+    assert len(project.run().started()) == n
+    age()
+    assert project.run().started() == []  # signs all: its stamp proves them
+    for i in range(3):  # a whole row first (the stamp names none), then differences
+        project.write(f"src/{i}.txt", f"changed {i}\n")
+        result, by_stamp = run(project, told)
+        assert not by_stamp and told.proofs[-1] is not None and told.proofs[-1].valid
+        assert result.started() == [f"t{i:02d}"]
+    with sqlite3.connect(project.root / ".mlbuild" / "state.db") as conn:
+        stored = conn.execute(
+            "SELECT e.id, b.base, e.targets FROM experiments e"
+            " LEFT JOIN experiment_bases b ON b.id = e.id ORDER BY e.created"
+        )
+        (first, _, _), (whole, base, _), *differences = stored.fetchall()
+    assert base is None  # the no-op's stamp named no row: the first one is whole
+    # t00 (ran the run before: unproven) and each target changed since the whole row
+    assert [(b, sorted(json.loads(t))) for _, b, t in differences] == [
+        (whole, ["t00", "t01"]),
+        (whole, ["t00", "t01", "t02"]),
+    ]
+    rows = {row["full_id"]: row for row in json.loads(project.run("exp", "show", "--json").out)}
+    assert [rows[i]["current"] for i in (first, whole)] == [False, False]
+    assert all(len(row["targets"]) == n for row in rows.values())
+    assert all(row["full_id"] == row_id(row["targets"]) for row in rows.values())
+    shown = [rows[i]["targets"] for i in (first, whole, *(d for d, _, _ in differences))]
+    for i, (before, after) in enumerate(itertools.pairwise(shown)):
+        assert {t for t in after if after[t] != before[t]} == {f"t{i:02d}"}
+    assert rows[differences[-1][0]]["current"]

@@ -126,6 +126,9 @@ class BuildResult(NamedTuple):
     # Target -> what proved it fresh: its stat signature, or the (counts, files) of the
     # up-to-date stamp; the next stamp is made from them (uptodate.py). Others: unproven.
     proven: Mapping[str, bytes | ProvenFiles] = EMPTY
+    # The experiment row the decided targets are in after the build, when known (the
+    # next stamp keeps it: uptodate.py).
+    row: str | None = None
 
     @property
     def ok(self) -> bool:

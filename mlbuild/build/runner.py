@@ -243,6 +243,10 @@ class Build:
         self._proven: dict[str, bytes | ProvenFiles] = {}
         proof = options.proof
         self.by_stamp = proof.fresh if proof is not None and proof.valid else {}
+        # The experiment row the stamp's targets were in (uptodate.py), while it holds;
+        # the targets decided without the proof, whose entries in it may differ.
+        self.row = proof.row if self.by_stamp and proof is not None else None
+        self._looked: list[str] = []
 
     def run(self) -> BuildResult:
         start = time.perf_counter()
@@ -276,10 +280,10 @@ class Build:
             status = RunStatus.FAILED if failed else RunStatus.OK
         finally:
             self._finish_build(started_at, status)
-        self._record_experiment(status is RunStatus.OK)
+        self._record_experiment(status is RunStatus.OK, forced is None)
         failures = tuple(r.failure for r in self.results if r.failure is not None)
         took = time.perf_counter() - start
-        return BuildResult(tuple(self.results), took, failures, self._proven)
+        return BuildResult(tuple(self.results), took, failures, self._proven, self.row)
 
     def _skip_proven(self, selected: Sequence[str]) -> set[str]:
         """Skip, in build order, each target the up-to-date stamp proves fresh whose
@@ -368,10 +372,12 @@ class Build:
 
             keep_after(self._executor, keep_warm, self.options.jobs)  # `[workers] keep_warm`
 
-    def _record_experiment(self, ok: bool) -> None:
-        """Metrics of what ran or was restored, and the configuration's row (experiments.py).
+    def _record_experiment(self, ok: bool, unforced: bool) -> None:
+        """Metrics of what ran or was restored, and the configuration's row (experiments.py);
+        `self.row` becomes the row the decided targets are in (None: not known).
 
-        A no-op (nothing made, no `--name`) imports nothing for it.
+        A no-op (nothing made, no `--name`) imports nothing for it: its targets are in
+        the row they were in.
         """
         ran, restored, skipped = Outcome.RAN, Outcome.RESTORED, Outcome.SKIPPED
         made = [r.name for r in self.results if r.outcome is ran or r.outcome is restored]
@@ -380,7 +386,11 @@ class Build:
 
             done = [r.name for r in self.results if r.outcome is skipped] + made
             pipeline, warn = self.graph.pipeline, self.reporter.warn
-            record_build(self.store, pipeline, done, made, ok, self.options.name, warn)
+            # The stamp's row holds every target the proof skipped as it is now.
+            like = (self.row, self._looked) if self.row is not None and unforced else None
+            self.row = record_build(
+                self.store, pipeline, done, made, ok, self.options.name, warn, like
+            )
 
     def _loop(self, sched: Scheduler, forced: frozenset[str] | None) -> None:
         """Check what is ready, start what may start, wait for steps; until all is done."""
@@ -451,6 +461,7 @@ class Build:
             if all(outcomes[d] is skipped for d in deps):  # else: a dependency was made
                 self._skip_by_stamp(name, stamped)
                 return False
+        self._looked.append(name)
         target = self.graph.targets[name]
         blocked = [d for d in deps if self.outcomes[d] in (Outcome.FAILED, Outcome.NOT_RUN)]
         if blocked or self.stopped:
