@@ -104,7 +104,8 @@ def record_build(
 ) -> str | None:
     """After a build: read the metrics of the targets in `made`, and if it succeeded,
     add (or mark built again) the row of the configuration the `decided` targets are in;
-    its id (None: no row).
+    its id when it was added now (None: no row, or one an earlier build added, whose
+    cacheable marks may be another pipeline's: no base for a difference).
 
     `made` are the targets that ran or were restored, `decided` those plus the
     skipped ones. A skipped target's metrics are read too when none are
@@ -143,7 +144,7 @@ def record_build(
     identity, targets = _row_texts(keys, pipeline, whole=base is None)
     row_id = blake3.blake3(identity.encode()).hexdigest()
     now = time.time()
-    store.save_experiment(
+    added = store.save_experiment(
         StoredExperiment(
             row_id,
             name,
@@ -154,7 +155,7 @@ def record_build(
             base,
         )
     )
-    return row_id
+    return row_id if added else None
 
 
 def _difference(

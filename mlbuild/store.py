@@ -699,8 +699,9 @@ class Store:
                 conn.executemany("UPDATE manifests SET key = ? WHERE target = ? AND data = ?", rows)
 
     @_guarded
-    def save_experiment(self, row: StoredExperiment) -> None:
-        """Add a row, or mark a known one built again; a name given moves to this row."""
+    def save_experiment(self, row: StoredExperiment) -> bool:
+        """Add a row, or mark a known one built again; a name given moves to this row.
+        True when the row was added (its text is this one, not an older build's)."""
         with self._transaction() as conn:
             if row.name is not None:
                 conn.execute(
@@ -713,7 +714,7 @@ class Store:
                     "UPDATE experiments SET built = ?, name = coalesce(?, name) WHERE id = ?",
                     (row.built, row.name, row.id),
                 )
-                return
+                return False
             conn.execute(
                 "INSERT INTO experiments (id, name, created, built, params, targets)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -723,6 +724,7 @@ class Store:
                 conn.execute(
                     "INSERT INTO experiment_bases (id, base) VALUES (?, ?)", (row.id, row.base)
                 )
+            return True
 
     @_guarded
     def load_metrics(self) -> dict[str, str]:

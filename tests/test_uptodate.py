@@ -624,3 +624,41 @@ def test_a_row_under_a_proof_is_kept_as_its_difference_and_read_whole(
     for i, (before, after) in enumerate(itertools.pairwise(shown)):
         assert {t for t in after if after[t] != before[t]} == {f"t{i:02d}"}
     assert rows[differences[-1][0]]["current"]
+
+
+def test_a_row_built_again_is_no_base_for_a_difference(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configuration built again keeps the row an earlier build added, whose cacheable
+    marks may be another pipeline's: the next row is whole, so what `exp show` says of
+    it (restorable) is this pipeline's."""
+    n = 8
+
+    def pipeline(cached: bool) -> str:
+        return "".join(
+            f'[targets.t{i:02d}]\ncmd = "cp {{inputs}} {{outputs}}"\n'
+            f'inputs = ["src/{i}.txt"]\noutputs = ["out/{i}.txt"]\n'
+            + ("cache = false\n" if i == 5 and not cached else "")
+            + "\n"
+            for i in range(n)
+        )
+
+    for i in range(n):
+        project.write(f"src/{i}.txt", f"{i}\n")
+    project.pipeline(pipeline(cached=False))  # t05 leaves no cache entry
+    told = Told(monkeypatch)
+    assert len(project.run().started()) == n
+    project.pipeline(pipeline(cached=True))
+    age()
+    assert project.run().started() == []  # signs all: its stamp proves them
+    # The second is the first build's configuration again (t00 from the cache).
+    for text, how in (("x\n", "has started"), ("0\n", "restored from cache")):
+        project.write("src/0.txt", text)
+        result, by_stamp = run(project, told)
+        assert not by_stamp and f"Step `t00` {how}" in result.out
+    project.write("src/1.txt", "changed\n")
+    result, by_stamp = run(project, told)
+    assert not by_stamp and told.proofs[-1] is not None and told.proofs[-1].valid
+    rows = json.loads(project.run("exp", "show", "--json").out)
+    (current,) = [row for row in rows if row["current"]]
+    assert not current["restorable"]  # t05 is cacheable now, and has no entry
