@@ -39,7 +39,7 @@ from mlbuild.snapshot import load_graph
 from mlbuild.store import Store, open_existing_store, open_store
 from mlbuild.ui import messages
 from mlbuild.ui.report import PlainReporter, silence_stdout, stdout_closed, summary_parts
-from mlbuild.uptodate import Proof, Stamp, state_identity, write
+from mlbuild.uptodate import Proof, Stamp, pack_entries, state_identity, write
 from mlbuild.workspace import cache_dir, empty_trash, forget_made, load_made, log_path, state_dir
 
 if TYPE_CHECKING:
@@ -468,28 +468,37 @@ def keep_stamp(
     ):
         return
     proof: Proof | None = getattr(args, "proof", None)
-    env: dict[str, str | None] = dict(proof.env) if proof is not None and proof.valid else {}
-    entries: list[Entry] = []
-    for r in result.results:
-        item = result.proven.get(r.name)
+    if proof is not None and not proof.valid:
+        proof = None
+    env: dict[str, str | None] = dict(proof.env) if proof is not None else {}
+    proven = result.proven
+
+    def entry_of(name: str) -> Entry:
+        item = proven.get(name)
+        if item is None:
+            return (name, None, ())
         if isinstance(item, bytes):
             names, files, counts = signed_parts(item)
             env.update(names)
-            entries.append((r.name, counts, files))
-        elif item is not None:
-            entries.append((r.name, *item))
-        else:
-            entries.append((r.name, None, ()))
+            return (name, counts, files)
+        return (name, item[0], item[1])
+
+    chunks = None
+    if proof is not None:  # the chunks of targets it proved and the run skipped: as read
+        skipped = {name for name, item in proven.items() if not isinstance(item, bytes)}
+        chunks = proof.next_chunks(len(result.results), skipped, entry_of)
+    if chunks is None:
+        chunks = pack_entries([entry_of(r.name) for r in result.results])
     store.close()  # checkpoints the -wal into state.db: its stat is final from here
     state = state_identity(str(graph.pipeline.root))
     if state is None:
         return
     lines = head = note = ""  # what the stamp prints: only when it proves every target
-    if all(counts is not None for _, counts, _ in entries):
+    if len(proven) == len(result.results):
         lines = "".join([messages.step_skipped(r.name) + "\n" for r in result.results])
         head, note = summary_parts(result, recorded)
     key, sources = graph.origin
-    stamp = Stamp(key, sources, tuple(env.items()), state, tuple(entries), lines, head, note)
+    stamp = Stamp(key, sources, tuple(env.items()), state, chunks, lines, head, note, result.row)
     write(str(graph.pipeline.root), stamp)
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -99,19 +100,28 @@ def record_build(
     ok: bool,
     name: str | None,
     warn: WarnFn,
-) -> None:
+    like: tuple[str, Collection[str]] | None = None,
+) -> str | None:
     """After a build: read the metrics of the targets in `made`, and if it succeeded,
-    add (or mark built again) the row of the configuration the `decided` targets are in.
+    add (or mark built again) the row of the configuration the `decided` targets are in;
+    its id when it was added now (None: no row, or one an earlier build added, whose
+    cacheable marks may be another pipeline's: no base for a difference).
 
     `made` are the targets that ran or were restored, `decided` those plus the
     skipped ones. A skipped target's metrics are read too when none are
     recorded for its key (a state from before metrics were declared or
-    recorded): its file is the one its run wrote.
+    recorded): its file is the one its run wrote. `like`: a row whose entries are
+    this configuration's but for the targets named (the up-to-date stamp's row, all
+    else proven unchanged since): the new row is kept as its difference from that
+    row's whole one (store.py), while that difference stays small.
     """
     kept = store.load_manifest_keys()
-    skipped = [t for t in decided if t not in made and pipeline.targets[t].metrics]
+    targets_of = pipeline.targets
+    made_set = set(made)
+    skipped = [t for t in decided if targets_of[t].metrics and t not in made_set]
     # Only the manifests whose key is not kept, and those whose metrics are read.
-    wanted = {t for t in decided if kept.get(t) is None} | set(made) | set(skipped)
+    wanted = {t for t in decided if kept.get(t) is None}
+    wanted.update(made, skipped)
     if len(wanted) * 2 < len(kept):
         manifests = store.load_manifests_of(sorted(wanted))
     else:
@@ -129,19 +139,53 @@ def record_build(
         if name is not None:
             why = "the build failed" if not ok else "an input changed while a step ran"
             warn(f"--name {name}: {why}, so no experiment row was recorded")
-        return
-    targets = {t: [key, _cacheable(pipeline, t)] for t, key in sorted(keys.items())}
+        return None
+    base, entries = _difference(store, pipeline, keys, like)
+    identity, targets = _row_texts(keys, pipeline, whole=base is None)
+    row_id = blake3.blake3(identity.encode()).hexdigest()
     now = time.time()
-    store.save_experiment(
+    added = store.save_experiment(
         StoredExperiment(
-            row_id(keys),
+            row_id,
             name,
             now,
             now,
             json.dumps(row_params(pipeline, keys), sort_keys=True, default=str),
-            json.dumps(targets, sort_keys=True),
+            targets if base is None else entries,
+            base,
         )
     )
+    return row_id if added else None
+
+
+def _difference(
+    store: Store,
+    pipeline: Pipeline,
+    keys: Mapping[str, str],
+    like: tuple[str, Collection[str]] | None,
+) -> tuple[str | None, str]:
+    """(the whole row to keep the new one as a difference from, that difference as
+    JSON), or (None, "") to keep it whole: no `like`, no such row, or a difference
+    of more than a quarter of the targets (reading it would cost more than it saves)."""
+    if like is None:
+        return None, ""
+    found = store.experiment_base(like[0])
+    if found is None:
+        return None, ""
+    base, carried = found
+    try:
+        entries = json.loads(carried)
+    except ValueError:
+        return None, ""
+    if not isinstance(entries, dict):
+        return None, ""
+    targets_of = pipeline.targets
+    for target in like[1]:
+        spec = targets_of[target]
+        entries[target] = [keys[target], spec.cache and not spec.always_run]
+    if len(entries) * 4 > len(keys):
+        return None, ""
+    return base, json.dumps(entries, sort_keys=True)
 
 
 def _configuration(
@@ -184,9 +228,28 @@ def row_id(keys: Mapping[str, str]) -> str:
     return blake3.blake3(text.encode()).hexdigest()
 
 
-def _cacheable(pipeline: Pipeline, name: str) -> bool:
-    target = pipeline.targets[name]
-    return target.cache and not target.always_run
+def _row_texts(
+    keys: Mapping[str, str], pipeline: Pipeline, *, whole: bool = True
+) -> tuple[str, str]:
+    """`row_id`'s text and the row's `targets` JSON (target -> [key, cacheable], keys
+    sorted; "" unless `whole`), as `json.dumps` writes them, in one pass: at 10,000
+    targets the two `json.dumps` calls cost more than building the one target that
+    changed."""
+    quote = encode_basestring_ascii  # json.dumps's own quoting (ensure_ascii)
+    if not whole:
+        pairs = [f"[{quote(target)},{quote(keys[target])}]" for target in sorted(keys)]
+        return "[" + ",".join(pairs) + "]", ""
+    targets_of = pipeline.targets
+    pairs, items = [], []
+    for target in sorted(keys):
+        name, key = quote(target), quote(keys[target])
+        spec = targets_of[target]
+        pairs.append(f"[{name},{key}]")
+        items.append(f"{name}: [{key}, {_TRUE[spec.cache and not spec.always_run]}]")
+    return "[" + ",".join(pairs) + "]", "{" + ", ".join(items) + "}"
+
+
+_TRUE = {True: "true", False: "false"}
 
 
 def row_params(pipeline: Pipeline, targets: Iterable[str]) -> dict[str, Any]:

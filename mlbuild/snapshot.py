@@ -9,9 +9,10 @@ loads the TOML (and writes a new snapshot).
 
 On disk, `snapshot/<digest of the pipeline file's path>.pickle`:
 
-    mlbuild-snapshot 1\\n       magic and FORMAT (bump it when the layout changes)
+    mlbuild-snapshot 3\\n       magic and FORMAT (bump it when the layout changes)
     <key>\\n                    64 hex digits, see `_key`
-    pickle: (Source, ...)       other files the value was made from, with digests
+    pickle: ((Source, ...), bool)  other files the value was made from, with digests;
+                                whether any input is a glob (the output tree is needed)
     pickle: Graph               the graph, holding the Pipeline (all its fields)
 
 The key (`uptodate.pipeline_key`) is the BLAKE3 of: mlbuild's version, a
@@ -58,7 +59,7 @@ from mlbuild.pipeline.load import Source, load_pipeline, read_pipeline_bytes, so
 from mlbuild.uptodate import open_new, pipeline_key
 from mlbuild.workspace import snapshot_dir, state_dir
 
-FORMAT = 2
+FORMAT = 3
 MAGIC = f"mlbuild-snapshot {FORMAT}\n".encode()
 
 
@@ -120,7 +121,7 @@ def _read(path: Path, key: str, file: Path) -> Graph | None:
         with open(path, "rb") as handle:
             if handle.readline() != MAGIC or handle.readline() != key.encode() + b"\n":
                 return None
-            sources = pickle.load(handle)
+            sources, globbing = pickle.load(handle)
             for source in sources:
                 with open(source.path, "rb") as other:
                     if source_digest(other.read()) != source.digest:
@@ -129,8 +130,7 @@ def _read(path: Path, key: str, file: Path) -> Graph | None:
         if not isinstance(graph, Graph) or graph.pipeline.file != file:
             return None
         # The output tree serves glob inputs only: rebuilt when the pipeline has one.
-        globbing = any(port.is_glob for t in graph.targets.values() for port in t.inputs)
-        tree = output_tree(graph.producers) if globbing else OutputNode()
+        tree = output_tree(graph.producers) if globbing is True else OutputNode()
         return graph._replace(tree=tree, origin=_origin(key, sources))
     except Exception:  # unreadable or corrupt in any way: load the TOML
         return None
@@ -147,7 +147,8 @@ def _write(path: Path, key: str, sources: tuple[Source, ...], graph: Graph) -> N
             handle.write(MAGIC + key.encode() + b"\n")
             # Each its own pickle, as `_read` loads them; the output tree is rebuilt
             # from `producers` (faster than unpickling its nodes).
-            for value in (sources, graph._replace(tree=OutputNode(), origin=None)):
+            globbing = any(port.is_glob for t in graph.targets.values() for port in t.inputs)
+            for value in ((sources, globbing), graph._replace(tree=OutputNode(), origin=None)):
                 _Pickler(handle, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
         os.replace(tmp, path)
     except Exception:  # unwritable, or a value pickle cannot take: no snapshot

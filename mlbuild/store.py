@@ -21,6 +21,8 @@ machine loses at most the last transactions, never the database):
   `data` stands for, or NULL until experiments.py first needs it (parsing 10,000
   manifests to name a configuration cost more than the build of one changed
   target); writing a manifest replaces the row, so a key never outlives its data.
+  `manifests_key` covers (target, key, duration): what experiments.py and the
+  summary read of every row, without the pages of `data` and `sig`.
 - `parsed(raw, data)`: what code.py learned from a Python file with that raw
   digest (its AST digest and imports), so unchanged files are never parsed again.
 - `trees(digest, listing)`: zlib-compressed listings of input/output directories,
@@ -28,12 +30,22 @@ machine loses at most the last transactions, never the database):
 - `runs` and `run_targets`: history, one row per run and per target in it;
   `run_targets_target` indexes the latter by target, skipped rows left out (a
   no-op adds one per target, and indexing them doubled its insert cost): what
-  `show` asks, the run that last built a target, is found at once.
+  `show` asks, the run that last built a target, is found at once. The targets
+  a run skipped without a look (the up-to-date stamp proved them: no time, no
+  reason) have no row each: `runs.proven` names their list in `name_sets(digest,
+  names)` (the BLAKE3 of the names, zlib of a checksummed `marshal` tuple; one
+  changed input of 10,000 targets wrote 10,000 rows, and the same list is kept
+  once however many runs share it). Read back, each is a `skipped` row with no
+  time and no reason, listed before the run's own rows.
 - `experiments(id, name, created, built, params, targets)`: one row per
   configuration built to success (experiments.py owns its meaning): `params`
   the JSON of its parameter values, `targets` the JSON of target -> [cache
-  key, cacheable]. `metrics(key, target, data)`: the numbers read from a
-  target's metrics files, by the cache key of the run that wrote them.
+  key, cacheable], or, for a row in `experiment_bases(id, base)`, only the
+  entries that differ from those of row `base` (a whole row): one changed input
+  among 10,000 targets adds a few hundred bytes, not a megabyte. (Apart, not a
+  column: a column after `targets` is read through its overflow pages.)
+  `metrics(key, target, data)`: the numbers read from a target's metrics files,
+  by the cache key of the run that wrote them.
 
 A manifest and the stat entries it relies on are written in one transaction,
 only after the target succeeded. A database that is corrupt (found when it is
@@ -44,7 +56,8 @@ result. Version 2 (no ctime, one stats row per file) is upgraded in place by
 dropping its stat cache: those files are simply hashed again. Version 3 (no
 experiment tables) is upgraded by creating them, version 4 (no `manifests.sig`,
 no history index) by adding the column (NULL: those targets are checked the long
-way once) and the index; nothing else changes. Any other
+way once) and the index, version 6 (no `runs.proven`) by adding that column,
+`name_sets`, the index `manifests_key` and `experiment_bases`; nothing else changes. Any other
 database error (read-only, locked, disk full) is one `StateError` line
 naming the path and what to do.
 """
@@ -69,10 +82,10 @@ from mlbuild.errors import StateError
 from mlbuild.fingerprint import DirStat, LazyStats, StatCache, StatEntry
 from mlbuild.pipeline.schema import display_path
 
-SCHEMA_VERSION = "6"
+SCHEMA_VERSION = "7"
 UPGRADABLE = {"2"}  # schema versions opened by dropping their stat cache
 # Schema versions opened by creating the tables, columns and indexes they lack.
-ADDITIVE = {"3", "4", "5"}
+ADDITIVE = {"3", "4", "5", "6"}
 DB_NAME = "state.db"
 WarnFn = Callable[[str], None]
 
@@ -96,6 +109,7 @@ _IN_CHUNK = 500  # names per `IN (...)` query, below SQLite's oldest limit of 99
 
 _BLOB_MARSHAL = 2
 _CHECKSUM = 16
+SKIPPED = "skipped"  # the history's status of a target decided fresh (results.Outcome's value)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -112,12 +126,16 @@ CREATE TABLE IF NOT EXISTS manifests (
     target TEXT PRIMARY KEY, data TEXT NOT NULL, finished_at REAL NOT NULL, duration REAL NOT NULL,
     sig BLOB, key TEXT
 );
+-- Covers `load_manifest_keys` and `load_durations`: scanning the table itself reads every
+-- manifest's JSON and signature pages (ten times the bytes) for these two columns.
+CREATE INDEX IF NOT EXISTS manifests_key ON manifests (target, key, duration);
 CREATE TABLE IF NOT EXISTS parsed (raw TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS trees (digest TEXT PRIMARY KEY, listing BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY, started_at REAL NOT NULL, finished_at REAL NOT NULL,
-    command TEXT NOT NULL, status TEXT NOT NULL
+    command TEXT NOT NULL, status TEXT NOT NULL, proven TEXT
 );
+CREATE TABLE IF NOT EXISTS name_sets (digest TEXT PRIMARY KEY, names BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS run_targets (
     run_id INTEGER NOT NULL, target TEXT NOT NULL, status TEXT NOT NULL,
     duration REAL NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (run_id, target)
@@ -128,6 +146,7 @@ CREATE TABLE IF NOT EXISTS experiments (
     id TEXT PRIMARY KEY, name TEXT, created REAL NOT NULL, built REAL NOT NULL,
     params TEXT NOT NULL, targets TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS experiment_bases (id TEXT PRIMARY KEY, base TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS metrics (
     key TEXT PRIMARY KEY, target TEXT NOT NULL, data TEXT NOT NULL
 ) WITHOUT ROWID;
@@ -184,7 +203,9 @@ class RunRecord(NamedTuple):
 
 
 class StoredExperiment(NamedTuple):
-    """An `experiments` row as stored; `params` and `targets` are JSON (see experiments.py)."""
+    """An `experiments` row; `params` and `targets` are JSON (see experiments.py). With a
+    `base`, `targets` holds only the entries that differ from that row's (a target
+    absent here but there: null); `load_experiments` gives every row whole."""
 
     id: str
     name: str | None
@@ -192,6 +213,7 @@ class StoredExperiment(NamedTuple):
     built: float
     params: str
     targets: str
+    base: str | None = None
 
 
 class TargetRun(NamedTuple):
@@ -262,6 +284,8 @@ class Store:
         # The rows `load_manifests` returned, while nothing was written since: what
         # `load_durations` reads instead of scanning the table again (a no-op's summary).
         self._read: dict[str, StoredManifest] | None = None
+        self._durations: dict[str, float] | None = None  # the same, of `load_manifest_keys`
+        self._name_sets: dict[str, tuple[str, ...]] = {}  # `name_sets` rows read (immutable)
 
     def __enter__(self) -> Store:
         return self
@@ -385,19 +409,25 @@ class Store:
         """
         if self._read is not None:  # nothing written since they were read
             return {target: row.duration for target, row in self._read.items()}
+        if self._durations is not None:
+            return dict(self._durations)
         return dict(self.conn.execute("SELECT target, duration FROM manifests"))
 
     @_guarded
     def load_runs(self, limit: int) -> list[RunRecord]:
-        """The last `limit` runs, newest first, each with its targets."""
+        """The last `limit` runs, newest first, each with its targets (those the stamp
+        proved first, then the others in the order they were decided)."""
         runs = self.conn.execute(
-            "SELECT id, started_at, finished_at, command, status FROM runs"
+            "SELECT id, started_at, finished_at, command, status, proven FROM runs"
             " ORDER BY id DESC LIMIT ?",
             (limit,),
         ).fetchall()
         if not runs:
             return []
         rows: dict[int, list[RunRow]] = {run[0]: [] for run in runs}
+        for run_id, *_, proven in runs:
+            if proven is not None:
+                rows[run_id] = [RunRow(n, SKIPPED, 0.0, "") for n in self._name_set(proven)]
         for run_id, target, status, duration, reason in self.conn.execute(
             "SELECT run_id, target, status, duration, reason FROM run_targets"
             " WHERE run_id >= ? ORDER BY run_id, rowid",
@@ -407,7 +437,7 @@ class Store:
                 rows[run_id].append(RunRow(target, status, duration, reason))
         return [
             RunRecord(run_id, started, finished, command, status, tuple(rows[run_id]))
-            for run_id, started, finished, command, status in runs
+            for run_id, started, finished, command, status, _ in runs
         ]
 
     @_guarded
@@ -421,7 +451,8 @@ class Store:
         # run_id) yields the newest rows first: the query stops at `limit`. With them,
         # runs are walked from the newest, each looked up by the primary key.
         order = "t.run_id"
-        if wanted and "skipped" not in wanted:
+        skipped = not wanted or SKIPPED in wanted
+        if not skipped:
             only += " AND t.status != 'skipped'"  # the index's own condition, word for word
         else:
             order = "r.id"
@@ -431,7 +462,18 @@ class Store:
             f" WHERE t.target = ?{only} ORDER BY {order} DESC LIMIT ?",
             (target, *wanted, limit),
         )
-        return [TargetRun(*row) for row in rows]
+        found = [TargetRun(*row) for row in rows]
+        if not skipped:
+            return found
+        proven: list[TargetRun] = []
+        for run_id, started_at, digest in self.conn.execute(
+            "SELECT id, started_at, proven FROM runs WHERE proven IS NOT NULL ORDER BY id DESC"
+        ):
+            if len(proven) == limit or (len(found) == limit and run_id < found[-1].run_id):
+                break
+            if target in self._name_set(digest):
+                proven.append(TargetRun(run_id, started_at, SKIPPED, 0.0, ""))
+        return sorted(found + proven, key=lambda row: -row.run_id)[:limit]
 
     @_guarded
     def last_statuses(self, statuses: Iterable[str]) -> dict[str, str]:
@@ -443,7 +485,15 @@ class Store:
             f" WHERE status IN ({', '.join('?' * len(wanted))}) GROUP BY target",
             wanted,
         )
-        return {target: status for target, status, _ in rows}
+        last = {target: (run_id, status) for target, status, run_id in rows}
+        if SKIPPED in wanted:  # and the lists of proven targets: each list's latest run
+            for digest, run_id in self.conn.execute(
+                "SELECT proven, MAX(id) FROM runs WHERE proven IS NOT NULL GROUP BY proven"
+            ):
+                for name in self._name_set(digest):
+                    if last.get(name, (0,))[0] < run_id:
+                        last[name] = (run_id, SKIPPED)
+        return {target: status for target, (_, status) in last.items()}
 
     @_guarded
     def known_targets(self) -> set[str]:
@@ -451,7 +501,29 @@ class Store:
         rows = self.conn.execute(
             "SELECT target FROM manifests UNION SELECT DISTINCT target FROM run_targets"
         )
-        return {row[0] for row in rows}
+        known = {row[0] for row in rows}
+        for (digest,) in self.conn.execute(
+            "SELECT DISTINCT proven FROM runs WHERE proven IS NOT NULL"
+        ):
+            known.update(self._name_set(digest))
+        return known
+
+    def _name_set(self, digest: str) -> tuple[str, ...]:
+        """The names `runs.proven` refers to, in their order (a damaged list: none)."""
+        names = self._name_sets.get(digest)
+        if names is None:
+            row = self.conn.execute(
+                "SELECT names FROM name_sets WHERE digest = ?", (digest,)
+            ).fetchone()
+            try:
+                value = _unpack(zlib.decompress(row[0])) if row is not None else None
+            except zlib.error:
+                value = None
+            names = ()
+            if isinstance(value, tuple) and all(isinstance(n, str) for n in value):
+                names = value
+            self._name_sets[digest] = names
+        return names
 
     @_guarded
     def load_parsed(self) -> dict[str, str]:
@@ -491,7 +563,7 @@ class Store:
         """Write several manifests in one transaction (a first build records in batches):
         all of them, with what each relies on, or none."""
         records = list(records)  # a retry after starting over must see them again
-        self._read = None
+        self._read = self._durations = None
         with self._transaction() as conn:
             for r in records:
                 self._put_stats(conn, r.stats)
@@ -522,7 +594,7 @@ class Store:
     @_guarded
     def forget(self, targets: Iterable[str]) -> None:
         """Drop manifests, so that these targets are stale (before rerunning or cleaning)."""
-        self._read = None
+        self._read = self._durations = None
         with self._transaction() as conn:
             conn.executemany("DELETE FROM manifests WHERE target = ?", [(t,) for t in targets])
 
@@ -534,14 +606,32 @@ class Store:
 
     @_guarded
     def record_run(
-        self, started_at: float, command: str, status: str, rows: Iterable[RunRow]
+        self,
+        started_at: float,
+        command: str,
+        status: str,
+        rows: Iterable[RunRow],
+        proven: Sequence[str] = (),
     ) -> int:
-        """Append one run and its per-target outcomes to the history."""
+        """Append one run and its per-target outcomes to the history; `proven` are the
+        targets skipped with no time and no reason (one list, not a row each)."""
         rows = list(rows)  # a retry after starting over must see them again
+        digest = None
+        if proven:
+            packed = _pack(tuple(proven))
+            digest = blake3.blake3(packed).hexdigest()
         with self._transaction() as conn:
+            if digest is not None:
+                known = conn.execute("SELECT 1 FROM name_sets WHERE digest = ?", (digest,))
+                if known.fetchone() is None:
+                    conn.execute(
+                        "INSERT INTO name_sets (digest, names) VALUES (?, ?)",
+                        (digest, zlib.compress(packed, 1)),
+                    )
             cursor = conn.execute(
-                "INSERT INTO runs (started_at, finished_at, command, status) VALUES (?, ?, ?, ?)",
-                (started_at, time.time(), command, status),
+                "INSERT INTO runs (started_at, finished_at, command, status, proven)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (started_at, time.time(), command, status, digest),
             )
             run_id = cursor.lastrowid
             assert run_id is not None
@@ -556,16 +646,49 @@ class Store:
 
     @_guarded
     def load_experiments(self) -> list[StoredExperiment]:
-        """Every experiment row, oldest first."""
-        rows = self.conn.execute(
-            "SELECT id, name, created, built, params, targets FROM experiments ORDER BY created, id"
-        )
-        return [StoredExperiment(*row) for row in rows]
+        """Every experiment row, oldest first, whole: a row kept as its difference from
+        another (`base`) has that row's entries with its own over them, as the JSON
+        `json.dumps(..., sort_keys=True)` writes (a base unreadable: `targets` empty)."""
+        rows = [
+            StoredExperiment(*row)
+            for row in self.conn.execute(
+                "SELECT e.id, e.name, e.created, e.built, e.params, e.targets, b.base"
+                " FROM experiments e LEFT JOIN experiment_bases b ON b.id = e.id"
+                " ORDER BY e.created, e.id"
+            )
+        ]
+        whole = {row.id: row.targets for row in rows if row.base is None}
+        parsed: dict[str, Any] = {}  # a base's entries, parsed once for all its differences
+        return [row if row.base is None else _whole(row, whole, parsed) for row in rows]
+
+    @_guarded
+    def experiment_base(self, row_id: str) -> tuple[str, str] | None:
+        """(the row a new row may be kept as a difference from, the entries to carry over
+        as JSON) for row `row_id`: itself and "{}" when it is whole, its base and its own
+        entries when it is a difference (a difference is never taken from another); None
+        when there is no such row."""
+        based = self.conn.execute(
+            "SELECT b.base, e.targets FROM experiment_bases b JOIN experiments e ON e.id = b.id"
+            " WHERE b.id = ?",
+            (row_id,),
+        ).fetchone()
+        if based is not None:
+            return based[0], based[1]
+        whole = self.conn.execute("SELECT 1 FROM experiments WHERE id = ?", (row_id,))
+        return None if whole.fetchone() is None else (row_id, "{}")
 
     @_guarded
     def load_manifest_keys(self) -> dict[str, str | None]:
-        """Target -> the cache key kept beside its manifest (None: not computed yet)."""
-        return dict(self.conn.execute("SELECT target, key FROM manifests"))
+        """Target -> the cache key kept beside its manifest (None: not computed yet).
+
+        The durations come in the same scan of `manifests_key`, kept for `load_durations`
+        while no manifest is written (a build's summary reads them next)."""
+        with _no_collection():
+            rows = self.conn.execute("SELECT target, key, duration FROM manifests").fetchall()
+            self._durations = {target: duration for target, _, duration in rows}
+            keys = {target: key for target, key, _ in rows}
+            del rows  # freed while collection is paused: nothing left for it to scan
+        return keys
 
     @_guarded
     def save_manifest_keys(self, keys: Iterable[tuple[str, str, str]]) -> None:
@@ -576,20 +699,32 @@ class Store:
                 conn.executemany("UPDATE manifests SET key = ? WHERE target = ? AND data = ?", rows)
 
     @_guarded
-    def save_experiment(self, row: StoredExperiment) -> None:
-        """Add a row, or mark a known one built again; a name given moves to this row."""
+    def save_experiment(self, row: StoredExperiment) -> bool:
+        """Add a row, or mark a known one built again; a name given moves to this row.
+        True when the row was added (its text is this one, not an older build's)."""
         with self._transaction() as conn:
             if row.name is not None:
                 conn.execute(
                     "UPDATE experiments SET name = NULL WHERE name = ? AND id != ?",
                     (row.name, row.id),
                 )
+            known = conn.execute("SELECT 1 FROM experiments WHERE id = ?", (row.id,))
+            if known.fetchone() is not None:  # built again: as it is kept, whole or not
+                conn.execute(
+                    "UPDATE experiments SET built = ?, name = coalesce(?, name) WHERE id = ?",
+                    (row.built, row.name, row.id),
+                )
+                return False
             conn.execute(
                 "INSERT INTO experiments (id, name, created, built, params, targets)"
-                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
-                " built = excluded.built, name = coalesce(excluded.name, experiments.name)",
-                row,
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                row[:6],
             )
+            if row.base is not None:
+                conn.execute(
+                    "INSERT INTO experiment_bases (id, base) VALUES (?, ?)", (row.id, row.base)
+                )
+            return True
 
     @_guarded
     def load_metrics(self) -> dict[str, str]:
@@ -639,7 +774,7 @@ class Store:
         """After a failed query: start over if the database is corrupt, else one StateError."""
         if not is_corrupt(exc):
             raise state_error(self.path, exc) from None
-        self._read = None
+        self._read = self._durations = None
         with contextlib.suppress(sqlite3.Error):
             self.conn.close()
         self.conn = _start_over(self.path, f"it is corrupt ({exc})", self.warn)
@@ -693,6 +828,22 @@ def _unpack(blob: Any) -> Any:
         return marshal.loads(payload)
     except (EOFError, ValueError, TypeError):
         return None
+
+
+def _whole(
+    row: StoredExperiment, whole: Mapping[str, str], parsed: dict[str, Any]
+) -> StoredExperiment:
+    """A difference row with its base's entries under its own (store.py's doc)."""
+    try:
+        base = row.base or ""
+        if base not in parsed:
+            parsed[base] = json.loads(whole[base])
+        targets = dict(parsed[base])
+        targets.update(json.loads(row.targets))
+        text = json.dumps({t: v for t, v in targets.items() if v is not None}, sort_keys=True)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        text = ""  # read as a damaged row: it costs only its line
+    return row._replace(targets=text, base=None)
 
 
 def is_corrupt(exc: sqlite3.DatabaseError) -> bool:
@@ -828,8 +979,11 @@ def _prepare(conn: sqlite3.Connection) -> str | None:
         add_sig = "ALTER TABLE manifests ADD COLUMN sig BLOB;" * ("sig" not in columns)
         # Before 6: no cache key kept (NULL: computed from `data` when first needed).
         add_key = "ALTER TABLE manifests ADD COLUMN key TEXT;" * ("key" not in columns)
+        # Before 7: every skipped target had its row (NULL: none listed apart).
+        run_columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+        add_proven = "ALTER TABLE runs ADD COLUMN proven TEXT;" * ("proven" not in run_columns)
         conn.executescript(
-            f"BEGIN IMMEDIATE; {drop} {add_sig} {add_key}"
+            f"BEGIN IMMEDIATE; {drop} {add_sig} {add_key} {add_proven}"
             f"{_SCHEMA} INSERT OR REPLACE INTO meta (key, value)"
             f" VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
         )

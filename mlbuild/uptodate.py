@@ -18,7 +18,10 @@ next `mlbuild run` reads it first:
   never racy) and the counts `--explain` tells; or nothing, for a target that
   ran or was restored in that run (its outputs are too new to be signed yet);
 - what a run deciding everything fresh printed: its skipped lines and its
-  summary around the time.
+  summary around the time;
+- the experiment row the targets are in, when the run knew it (the row it
+  recorded, or the one its own proof's stamp named, nothing made since): the
+  next run under the proof keeps its row as the difference from that one.
 
 When all of it is equal now and every target has its stats, every target's
 signature would find it fresh again (signature.py's rule, with the target
@@ -39,12 +42,17 @@ named, nothing failed), while it holds the lock. A no-op is thus not in
 `mlbuild log`: the history lists runs that did something (the full command
 records none either).
 
-Format (`FORMAT` 3): MAGIC, then a CRC-32 (4 bytes, big endian) of the
-payload, then the payload, `marshal` version 2 of `Stamp.fields()`.
+Format (`FORMAT` 4): MAGIC, then a CRC-32 (4 bytes, big endian) of the
+payload, then the payload, `marshal` version 2 of `Stamp.fields()`. The
+targets' entries are in chunks of `CHUNK`, each its own `marshal` bytes: a run
+that changed one input of 10,000 targets writes again as read every chunk
+whose targets this stamp proved and the run skipped (`Proof.next_chunks`),
+rather than marshalling all 10,000 entries anew.
 """
 
 from __future__ import annotations
 
+import gc
 import marshal
 import os
 import sys
@@ -56,6 +64,7 @@ from mlbuild import __version__
 
 TYPE_CHECKING = False  # typing itself costs the no-op 3 ms: only for the type checker
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
     from typing import Any, BinaryIO, TypeAlias
 
     # (path, size, mtime_ns, ctime_ns, inode) of one signed file, relative to the project.
@@ -65,14 +74,17 @@ if TYPE_CHECKING:
     Counts: TypeAlias = tuple[int, int, int, int, int, int, int]
     # One target of a stamp: its name, and its counts and files (None: not proven).
     Entry: TypeAlias = tuple[str, Counts | None, tuple[SignedFile, ...]]
+    # What a stamp proves of a target: its counts and files, and its entry's chunk.
+    Proven: TypeAlias = tuple[Counts, tuple[SignedFile, ...], int]
 
 PIPELINE_FILE = "pipeline.toml"
 STATE_DIR = ".mlbuild"
 STAMP_FILE = "uptodate"
-FORMAT = 3
+FORMAT = 4
 MAGIC = f"mlbuild-uptodate {FORMAT}\n".encode()
 _MARSHAL = 2
 _CRC = 4
+CHUNK = 256  # target entries per chunk (see the format above)
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _BOOLEAN_OPTIONS = frozenset({"-k", "--keep-going", "--no-cache"})
 
@@ -82,7 +94,7 @@ class Stamp:
 
     A plain class, not a NamedTuple: see TYPE_CHECKING above."""
 
-    __slots__ = ("entries", "env", "head", "key", "lines", "note", "sources", "state")
+    __slots__ = ("chunks", "env", "head", "key", "lines", "note", "row", "sources", "state")
 
     def __init__(
         self,
@@ -90,19 +102,21 @@ class Stamp:
         sources: tuple[tuple[str, str], ...],  # (absolute path, digest) of each params file
         env: tuple[tuple[str, str | None], ...],  # (variable, env_digest of its value)
         state: tuple[int, ...],  # `state_identity` of .mlbuild, the database closed
-        entries: tuple[Entry, ...],  # every target, in the order the run decided them
+        chunks: tuple[bytes, ...],  # every target's Entry, CHUNK a chunk (`pack_entries`)
         lines: str,  # the skipped lines of the plain log, newline-terminated
         head: str,  # the summary before its time: `mlbuild: 200 skipped`
         note: str,  # the summary after its time: ` (saved 0.432s by skipping)` or ""
+        row: str | None,  # the experiment row the targets are in (experiments.py), if known
     ) -> None:
         self.key = key
         self.sources = sources
         self.env = env
         self.state = state
-        self.entries = entries
+        self.chunks = chunks
         self.lines = lines
         self.head = head
         self.note = note
+        self.row = row
 
     def fields(self) -> tuple[Any, ...]:
         """The values in the order `__init__` takes them (what is marshalled)."""
@@ -111,10 +125,11 @@ class Stamp:
             self.sources,
             self.env,
             self.state,
-            self.entries,
+            self.chunks,
             self.lines,
             self.head,
             self.note,
+            self.row,
         )
 
 
@@ -125,21 +140,57 @@ class Proof:
     removed and it is the very file this proof was read from: no command ran between.
     """
 
-    __slots__ = ("env", "fresh", "seen", "valid")
+    __slots__ = ("chunks", "env", "fresh", "row", "seen", "unproven", "valid")
 
     def __init__(
         self,
-        fresh: dict[str, tuple[Counts, tuple[SignedFile, ...]]],
+        fresh: dict[str, Proven],
         env: tuple[tuple[str, str | None], ...],
         seen: tuple[int, ...],
+        chunks: tuple[tuple[bytes, tuple[Entry, ...]], ...] = (),
+        unproven: dict[str, int] | None = None,
+        row: str | None = None,
     ) -> None:
-        self.fresh = fresh  # target -> its counts and files, all as the stamp has them
+        self.fresh = fresh  # target -> its counts, files and chunk, all as the stamp has them
         self.env = env  # the stamp's environment digests (equal now)
         self.seen = seen  # identity of the stamp file read (see _identity)
+        self.chunks = chunks  # each chunk as read, and its entries
+        self.unproven = unproven or {}  # the stamp's other targets -> their chunk
+        self.row = row  # the experiment row the stamp's targets are in (Stamp.row)
         self.valid = False
 
     def confirm(self, removed: tuple[int, ...] | None) -> None:
         self.valid = removed is not None and removed == self.seen
+
+    def next_chunks(
+        self, decided: int, skipped: set[str], entry_of: Callable[[str], Entry]
+    ) -> tuple[bytes, ...] | None:
+        """The next stamp's chunks after a run that decided every target (`decided` of
+        them) and skipped `skipped` by this proof: a chunk all of whose targets are among
+        them is kept as read (their entries are the ones it holds), any other is made
+        again of `entry_of` its targets. None when the run's targets are not the stamp's."""
+        fresh, unproven = self.fresh, self.unproven
+        if len(fresh) + len(unproven) != decided or not fresh.keys() >= skipped:
+            return None
+        dirty = set(unproven.values())
+        dirty.update(fresh[name][2] for name in fresh.keys() - skipped)
+        dumps = marshal.dumps
+        return tuple(
+            [
+                dumps(tuple([entry_of(entry[0]) for entry in entries]), _MARSHAL)
+                if k in dirty
+                else raw
+                for k, (raw, entries) in enumerate(self.chunks)
+            ]
+        )
+
+
+def pack_entries(entries: Sequence[Entry]) -> tuple[bytes, ...]:
+    """`entries` in chunks of CHUNK, each marshalled on its own (the stamp's format)."""
+    dumps = marshal.dumps
+    return tuple(
+        [dumps(tuple(entries[i : i + CHUNK]), _MARSHAL) for i in range(0, len(entries), CHUNK)]
+    )
 
 
 def digest(data: bytes) -> str:
@@ -263,13 +314,21 @@ def answer(words: list[str]) -> int | Proof | None:
         if read is None:
             return None
         stamp, seen = read
-        fresh = _fresh(stamp, root, file)
+        collecting = gc.isenabled()
+        gc.disable()  # entries by the ten thousand, and no cycles (snapshot.load_graph too)
+        try:
+            checked = _fresh(stamp, root, file)
+            gc.freeze()  # they live as long as the command: never worth scanning
+        finally:
+            if collecting:
+                gc.enable()
     except OSError:  # the working directory is gone, say: the full command tells
         return None
-    if fresh is None:
+    if checked is None:
         return None
-    if len(fresh) < len(stamp.entries):
-        return Proof(fresh, stamp.env, seen)
+    fresh, chunks, unproven = checked
+    if unproven:
+        return Proof(fresh, stamp.env, seen, chunks, unproven, stamp.row)
     terminal = sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
     text = "" if quiet or (terminal and not plain) else stamp.lines
     text += summary_text(stamp.head, time.perf_counter() - start, stamp.note) + "\n"
@@ -379,9 +438,11 @@ def _read(root: str) -> tuple[Stamp, tuple[int, ...]] | None:
 
 def _fresh(
     stamp: Stamp, root: str, file: str
-) -> dict[str, tuple[Counts, tuple[SignedFile, ...]]] | None:
-    """The targets whose every file is as the stamp has it, with their counts and files;
-    None when what the whole stamp rests on moved (module docstring)."""
+) -> tuple[dict[str, Proven], tuple[tuple[bytes, tuple[Entry, ...]], ...], dict[str, int]] | None:
+    """The targets whose every file is as the stamp has it, with their counts, files and
+    chunk; the chunks as read with their entries; the other targets with their chunk.
+    None when what the whole stamp rests on moved (module docstring), or a chunk is
+    unreadable."""
     if state_identity(root) != stamp.state:
         return None
     folder = os.path.join(root, STATE_DIR)
@@ -404,27 +465,37 @@ def _fresh(
     with open(file, "rb") as handle:
         if pipeline_key(file, handle.read(), "[]") != stamp.key:
             return None
-    fresh: dict[str, tuple[Counts, tuple[SignedFile, ...]]] = {}
-    lstat = os.lstat
+    fresh: dict[str, Proven] = {}
+    unproven: dict[str, int] = {}
+    chunks: list[tuple[bytes, tuple[Entry, ...]]] = []
+    lstat, loads = os.lstat, marshal.loads
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for name, counts, files in stamp.entries:
-            if counts is None:
-                continue
-            for path, size, mtime_ns, ctime_ns, ino in files:
-                try:
-                    st = lstat(path, dir_fd=fd)
-                except (OSError, ValueError):
-                    break
-                if (
-                    st.st_mtime_ns != mtime_ns
-                    or st.st_ctime_ns != ctime_ns
-                    or st.st_size != size
-                    or st.st_ino != ino
-                ):
-                    break
-            else:
-                fresh[name] = (counts, files)
+        for k, raw in enumerate(stamp.chunks):
+            entries = loads(raw)
+            chunks.append((raw, entries))
+            for name, counts, files in entries:
+                if counts is None:
+                    unproven[name] = k
+                    continue
+                for path, size, mtime_ns, ctime_ns, ino in files:
+                    try:
+                        st = lstat(path, dir_fd=fd)
+                    except (OSError, ValueError):
+                        break
+                    if (
+                        st.st_mtime_ns != mtime_ns
+                        or st.st_ctime_ns != ctime_ns
+                        or st.st_size != size
+                        or st.st_ino != ino
+                    ):
+                        break
+                else:
+                    fresh[name] = (counts, files, k)
+                    continue
+                unproven[name] = k
+    except (EOFError, ValueError, TypeError):  # a chunk marshal cannot read, or not entries
+        return None
     finally:
         os.close(fd)
-    return fresh
+    return fresh, tuple(chunks), unproven

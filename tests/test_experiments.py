@@ -15,8 +15,10 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 
+from mlbuild.experiments import row_id
 from tests.conftest import Project, Result
 
 PIPELINE = """\
@@ -129,6 +131,33 @@ def test_a_rerun_of_the_same_configuration_adds_no_row(dvc_project: Project) -> 
     rows = show(dvc_project)
     assert [r["params"]["n_est"] for r in rows] == [10, 20]
     assert [r["current"] for r in rows] == [True, False]
+
+
+def test_a_rows_id_is_the_digest_of_its_targets_and_keys_in_name_order(project: Project) -> None:
+    """The identity rows recorded by any version share: names in code-point order."""
+    project.pipeline(
+        """\
+[targets.beta]
+cmd = "echo b > {outputs}"
+outputs = ["b.txt"]
+
+[targets.Alpha]
+cmd = "echo a > {outputs}"
+outputs = ["a.txt"]
+cache = false
+"""
+    )
+    assert project.run().code == 0
+    (row,) = show(project)
+    assert list(row["targets"]) == ["Alpha", "beta"]
+    text = json.dumps(sorted(row["targets"].items()), separators=(",", ":"))
+    assert row["full_id"] == blake3.blake3(text.encode()).hexdigest() == row_id(row["targets"])
+    with sqlite3.connect(project.root / ".mlbuild" / "state.db") as conn:
+        (stored,) = conn.execute("SELECT targets FROM experiments").fetchone()
+    keys = row["targets"]
+    assert stored == json.dumps(
+        {"beta": [keys["beta"], True], "Alpha": [keys["Alpha"], False]}, sort_keys=True
+    )
 
 
 def test_cache_keys_are_kept_beside_manifests_and_follow_each_rewrite(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import re
 import sqlite3
 
 import pytest
 
 from mlbuild.build.results import BuildResult, Outcome, TargetResult
-from mlbuild.ui.report import format_duration, summary_line
+from mlbuild.staleness import fresh_decision
+from mlbuild.ui.report import PlainReporter, format_duration, summary_line
 from tests.conftest import Project
 
 
@@ -96,3 +98,20 @@ def test_verbose_plain_log_adds_the_reasons_of_fresh_targets_and_commands(
     project.run("run", "--set", "v=3")
     fresh = project.run("run", "-v", "--set", "v=3")
     assert "Step `slow` is up to date (skipped): same action, 1 param, 1 output." in fresh.out
+
+
+@pytest.mark.parametrize("explain", [False, True])
+def test_skipped_all_writes_the_lines_skipped_writes_one_by_one(explain: bool) -> None:
+    """The stamp's proven targets are told in one write, line for line as one by one."""
+    names = ["a", "b.c", "d@x=1"]
+    decisions = [fresh_decision((0, 0, 0, 0, 1, 0, 1))] * 3
+    together, apart = io.StringIO(), io.StringIO()
+    PlainReporter(together, explain=explain).skipped_all(names, decisions)
+    each = PlainReporter(apart, explain=explain)
+    for name, decision in zip(names, decisions, strict=True):
+        each.skipped(name, decision)
+    assert together.getvalue() == apart.getvalue()
+    assert together.getvalue().count("is up to date (skipped)") == 3
+    quiet = io.StringIO()
+    PlainReporter(quiet, verbosity=-1).skipped_all(names, decisions)
+    assert quiet.getvalue() == ""

@@ -326,7 +326,7 @@ def test_state_db_is_versioned_and_corruption_starts_over(project: Project) -> N
     with sqlite3.connect(db) as conn:
         version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         mode = conn.execute("PRAGMA journal_mode").fetchone()
-    assert version == ("6",)
+    assert version == ("7",)
     assert mode == ("wal",)
     for suffix in ("-wal", "-shm"):
         (project.root / f".mlbuild/state.db{suffix}").unlink(missing_ok=True)

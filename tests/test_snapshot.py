@@ -194,3 +194,30 @@ def test_a_params_file_edit_is_seen_through_the_snapshot(tmp_path: Path) -> None
     again = load_graph(tmp_path / "pipeline.toml")
     assert again.targets["t"].params == {"train.n_est": 60}
     assert again.targets["t"].command == "echo 60"
+
+
+def test_glob_inputs_written_by_targets_are_matched_from_a_snapshot(project: Project) -> None:
+    """A glob input matches the outputs other targets declare (the graph's output tree),
+    whether the graph came from the TOML or from its snapshot."""
+    project.pipeline(
+        """
+[targets.make]
+cmd = "mkdir -p parts && echo a > parts/a.txt"
+outputs = ["parts/a.txt"]
+
+[targets.join]
+cmd = "cat parts/*.txt > {outputs}"
+inputs = ["parts/*.txt"]
+outputs = ["all.txt"]
+"""
+    )
+    assert project.run().code == 0
+    assert project.run().code == 0  # keeps the snapshot
+    kept = _snapshot_file(project)
+    stamp = kept.stat().st_mtime_ns
+    assert project.run("clean").code == 0
+    assert not (project.root / "parts" / "a.txt").exists()
+    again = project.run("run", "--no-cache")
+    assert again.code == 0, again.err
+    assert again.started() == ["make", "join"]
+    assert kept.stat().st_mtime_ns == stamp  # the snapshot answered

@@ -15,7 +15,7 @@ import pytest
 
 from mlbuild.errors import StateError
 from mlbuild.fingerprint import DirStat, StatEntry
-from mlbuild.store import SCHEMA_VERSION, Record, RunRow, Store, open_store
+from mlbuild.store import SCHEMA_VERSION, Record, RunRow, Store, StoredExperiment, open_store
 
 ENTRY = StatEntry(5, 1_000, 42, 2_000_000_000_000, "d" * 64, 1_500)
 # The schema this mlbuild wrote before ctimes were recorded.
@@ -133,6 +133,7 @@ def test_version_4_is_upgraded_keeping_everything_and_indexing_the_history(
         store.record_run(1.0, "run", "ok", [RunRow("t", "ran", 2.0, "never built")])
     with sqlite3.connect(state / "state.db") as conn:  # as schema 4 left it
         conn.execute("DROP INDEX run_targets_target")
+        conn.execute("DROP INDEX manifests_key")
         conn.execute("ALTER TABLE manifests DROP COLUMN sig")
         conn.execute("ALTER TABLE manifests DROP COLUMN key")
         conn.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
@@ -159,6 +160,113 @@ def test_version_4_is_upgraded_keeping_everything_and_indexing_the_history(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'run_targets'"
             " AND name = 'run_targets_target'"
         ).fetchone()
+
+
+def test_version_6_is_upgraded_keeping_the_history_and_listing_proven_targets_apart(
+    state: Path, warned: Warnings
+) -> None:
+    with open_store(state, warned) as store:
+        store.record_run(1.0, "run", "ok", [RunRow("t", "ran", 2.0, "never built")])
+    with sqlite3.connect(state / "state.db") as conn:  # as schema 6 left it
+        conn.execute("DROP TABLE name_sets")
+        conn.execute("DROP INDEX manifests_key")
+        conn.execute("ALTER TABLE runs DROP COLUMN proven")
+        conn.execute("DROP TABLE experiment_bases")
+        conn.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    with open_store(state, warned) as store:
+        assert [run.targets for run in store.load_runs(5)] == [
+            (RunRow("t", "ran", 2.0, "never built"),)
+        ]
+        store.save_experiment(StoredExperiment("a", None, 1.0, 1.0, "{}", '{"t": ["k", true]}'))
+        store.save_experiment(
+            StoredExperiment("b", None, 2.0, 2.0, "{}", '{"u": ["k", true]}', "a")
+        )
+        assert [row.targets for row in store.load_experiments()][1] == (
+            '{"t": ["k", true], "u": ["k", true]}'
+        )
+        store.record_run(2.0, "run", "ok", [RunRow("u", "ran", 1.0, "")], ["t"])
+        assert store.load_runs(1)[0].targets == (
+            RunRow("t", "skipped", 0.0, ""),
+            RunRow("u", "ran", 1.0, ""),
+        )
+    assert warned == [] and backups(state) == []
+    with sqlite3.connect(state / "state.db") as conn:
+        assert conn.execute("SELECT value FROM meta").fetchone() == (SCHEMA_VERSION,)
+        for columns in ("target, key", "target, duration"):  # read without the manifests' pages
+            plan = conn.execute(f"EXPLAIN QUERY PLAN SELECT {columns} FROM manifests").fetchall()
+            assert "COVERING INDEX manifests_key" in str(plan), plan
+
+
+def test_targets_proven_in_a_run_read_back_as_skipped_rows_and_are_kept_once(
+    store: Store, state: Path
+) -> None:
+    """A run's stamp-proven targets are one list (not a row each); every reader sees rows."""
+    names = [f"t{i}" for i in range(3)]
+    store.record_run(1.0, "run", "ok", [RunRow(n, "ran", 1.0, "never built") for n in names])
+    store.record_run(2.0, "run", "ok", [RunRow("t2", "ran", 0.5, "input changed")], names[:2])
+    store.record_run(3.0, "run", "ok", [RunRow("t2", "failed", 0.5, "input changed")], names[:2])
+    store.record_run(4.0, "run", "ok", [RunRow("t0", "cleaned", 0.0, "")])
+    (_, third, second) = store.load_runs(3)
+    assert second.targets == (
+        RunRow("t0", "skipped", 0.0, ""),
+        RunRow("t1", "skipped", 0.0, ""),
+        RunRow("t2", "ran", 0.5, "input changed"),
+    )
+    assert [r.status for r in third.targets] == ["skipped", "skipped", "failed"]
+    assert [(r.run_id, r.status) for r in store.load_target_runs("t0", 5)] == [
+        (4, "cleaned"),
+        (3, "skipped"),
+        (2, "skipped"),
+        (1, "ran"),
+    ]
+    assert [r.run_id for r in store.load_target_runs("t0", 2)] == [4, 3]
+    assert [r.run_id for r in store.load_target_runs("t1", 1, ("skipped",))] == [3]
+    assert [r.run_id for r in store.load_target_runs("t1", 5, ("ran", "restored"))] == [1]
+    statuses = store.last_statuses(("ran", "skipped", "failed", "cleaned"))
+    assert statuses == {"t0": "cleaned", "t1": "skipped", "t2": "failed"}
+    assert store.last_statuses(("ran",)) == dict.fromkeys(names, "ran")
+    assert store.known_targets() == set(names)
+    with sqlite3.connect(state / "state.db") as conn:
+        assert conn.execute("SELECT count(*) FROM name_sets").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM run_targets WHERE run_id = 2").fetchone() == (1,)
+
+
+def test_a_row_kept_as_a_difference_reads_whole_and_a_lost_base_costs_its_line(
+    store: Store, state: Path
+) -> None:
+    whole = '{"a": ["k1", true], "b": ["k2", false], "c": ["k3", true]}'
+    store.save_experiment(StoredExperiment("w", "base", 1.0, 1.0, "{}", whole))
+    store.save_experiment(
+        StoredExperiment("d", None, 2.0, 2.0, '{"p": 1}', '{"b": ["k9", false], "c": null}', "w")
+    )
+    store.save_experiment(StoredExperiment("x", None, 3.0, 3.0, "{}", '{"a": null}', "gone"))
+    rows = store.load_experiments()
+    assert [(r.id, r.name, r.params, r.base) for r in rows] == [
+        ("w", "base", "{}", None),
+        ("d", None, '{"p": 1}', None),
+        ("x", None, "{}", None),
+    ]
+    assert rows[0].targets == whole
+    assert rows[1].targets == '{"a": ["k1", true], "b": ["k9", false]}'
+    assert rows[2].targets == ""  # its base is not there: read as a damaged row
+    assert store.experiment_base("w") == ("w", "{}")
+    assert store.experiment_base("d") == ("w", '{"b": ["k9", false], "c": null}')
+    assert store.experiment_base("nope") is None
+    # Built again (its whole text given, a name with it): kept as it was, marked built.
+    store.save_experiment(StoredExperiment("d", "again", 2.0, 9.0, '{"p": 1}', rows[1].targets))
+    again = store.load_experiments()[1]
+    assert (again.name, again.built, again.targets) == ("again", 9.0, rows[1].targets)
+    assert store.experiment_base("d") == ("w", '{"b": ["k9", false], "c": null}')
+
+
+def test_a_damaged_list_of_proven_targets_reads_as_none(store: Store, state: Path) -> None:
+    store.record_run(1.0, "run", "ok", [RunRow("u", "ran", 1.0, "")], ["t"])
+    with sqlite3.connect(state / "state.db") as conn:
+        conn.execute("UPDATE name_sets SET names = x'0102'")
+    reopened = open_store(state, lambda line: None)
+    with reopened:
+        assert reopened.load_runs(1)[0].targets == (RunRow("u", "ran", 1.0, ""),)
+        assert reopened.load_target_runs("t", 5) == []
 
 
 def test_the_run_that_built_a_target_is_found_among_later_no_ops(store: Store, state: Path) -> None:
@@ -337,6 +445,18 @@ def test_durations_read_after_the_manifests_follow_every_write(store: Store) -> 
     store.load_manifests()
     store.forget(["b"])
     assert store.load_durations() == {"a": 5.0}
+
+
+def test_durations_read_with_the_keys_follow_every_write(store: Store) -> None:
+    store.record("a", '{"version": 2}', 2.0, {}, {})
+    assert store.load_manifest_keys() == {"a": None}
+    assert store.load_durations() == {"a": 2.0}
+    store.record("a", '{"version": 3}', 5.0, {}, {})
+    store.record("b", '{"version": 3}', 1.0, {}, {})
+    assert store.load_durations() == {"a": 5.0, "b": 1.0}
+    store.load_manifest_keys()
+    store.forget(["a"])
+    assert store.load_durations() == {"b": 1.0}
 
 
 def test_the_manifests_of_some_targets_are_theirs_in_any_number(store: Store) -> None:

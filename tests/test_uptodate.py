@@ -8,7 +8,11 @@ aside: the full command then decides, and reruns exactly what it must.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -19,6 +23,7 @@ import pytest
 
 from mlbuild import cli, signature, uptodate
 from mlbuild.build import runner
+from mlbuild.experiments import row_id
 from mlbuild.fingerprint import Fingerprinter
 from mlbuild.pipeline.schema import Target
 from mlbuild.signature import Counts
@@ -494,3 +499,166 @@ def test_a_symlink_planted_at_a_temporary_name_is_not_written_through(
     assert outside.read_text() == "mine\n"
     assert stamp_file(project).is_file() and snapshot.is_file()
     assert not any(link.is_symlink() for link in planted)
+
+
+TWO = """
+[targets.a]
+cmd = "cp {inputs} {outputs}"
+inputs = ["src/a.txt"]
+outputs = ["build/a.txt"]
+
+[targets.b]
+cmd = "cp {inputs} {outputs}"
+inputs = ["src/b.txt"]
+outputs = ["build/b.txt"]
+"""
+
+
+def test_targets_the_stamp_proved_are_in_the_history_as_skipped(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`log` and `log TARGET` tell a proven target as any skipped one, though the state
+    keeps the run's proven targets as one list rather than a row each."""
+    project.write("src/a.txt", "a\n")
+    project.write("src/b.txt", "b\n")
+    project.pipeline(TWO)
+    told = Told(monkeypatch)
+    assert project.run().started() == ["a", "b"]
+    age()
+    assert project.run().started() == []  # signs both; its stamp proves them
+    project.write("src/a.txt", "a2\n")
+    result, by_stamp = run(project, told)
+    assert not by_stamp and set(told.proofs[-1].fresh) == {"b"}  # type: ignore[union-attr]
+    assert result.started() == ["a"]
+    assert result.out.startswith("Step `b` is up to date (skipped).\nStep `a` has started")
+    log = project.run("log", "-n", "1").out
+    assert "    ran       1: a (" in log and log.rstrip().endswith("    skipped   1")
+    lines = project.run("log", "b").out.splitlines()
+    assert lines[0] == "b: the last 2 runs that decided it"
+    assert re.fullmatch(r"run 2 +\S+ \S+  skipped +0\.000s", lines[2]), lines[2]
+    assert re.fullmatch(r"run 1 +\S+ \S+  ran +\S+  never built", lines[3]), lines[3]
+    with sqlite3.connect(project.root / ".mlbuild" / "state.db") as conn:
+        rows = conn.execute("SELECT target FROM run_targets WHERE run_id = 2").fetchall()
+    assert rows == [("a",)]
+
+
+def test_a_change_rewrites_only_the_chunks_of_the_stamp_holding_what_moved(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next stamp keeps, byte for byte, each chunk whose targets were proven and
+    skipped; what it keeps still tells every later change, and the no-op after."""
+    monkeypatch.setattr(uptodate, "CHUNK", 2)
+    for i in range(5):
+        project.write(f"src/{i}.txt", f"{i}\n")
+    project.pipeline(
+        "".join(
+            f'[targets.t{i}]\ncmd = "cp {{inputs}} {{outputs}}"\n'
+            f'inputs = ["src/{i}.txt"]\noutputs = ["out/{i}.txt"]\n\n'
+            for i in range(5)
+        )
+    )
+    told = Told(monkeypatch)
+    assert len(project.run().started()) == 5
+    age()
+    assert project.run().started() == []  # signs all: its stamp proves them
+    before = uptodate._read(str(project.root))
+    assert before is not None and len(before[0].chunks) == 3
+    project.write("src/0.txt", "changed\n")
+    result, by_stamp = run(project, told)
+    assert not by_stamp and result.started() == ["t0"]
+    after = uptodate._read(str(project.root))
+    assert after is not None
+    assert after[0].chunks[1:] == before[0].chunks[1:]  # t2..t4: kept as read
+    assert after[0].chunks[0] != before[0].chunks[0]  # t0 ran: unproven now
+    project.write("src/3.txt", "changed too\n")  # a target of a kept chunk
+    result, by_stamp = run(project, told)
+    assert not by_stamp and result.started() == ["t3"]
+    assert project.read("out/3.txt") == "changed too\n"
+    age()
+    assert project.run().started() == []  # the long way signs t0 and t3
+    result, by_stamp = run(project, told)
+    assert by_stamp and result.out.count("up to date (skipped)") == 5
+
+
+def test_a_row_under_a_proof_is_kept_as_its_difference_and_read_whole(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One changed input among many: the experiment row stores the entries that differ
+    from the stamp's row (a few, not every target's), and `exp show` reads it whole."""
+    n = 16
+    for i in range(n):
+        project.write(f"src/{i}.txt", f"{i}\n")
+    project.pipeline(
+        "".join(
+            f'[targets.t{i:02d}]\ncmd = "cp {{inputs}} {{outputs}}"\n'
+            f'inputs = ["src/{i}.txt"]\noutputs = ["out/{i}.txt"]\n\n'
+            for i in range(n)
+        )
+    )
+    told = Told(monkeypatch)
+    assert len(project.run().started()) == n
+    age()
+    assert project.run().started() == []  # signs all: its stamp proves them
+    for i in range(3):  # a whole row first (the stamp names none), then differences
+        project.write(f"src/{i}.txt", f"changed {i}\n")
+        result, by_stamp = run(project, told)
+        assert not by_stamp and told.proofs[-1] is not None and told.proofs[-1].valid
+        assert result.started() == [f"t{i:02d}"]
+    with sqlite3.connect(project.root / ".mlbuild" / "state.db") as conn:
+        stored = conn.execute(
+            "SELECT e.id, b.base, e.targets FROM experiments e"
+            " LEFT JOIN experiment_bases b ON b.id = e.id ORDER BY e.created"
+        )
+        (first, _, _), (whole, base, _), *differences = stored.fetchall()
+    assert base is None  # the no-op's stamp named no row: the first one is whole
+    # t00 (ran the run before: unproven) and each target changed since the whole row
+    assert [(b, sorted(json.loads(t))) for _, b, t in differences] == [
+        (whole, ["t00", "t01"]),
+        (whole, ["t00", "t01", "t02"]),
+    ]
+    rows = {row["full_id"]: row for row in json.loads(project.run("exp", "show", "--json").out)}
+    assert [rows[i]["current"] for i in (first, whole)] == [False, False]
+    assert all(len(row["targets"]) == n for row in rows.values())
+    assert all(row["full_id"] == row_id(row["targets"]) for row in rows.values())
+    shown = [rows[i]["targets"] for i in (first, whole, *(d for d, _, _ in differences))]
+    for i, (before, after) in enumerate(itertools.pairwise(shown)):
+        assert {t for t in after if after[t] != before[t]} == {f"t{i:02d}"}
+    assert rows[differences[-1][0]]["current"]
+
+
+def test_a_row_built_again_is_no_base_for_a_difference(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configuration built again keeps the row an earlier build added, whose cacheable
+    marks may be another pipeline's: the next row is whole, so what `exp show` says of
+    it (restorable) is this pipeline's."""
+    n = 8
+
+    def pipeline(cached: bool) -> str:
+        return "".join(
+            f'[targets.t{i:02d}]\ncmd = "cp {{inputs}} {{outputs}}"\n'
+            f'inputs = ["src/{i}.txt"]\noutputs = ["out/{i}.txt"]\n'
+            + ("cache = false\n" if i == 5 and not cached else "")
+            + "\n"
+            for i in range(n)
+        )
+
+    for i in range(n):
+        project.write(f"src/{i}.txt", f"{i}\n")
+    project.pipeline(pipeline(cached=False))  # t05 leaves no cache entry
+    told = Told(monkeypatch)
+    assert len(project.run().started()) == n
+    project.pipeline(pipeline(cached=True))
+    age()
+    assert project.run().started() == []  # signs all: its stamp proves them
+    # The second is the first build's configuration again (t00 from the cache).
+    for text, how in (("x\n", "has started"), ("0\n", "restored from cache")):
+        project.write("src/0.txt", text)
+        result, by_stamp = run(project, told)
+        assert not by_stamp and f"Step `t00` {how}" in result.out
+    project.write("src/1.txt", "changed\n")
+    result, by_stamp = run(project, told)
+    assert not by_stamp and told.proofs[-1] is not None and told.proofs[-1].valid
+    rows = json.loads(project.run("exp", "show", "--json").out)
+    (current,) = [row for row in rows if row["current"]]
+    assert not current["restorable"]  # t05 is cacheable now, and has no entry

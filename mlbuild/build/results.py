@@ -16,10 +16,10 @@ from mlbuild.staleness import NEVER_BUILT, Decision
 from mlbuild.uptodate import Proof
 
 if TYPE_CHECKING:
-    from mlbuild.uptodate import Counts, SignedFile
+    from mlbuild.uptodate import Proven
 
-    # What the up-to-date stamp proved of a target: its counts and files (uptodate.py).
-    ProvenFiles = tuple[Counts, tuple[SignedFile, ...]]
+    # What the up-to-date stamp proved of a target: its counts, files and chunk (uptodate.py).
+    ProvenFiles = Proven
 
 
 class Outcome(enum.Enum):
@@ -128,6 +128,9 @@ class BuildResult(NamedTuple):
     # Target -> what proved it fresh: its stat signature, or the (counts, files) of the
     # up-to-date stamp; the next stamp is made from them (uptodate.py). Others: unproven.
     proven: Mapping[str, bytes | ProvenFiles] = EMPTY
+    # The experiment row the decided targets are in after the build, when known (the
+    # next stamp keeps it: uptodate.py).
+    row: str | None = None
 
     @property
     def ok(self) -> bool:
