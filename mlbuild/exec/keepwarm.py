@@ -299,8 +299,11 @@ class Server:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(path))
         os.chmod(path, 0o600)  # its owner's only; connections are checked too (_handle)
+        # Whole before anyone can connect: `mlbuild workers` reads it once answered.
+        temp = pid_path(self.root).with_name(f".workers.pid-{os.getpid()}")
+        temp.write_text(f"{os.getpid()}\n")
+        os.replace(temp, pid_path(self.root))
         listener.listen(8)
-        pid_path(self.root).write_text(f"{os.getpid()}\n")
         last = time.monotonic()
         try:
             while self.running and time.monotonic() - last < self.idle:
