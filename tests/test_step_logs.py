@@ -114,3 +114,20 @@ def test_a_fifo_planted_at_the_log_does_not_hang_the_build(tmp_path: Path) -> No
     )
     assert done.returncode == 1, done.stderr
     assert "its output could not be written to its log" in done.stderr
+
+
+def test_a_logs_folder_leading_out_of_the_project_is_refused(
+    project: Project, tmp_path: Path
+) -> None:
+    """`.mlbuild/logs` a symlink to elsewhere: no log there is removed or written."""
+    outside = tmp_path.parent / f"{tmp_path.name}-logs"
+    outside.mkdir()
+    (outside / "t.log").write_text("someone's file\n")
+    (project.root / ".mlbuild").mkdir()
+    (project.root / ".mlbuild/logs").symlink_to(outside)
+    project.pipeline("[targets.t]\ncmd = 'echo hi > {outputs.o}'\noutputs = { o = \"o.txt\" }\n")
+    result = project.run("run")
+    assert result.code == 1
+    assert "could not be started" in result.err and "through a symlink" in result.err
+    assert (outside / "t.log").read_text() == "someone's file\n"
+    assert not (project.root / "o.txt").exists()

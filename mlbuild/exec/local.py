@@ -312,8 +312,18 @@ class LocalExecutor:
         self.markers = _Markers(self.running_dir)
 
     def _mkdir(self, path: Path) -> None:
+        """Make one of mlbuild's own directories (logs, markers), once per build; one
+        leading out of `.mlbuild` through a symlink is refused: logs are removed and
+        made there, and nothing outside the project is touched."""
         if path not in self.made_dirs:
             path.mkdir(parents=True, exist_ok=True)
+            real = os.path.realpath(path)
+            expected = os.path.join(os.path.realpath(self.root), os.path.relpath(path, self.root))
+            if real != expected:
+                raise OSError(
+                    f"'{os.path.relpath(path, self.root)}' leads to {real} through a symlink;"
+                    " mlbuild keeps its own files inside the project (remove the link)"
+                )
             self.made_dirs.add(path)
 
     def start(self, step: Step) -> None:
