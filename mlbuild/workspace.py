@@ -82,12 +82,12 @@ def short_name(name: str) -> str:
 
 def log_path(root: Path, target: str) -> Path:
     """The log of `target`'s last step: `.mlbuild/logs/<short name>.log`."""
-    return root / STATE_DIR / "logs" / f"{short_name(target)}.log"
+    return Path(f"{root}/{STATE_DIR}/logs/{short_name(target)}.log")  # one Path, not three
 
 
 def made_path(root: Path, target: str) -> Path:
     """Digests of the outputs a failed or interrupted step left: mlbuild's own, deletable."""
-    return root / STATE_DIR / "made" / f"{short_name(target)}.json"
+    return Path(f"{root}/{STATE_DIR}/made/{short_name(target)}.json")
 
 
 def save_made(root: Path, target: str, outputs: Mapping[str, str]) -> None:
