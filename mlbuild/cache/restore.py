@@ -21,6 +21,7 @@ model measured on real restores.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat as _stat
 import time
@@ -157,45 +158,62 @@ def _fill_some(objects: str, files: list[_Staged]) -> list[tuple[str, StatEntry]
     for path, digest, mode, rel, umask, inline in files:
         checked_ns = time.time_ns()
         if inline is not None:
-            fd = os.open(path, O_NEW, mode)
-            try:
-                write_all(fd, inline)
-                if mode & umask:
-                    os.fchmod(fd, mode)
-                st = os.fstat(fd)
-            finally:
-                os.close(fd)
-            done.append((rel, StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, checked_ns, digest)))
-            continue
-        try:
-            source = os.open(f"{objects}/{digest[:2]}/{digest[2:]}", O_READ)
-        except FileNotFoundError:
-            raise CacheError(f"object {digest[:12]} is missing") from None
-        try:
-            size = os.fstat(source).st_size
-            fd = os.open(path, O_NEW if size < LARGE_FILE else O_NEW_RW, mode)
-            try:
-                if size < LARGE_FILE:
-                    data = read_all(source, size)
-                    actual = blake3.blake3(data).hexdigest()
-                    if actual == digest:
-                        write_all(fd, data)
-                else:
-                    copy_extents(source, fd, size)
-                    actual = hash_extents(fd, size)
-                if mode & umask:
-                    os.fchmod(fd, mode)
-                st = os.fstat(fd)
-            finally:
-                os.close(fd)
-        finally:
-            os.close(source)
-        if actual != digest:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{objects}/{digest[:2]}/{digest[2:]}")
-            raise corrupted("object", digest, actual)
+            st = _write_new(path, O_NEW, mode, umask, functools.partial(_write_to, inline))
+        else:
+            st = _from_object(f"{objects}/{digest[:2]}/{digest[2:]}", path, digest, mode, umask)
         done.append((rel, StatEntry(st.st_size, st.st_mtime_ns, st.st_ino, checked_ns, digest)))
     return done
+
+
+def _write_new(
+    path: str, flags: int, mode: int, umask: int, write: Callable[[int], None]
+) -> os.stat_result:
+    """Create `path` (it must not exist), fill it with `write(fd)`, give it `mode`."""
+    fd = os.open(path, flags, mode)
+    try:
+        write(fd)
+        if mode & umask:
+            os.fchmod(fd, mode)
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_to(data: bytes, fd: int) -> None:
+    write_all(fd, data)
+
+
+def _from_object(obj: str, path: str, digest: str, mode: int, umask: int) -> os.stat_result:
+    """Copy object `obj` to the new file `path`, checked against `digest` as it is copied:
+    a small one read, hashed and then written; a large one copied by extents, then hashed.
+    A corrupted object is deleted (CorruptObject)."""
+    try:
+        source = os.open(obj, O_READ)
+    except FileNotFoundError:
+        raise CacheError(f"object {digest[:12]} is missing") from None
+    actual = digest
+
+    def fill(fd: int) -> None:
+        nonlocal actual
+        if size < LARGE_FILE:
+            data = read_all(source, size)
+            actual = blake3.blake3(data).hexdigest()
+            if actual == digest:
+                write_all(fd, data)
+        else:
+            copy_extents(source, fd, size)
+            actual = hash_extents(fd, size)
+
+    try:
+        size = os.fstat(source).st_size
+        st = _write_new(path, O_NEW if size < LARGE_FILE else O_NEW_RW, mode, umask, fill)
+    finally:
+        os.close(source)
+    if actual != digest:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(obj)
+        raise corrupted("object", digest, actual)
+    return st
 
 
 def check_cost(entry: Entry) -> None:

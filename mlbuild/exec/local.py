@@ -174,7 +174,7 @@ class StepProcess(Protocol):
     stdout: IO[bytes] | None
 
     def poll(self) -> int | None: ...
-    def wait(self, timeout: float | None = None) -> int: ...
+    def wait(self) -> int: ...
 
 
 # Given a step, the environment and the worker call: a process already running the
@@ -642,14 +642,7 @@ class _Spawned:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def wait(self, timeout: float | None = None) -> int:
-        if timeout is not None:
-            deadline = time.monotonic() + timeout
-            while (code := self.poll()) is None:
-                if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(str(self.pid), timeout)
-                time.sleep(0.005)
-            return code
+    def wait(self) -> int:
         if self.returncode is None:
             _, status = os.waitpid(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)
