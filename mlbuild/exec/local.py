@@ -711,7 +711,9 @@ def _inheritable_fds() -> list[int] | None:
 
 
 def _which(name: str, path: str) -> str | None:
-    """The first executable regular file `name` in the directories of `path`, as execvp takes."""
+    """The first executable regular file `name` in the directories of `path`, as execvp takes.
+
+    Not shutil.which: it takes any non-directory and stats each hit three times."""
     for folder in path.split(os.pathsep):
         candidate = os.path.join(folder or ".", name)
         try:
