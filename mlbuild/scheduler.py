@@ -57,25 +57,32 @@ class Scheduler:
         heap = self._runnable if pool is None else self._pooled.setdefault(pool, [])
         heapq.heappush(heap, self.rank[name])
 
-    def startable(self) -> list[str]:
+    def _head(self) -> tuple[list[int], str | None] | None:
+        """The queue whose head starts next, and its pool: the first runnable target in
+        build order whose pool (if any) has room. None if no target can start."""
+        heap = self._runnable if self._runnable else None
+        chosen: str | None = None
+        for pool, waiting in self._pooled.items():
+            if (
+                waiting
+                and self.pool_free.get(pool, 0) > 0
+                and (heap is None or waiting[0] < heap[0])
+            ):
+                heap, chosen = waiting, pool
+        return None if heap is None else (heap, chosen)
+
+    def startable(self, before: int | None = None) -> list[str]:
         """Runnable targets that fit in the free job slots and pools, now marked running.
 
         They start in build order: each slot goes to the first runnable target
-        whose pool (if any) has room, found among the heads of the queues.
+        whose pool (if any) has room; with `before`, only targets ranked before it.
         """
         started: list[str] = []
         while len(self.running) < self.jobs:
-            heap = self._runnable if self._runnable else None
-            chosen: str | None = None
-            for pool, waiting in self._pooled.items():
-                if (
-                    waiting
-                    and self.pool_free.get(pool, 0) > 0
-                    and (heap is None or waiting[0] < heap[0])
-                ):
-                    heap, chosen = waiting, pool
-            if heap is None:
+            head = self._head()
+            if head is None or (before is not None and head[0][0] >= before):
                 break
+            heap, chosen = head
             name = self.order[heapq.heappop(heap)]
             if chosen is not None:
                 self.pool_free[chosen] -= 1
@@ -85,11 +92,15 @@ class Scheduler:
 
     def can_start(self) -> bool:
         """Whether `startable` would start something now: a free slot has a target for it."""
-        if len(self.running) >= self.jobs:
+        return len(self.running) < self.jobs and self._head() is not None
+
+    def start_first(self) -> bool:
+        """Whether a target can start before any more are checked: one for a free slot that
+        comes, in build order, before every target still to check (checking those first
+        keeps the order steps start in the build order)."""
+        if len(self.running) >= self.jobs or (head := self._head()) is None:
             return False
-        if self._runnable:
-            return True
-        return any(waiting and self.pool_free.get(p, 0) > 0 for p, waiting in self._pooled.items())
+        return not self._checkable or head[0][0] < self._checkable[0]
 
     @property
     def checkable(self) -> bool:
@@ -103,13 +114,32 @@ class Scheduler:
         self._pooled.clear()
         return [self.order[rank] for rank in sorted(ranks)]
 
-    def finished(self, name: str) -> None:
-        """`name` is done (whatever its outcome): release its slot, wake its users."""
+    def start_early(self, name: str) -> list[str]:
+        """`name`'s step is over: the targets that take its slot before it is recorded.
+
+        Only runnable targets that come, in build order, before every target
+        still to be checked and every user of `name` (which `finished` wakes):
+        the ones `finished` then `startable` would have started, so that the
+        order steps start in stays the build order (at -j 1, exactly).
+        """
+        self.release(name)
+        bound = [self._checkable[0]] if self._checkable else []
+        users = self.users[name]
+        if users:
+            bound.append(self.rank[users[0]])  # users are listed in build order
+        return self.startable(min(bound) if bound else None)
+
+    def release(self, name: str) -> None:
+        """`name`'s step is over: its slot (and its pool's) is free; its users still wait."""
         if name in self.running:
             self.running.discard(name)
             pool = self.pool_of.get(name)
             if pool is not None:
                 self.pool_free[pool] += 1
+
+    def finished(self, name: str) -> None:
+        """`name` is done (whatever its outcome): release its slot, wake its users."""
+        self.release(name)
         for user in self.users[name]:
             self.waiting_on[user] -= 1
             if self.waiting_on[user] == 0:

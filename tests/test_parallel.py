@@ -451,3 +451,56 @@ def test_bad_input_found_while_steps_run_lets_them_finish_and_be_recorded(
     assert project.run("show", "a").code == 0  # recorded
     again = project.run("run", "-j", "2")
     assert again.code == 2 and again.started() == []
+
+
+def test_at_j1_the_next_step_is_told_after_the_last_one_ended(project: Project) -> None:
+    """The next independent step starts before the last one is recorded (mlbuild's
+    bookkeeping overlaps it), but the lines read as at -j 1: ended, then started."""
+    project.pipeline(
+        "".join(
+            f"[targets.t{i}]\ncmd = 'echo {i} > {{outputs.o}}'\noutputs = {{ o = 'o{i}.txt' }}\n"
+            for i in range(4)
+        )
+    )
+    result = project.run("run", "-j", "1")
+    assert result.code == 0, result.err
+    lines = [line for line in result.out.splitlines() if line.startswith("Step")]
+    told = [(line.split("`")[1], "started" in line) for line in lines]
+    assert told == [(f"t{i}", started) for i in range(4) for started in (True, False)]
+    assert "[t" not in result.out  # no prefixes: one step ran at a time
+    assert [project.read(f"o{i}.txt") for i in range(4)] == ["0\n", "1\n", "2\n", "3\n"]
+
+
+def test_at_j1_a_step_missing_its_output_stops_the_build_before_the_next(
+    project: Project,
+) -> None:
+    project.pipeline(
+        "[targets.a]\ncmd = 'true'\noutputs = { o = 'a.txt' }\n"
+        "[targets.b]\ncmd = 'echo b > {outputs.o}'\noutputs = { o = 'b.txt' }\n"
+    )
+    result = project.run("run", "-j", "1")
+    assert result.code == 1
+    assert "did not write declared output 'a.txt'" in result.err
+    assert result.started() == ["a"]
+    assert not (project.root / "b.txt").exists()
+
+
+def test_at_j1_a_file_in_the_way_of_the_next_step_leaves_the_last_one_recorded(
+    project: Project,
+) -> None:
+    """`b` starts as soon as `a` ended, before `a` is recorded: a file where `b`'s output
+    directory should be still ends the build with one line (exit 2), after `a` is."""
+    project.write("blocker", "mine\n")
+    project.pipeline(
+        "[targets.a]\ncmd = 'echo a > {outputs.o}'\noutputs = { o = 'a.txt' }\n"
+        "[targets.b]\ncmd = 'echo b > {outputs.o}'\noutputs = { o = 'blocker/b.txt' }\n"
+    )
+    result = project.run("run", "-j", "1")
+    assert result.code == 2
+    assert len(result.err.strip().splitlines()) == 1, result.err
+    assert "'blocker'" in result.err and "targets.b.outputs" in result.err
+    assert "Traceback" not in result.err
+    assert project.read("blocker") == "mine\n"
+    assert project.read("a.txt") == "a\n"
+    status = project.run("status")
+    assert "fresh  a" in status.out

@@ -231,3 +231,29 @@ def test_can_start_and_checkable_follow_slots_pools_and_the_queue() -> None:
     assert not sched.can_start()  # the one slot is taken
     sched.finished("a")
     assert sched.checkable and sched.can_start()
+
+
+def test_a_step_over_gives_its_slot_early_only_to_what_comes_first_in_build_order() -> None:
+    # upper <- first_line; greet stands alone, after first_line in build order.
+    order = ("upper", "first_line", "greet", "other")
+    deps = {"upper": (), "first_line": ("upper",), "greet": (), "other": ()}
+    sched = Scheduler(order, deps, jobs=1)
+    assert sched.next_to_check() == "upper"
+    sched.want_run("upper")
+    assert sched.startable() == ["upper"]
+    assert sched.next_to_check() == "greet"  # checked while upper runs
+    sched.want_run("greet")
+    # first_line (upper's user) comes before greet: greet waits for upper to be recorded.
+    assert sched.start_early("upper") == []
+    assert not sched.running  # the slot is free all the same
+    sched.finished("upper")
+    assert not sched.start_first()  # first_line is still to be checked, and comes first
+    assert sched.next_to_check() == "first_line"
+    sched.want_run("first_line")
+    assert sched.start_first()
+    assert sched.startable() == ["first_line"]
+    # Nothing left to check before greet, and first_line has no users: greet may go early.
+    assert sched.start_early("first_line") == ["greet"]
+    assert sched.running == {"greet"}
+    sched.finished("first_line")
+    assert sched.running == {"greet"}  # finishing first_line did not free greet's slot

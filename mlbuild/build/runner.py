@@ -404,7 +404,7 @@ class Build:
             # VISIT_SLICE, so that 10,000 checks do not hold back the first step.
             busy = self._executor is not None and bool(self._executor.running)
             until = time.perf_counter() + VISIT_SLICE
-            while (name := sched.next_to_check()) is not None:
+            while not sched.start_first() and (name := sched.next_to_check()) is not None:
                 is_forced = forced is not None and (not forced or name in forced)
                 try:
                     stale = self._visit(name, is_forced)
@@ -448,7 +448,7 @@ class Build:
             timeout = 0.0 if sched.checkable else self._flush_due()
             for event in self._executor.wait(timeout):
                 if isinstance(event, Done):
-                    self._complete(event.target, event.result)
+                    self._complete(event.target, event.result, sched)
                     sched.finished(event.target)
                 else:
                     self.reporter.output(event.target, event.data)
@@ -601,7 +601,9 @@ class Build:
         """The target now; `before` (its manifest) names the files its step was seen using."""
         return observe_target(target, before, self.fp, self.code, self.packages, self.where)
 
-    def _start(self, name: str) -> None:
+    def _start(self, name: str, *, announce: bool = True) -> None:
+        """Spawn a stale target's step; `announce=False` leaves its "started" line to the
+        caller (`_start_freed`), which tells the step that ended first."""
         target = self.graph.targets[name]
         for port in target.outputs:
             parent = (self.root / port.path).parent
@@ -623,7 +625,8 @@ class Build:
             self.fp.expire()
             now = self._observe(target, now.fingerprint)
             self._running[name] = (now, decision, self._input_stats(target, now))
-        self.reporter.started(name, decision, target.shown)
+        if announce:
+            self.reporter.started(name, decision, target.shown)
         from mlbuild.exec.base import Step
 
         self._started[name] = time.monotonic()  # an interrupted step's duration
@@ -640,14 +643,49 @@ class Build:
                     self.reporter.interrupted(name, took)
             raise
 
-    def _complete(self, name: str, result: ExecResult) -> None:
-        """A step exited: check its outputs, record it, store its outputs in the cache."""
+    def _complete(self, name: str, result: ExecResult, sched: Scheduler) -> None:
+        """A step exited: check its outputs, record it, store its outputs in the cache.
+
+        A shell step that exited well with its outputs in place frees its slot first:
+        the next step starts before this one's outputs are hashed and recorded, so
+        that mlbuild's bookkeeping overlaps a step even at -j 1. What it starts is
+        independent of this target (runnable before it finished), and is told after it.
+        """
         target = self.graph.targets[name]
         before, decision, taken = self._running.pop(name)
         if result.remote_outputs is not None:
             result = self._bring_back(result)
         self.fp.expire()  # the step wrote files
         failure = self._check(target, result)
+        early: list[str] = []
+        stopped_by: BaseException | None = None
+        if failure is None and target.kind is ActionKind.SHELL and not self.stopped:
+            try:
+                for next_name in sched.start_early(name):
+                    self._start(next_name, announce=False)
+                    early.append(next_name)
+            except BaseException as exc:  # a file in the way, Ctrl-C: raised once this is told
+                stopped_by = exc
+        try:
+            self._record_step(name, target, result, before, decision, taken, failure)
+        finally:
+            for started in early:
+                shown = self.graph.targets[started].shown
+                self.reporter.started(started, self._running[started][1], shown)
+        if stopped_by is not None:
+            raise stopped_by
+
+    def _record_step(
+        self,
+        name: str,
+        target: Target,
+        result: ExecResult,
+        before: Observation,
+        decision: Decision,
+        taken: StatMap,
+        failure: Failure | None,
+    ) -> None:
+        """The rest of `_complete`: record the step (or its failure), store its outputs."""
         if failure is None and target.kind is ActionKind.PYTHON:
             before, failure = self._take_observed(target, before, result)
         changed: str | None = None
