@@ -54,7 +54,16 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ),
     (
         "build",
-        frozenset({"build.runner", "build.query", "build.results", "build.lock", "build.sweep"}),
+        frozenset(
+            {
+                "build.runner",
+                "build.query",
+                "build.results",
+                "build.lock",
+                "build.sweep",
+                "build.background",
+            }
+        ),
     ),
     (
         "interface",

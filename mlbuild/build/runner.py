@@ -19,13 +19,14 @@ the queued records, and those steps run again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import os
 import stat
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mlbuild.build.results import (
     BuildOptions,
@@ -72,10 +73,10 @@ from mlbuild.workspace import (
 if TYPE_CHECKING:
     # The executor and the cache (subprocess, shutil, tempfile with them) are
     # imported only when a target is stale: a no-op build never pays for them.
-    from concurrent.futures import Future, ThreadPoolExecutor
-
+    from mlbuild.build.background import Background, Job
     from mlbuild.build.results import ProvenFiles
     from mlbuild.cache import Cache
+    from mlbuild.cache.entry import Entry
     from mlbuild.exec.base import ExecResult, Executor
     from mlbuild.remote import RemoteCache
 
@@ -228,8 +229,8 @@ class Build:
         self.stopped = False
         self._bad_input: UserError | None = None  # found while steps ran: raised after them
         self.cache_broken = False  # set after a failed write: no more caching this run
-        self._saver: ThreadPoolExecutor | None = None  # background cache writes
-        self._saves: list[Future[Any]] = []
+        self._saver: Background | None = None  # background cache writes
+        self._saves: list[Job[Entry]] = []
         self._executor: Executor | None = None
         self._cache: Cache | None = None
         self._remote: RemoteCache | None = None  # opened on the first stale target
@@ -344,7 +345,7 @@ class Build:
             self._flush_records()
         finally:
             if self._executor is not None:  # warm workers no step took (exec/warm.py)
-                from mlbuild.exec.warm import finish
+                from mlbuild.exec.base import finish
 
                 finish(self._executor, interrupted=status is RunStatus.INTERRUPTED)
             self._collect_saves(wait=True)
@@ -876,8 +877,6 @@ class Build:
         verified (RemoteCache.receive), then Cache.restore. A failure fails
         the step; the time it took counts as the step's.
         """
-        from dataclasses import replace
-
         from mlbuild.cache import CacheError
         from mlbuild.remote import BadRecord, RemoteError
 
@@ -893,7 +892,7 @@ class Build:
         except (RemoteError, BadRecord, CacheError, OSError) as exc:
             message = f"fetching its outputs from the remote cache failed: {exc}"
         duration = result.duration + time.perf_counter() - start
-        return replace(result, duration=duration, message=message, remote_outputs=None)
+        return result._replace(duration=duration, message=message, remote_outputs=None)
 
     def _store_outputs(self, target: Target, done: Observation, duration: float) -> None:
         """Copy a finished target's outputs into the cache, in a background thread.
@@ -904,12 +903,12 @@ class Build:
         if not self._cacheable(target):
             return
         if self._saver is None:
-            from concurrent.futures import ThreadPoolExecutor
+            from mlbuild.build.background import Background
 
-            self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlbuild-cache")
+            self._saver = Background("mlbuild-cache")
         key = target_key(target, done.fingerprint)
-        save = self._saver.submit(self.cache.save, key, target.name, self.root, done, duration)
-        self._saves.append(save)
+        save = functools.partial(self.cache.save, key, target.name, self.root, done, duration)
+        self._saves.append(self._saver.submit(save))
         self._collect_saves(wait=False)
 
     def _collect_saves(self, *, wait: bool) -> None:
@@ -918,7 +917,7 @@ class Build:
             return
         from mlbuild.cache import CacheError, Uncacheable
 
-        pending: list[Future[Any]] = []
+        pending: list[Job[Entry]] = []
         for save in self._saves:
             if not (wait or save.done()):
                 pending.append(save)

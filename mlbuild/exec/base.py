@@ -14,7 +14,6 @@ import re
 import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -47,8 +46,7 @@ class RemoteOutputs(NamedTuple):
     sizes: Mapping[str, int]
 
 
-@dataclass(frozen=True)
-class ExecResult:
+class ExecResult(NamedTuple):
     """How a step ended: exit status (negative: killed by that signal) and wall time."""
 
     returncode: int
@@ -63,16 +61,14 @@ class ExecResult:
         return self.returncode == 0 and not self.message
 
 
-@dataclass(frozen=True)
-class Output:
+class Output(NamedTuple):
     """Bytes a running step wrote (stdout and stderr together)."""
 
     target: str
     data: bytes
 
 
-@dataclass(frozen=True)
-class Done:
+class Done(NamedTuple):
     """A step's process exited."""
 
     target: str
@@ -235,3 +231,14 @@ def log_tail(log_path: Path, lines: int = _TAIL_LINES) -> list[str]:
     except OSError:
         return []
     return data.decode("utf-8", "replace").splitlines()[-lines:]
+
+
+def finish(executor: Executor, interrupted: bool) -> None:
+    """The build is over: the warm workers no step took are killed (a watch session keeps
+    its own). Here rather than in exec/warm.py, whose imports a build without them skips."""
+    close = getattr(executor, "close_warm", None)
+    if close is not None:
+        close()
+    pool = getattr(executor, "warm_pool", None)
+    if interrupted and pool is not None:
+        pool.close()

@@ -52,10 +52,8 @@ import os
 import selectors
 import signal
 import stat
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, NamedTuple, Protocol
 
@@ -86,6 +84,8 @@ from mlbuild.pipeline.schema import ActionKind
 from mlbuild.workspace import running_dir
 
 if TYPE_CHECKING:
+    import subprocess
+
     from mlbuild.exec.warm import WarmPool
 
 DRAIN_SECONDS = 0.2  # output read after a step's main process exited
@@ -190,23 +190,48 @@ class _Phase(enum.Enum):
     STOPPING = "stopping"  # what it left got SIGTERM; SIGKILL at the deadline
 
 
-@dataclass
 class _Running:
-    name: str
-    proc: StepProcess
-    log_path: Path
-    start: float
-    marker: _Marker
-    token: str
-    python: bool
-    pidfd: int | None  # readable when the main process exits (None: polled)
-    log: int | None = None  # descriptor of the step's log, opened at its first output
-    log_error: str = ""  # why the log could not be written (the step fails)
-    pipe_open: bool = True
-    phase: _Phase = _Phase.RUNNING
-    returncode: int = 0
-    duration: float = 0.0
-    deadline: float = 0.0  # monotonic time when DRAINING or STOPPING ends
+    """A started step's process and where it is in its end (a plain class: `dataclasses`
+    costs a first run 5 ms of imports)."""
+
+    __slots__ = (
+        "deadline",
+        "duration",
+        "log",
+        "log_error",
+        "log_path",
+        "marker",
+        "name",
+        "phase",
+        "pidfd",
+        "pipe_open",
+        "proc",
+        "python",
+        "returncode",
+        "start",
+        "token",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        proc: StepProcess,
+        log_path: Path,
+        start: float,
+        marker: _Marker,
+        token: str,
+        python: bool,
+        pidfd: int | None,  # readable when the main process exits (None: polled)
+    ) -> None:
+        self.name, self.proc, self.log_path, self.start = name, proc, log_path, start
+        self.marker, self.token, self.python, self.pidfd = marker, token, python, pidfd
+        self.log: int | None = None  # the step's log, opened at its first output
+        self.log_error = ""  # why the log could not be written (the step fails)
+        self.pipe_open = True
+        self.phase = _Phase.RUNNING
+        self.returncode = 0
+        self.duration = 0.0
+        self.deadline = 0.0  # monotonic time when DRAINING or STOPPING ends
 
 
 class _Marker(NamedTuple):
@@ -726,6 +751,8 @@ def _which(name: str, path: str) -> str | None:
 
 
 def _popen(argv: list[str], root: Path, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    import subprocess  # only away from the project's directory: a first run's imports count
+
     return subprocess.Popen(
         argv,
         cwd=root,

@@ -291,16 +291,6 @@ def prepare(
         room -= 1
 
 
-def finish(executor: Executor | None, interrupted: bool) -> None:
-    """The build is over: its unused warm workers are killed (a watch session keeps its own)."""
-    close = getattr(executor, "close_warm", None)
-    if close is not None:
-        close()
-    pool: WarmPool | None = getattr(executor, "warm_pool", None)
-    if interrupted and pool is not None:
-        pool.close()
-
-
 def start_session(root: Path) -> WarmPool:
     """Watch mode: one pool for every build of the session (`end_session` kills its workers)."""
     from mlbuild.exec import local
