@@ -957,7 +957,13 @@ def open_existing_store(state_dir: Path, warn: WarnFn) -> Store | None:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    new = not os.path.lexists(path)
     conn = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+    if new:
+        # Turning a new, empty database to WAL goes through a rollback journal, synced
+        # three times (6 ms of a first run here). Nothing is in it to lose: a crash
+        # meanwhile leaves a file `open_store` moves aside and starts over from.
+        conn.execute("PRAGMA synchronous=OFF")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     return conn
@@ -1039,9 +1045,10 @@ def _move_aside(path: Path) -> Path:
 
 
 def _create(conn: sqlite3.Connection) -> None:
-    conn.executescript(_SCHEMA)
-    conn.execute(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+    """The tables, in one transaction (each statement its own cost a commit each)."""
+    conn.executescript(
+        f"BEGIN IMMEDIATE; {_SCHEMA} INSERT OR REPLACE INTO meta (key, value)"
+        f" VALUES ('schema_version', '{SCHEMA_VERSION}'); COMMIT;"
     )
 
 

@@ -37,9 +37,11 @@ from mlbuild.fingerprint import FINE_WINDOW_NS
 # As `nobody` the forked child may not read the interpreter's own library (here it
 # lives under /root), so every module a run may import is loaded before any fork.
 for _module in (
-    "concurrent.futures.thread",
+    "mlbuild.build.background",
     "mlbuild.cache",
+    "mlbuild.commands",
     "mlbuild.exec.local",
+    "mlbuild.snapshot",
     "mlbuild.ui.history",
 ):
     importlib.import_module(_module)
