@@ -475,7 +475,8 @@ class LocalExecutor:
             if step is None:
                 continue
             if kind == _EXIT:
-                self._exited(step)
+                if step.phase is _Phase.RUNNING:  # else taken at its pipe's end (_read)
+                    self._exited(step)
                 continue
             chunk = self._read(step)
             if chunk:
@@ -512,6 +513,10 @@ class LocalExecutor:
             self._log(step, chunk)
             return chunk
         self._close_pipe(step)
+        if step.phase is _Phase.RUNNING and step.proc.poll() is not None:
+            # The pipe closes as the main process exits: taken now rather than at its
+            # pidfd's event, the next time round the build's loop.
+            self._exited(step)
         if step.phase is _Phase.DRAINING:
             step.deadline = 0.0  # all read: on to its leftovers
         return b""
