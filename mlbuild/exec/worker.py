@@ -32,7 +32,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +58,8 @@ def _print_user_traceback(exc: BaseException) -> None:
         or tb.tb_frame.f_code.co_filename.startswith("<frozen importlib")
     ):
         tb = tb.tb_next
+    import traceback  # only when a step raised: every step and build imports this module
+
     traceback.print_exception(type(exc), exc, tb, file=sys.stderr)
 
 
