@@ -242,6 +242,9 @@ class Build:
         self.made_dirs: set[Path] = set()  # output parents created in this build
         self._pending: list[Record] = []  # manifests not yet written (_record_later)
         self._pending_since = 0.0  # monotonic time the oldest of them was queued
+        # Cache keys found by `_restore`, with the fingerprint they are of: a step's
+        # outputs are stored under the same key while nothing moved in between.
+        self._keys: dict[str, tuple[Fingerprint, str]] = {}
         self._signed: list[tuple[str, bytes]] = []  # stat signatures to write (signature.py)
         # What proved each skipped target fresh: its signature or the up-to-date stamp's
         # files (the next stamp is made of them, uptodate.py); the stamp's own proof.
@@ -687,6 +690,7 @@ class Build:
         failure: Failure | None,
     ) -> None:
         """The rest of `_complete`: record the step (or its failure), store its outputs."""
+        known = self._keys.pop(name, None)  # the cache key `_restore` found, and of what
         if failure is None and target.kind is ActionKind.PYTHON:
             before, failure = self._take_observed(target, before, result)
         changed: str | None = None
@@ -720,7 +724,8 @@ class Build:
                 " kept but not cached, and the next run redoes the step"
             )
             return
-        self._store_outputs(target, done, result.duration)
+        key = known[1] if known is not None and known[0] is before.fingerprint else None
+        self._store_outputs(target, done, result.duration, key)
 
     def _check(self, target: Target, result: ExecResult) -> Failure | None:
         from mlbuild.exec.base import log_tail
@@ -831,6 +836,7 @@ class Build:
 
         start = time.perf_counter()
         key = target_key(target, now.fingerprint)
+        self._keys[target.name] = (now.fingerprint, key)  # the same for its step's outputs
         quick = not self.options.restore_only  # `mlbuild pull` restores whatever it costs
         try:
             entry = self.cache.lookup(key)
@@ -865,6 +871,7 @@ class Build:
             return False
         fingerprint = now.fingerprint._replace(outputs=outputs)
         self._record_later(target.name, fingerprint, entry.duration, now.listings)
+        self._keys.pop(target.name, None)
         duration = time.perf_counter() - start
         self._finish(TargetResult(target.name, Outcome.RESTORED, decision.reasons, duration))
         self.reporter.restored(target.name, duration, entry.created, source=source)
@@ -894,7 +901,9 @@ class Build:
         duration = result.duration + time.perf_counter() - start
         return result._replace(duration=duration, message=message, remote_outputs=None)
 
-    def _store_outputs(self, target: Target, done: Observation, duration: float) -> None:
+    def _store_outputs(
+        self, target: Target, done: Observation, duration: float, key: str | None = None
+    ) -> None:
         """Copy a finished target's outputs into the cache, in a background thread.
 
         The copy (file I/O that releases the GIL) overlaps with the next steps;
@@ -906,7 +915,8 @@ class Build:
             from mlbuild.build.background import Background
 
             self._saver = Background("mlbuild-cache")
-        key = target_key(target, done.fingerprint)
+        if key is None:  # not looked up before the step, or its inputs were taken again
+            key = target_key(target, done.fingerprint)
         save = functools.partial(self.cache.save, key, target.name, self.root, done, duration)
         self._saves.append(self._saver.submit(save))
         self._collect_saves(wait=False)
