@@ -175,6 +175,7 @@ class Record(NamedTuple):
     stats: Mapping[str, StatEntry | DirStat]
     trees: Mapping[str, Iterable[tuple[str, str]]]
     finished_at: float
+    key: str | None = None  # its cache key when the build knows it (None: found when needed)
 
 
 class RunRow(NamedTuple):
@@ -578,9 +579,9 @@ class Store:
                 # No signature yet (NULL): the outputs a step just wrote are racy, so the
                 # next no-op checks the long way, re-hashes them and writes one.
                 conn.execute(
-                    "INSERT OR REPLACE INTO manifests (target, data, finished_at, duration)"
-                    " VALUES (?, ?, ?, ?)",
-                    (r.target, r.data, r.finished_at, r.duration),
+                    "INSERT OR REPLACE INTO manifests (target, data, finished_at, duration, key)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (r.target, r.data, r.finished_at, r.duration, r.key),
                 )
 
     @_guarded

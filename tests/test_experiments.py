@@ -611,3 +611,57 @@ def test_no_row_for_outputs_whose_input_changed_while_the_step_ran(project: Proj
     assert "input 'in.txt' changed while the step ran" in result.err
     assert "--name racy: an input changed while a step ran, so no experiment row" in result.err
     assert show(project) == []
+
+
+def test_keys_written_with_manifests_are_the_ones_the_table_computes(project: Project) -> None:
+    """A build writes each manifest's cache key with it (it looked the key up already): the
+    same key `key_of` derives from the manifest, for every shape of target, and none where
+    the inputs changed under the step (its manifest records the change, so its key differs)."""
+    from mlbuild.experiments import key_of
+    from mlbuild.store import open_store
+
+    project.write("in.txt", "a\n")
+    project.write("shared.txt", "one\n")
+    project.pipeline(
+        """
+        [targets.two]
+        cmd = "cp {inputs.src} {outputs.a} && cp {inputs.src} {outputs.b}"
+        inputs = { src = "in.txt" }
+        outputs = { a = "two/a.txt", b = "two/b.txt" }
+
+        [targets.tree]
+        cmd = "mkdir -p {outputs.d} && cp {inputs.a} {outputs.d}/x.txt"
+        inputs = { a = "two/a.txt" }
+        outputs = { d = "tree" }
+
+        [targets.uncached]
+        cmd = "cp {inputs.src} {outputs.o}"
+        cache = false
+        inputs = { src = "in.txt" }
+        outputs = { o = "uncached.txt" }
+
+        [targets.moved]
+        cmd = "cat {inputs.s} > {outputs.o}; printf 'two\\n' > {inputs.s}"
+        inputs = { s = "shared.txt" }
+        outputs = { o = "moved.txt" }
+        """
+    )
+
+    def kept() -> dict[str, str | None]:
+        with open_store(project.root / ".mlbuild", print) as store:
+            keys = store.load_manifest_keys()
+            manifests = store.load_manifests()
+        assert set(keys) == {"two", "tree", "uncached", "moved"}
+        for target, key in keys.items():
+            assert key is None or key == key_of(target, manifests[target]), target
+        return keys
+
+    first = project.run("run", "-j", "1")
+    assert first.code == 0, first.err
+    keys = kept()
+    assert keys["two"] and keys["tree"]
+    assert keys["moved"] is None  # changed while its step ran: not the key it was looked up by
+    project.run("clean")
+    again = project.run("run", "-j", "1")  # restored from the cache this time
+    assert "restored" in again.out
+    assert kept()["two"] == keys["two"]

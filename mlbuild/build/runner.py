@@ -695,12 +695,15 @@ class Build:
             before, failure = self._take_observed(target, before, result)
         changed: str | None = None
         done: Observation | None = None
+        key: str | None = None
         if failure is None:
             try:
                 changed = self._changed_input(target, before, taken)
                 if changed is not None:
                     before = _poisoned(before, changed)
-                done = self._record(target, before, result.duration)
+                # The key `_restore` found holds while the inputs are the ones it was of.
+                key = known[1] if known is not None and known[0] is before.fingerprint else None
+                done = self._record(target, before, result.duration, key)
             except FingerprintError as exc:  # the step left a FIFO or an unreadable file
                 failure = failure_of(target, str(exc), result.log_path)
         if failure is not None or done is None:
@@ -724,7 +727,6 @@ class Build:
                 " kept but not cached, and the next run redoes the step"
             )
             return
-        key = known[1] if known is not None and known[0] is before.fingerprint else None
         self._store_outputs(target, done, result.duration, key)
 
     def _check(self, target: Target, result: ExecResult) -> Failure | None:
@@ -769,12 +771,14 @@ class Build:
             return before, failure_of(target, message, result.log_path)
         return settled.observation, None
 
-    def _record(self, target: Target, before_run: Observation, duration: float) -> Observation:
+    def _record(
+        self, target: Target, before_run: Observation, duration: float, key: str | None
+    ) -> Observation:
         """Store the manifest: inputs as observed before the step, outputs as they are now."""
         listings = dict(before_run.listings)
         outputs = observe_paths(self.fp, [p.path for p in target.outputs], listings)
         fingerprint = before_run.fingerprint._replace(outputs=outputs)
-        self._record_later(target.name, fingerprint, duration, listings)
+        self._record_later(target.name, fingerprint, duration, listings, key)
         return Observation(fingerprint, listings, before_run.imported_by)
 
     def _record_later(
@@ -783,16 +787,17 @@ class Build:
         fingerprint: Fingerprint,
         duration: float,
         listings: Mapping[str, tuple[tuple[str, str], ...]],
+        key: str | None = None,
     ) -> None:
-        """Queue a manifest; written with others in one transaction (`_flush_records`).
+        """Queue a manifest; written with others in one transaction (`_flush_records`),
+        with its cache key when known (the experiment table reads it: none to hash then).
 
         Everything in it was true when it was taken, so writing it later is
         never wrong: what changes in between is found as any later change is.
         A crash before the write loses the record and the step runs again.
         """
-        record = Record(
-            name, fingerprint.to_json(), duration, self.fp.take_updates(), listings, time.time()
-        )
+        data, updates = fingerprint.to_json(), self.fp.take_updates()
+        record = Record(name, data, duration, updates, listings, time.time(), key)
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending.append(record)
@@ -870,7 +875,7 @@ class Build:
             self._clear(target, current, known)
             return False
         fingerprint = now.fingerprint._replace(outputs=outputs)
-        self._record_later(target.name, fingerprint, entry.duration, now.listings)
+        self._record_later(target.name, fingerprint, entry.duration, now.listings, key)
         self._keys.pop(target.name, None)
         duration = time.perf_counter() - start
         self._finish(TargetResult(target.name, Outcome.RESTORED, decision.reasons, duration))
