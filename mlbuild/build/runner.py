@@ -907,7 +907,7 @@ class Build:
         if self._cache is None:
             from mlbuild.cache import Cache
 
-            self._cache = Cache(cache_dir(self.root))
+            self._cache = Cache(cache_dir(self.root), self.reporter.warn)
         return self._cache
 
     @property
