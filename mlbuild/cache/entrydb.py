@@ -194,10 +194,7 @@ class EntryDB:
         if found is Found.ABSENT and not create:
             return None
         if found is Found.FOREIGN:
-            self._give_up(
-                f"{display_path(self.path)} is not mlbuild's cache database; mlbuild leaves"
-                " it alone: move it away to cache outputs again"
-            )
+            self._not_ours(self.path, "not mlbuild's cache database")
         if found is Found.ABSENT:
             try:
                 os.makedirs(self.root, exist_ok=True)
@@ -218,7 +215,7 @@ class EntryDB:
                 return self._connect(), ino
         except (_Unusable, sqlite3.DatabaseError) as exc:
             self._give_up(f"cannot use {display_path(self.path)}: {exc}")
-        self._give_up(f"{display_path(self.path)} is not mlbuild's cache database")
+        self._not_ours(self.path, "not mlbuild's cache database")
 
     def _inspect(self) -> tuple[Found, int]:
         """Whose is the file at the database's name (its header, read without SQLite),
@@ -232,28 +229,19 @@ class EntryDB:
             except OSError as exc:
                 self._give_up(f"cannot use {display_path(side)}: {exc.strerror}")
             if not _is_regular(mode):
-                self._give_up(
-                    f"{display_path(side)} is not a regular file; mlbuild leaves it alone:"
-                    " move it away to cache outputs again"
-                )
+                self._not_ours(side, "not a regular file")
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return Found.ABSENT, 0
         except OSError as exc:
             if os.path.islink(self.path) or not os.path.isfile(self.path):
-                self._give_up(
-                    f"{display_path(self.path)} is {_what(self.path)}, not mlbuild's cache"
-                    " database; mlbuild leaves it alone: move it away to cache outputs again"
-                )
+                self._not_ours(self.path, f"{_what(self.path)}, not mlbuild's cache database")
             self._give_up(f"cannot read {display_path(self.path)}: {exc.strerror}")
         try:
             st = os.fstat(fd)
             if not _is_regular(st.st_mode):
-                self._give_up(
-                    f"{display_path(self.path)} is {_what(self.path)}, not mlbuild's cache"
-                    " database; mlbuild leaves it alone: move it away to cache outputs again"
-                )
+                self._not_ours(self.path, f"{_what(self.path)}, not mlbuild's cache database")
             header = os.pread(fd, 100, 0)
         except OSError as exc:
             self._give_up(f"cannot read {display_path(self.path)}: {exc.strerror}")
@@ -314,6 +302,11 @@ class EntryDB:
         self.warn(
             f"{display_path(self.path)} was moved to {aside.name} because {problem}; the cache"
             " starts over (its targets run again once)"
+        )
+
+    def _not_ours(self, path: Path, what: str) -> NoReturn:
+        self._give_up(
+            f"{display_path(path)} is {what} (left alone: move it away to cache outputs again)"
         )
 
     def _give_up(self, problem: str) -> NoReturn:
