@@ -20,23 +20,31 @@ A row is inserted only after every object it names is in place (local.py):
 the row is the commit point, as the entry file's rename was.
 
 Whose file it is: the file at that name is mlbuild's only when it is a
-regular file (not a symlink) that is empty or whose SQLite header carries
-APPLICATION_ID. The header is written before the journal turns to WAL, so
-it is in the file itself from the first commit on. Only such a file, found
-corrupt (when opened or by any later query) or of another format, is moved
-aside (`entries.db.bad-<time>`, never deleted) with one warning and a new one
-created. Anything else at that name (a directory, a symlink, another
-program's database, bytes that are not a database, a file mlbuild may not
-read), and a `-wal`, `-shm` or `-journal` beside it that is not a regular
-file (SQLite opens those by name: a symlink there would be written through),
-is left alone: the cache then has no entries for this process (lookups
-miss) and every write raises CacheError, whose one line the build prints as
-it goes on without caching. A database locked past the busy timeout or a
-full disk is the same CacheError for that write.
+regular file (not a symlink, no other hard link) that is empty or whose
+SQLite header carries APPLICATION_ID. The header is written before the
+journal turns to WAL, so it is in the file itself from the first commit on.
+Only such a file, found corrupt (when opened or by any later query) or of
+another format, is moved aside (`entries.db.bad-<time>`, never deleted) with
+one warning and a new one created. Anything else at that name (a directory,
+a symlink, another program's database, bytes that are not a database, a
+file mlbuild may not read), and a `-wal`, `-shm` or `-journal` beside it
+that is not a regular file of one name (SQLite opens those by name: a
+symlink or hard link there would be written through), is left alone: the
+cache then has no entries for this process (lookups miss) and every write
+raises CacheError, whose one line the build prints as it goes on without
+caching. A database locked past the busy timeout or a full disk is the same
+CacheError for that write.
 
 Threads: the runner looks entries up on the main thread while its cache
 writer thread saves. Each thread gets its own connection (SQLite
-connections must not be shared across threads, nor across a fork).
+connections must not be shared across threads, nor across a fork). The
+header is read by an `os.open` of our own only while no connection of this
+process has the file open: closing any descriptor of a file drops every
+POSIX lock the process holds on it, SQLite's included, and without its
+shared lock a connection's WAL can be checkpointed and removed under it by
+another mlbuild that takes itself for the last user (rows written after
+that were lost). While one is open, the file is the one that was checked
+(an open file's inode cannot be reused).
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ import sqlite3
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -60,7 +69,7 @@ DB_NAME = "entries.db"
 APPLICATION_ID = 0x6D6C6263  # "mlbc": mlbuild's cache
 FORMAT = 1
 BUSY_SECONDS = 30.0  # as long as the state database waits for another mlbuild
-_HEADER = b"SQLite format 3\x00"
+_MAGIC = b"SQLite format 3\x00"
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
@@ -75,9 +84,19 @@ _SCHEMA = (
 
 WarnFn = Callable[[str], None]
 T = TypeVar("T")
+
+
+class _Connection(sqlite3.Connection):
+    """A connection that can be referenced weakly (by `_OPEN`)."""
+
+
+# The open connections of this process, by (device, inode) of their file, and the lock
+# under which connections are opened and headers read (see the module docstring).
+_OPEN: dict[tuple[int, int], weakref.WeakSet[_Connection]] = {}
+_LOCK = threading.RLock()
 # Connections a forked child inherited: kept referenced, never closed by the child (its
 # close could checkpoint or remove the WAL under the parent).
-_INHERITED: list[sqlite3.Connection] = []
+_INHERITED: list[_Connection] = []
 
 
 def _quiet(message: str) -> None:
@@ -100,8 +119,7 @@ class EntryDB:
         self.path = root / DB_NAME
         self.warn = warn or _quiet
         self._local = threading.local()
-        self._lock = threading.RLock()
-        self._conns: list[sqlite3.Connection] = []
+        self._conns: list[_Connection] = []
         self._generation = 0  # raised when the file is moved aside: every thread reconnects
         self._pid = os.getpid()
         self._problem: str | None = None  # why this process cannot use the file at all
@@ -131,10 +149,11 @@ class EntryDB:
         self._run(lambda c: c.execute("DELETE FROM entries WHERE key = ?", (key,)), False)
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._conns:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
+        """Close every thread's connection (a later call opens new ones)."""
+        with _LOCK:
+            if self._pid == os.getpid():
+                for conn in self._conns:
+                    _close(conn)
             self._conns.clear()
             self._generation += 1
 
@@ -144,7 +163,7 @@ class EntryDB:
         found: tuple[Any, ...] | None = self._run(lambda c: c.execute(sql, args).fetchone(), False)
         return found
 
-    def _run(self, work: Callable[[sqlite3.Connection], T], create: bool) -> T | None:
+    def _run(self, work: Callable[[_Connection], T], create: bool) -> T | None:
         """`work` on this thread's connection; None when there is no database and
         `create` is false. A corrupt database of ours is moved aside and `work` run once
         more on a new one; any other database error is CacheError."""
@@ -160,22 +179,23 @@ class EntryDB:
                 self._start_over(f"it is corrupt ({exc})", self._local.ino)
         raise AssertionError("unreachable")
 
-    def _conn(self, create: bool) -> sqlite3.Connection | None:
+    def _conn(self, create: bool) -> _Connection | None:
         if self._problem is not None:
             raise CacheError(self._problem)
         local = self._local
-        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        conn: _Connection | None = getattr(local, "conn", None)
         if conn is not None and local.generation == self._generation and self._pid == os.getpid():
             return conn
-        with self._lock:
+        with _LOCK:
             if self._pid != os.getpid():  # a forked child: the parent's connections are not ours
                 self._pid = os.getpid()
                 _INHERITED.extend(self._conns)
+                _OPEN.clear()
                 self._conns = []
                 self._generation += 1
-            elif conn is not None:  # this thread's, to a file since moved aside
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
+            elif conn is not None:  # this thread's, to a file since moved aside, or closed
+                _close(conn)
+            local.conn = None
             found = self._open(create)
             if found is None:
                 return None
@@ -185,10 +205,10 @@ class EntryDB:
             self._conns.append(conn)
             return conn
 
-    def _open(self, create: bool) -> tuple[sqlite3.Connection, int] | None:
-        """A ready connection and the inode it opened, None when there is no database
-        and `create` is false. Sets `_problem` (and raises CacheError) for a file that is
-        not mlbuild's.
+    def _open(self, create: bool) -> tuple[_Connection, tuple[int, int]] | None:
+        """A ready connection and the (device, inode) it opened, None when there is no
+        database and `create` is false. Sets `_problem` (and raises CacheError) for a
+        file that is not mlbuild's. Called under _LOCK.
         """
         found, ino = self._inspect()
         if found is Found.ABSENT and not create:
@@ -200,62 +220,82 @@ class EntryDB:
                 os.makedirs(self.root, exist_ok=True)
             except OSError as exc:
                 raise CacheError(f"cannot write the cache in {self.root}: {exc.strerror}") from exc
-        try:
-            conn = self._connect()
-            return conn, ino or os.stat(self.path).st_ino
-        except _Unusable as exc:
-            self._start_over(str(exc), ino)
-        except sqlite3.DatabaseError as exc:
-            if not is_corrupt(exc):
-                raise self._error(exc) from None
-            self._start_over(f"it is unreadable ({exc})", ino)
-        found, ino = self._inspect()
-        try:
-            if found is not Found.FOREIGN:
-                return self._connect(), ino
-        except (_Unusable, sqlite3.DatabaseError) as exc:
-            self._give_up(f"cannot use {display_path(self.path)}: {exc}")
-        self._not_ours(self.path, "not mlbuild's cache database")
+        for attempt in (1, 2):
+            try:
+                conn = self._connect()
+            except (_Unusable, sqlite3.DatabaseError) as exc:
+                if isinstance(exc, sqlite3.DatabaseError) and not is_corrupt(exc):
+                    raise self._error(exc) from None
+                if attempt == 2:
+                    self._give_up(f"cannot use {display_path(self.path)}: {exc}")
+                why = f"it is unreadable ({exc})" if isinstance(exc, sqlite3.Error) else str(exc)
+                self._start_over(why, ino)
+                found, ino = self._inspect()
+                if found is Found.FOREIGN:
+                    self._not_ours(self.path, "not mlbuild's cache database")
+                continue
+            try:
+                st = os.stat(self.path)
+            except OSError as exc:
+                _close(conn)
+                raise CacheError(f"cannot use {display_path(self.path)}: {exc.strerror}") from exc
+            opened = (st.st_dev, st.st_ino)
+            _OPEN.setdefault(opened, weakref.WeakSet()).add(conn)
+            return conn, opened
+        raise AssertionError("unreachable")
 
-    def _inspect(self) -> tuple[Found, int]:
-        """Whose is the file at the database's name (its header, read without SQLite),
-        and its inode (0 when absent)."""
+    def _inspect(self) -> tuple[Found, tuple[int, int]]:
+        """Whose is the file at the database's name, and its (device, inode)."""
         for suffix in _SIDE_FILES:
             side = Path(f"{self.path}{suffix}")
             try:
-                mode = side.lstat().st_mode
+                st = side.lstat()
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 self._give_up(f"cannot use {display_path(side)}: {exc.strerror}")
-            if not _is_regular(mode):
-                self._not_ours(side, "not a regular file")
+            if not _is_regular(st.st_mode) or st.st_nlink > 1:
+                self._not_ours(side, "not a regular file of one name")
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            return Found.ABSENT, (0, 0)
+        except OSError as exc:
+            self._give_up(f"cannot use {display_path(self.path)}: {exc.strerror}")
+        if not _is_regular(st.st_mode):
+            self._not_ours(self.path, f"{_what(self.path)}, not mlbuild's cache database")
+        if st.st_nlink > 1:  # writing it would write those other names too
+            self._not_ours(self.path, "a file with other names (hard links)")
+        opened = (st.st_dev, st.st_ino)
+        if _OPEN.get(opened):
+            return Found.OURS, opened  # checked when opened, and open since
+        return self._header(), opened
+
+    def _header(self) -> Found:
+        """OURS or FOREIGN, from the file's first 100 bytes (no connection has it open)."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return Found.ABSENT, 0
         except OSError as exc:
-            if os.path.islink(self.path) or not os.path.isfile(self.path):
-                self._not_ours(self.path, f"{_what(self.path)}, not mlbuild's cache database")
             self._give_up(f"cannot read {display_path(self.path)}: {exc.strerror}")
         try:
-            st = os.fstat(fd)
-            if not _is_regular(st.st_mode):
-                self._not_ours(self.path, f"{_what(self.path)}, not mlbuild's cache database")
             header = os.pread(fd, 100, 0)
         except OSError as exc:
             self._give_up(f"cannot read {display_path(self.path)}: {exc.strerror}")
         finally:
             os.close(fd)
         if not header:
-            return Found.OURS, st.st_ino  # empty: made a moment ago by a connect
-        ours = header.startswith(_HEADER) and header[68:72] == APPLICATION_ID.to_bytes(4, "big")
-        return Found.OURS if ours else Found.FOREIGN, st.st_ino
+            return Found.OURS  # empty: made a moment ago by another mlbuild's connect
+        ours = header.startswith(_MAGIC) and header[68:72] == APPLICATION_ID.to_bytes(4, "big")
+        return Found.OURS if ours else Found.FOREIGN
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> _Connection:
         """Connect and make the schema ready; _Unusable for a database of another format."""
         conn = sqlite3.connect(
-            self.path, isolation_level=None, timeout=BUSY_SECONDS, check_same_thread=False
+            self.path,
+            isolation_level=None,
+            timeout=BUSY_SECONDS,
+            check_same_thread=False,
+            factory=_Connection,
         )
         try:
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -284,11 +324,11 @@ class EntryDB:
             raise
         return conn
 
-    def _start_over(self, problem: str, ino: int) -> None:
-        """Move our unusable database, the file of inode `ino`, aside (warning once), so
-        that the next connect makes a new one."""
-        with self._lock:
-            if self._inspect() != (Found.OURS, ino):
+    def _start_over(self, problem: str, opened: tuple[int, int]) -> None:
+        """Move our unusable database, the file `opened` (device, inode), aside (warning
+        once), so that the next connect makes a new one."""
+        with _LOCK:
+            if self._inspect() != (Found.OURS, opened):
                 return  # moved already (by another thread or mlbuild), or not ours to move
             # Other threads' connections are left to them: each reconnects on its next call.
             self._generation += 1
@@ -329,6 +369,14 @@ class _Unusable(Exception):
 
 _KEYS = "SELECT key FROM entries ORDER BY key"
 _PUT = "INSERT OR REPLACE INTO entries (key, target, created, size, data) VALUES (?, ?, ?, ?, ?)"
+
+
+def _close(conn: _Connection) -> None:
+    """Close a connection and forget it as open (under _LOCK)."""
+    for conns in _OPEN.values():
+        conns.discard(conn)
+    with contextlib.suppress(sqlite3.Error):
+        conn.close()
 
 
 def _is_regular(mode: int) -> bool:

@@ -245,8 +245,9 @@ class Cache:
             return None
 
     def drop(self, key: str) -> None:
-        """Delete the entry of `key` (CacheError when the database cannot be written)."""
-        self.db.delete(key)
+        """Delete the entry of `key` (a database that cannot be written keeps it: a row is
+        parsed whole when read, so one left behind is never a wrong restore)."""
+        self._delete_row(key)
         if self._has_legacy():
             self.entry_path(key).unlink(missing_ok=True)
 
