@@ -1,10 +1,12 @@
 """The cache's entries as rows of one SQLite file, `.mlbuild/cache/entries.db`.
 
 Why not a file per entry (as before, `runs/<k[:2]>/<k[2:]>.json`): creating a
-file is the dearest thing a cache save did (0.4-0.5 ms of CPU per entry on
+file was the dearest thing a cache save did (0.4-0.5 ms of CPU per entry on
 ext4 after mass deletes, where each new inode scans recently freed ones); a
-row committed on its own costs ~0.04 ms. So every row is its own transaction,
-committed as soon as it is written: no batch to lose or to flush.
+row committed on its own costs ~0.04 ms (writing an entry, its JSON included,
+went from ~0.8 to ~0.1 ms of the writer thread's CPU at 2,000 targets). So
+every row is its own transaction, committed as soon as it is written: no
+batch to lose or to flush.
 
 Format (SQLite, WAL, `synchronous=NORMAL`: a crash loses at most the last
 rows, which is a cache miss; `application_id` APPLICATION_ID and
