@@ -40,7 +40,7 @@ cmd = "echo a{params.v} > {outputs}; echo a >> ran.log"
 [targets.b]
 outputs = ["out/b.bin"]
 params = ["v"]
-cmd = "head -c 3000 /dev/zero > {outputs}; echo {params.v} >> {outputs}; echo b >> ran.log"
+cmd = "head -c 5000 /dev/zero > {outputs}; echo {params.v} >> {outputs}; echo b >> ran.log"
 """
 
 
@@ -413,3 +413,24 @@ def test_a_second_thread_opening_the_database_keeps_the_first_ones_rows(tmp_path
     )
     db.close()
     assert seen.stdout == "2\n"
+
+
+@pytest.mark.parametrize("command", [["gc"], ["gc", "--keep-runs", "0"], ["cache", "verify"]])
+def test_gc_and_verify_stop_at_a_database_they_cannot_read(
+    project: Project, command: list[str]
+) -> None:
+    """An unreadable database is not an empty one: gc would drop every object."""
+    built(project)
+    objects = sorted((project.root / ".mlbuild/cache/objects").rglob("*"))
+    assert objects
+    db = db_path(project.root)
+    db.unlink()
+    db.write_bytes(os.urandom(20000))
+    garbage = db.read_bytes()
+    result = project.run(*command)
+    assert result.code == 1
+    assert result.err.startswith("mlbuild: error: ")
+    assert "entries.db is not mlbuild's cache database (left alone" in result.err
+    assert len(result.err.splitlines()) == 1, result.err
+    assert sorted((project.root / ".mlbuild/cache/objects").rglob("*")) == objects
+    assert db.read_bytes() == garbage
