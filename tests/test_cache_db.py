@@ -434,3 +434,23 @@ def test_gc_and_verify_stop_at_a_database_they_cannot_read(
     assert len(result.err.splitlines()) == 1, result.err
     assert sorted((project.root / ".mlbuild/cache/objects").rglob("*")) == objects
     assert db.read_bytes() == garbage
+
+
+def test_with_a_remote_an_unusable_database_is_still_one_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a line per target the remote has: nothing is fetched that cannot be kept."""
+    remote = f'[cache]\nremote = "file://{tmp_path / "remote"}"\n'
+    first = Project(tmp_path / "a", capsys)
+    first.pipeline(remote + PIPELINE)
+    assert first.run().code == 0
+    second = Project(tmp_path / "b", capsys)
+    second.pipeline(remote + PIPELINE)
+    (second.root / ".mlbuild/cache").mkdir(parents=True)
+    db_path(second.root).write_bytes(os.urandom(20000))
+    result = second.run("run", "-j", "1")
+    assert result.code == 0
+    [line] = warnings(result.err)
+    assert "entries.db is not mlbuild's cache database (left alone" in line
+    assert line.endswith("; the build goes on without caching outputs")
+    assert sorted(result.started()) == ["a", "b"]

@@ -126,6 +126,11 @@ class EntryDB:
         self._pid = os.getpid()
         self._problem: str | None = None  # why this process cannot use the file at all
 
+    @property
+    def problem(self) -> str | None:
+        """Why this process cannot use the file at all, once found (else None)."""
+        return self._problem
+
     # -- reading --------------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
