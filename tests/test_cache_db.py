@@ -454,3 +454,27 @@ def test_with_a_remote_an_unusable_database_is_still_one_warning(
     assert "entries.db is not mlbuild's cache database (left alone" in line
     assert line.endswith("; the build goes on without caching outputs")
     assert sorted(result.started()) == ["a", "b"]
+
+
+def test_a_database_locked_past_the_busy_timeout_is_one_warning(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holding the write lock (a long gc, say): no crash, no traceback."""
+    built(project)
+    monkeypatch.setattr(entrydb, "BUSY_SECONDS", 0.2)
+    with contextlib.closing(sqlite3.connect(db_path(project.root), isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        project.pipeline(
+            PIPELINE + '[targets.c]\noutputs = ["out/c.txt"]\ncmd = "echo c > {outputs}"\n'
+        )
+        result = project.run()
+        other.execute("ROLLBACK")
+    assert result.code == 0
+    assert "Step `a` restored from cache" in result.out  # reading never waits for a writer
+    [line] = warnings(result.err)
+    assert ".mlbuild/cache/entries.db is locked by another process" in line
+    assert line.endswith("; the build goes on without caching outputs")
+    assert (project.root / "out/c.txt").read_text() == "c\n"
+    (project.root / "out/c.txt").unlink()
+    assert project.run("run", "c").started() == ["c"]  # once free, it caches again
+    assert "c" in {data["target"] for _, data in rows(project.root)}
