@@ -836,7 +836,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             fingerprint = Fingerprint.from_json(stored.data)
             if fingerprint is not None:
                 current[target] = dict(fingerprint.outputs)
-        cache = Cache(cache_dir(pipeline.root))
+        cache = Cache(cache_dir(pipeline.root), reporter.warn)
         report = collect_garbage(cache, current, max_size=max_size, keep_runs=args.keep_runs)
         trashed = empty_trash(pipeline.root)
     if trashed:
@@ -895,7 +895,7 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
     pipeline, _ = load(args)
     reporter = PlainReporter()
     with hold_workspace(pipeline.root, args.command_line, wait=True, warn=reporter.warn):
-        report = verify_objects(Cache(cache_dir(pipeline.root)))
+        report = verify_objects(Cache(cache_dir(pipeline.root), reporter.warn))
     for digest in report.corrupt:
         print(f"corrupted object {digest} removed (its entries will be dropped when used)")
     for key, why in report.bad:

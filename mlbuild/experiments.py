@@ -7,8 +7,9 @@ params, code, input and package digests, output paths). A row's id is the
 BLAKE3 of those (target, key) pairs, so building a configuration again finds
 its row (marked built again, not added twice) whether it ran, was restored
 or was skipped; and a key is exactly what the local cache restores, so a row
-is *restorable* while each of its cacheable targets has an entry in
-`.mlbuild/cache/runs/`, and `exp apply` brings it back without running a step.
+is *restorable* while each of its cacheable targets has an entry in the
+local cache (`.mlbuild/cache/entries.db`), and `exp apply` brings it back
+without running a step.
 
 Metrics (metrics.py) are stored by the cache key of the run that wrote the
 file, not by row: a target restored or skipped in another row has the same
@@ -23,7 +24,6 @@ is the public reading of them (`exp show`, `exp diff`, `mlbuild plots`).
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from json.encoder import encode_basestring_ascii
@@ -329,15 +329,16 @@ def rows(store: Store, root: Path) -> list[Row]:
         return []
     metrics_of = store.load_metrics()
     now = current_keys(store)
-    runs = str(cache_dir(root) / "runs") + os.sep
+    from mlbuild.cache import Cache
+
+    cache = Cache(cache_dir(root))
     entry_seen: dict[str, bool] = {}
 
     def in_cache(key: str) -> bool:
         seen = entry_seen.get(key)
         if seen is None:
-            # The cache's own layout (cache/local.py: runs/<k[:2]>/<k[2:]>.json);
-            # a stat, not a parse: `exp show` reads every row's keys.
-            seen = entry_seen[key] = os.path.exists(f"{runs}{key[:2]}{os.sep}{key[2:]}.json")
+            # Whether a row is there, not a parse: `exp show` reads every row's keys.
+            seen = entry_seen[key] = cache.has_entry(key)
         return seen
 
     parsed: list[tuple[StoredExperiment, dict[str, Any], dict[str, list[Any]]]] = []

@@ -542,8 +542,8 @@ class RemoteCache:
         anything) when restoring the entry should take longer than its step.
         """
         remote = self.remote()
-        if remote is None:
-            return None
+        if remote is None or self.cache.db.problem is not None:
+            return None  # no local entry database: its first save says why, once
         admit = self.cache.check_cost if quick else None
         try:
             found = fetch_entry(

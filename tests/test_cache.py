@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Project
+from tests.entry_rows import EntryRow, rows
 
 # The origin's scenario with shell steps; every step appends its name to ran.log.
 # raw, norm and weights are larger than INLINE_MAX (objects), the other outputs
@@ -265,13 +266,20 @@ def test_gc_refuses_negative_limits(project: Project, args: list[str], message: 
 def test_gc_removes_old_and_invalid_entries(project: Project) -> None:
     project.pipeline(ORIGIN)
     project.run()
+    good = [row.key for row, _ in rows(project.root)]
+    # As rows, and as the entry files of before entries.db.
+    EntryRow(project.root, "ab" + "c" * 62).write_text(
+        '{"version": 1, "key": "ab' + "c" * 62 + '"}'
+    )
+    bad = '{"version": 2, "key": "ab' + "d" * 62 + '", "created": "yesterday"}'
+    EntryRow(project.root, "ab" + "d" * 62).write_text(bad)
     runs = project.root / ".mlbuild/cache/runs"
-    good = sorted(runs.rglob("*.json"))
-    old = runs / "ab" / ("c" * 62 + ".json")
-    old.parent.mkdir(exist_ok=True)
-    old.write_text('{"version": 1, "key": "ab' + "c" * 62 + '"}')
-    broken = runs / "ab" / ("d" * 62 + ".json")
-    broken.write_text('{"version": 2, "key": "ab' + "d" * 62 + '", "created": "yesterday"}')
+    old = runs / "ab" / ("e" * 62 + ".json")
+    old.parent.mkdir(parents=True)
+    old.write_text('{"version": 1, "key": "ab' + "e" * 62 + '"}')
+    broken = runs / "ab" / ("f" * 62 + ".json")
+    broken.write_text('{"version": 2, "key": "ab' + "f" * 62 + '", "created": "yesterday"}')
     result = project.run("gc")
     assert result.code == 0
-    assert sorted(runs.rglob("*.json")) == good
+    assert [row.key for row, _ in rows(project.root)] == good
+    assert sorted(runs.rglob("*.json")) == []

@@ -23,6 +23,7 @@ from mlbuild.cache import INLINE_MAX, INLINE_TOTAL_MAX, Uncacheable
 from mlbuild.cache.local import read_small
 from mlbuild.fingerprint import hash_bytes
 from tests.conftest import Project
+from tests.entry_rows import EntryRow, rows
 
 # `small` writes bytes no text step would (NUL, 0xff) with an unusual mode; `big` is one
 # byte over INLINE_MAX; `tree` holds a small executable file, one of exactly INLINE_MAX
@@ -67,19 +68,13 @@ def ran(project: Project) -> list[str]:
     return log.read_text().split() if log.exists() else []
 
 
-def entries(root: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
-    """target -> (entry file, its JSON), of the local cache under project `root`."""
-    found = {}
-    for path in sorted((root / ".mlbuild/cache/runs").rglob("*.json")):
-        data = json.loads(path.read_bytes())
-        found[data["target"]] = (path, data)
-    return found
+def entries(root: Path) -> dict[str, tuple[EntryRow, dict[str, Any]]]:
+    """target -> (entry row, its JSON), of the local cache under project `root`."""
+    return {data["target"]: (row, data) for row, data in rows(root)}
 
 
-def entries_of(root: Path, target: str) -> list[tuple[Path, dict[str, Any]]]:
-    runs = root / ".mlbuild/cache/runs"
-    found = [(p, json.loads(p.read_bytes())) for p in sorted(runs.rglob("*.json"))]
-    return [(p, data) for p, data in found if data["target"] == target]
+def entries_of(root: Path, target: str) -> list[tuple[EntryRow, dict[str, Any]]]:
+    return [(row, data) for row, data in rows(root) if data["target"] == target]
 
 
 def objects(root: Path) -> list[Path]:
@@ -99,7 +94,7 @@ def outputs(root: Path) -> dict[str, tuple[bytes, int]]:
 def test_a_small_output_is_saved_in_its_entry_and_restored_exact(project: Project) -> None:
     make(project)
     assert project.run("run", "small").code == 0
-    # One file for the save: the entry. No object, not even the objects/ folder.
+    # No file for the save: the entry is a row. No object, not even the objects/ folder.
     assert not (project.root / ".mlbuild/cache/objects").exists()
     built = outputs(project.root)
     assert built == {"out/s.bin": (b"v1\0\xff\n", 0o640)}
@@ -216,7 +211,7 @@ def test_cache_verify_reads_entries_and_removes_a_tampered_one(project: Project)
     path.write_text(json.dumps(entry))
     result = project.run("cache", "verify")
     assert result.code == 1
-    key = path.parent.name + path.stem
+    key = path.key
     assert f"invalid entry {key} removed: inline file " in result.out
     assert "1 object and 2 entries checked, 1 corrupted." in result.out
     assert not path.exists()

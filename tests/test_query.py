@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import Project
+from tests.entry_rows import rows
 from tests.test_cache import ORIGIN, objects, ran
 
 NAMES = ["importer", "normalizer", "trainer", "evaluator"]
@@ -125,13 +126,12 @@ def test_consumer_of_an_identical_restore_is_predicted_fresh(project: Project) -
 
 def test_an_invalid_entry_is_predicted_to_run_and_left_for_the_run(project: Project) -> None:
     built_twice(project)
-    entries = list((project.root / ".mlbuild/cache/runs").rglob("*.json"))
-    trainer = [p for p in entries if '"target":"trainer"' in p.read_text().replace(" ", "")]
-    for path in trainer:
-        path.write_text("{not json")
+    trainer = [row for row, data in rows(project.root) if data["target"] == "trainer"]
+    for row in trainer:
+        row.write_text("{not json")
     status = project.run("status")
     assert "stale  trainer: param epochs changed 2 -> 1\n" in status.out  # no restore note
-    assert all(path.exists() for path in trainer)  # the query deletes nothing
+    assert all(row.read_bytes() == b"{not json" for row in trainer)  # the query deletes nothing
     prediction = predicted(project)
     assert prediction["trainer"] == "run"
     # Its consumer cannot be predicted before the step ran: "would run", the safe answer.

@@ -28,6 +28,7 @@ import mlbuild.cache.restore
 from mlbuild.cache import ENTRY_VERSION
 from mlbuild.fingerprint import hash_bytes
 from tests.conftest import Project
+from tests.entry_rows import EntryRow, rows
 
 TREE = """
 [params]
@@ -68,8 +69,9 @@ def modes(root: Path) -> dict[str, Any]:
     return found
 
 
-def entry_files(project: Project) -> list[Path]:
-    return sorted((project.root / ".mlbuild/cache/runs").rglob("*.json"))
+def entry_files(project: Project) -> list[EntryRow]:
+    """The entries of the local cache (rows, read and rewritten as entry files were)."""
+    return [row for row, _ in rows(project.root)]
 
 
 def edit_entries(

@@ -198,17 +198,15 @@ class Query:
         """The local cache entry a build would restore `target` from, or None."""
         if not target.cache or target.always_run:
             return None
-        from mlbuild.cache import BadEntry, SlowerThanRunning, load_entry
+        from mlbuild.cache import BadEntry, SlowerThanRunning
 
         key = target_key(target, now.fingerprint)
         cache = self.cache
         try:
-            with open(cache.entry_path(key), "rb") as handle:
-                raw = handle.read()
-            entry = load_entry(raw, key)
-        except (OSError, BadEntry):  # none, unreadable, or invalid: the run runs the step
+            entry = cache.lookup(key, delete=False)  # a query only looks
+        except (OSError, BadEntry):  # unreadable or invalid: the run runs the step
             return None
-        if entry is None:  # of another version: a miss
+        if entry is None:  # none, or of another version: a miss
             return None
         if not all(os.path.isfile(cache.object_path(d)) for d in entry.objects()):
             return None

@@ -358,6 +358,8 @@ class Build:
                     self._interrupt()
             if self._remote is not None:
                 self._remote.finish(wait=status is not RunStatus.INTERRUPTED)  # background uploads
+            if self._cache is not None:
+                self._cache.close()  # its database connections: `watch` builds again and again
         save_checked(self.store, self.fp, self.code)
         self.store.save_signatures(self._signed)
         skipped = Outcome.SKIPPED
@@ -959,7 +961,7 @@ class Build:
         if self._cache is None:
             from mlbuild.cache import Cache
 
-            self._cache = Cache(cache_dir(self.root))
+            self._cache = Cache(cache_dir(self.root), self.reporter.warn)
         return self._cache
 
     @property

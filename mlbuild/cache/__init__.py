@@ -5,6 +5,7 @@
 - `objects`: content-addressed objects: atomic writes, copies with holes kept,
   verified downloads.
 - `restore`: restoring an entry through a staging folder, and its cost check.
+- `entrydb`: the entries as rows of `.mlbuild/cache/entries.db` (SQLite).
 - `local`: `Cache`, the `.mlbuild/cache/` directory of objects and entries.
 - `gc`: `mlbuild gc` and `mlbuild cache verify`.
 

@@ -1,6 +1,6 @@
 """The cache entry: what one target's run produced, its JSON form, and its validation.
 
-An entry is written to `runs/` by the local cache (local.py) and, extended
+An entry is written to `entries.db` by the local cache (local.py, entrydb.py) and, extended
 with `blobs` and `producer`, to a remote's `ac/` (remote.py). Format version 3,
 the JSON of `entry_payload`:
 `{"version": 3, "key", "target", "created", "duration", "size", "outputs", "inline"}`
@@ -154,7 +154,7 @@ class Entry(NamedTuple):
 
 
 def entry_payload(entry: Entry) -> dict[str, Any]:
-    """The JSON form of an entry, as written to `runs/` (and, extended, to a remote's `ac/`)."""
+    """The JSON form of an entry, as stored locally (and, extended, in a remote's `ac/`)."""
     return {
         "version": ENTRY_VERSION,
         "key": entry.key,

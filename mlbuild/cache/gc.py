@@ -68,22 +68,22 @@ def collect_garbage(
         raise UsageError(f"--keep-runs {keep_runs}: must be 0 or more")
     if max_size is not None and max_size < 0:
         raise UsageError(f"--max-size {max_size}: must be 0 or more")
-    entries = list(cache.entries())
+    entries = [entry for _, entry in cache.entries()]
     sizes = {digest: path.stat().st_size for digest, path in cache.object_files()}
     kept: list[Entry] = []
-    others: list[tuple[Path, Entry]] = []
-    for path, entry in entries:
+    others: list[Entry] = []
+    for entry in entries:
         outputs = {p: o["fingerprint"] for p, o in entry.outputs.items()}
         if current.get(entry.target) == outputs:
             kept.append(entry)
         else:
-            others.append((path, entry))
-    others.sort(key=lambda item: item[1].created, reverse=True)
+            others.append(entry)
+    others.sort(key=lambda entry: entry.created, reverse=True)
     kept_objects = set().union(*(e.objects() for e in kept)) if kept else set()
     kept_inline = sum(e.inline_bytes() for e in kept)
     per_target: dict[str, int] = {}
     removed_entries = bytes_freed = 0
-    for path, entry in others:
+    for entry in others:
         count = per_target.get(entry.target, 0)
         objects = entry.objects()
         grown = kept_objects | objects
@@ -91,7 +91,7 @@ def collect_garbage(
         too_many = keep_runs is not None and count >= keep_runs
         too_big = max_size is not None and sum(sizes.get(d, 0) for d in grown) + inline > max_size
         if too_many or too_big:
-            path.unlink(missing_ok=True)
+            cache.drop(entry.key)
             removed_entries += 1
             bytes_freed += entry.inline_bytes()
             continue
@@ -145,13 +145,16 @@ def verify_objects(cache: Cache) -> VerifyReport:
     entries = 0
     bad: list[tuple[str, str]] = []
     kept: list[tuple[str, str]] = []
-    for key, path in cache.entry_files():
+    for key in cache.entry_keys():
         entries += 1
         try:
             cache.lookup(key)  # deletes an entry that is not valid
         except BadEntry as exc:
-            if path.exists() or path.is_symlink():
+            path = cache.entry_path(key)
+            if path.exists() or path.is_symlink():  # a file of before entries.db
                 kept.append((key, f"{path}: {exc}"))
+            elif cache.has_entry(key):  # a row the database would not let go
+                kept.append((key, f"{cache.db.path}: {exc}"))
             else:
                 bad.append((key, str(exc)))
     return VerifyReport(checked, corrupt, entries, bad, tuple(kept))

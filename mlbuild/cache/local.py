@@ -4,22 +4,29 @@ Layout:
 
 - `objects/<d[:2]>/<d[2:]>`: the bytes of one output file, named by its BLAKE3
   digest `d`, read-only, written by temp file and rename (objects.py).
-- `runs/<k[:2]>/<k[2:]>.json`: the entry (entry.py) of cache key `k`.
-  Written after every object it names, by rename, as the commit point: an
-  entry never names an object that is not complete. Files of at most
-  `INLINE_MAX` bytes (4 KiB), up to `INLINE_TOTAL_MAX` per entry, smallest
-  first, are held in the entry itself and get no object: a trivial target's
-  save creates one file and no `objects/` folder.
-- `.tmp-<token>-<n>` in either: a writer's temp file; one left by a writer
+- `entries.db`: the entry (entry.py) of each cache key, one row each
+  (entrydb.py). A row is written after every object it names, as the commit
+  point: an entry never names an object that is not complete. Files of at
+  most `INLINE_MAX` bytes (4 KiB), up to `INLINE_TOTAL_MAX` per entry,
+  smallest first, are held in the entry itself and get no object: a trivial
+  target's save creates no file at all.
+- `runs/<k[:2]>/<k[2:]>.json`: where entries were files before (formats 2
+  and 3). Still read when the database has no row for a key, and removed
+  when invalid, older or dropped (by a failed restore or by gc); nothing is
+  written there any more.
+- `.tmp-<token>-<n>` in `objects/`: a writer's temp file; one left by a writer
   that died is removed by `mlbuild gc` (gc.py) once an hour old.
 
 `Cache` is what the runner, the remote and `mlbuild gc` hold: it saves a
 target's outputs, looks entries up (deleting invalid and older ones), takes
-verified downloads in, and restores through restore.py.
+verified downloads in, and restores through restore.py. An entry database it
+cannot use (entrydb.py) makes every lookup a miss and every save a
+CacheError: the build goes on without caching.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -42,6 +49,7 @@ from mlbuild.cache.entry import (
     is_older_version,
     load_entry,
 )
+from mlbuild.cache.entrydb import EntryDB, WarnFn
 from mlbuild.cache.objects import (
     O_NEW,
     O_READ,
@@ -50,7 +58,6 @@ from mlbuild.cache.objects import (
     in_parts,
     install_verified,
     read_all,
-    write_all,
 )
 from mlbuild.cache.restore import check_cost, restore_entry
 from mlbuild.fingerprint import Fingerprinter, hash_bytes
@@ -60,10 +67,12 @@ from mlbuild.staleness import Observation
 class Cache:
     """Objects and entries under `root` (`.mlbuild/cache`)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, warn: WarnFn | None = None) -> None:
         self.root = root
         self.objects_dir = root / "objects"
-        self.runs_dir = root / "runs"
+        self.runs_dir = root / "runs"  # entry files of before entries.db: read, never written
+        self.db = EntryDB(root, warn)
+        self._legacy: bool | None = None  # whether runs_dir exists (asked once)
         self._made: set[str] = set()
         self._token = os.urandom(6).hex()
         self._count = 0
@@ -88,7 +97,13 @@ class Cache:
         return self.objects_dir / digest[:2] / digest[2:]
 
     def entry_path(self, key: str) -> Path:
+        """Where the entry of `key` was a file, before entries.db (still read)."""
         return self.runs_dir / key[:2] / f"{key[2:]}.json"
+
+    def _has_legacy(self) -> bool:
+        if self._legacy is None:
+            self._legacy = self.runs_dir.is_dir()
+        return self._legacy
 
     # -- saving -------------------------------------------------------------
 
@@ -123,19 +138,12 @@ class Cache:
         return entry
 
     def write_entry(self, entry: Entry) -> None:
-        """Write an entry (its objects must be in place already): the commit point."""
+        """Write an entry (its objects must be in place already): the commit point.
+
+        Raises CacheError when the entry database cannot be written.
+        """
         data = json.dumps(entry_payload(entry)).encode()
-        folder = str(self.entry_path(entry.key).parent)
-        self._mkdir(folder)
-        fd, tmp = self._temp(folder)
-
-        def write() -> None:
-            try:
-                write_all(fd, data)
-            finally:
-                os.close(fd)
-
-        commit(tmp, str(self.entry_path(entry.key)), write)
+        self.db.put(entry.key, entry.target, entry.created, entry.size, data)
 
     def receive(self, digest: str, fill: Callable[[str], None]) -> None:
         """Add an object whose bytes `fill(temp_path)` writes (a download), verified.
@@ -169,12 +177,36 @@ class Cache:
 
     # -- looking up and restoring --------------------------------------------
 
-    def lookup(self, key: str) -> Entry | None:
-        """The entry for `key`, or None (none, or of another version).
+    def lookup(self, key: str, *, delete: bool = True) -> Entry | None:
+        """The entry for `key`, or None (none, of another version, or no usable database).
 
-        Raises BadEntry for an entry that is not valid (it is deleted first).
-        An entry of an older version is deleted too, quietly: it is a miss.
+        Raises BadEntry for an entry that is not valid (deleted first, unless
+        `delete` is false: a query only looks). An entry of an older version is
+        deleted too, quietly: it is a miss. A database that cannot be used is
+        a miss here; the next save says why (CacheError).
         """
+        try:
+            raw = self.db.get(key)
+        except (CacheError, OSError):
+            raw = None
+        if raw is None:
+            return self._lookup_file(key, delete) if self._has_legacy() else None
+        try:
+            entry = load_entry(raw, key)
+        except BadEntry:
+            if delete:
+                self._delete_row(key)
+            raise
+        if entry is None and delete and is_older_version(raw):
+            self._delete_row(key)
+        return entry
+
+    def _delete_row(self, key: str) -> None:
+        with contextlib.suppress(CacheError, OSError):  # a miss all the same
+            self.db.delete(key)
+
+    def _lookup_file(self, key: str, delete: bool) -> Entry | None:
+        """`lookup` of an entry file of before entries.db."""
         path = self.entry_path(key)
         try:
             with open(path, "rb") as handle:
@@ -186,11 +218,21 @@ class Cache:
         try:
             entry = load_entry(raw, key)
         except BadEntry:
-            path.unlink(missing_ok=True)
+            if delete:
+                path.unlink(missing_ok=True)
             raise
-        if entry is None and is_older_version(raw):
+        if entry is None and delete and is_older_version(raw):
             path.unlink(missing_ok=True)
         return entry
+
+    def has_entry(self, key: str) -> bool:
+        """Whether an entry for `key` is stored (not parsed: `exp show` asks of every row)."""
+        try:
+            if self.db.has(key):
+                return True
+        except (CacheError, OSError):
+            return False
+        return self._has_legacy() and self.entry_path(key).exists()
 
     def read_file(self, entry: Entry, digest: str) -> bytes | None:
         """The bytes of `entry`'s file `digest`, from the entry or its object (unverified)."""
@@ -203,7 +245,11 @@ class Cache:
             return None
 
     def drop(self, key: str) -> None:
-        self.entry_path(key).unlink(missing_ok=True)
+        """Delete the entry of `key` (a database that cannot be written keeps it: a row is
+        parsed whole when read, so one left behind is never a wrong restore)."""
+        self._delete_row(key)
+        if self._has_legacy():
+            self.entry_path(key).unlink(missing_ok=True)
 
     def restore(self, entry: Entry, project: Path, fp: Fingerprinter) -> dict[str, str]:
         """Put an entry's outputs in place, verified; return their fingerprints (restore.py)."""
@@ -215,23 +261,35 @@ class Cache:
 
     # -- maintenance --------------------------------------------------------
 
+    def entry_keys(self) -> list[str]:
+        """The key of every stored entry, rows and files of before (CacheError when the
+        database cannot be read: gc must not take an unreadable one for an empty one)."""
+        keys = set(self.db.keys())
+        for key, _ in self.entry_files():
+            keys.add(key)
+        return sorted(keys)
+
     def entry_files(self) -> Iterator[tuple[str, Path]]:
-        """(key, path) of every entry file."""
+        """(key, path) of every entry file of before entries.db."""
         if not self.runs_dir.is_dir():
             return
         for folder in sorted(self.runs_dir.iterdir()):
             for path in sorted(folder.glob("*.json")):
                 yield folder.name + path.stem, path
 
-    def entries(self) -> Iterator[tuple[Path, Entry]]:
-        """Every valid entry of this version, with its file (invalid and old ones are deleted)."""
-        for key, path in self.entry_files():
+    def entries(self) -> Iterator[tuple[str, Entry]]:
+        """Every valid entry of this version, with its key (invalid and old ones are deleted)."""
+        for key in self.entry_keys():
             try:
                 entry = self.lookup(key)
             except BadEntry:
                 continue
             if entry is not None:
-                yield path, entry
+                yield key, entry
+
+    def close(self) -> None:
+        """Close the entry database's connections (each thread's)."""
+        self.db.close()
 
     def object_files(self) -> Iterator[tuple[str, Path]]:
         """(digest, path) of every object on disk."""
