@@ -97,3 +97,22 @@ def test_the_program_is_the_first_executable_on_the_steps_path(
     assert result.code == 1
     assert project.read("o.txt") == "from third o.txt\n"
     assert "mltool-not-anywhere: not found" in project.read(".mlbuild/logs/gone.log")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists /proc/self/fd")
+def test_builds_in_one_process_leave_no_descriptor_behind(project: Project) -> None:
+    """`watch`, a sweep's points and the tests build again and again in one process: a
+    descriptor left by each build (the executor's epoll one was) ran a test session past
+    the 1,024 that `select` takes."""
+    project.pipeline(
+        "".join(
+            f"[targets.t{i}]\ncmd = 'echo {i} > {{outputs.o}}'\noutputs = {{ o = 'o{i}.txt' }}\n"
+            for i in range(3)
+        )
+    )
+    assert project.run("run", "-j", "2").code == 0  # what a first build opens for good
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        result = project.run("run", "-j", "2", "--force")
+        assert result.code == 0, result.err
+    assert sorted(os.listdir("/proc/self/fd")) == before

@@ -381,6 +381,9 @@ class Build:
             from mlbuild.exec.keepwarm import keep_after
 
             keep_after(self._executor, keep_warm, self.options.jobs)  # `[workers] keep_warm`
+        close = getattr(self._executor, "close", None)
+        if close is not None:  # the local executor's selector
+            close()
 
     def _record_experiment(self, ok: bool, unforced: bool) -> None:
         """Metrics of what ran or was restored, and the configuration's row (experiments.py);

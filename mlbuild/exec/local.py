@@ -430,6 +430,12 @@ class LocalExecutor:
         if self.warm_pool is not None and self.owns_pool:
             self.warm_pool.close()
 
+    def close(self) -> None:
+        """The build is over: its selector (an epoll descriptor) goes. `watch`, a sweep's
+        points and the tests build again and again in one process; one leaked per build
+        ran a test session out of the descriptors `select` takes."""
+        self.selector.close()
+
     def _abandon(
         self,
         proc: StepProcess | None,
