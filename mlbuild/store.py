@@ -70,6 +70,7 @@ import json
 import marshal
 import os
 import sqlite3
+import stat
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -1001,7 +1002,7 @@ def _prepare(conn: sqlite3.Connection) -> str | None:
 def _start_over(path: Path, problem: str, warn: WarnFn) -> sqlite3.Connection:
     """Move the database aside under a fresh name, warn once, and open a new one."""
     try:
-        aside = _move_aside(path)
+        aside = move_database_aside(path)
         conn = _connect(path)
         _create(conn)
     except OSError as exc:
@@ -1018,14 +1019,15 @@ def _start_over(path: Path, problem: str, warn: WarnFn) -> sqlite3.Connection:
     return conn
 
 
-def _move_aside(path: Path) -> Path:
-    """Rename the database (and its -wal, -shm) to a name no earlier backup has."""
+def move_database_aside(path: Path, sides: tuple[str, ...] = ("-wal", "-shm")) -> Path:
+    """Rename a database of mlbuild's (and those of its `sides` files that are regular
+    files: SQLite's -wal, -shm) to `<name>.bad-<time>`, a name no earlier backup has."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     n = 0
     while True:
-        aside = path.with_name(f"{DB_NAME}.bad-{stamp}" + (f"-{n}" if n else ""))
+        aside = path.with_name(f"{path.name}.bad-{stamp}" + (f"-{n}" if n else ""))
         n += 1
-        if any(os.path.lexists(f"{aside}{suffix}") for suffix in ("", "-wal", "-shm")):
+        if any(os.path.lexists(f"{aside}{suffix}") for suffix in ("", *sides)):
             continue
         try:
             # A hard link claims the name atomically: a backup made at the same
@@ -1038,10 +1040,11 @@ def _move_aside(path: Path) -> Path:
         else:
             os.unlink(path)
         break
-    for suffix in ("-wal", "-shm"):
-        source = Path(f"{path}{suffix}")
-        if source.exists():
-            source.replace(Path(f"{aside}{suffix}"))
+    for suffix in sides:
+        side = f"{path}{suffix}"
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISREG(os.lstat(side).st_mode):  # a link there is not ours to move
+                os.replace(side, f"{aside}{suffix}")
     return aside
 
 

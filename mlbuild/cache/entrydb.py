@@ -57,7 +57,6 @@ import os
 import sqlite3
 import stat
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +64,7 @@ from typing import Any, NoReturn, TypeVar
 
 from mlbuild.cache.entry import CacheError
 from mlbuild.pipeline.schema import display_path
-from mlbuild.store import is_corrupt
+from mlbuild.store import is_corrupt, move_database_aside
 
 DB_NAME = "entries.db"
 APPLICATION_ID = 0x6D6C6263  # "mlbc": mlbuild's cache
@@ -340,7 +339,7 @@ class EntryDB:
             # Other threads' connections are left to them: each reconnects on its next call.
             self._generation += 1
             try:
-                aside = _move_aside(self.path)
+                aside = move_database_aside(self.path, _SIDE_FILES)
             except OSError as exc:
                 self._give_up(
                     f"{display_path(self.path)} cannot be used because {problem}, and moving it"
@@ -396,29 +395,3 @@ def _what(path: Path) -> str:
     if path.is_dir():
         return "a directory"
     return "not a regular file"
-
-
-def _move_aside(path: Path) -> Path:
-    """Rename the database (and its regular -wal, -shm) to a name no earlier backup has."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    n = 0
-    while True:
-        aside = path.with_name(f"{DB_NAME}.bad-{stamp}" + (f"-{n}" if n else ""))
-        n += 1
-        if any(os.path.lexists(f"{aside}{suffix}") for suffix in ("", *_SIDE_FILES)):
-            continue
-        try:
-            os.link(path, aside)  # claims the name atomically: no backup is overwritten
-        except FileExistsError:
-            continue
-        except OSError:
-            os.rename(path, aside)  # a filesystem without hard links
-        else:
-            os.unlink(path)
-        break
-    for suffix in _SIDE_FILES:
-        side = f"{path}{suffix}"
-        with contextlib.suppress(FileNotFoundError):
-            if _is_regular(os.lstat(side).st_mode):
-                os.replace(side, f"{aside}{suffix}")
-    return aside
