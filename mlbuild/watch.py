@@ -530,8 +530,8 @@ class OwnWrites:
 class _Attributing:
     """The reporter of a watch build: tells `OwnWrites` when each step starts and ends.
 
-    The input states are taken before the line is passed on, as close to the
-    step's start and exit as the runner lets a reporter be.
+    The input states are taken just before the step is spawned (`starting`) and before
+    its end line is passed on, as close to its start and exit as a reporter can be.
     """
 
     def __init__(self, inner: Reporter, graph: Graph, own: OwnWrites, stopped: list[str]) -> None:
@@ -540,8 +540,12 @@ class _Attributing:
     def skipped(self, target: str, decision: Decision) -> None:
         self.inner.skipped(target, decision)
 
-    def started(self, target: str, decision: Decision, command: str) -> None:
+    def starting(self, target: str) -> None:
+        """Just before the step is spawned: a step started as the last one ended is told
+        after that one's end line (runner `_complete`), when it may have written already."""
         self.own.started(self.graph, target)
+
+    def started(self, target: str, decision: Decision, command: str) -> None:
         self.inner.started(target, decision, command)
 
     def output(self, target: str, data: bytes) -> None:

@@ -633,6 +633,9 @@ class Build:
             self._running[name] = (now, decision, self._input_stats(target, now))
         if announce:
             self.reporter.started(name, decision, target.shown)
+        starting = getattr(self.reporter, "starting", None)
+        if starting is not None:  # before it runs, whenever its line comes (watch's OwnWrites)
+            starting(name)
         from mlbuild.exec.base import Step
 
         self._started[name] = time.monotonic()  # an interrupted step's duration
