@@ -304,6 +304,40 @@ def test_a_tampered_row_is_refused_deleted_and_the_step_runs(
     assert json.loads(row.read_bytes())["inline"] == {A1: A1_TEXT}
 
 
+def test_a_row_whose_data_is_text_is_read_as_its_bytes(project: Project) -> None:
+    """The sqlite3 shell stores a quoted JSON as TEXT, not BLOB: it is the same entry."""
+    built(project)
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn, conn:
+        conn.execute("UPDATE entries SET data = CAST(data AS TEXT)")
+    result = project.run("run", "--set", "v=1")
+    assert result.code == 0, result.err
+    assert warnings(result.err) == []
+    assert "Step `a` restored from cache" in result.out
+    assert "Step `b` restored from cache" in result.out
+
+
+@pytest.mark.parametrize("value", ["1000000000000", "2.5", "NULL"])
+def test_a_row_whose_data_is_a_number_is_refused_and_the_step_runs(
+    project: Project, value: str
+) -> None:
+    """A number there is no entry (never `bytes(n)`: n zero bytes); NULL neither."""
+    built(project)
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn, conn:
+        conn.execute("PRAGMA ignore_check_constraints = 1")
+        conn.execute("PRAGMA writable_schema = 1")  # NOT NULL is kept in the schema's text
+        conn.execute(
+            "UPDATE sqlite_master SET sql = replace(sql, 'data BLOB NOT NULL', 'data BLOB')"
+            " WHERE name = 'entries'"
+        )
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn, conn:
+        conn.execute(f"UPDATE entries SET data = {value}")
+    result = project.run("run", "--set", "v=1")
+    assert result.code == 0, result.err
+    lines = warnings(result.err)
+    assert len(lines) == 2 and all("not used: it is not JSON; running it" in x for x in lines)
+    assert sorted(result.started()) == ["a", "b"]
+
+
 # -- entry files of before the database ----------------------------------------------------
 
 

@@ -136,7 +136,12 @@ class EntryDB:
     def get(self, key: str) -> bytes | None:
         """The stored bytes of `key`'s entry, or None. CacheError when the file is unusable."""
         row = self._query("SELECT data FROM entries WHERE key = ?", (key,))
-        return None if row is None else bytes(row[0])
+        if row is None:
+            return None
+        data = row[0]  # a BLOB as written; TEXT as the sqlite3 shell writes a quoted JSON
+        if isinstance(data, str):
+            return data.encode()
+        return data if isinstance(data, bytes) else b""  # a number or NULL: no entry
 
     def has(self, key: str) -> bool:
         return self._query("SELECT 1 FROM entries WHERE key = ?", (key,)) is not None
