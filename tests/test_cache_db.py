@@ -338,6 +338,28 @@ def test_a_row_whose_data_is_a_number_is_refused_and_the_step_runs(
     assert sorted(result.started()) == ["a", "b"]
 
 
+@pytest.mark.parametrize("command", [["cache", "verify"], ["gc", "--keep-runs", "0"]])
+def test_a_row_key_leading_out_of_the_cache_never_names_a_file(
+    project: Project, tmp_path_factory: pytest.TempPathFactory, command: list[str]
+) -> None:
+    """A hostile row's key is never a path: `runs/` + `xx` + `/home/...` named a user's
+    file outside the project, which gc and verify read and deleted when the row could not
+    be read (its data not UTF-8) and entry files of before were looked at instead."""
+    victim = tmp_path_factory.mktemp("outside") / "victim.json"
+    victim.write_text('{"mine": 1}\n')
+    built(project)
+    (project.root / ".mlbuild/cache/runs").mkdir()  # a cache with entry files of before
+    key = "xx" + str(victim.with_suffix(""))
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn, conn:
+        conn.execute("INSERT INTO entries VALUES (?, 'a', 0, 0, CAST(x'ff' AS TEXT))", (key,))
+    result = project.run(*command)
+    assert "Traceback" not in result.err
+    assert victim.read_text() == '{"mine": 1}\n'
+    assert str(victim) not in result.out + result.err
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn:
+        assert conn.execute("SELECT count(*) FROM entries WHERE key = ?", (key,)).fetchone() == (0,)
+
+
 # -- entry files of before the database ----------------------------------------------------
 
 

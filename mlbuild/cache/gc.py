@@ -150,8 +150,8 @@ def verify_objects(cache: Cache) -> VerifyReport:
         try:
             cache.lookup(key)  # deletes an entry that is not valid
         except BadEntry as exc:
-            path = cache.entry_path(key)
-            if path.exists() or path.is_symlink():  # a file of before entries.db
+            path = cache.legacy_file(key)
+            if path is not None and (path.exists() or path.is_symlink()):  # a file of before
                 kept.append((key, f"{path}: {exc}"))
             elif cache.has_entry(key):  # a row the database would not let go
                 kept.append((key, f"{cache.db.path}: {exc}"))
