@@ -227,6 +227,22 @@ def test_its_own_database_that_cannot_be_read_is_moved_aside(project: Project, d
     assert "Step `a` restored from cache" in result.out
 
 
+@pytest.mark.parametrize("reader", [["status"], ["run", "-n"], ["exp", "show"]])
+def test_a_command_that_reads_the_cache_leaves_its_unusable_database_to_the_build(
+    project: Project, reader: list[str]
+) -> None:
+    """A query has no reporter: it moved the database aside without a word, and the next
+    build ran everything again without saying why. It now leaves it (its lookups miss),
+    and the build moves it aside with its one warning."""
+    built(project)
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    project.run(*reader)
+    assert cache_files(project.root) == ["entries.db", "objects"]
+    [line] = _rerun_v1(project)
+    assert ".mlbuild/cache/entries.db was moved to entries.db.bad-" in line
+
+
 def test_a_full_disk_is_one_warning_and_the_build_goes_on(
     project: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -102,7 +102,7 @@ _INHERITED: list[_Connection] = []
 
 
 def _quiet(message: str) -> None:
-    """No reporter: a moved-aside database is still moved aside, silently."""
+    """No reporter: never called (such a reader leaves an unusable database alone)."""
 
 
 class Found(enum.Enum):
@@ -338,7 +338,10 @@ class EntryDB:
 
     def _start_over(self, problem: str, opened: tuple[int, int]) -> None:
         """Move our unusable database, the file `opened` (device, inode), aside (warning
-        once), so that the next connect makes a new one."""
+        once), so that the next connect makes a new one. A reader with no reporter
+        (`status`, `exp show`) leaves it for the next build to move and say so."""
+        if self.warn is _quiet:
+            self._give_up(f"{display_path(self.path)} cannot be used because {problem}")
         with _LOCK:
             if self._inspect() != (Found.OURS, opened):
                 return  # moved already (by another thread or mlbuild), or not ours to move
