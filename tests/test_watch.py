@@ -693,8 +693,8 @@ class _Gated(Screen):
         self.stamp, self.last = stamp, ""
 
     def write(self, text: str) -> int:
-        if "`first` has finished" in text:  # (when `loop` does not run: 3 s, once)
-            deadline = time.monotonic() + 3
+        if "`first` has finished" in text:  # (when `loop` does not run: 1.5 s, once)
+            deadline = time.monotonic() + 1.5
             while time.monotonic() < deadline:
                 now = self.stamp.read_text() if self.stamp.exists() else ""
                 if now != self.last:
