@@ -30,7 +30,7 @@ import pytest
 from mlbuild.build.lock import WorkspaceLock
 from mlbuild.build.results import BuildOptions
 from mlbuild.cli import main
-from mlbuild.graph import build_graph
+from mlbuild.graph import Graph, build_graph
 from mlbuild.pipeline.load import load_pipeline
 from mlbuild.ui.report import PlainReporter
 from mlbuild.watch import Debouncer, Readers, Watcher, WatchOptions, plan_watches, scope_of
@@ -718,6 +718,37 @@ def test_a_step_started_as_the_last_one_ended_has_its_own_writes_told_apart(
             "mlbuild watch: data/dir/stamp changed while `loop` ran (in its input data/dir);"
             " running it again: if that run changes it too, that is the step's own write.\n"
         ) in seen
+
+
+def test_a_step_started_as_the_last_one_ended_is_not_taken_for_its_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`first`'s inputs at its end are taken when its process exits, before `loop` starts in
+    its slot: taken later (at its end line, after it is hashed), `loop`'s write into their
+    shared input was `first`'s own, and watch stopped rerunning `first`, which writes
+    nothing there. Here its end is taken as late as `loop`'s write can make it."""
+    from mlbuild.watch import OwnWrites
+
+    stamp = tmp_path / "data/dir/stamp"
+    ended = OwnWrites.ended
+
+    def late_end(own: OwnWrites, graph: Graph, name: str) -> None:
+        if name == "first" and "loop" in own.at_start:  # `loop` runs: its write lands first
+            before = stamp.read_text() if stamp.exists() else ""
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if (stamp.read_text() if stamp.exists() else "") != before:
+                    break
+                time.sleep(0.01)
+        ended(own, graph, name)
+
+    monkeypatch.setattr(OwnWrites, "ended", late_end)
+    write(tmp_path, "pipeline.toml", LOOP_AFTER)
+    write(tmp_path, "data/dir/a", "one\n")
+    with watching(tmp_path) as w:
+        seen = w.wait_text("not rerunning `loop`")
+        assert "while `first` ran" not in seen
+        assert "not rerunning `first`" not in seen
 
 
 def test_the_inotify_limit_falls_back_to_polling(

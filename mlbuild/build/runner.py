@@ -662,6 +662,9 @@ class Build:
         """
         target = self.graph.targets[name]
         before, decision, taken = self._running.pop(name)
+        ending = getattr(self.reporter, "ending", None)
+        if ending is not None:  # at its exit, before a step starts in its slot (watch)
+            ending(name)
         if result.remote_outputs is not None:
             result = self._bring_back(result)
         self.fp.expire()  # the step wrote files
