@@ -530,8 +530,8 @@ class OwnWrites:
 class _Attributing:
     """The reporter of a watch build: tells `OwnWrites` when each step starts and ends.
 
-    The input states are taken before the line is passed on, as close to the
-    step's start and exit as the runner lets a reporter be.
+    The input states are taken just before the step is spawned (`starting`) and as its
+    process has exited (`ending`), as close to its start and exit as a reporter can be.
     """
 
     def __init__(self, inner: Reporter, graph: Graph, own: OwnWrites, stopped: list[str]) -> None:
@@ -540,15 +540,23 @@ class _Attributing:
     def skipped(self, target: str, decision: Decision) -> None:
         self.inner.skipped(target, decision)
 
-    def started(self, target: str, decision: Decision, command: str) -> None:
+    def starting(self, target: str) -> None:
+        """Just before the step is spawned: a step started as the last one ended is told
+        after that one's end line (runner `_complete`), when it may have written already."""
         self.own.started(self.graph, target)
+
+    def started(self, target: str, decision: Decision, command: str) -> None:
         self.inner.started(target, decision, command)
 
     def output(self, target: str, data: bytes) -> None:
         self.inner.output(target, data)
 
-    def finished(self, target: str, duration: float) -> None:
+    def ending(self, target: str) -> None:
+        """Its process exited, before another step starts in its slot (runner `_complete`):
+        taken at its end line, that step's writes could pass for its own."""
         self.own.ended(self.graph, target)
+
+    def finished(self, target: str, duration: float) -> None:
         self.inner.finished(target, duration)
 
     def restored(
@@ -557,7 +565,6 @@ class _Attributing:
         self.inner.restored(target, duration, original_run, source=source)
 
     def failed(self, failure: Failure, duration: float) -> None:
-        self.own.ended(self.graph, failure.target)
         self.inner.failed(failure, duration)
 
     def not_run(self, target: str, because: str) -> None:

@@ -227,6 +227,22 @@ def test_its_own_database_that_cannot_be_read_is_moved_aside(project: Project, d
     assert "Step `a` restored from cache" in result.out
 
 
+@pytest.mark.parametrize("reader", [["status"], ["run", "-n"], ["exp", "show"]])
+def test_a_command_that_reads_the_cache_leaves_its_unusable_database_to_the_build(
+    project: Project, reader: list[str]
+) -> None:
+    """A query has no reporter: it moved the database aside without a word, and the next
+    build ran everything again without saying why. It now leaves it (its lookups miss),
+    and the build moves it aside with its one warning."""
+    built(project)
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    project.run(*reader)
+    assert cache_files(project.root) == ["entries.db", "objects"]
+    [line] = _rerun_v1(project)
+    assert ".mlbuild/cache/entries.db was moved to entries.db.bad-" in line
+
+
 def test_a_full_disk_is_one_warning_and_the_build_goes_on(
     project: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -302,6 +318,62 @@ def test_a_tampered_row_is_refused_deleted_and_the_step_runs(
     assert project.read("out/a.txt") == "a1\n"
     # The bad row was deleted; the rerun's save put a good one under the same key.
     assert json.loads(row.read_bytes())["inline"] == {A1: A1_TEXT}
+
+
+def test_a_row_whose_data_is_text_is_read_as_its_bytes(project: Project) -> None:
+    """The sqlite3 shell stores a quoted JSON as TEXT, not BLOB: it is the same entry."""
+    built(project)
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn, conn:
+        conn.execute("UPDATE entries SET data = CAST(data AS TEXT)")
+    result = project.run("run", "--set", "v=1")
+    assert result.code == 0, result.err
+    assert warnings(result.err) == []
+    assert "Step `a` restored from cache" in result.out
+    assert "Step `b` restored from cache" in result.out
+
+
+@pytest.mark.parametrize("value", ["1000000000000", "2.5", "NULL"])
+def test_a_row_whose_data_is_a_number_is_refused_and_the_step_runs(
+    project: Project, value: str
+) -> None:
+    """A number there is no entry (never `bytes(n)`: n zero bytes); NULL neither."""
+    built(project)
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn, conn:
+        conn.execute("PRAGMA ignore_check_constraints = 1")
+        conn.execute("PRAGMA writable_schema = 1")  # NOT NULL is kept in the schema's text
+        conn.execute(
+            "UPDATE sqlite_master SET sql = replace(sql, 'data BLOB NOT NULL', 'data BLOB')"
+            " WHERE name = 'entries'"
+        )
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn, conn:
+        conn.execute(f"UPDATE entries SET data = {value}")
+    result = project.run("run", "--set", "v=1")
+    assert result.code == 0, result.err
+    lines = warnings(result.err)
+    assert len(lines) == 2 and all("not used: it is not JSON; running it" in x for x in lines)
+    assert sorted(result.started()) == ["a", "b"]
+
+
+@pytest.mark.parametrize("command", [["cache", "verify"], ["gc", "--keep-runs", "0"]])
+def test_a_row_key_leading_out_of_the_cache_never_names_a_file(
+    project: Project, tmp_path_factory: pytest.TempPathFactory, command: list[str]
+) -> None:
+    """A hostile row's key is never a path: `runs/` + `xx` + `/home/...` named a user's
+    file outside the project, which gc and verify read and deleted when the row could not
+    be read (its data not UTF-8) and entry files of before were looked at instead."""
+    victim = tmp_path_factory.mktemp("outside") / "victim.json"
+    victim.write_text('{"mine": 1}\n')
+    built(project)
+    (project.root / ".mlbuild/cache/runs").mkdir()  # a cache with entry files of before
+    key = "xx" + str(victim.with_suffix(""))
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn, conn:
+        conn.execute("INSERT INTO entries VALUES (?, 'a', 0, 0, CAST(x'ff' AS TEXT))", (key,))
+    result = project.run(*command)
+    assert "Traceback" not in result.err
+    assert victim.read_text() == '{"mine": 1}\n'
+    assert str(victim) not in result.out + result.err
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn:
+        assert conn.execute("SELECT count(*) FROM entries WHERE key = ?", (key,)).fetchone() == (0,)
 
 
 # -- entry files of before the database ----------------------------------------------------

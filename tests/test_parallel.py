@@ -504,3 +504,34 @@ def test_at_j1_a_file_in_the_way_of_the_next_step_leaves_the_last_one_recorded(
     assert project.read("a.txt") == "a\n"
     status = project.run("status")
     assert "fresh  a" in status.out
+
+
+def test_at_j1_no_step_is_told_started_after_a_failure_found_when_hashing(
+    project: Project,
+) -> None:
+    """`a` exits 0 leaving a FIFO: it fails only when its outputs are hashed, after `b`
+    started in its slot. `b` is told as a step that was running when `a` failed (its
+    started line first), not as one started after a failure; it finishes and is recorded."""
+    project.pipeline(
+        "[targets.a]\ncmd = 'mkfifo {outputs.o}'\noutputs = { o = 'a.txt' }\n"
+        "[targets.b]\ncmd = 'echo b > {outputs.o}'\noutputs = { o = 'b.txt' }\n"
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # stdout and stderr in the order told
+    run = subprocess.run(
+        [sys.executable, "-m", "mlbuild", "run", "-j", "1", "--plain"],
+        cwd=project.root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        check=False,
+        timeout=60,
+    )
+    assert run.returncode == 1, run.stdout
+    lines = run.stdout.splitlines()
+    failed = next(i for i, line in enumerate(lines) if line.startswith("Step `a` failed"))
+    assert "cannot fingerprint 'a.txt': it is a FIFO" in lines[failed]
+    assert not any("has started" in line for line in lines[failed:]), run.stdout
+    assert project.read("b.txt") == "b\n"
+    (project.root / "a.txt").unlink()
+    assert "fresh  b" in project.run("status").out

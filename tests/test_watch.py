@@ -30,7 +30,7 @@ import pytest
 from mlbuild.build.lock import WorkspaceLock
 from mlbuild.build.results import BuildOptions
 from mlbuild.cli import main
-from mlbuild.graph import build_graph
+from mlbuild.graph import Graph, build_graph
 from mlbuild.pipeline.load import load_pipeline
 from mlbuild.ui.report import PlainReporter
 from mlbuild.watch import Debouncer, Readers, Watcher, WatchOptions, plan_watches, scope_of
@@ -141,9 +141,14 @@ def started(text: str) -> list[str]:
 
 @contextmanager
 def watching(
-    root: Path, *targets: str, debounce: float = 0.05, verbosity: int = 0, **options: object
+    root: Path,
+    *targets: str,
+    debounce: float = 0.05,
+    verbosity: int = 0,
+    screen: Screen | None = None,
+    **options: object,
 ) -> Iterator[Session]:
-    screen = Screen()
+    screen = screen or Screen()
     reporter = PlainReporter(screen, screen, verbosity=verbosity)
     watcher = Watcher(
         root / "pipeline.toml",
@@ -663,6 +668,87 @@ def test_a_step_writing_into_its_own_input_is_not_rerun_for_its_own_writes(
         assert started(seen) == ["loop", "probe"]
         assert "in each of its last 3 runs" in seen
         assert (tmp_path / "build/loop.txt").read_text() == "two\n"
+
+
+LOOP_AFTER = """
+[targets.first]                       # reads the directory `loop` writes into
+cmd = "ls data/dir > {outputs}"
+inputs = ["data/dir"]
+outputs = ["build/first.txt"]
+
+[targets.loop]                        # writes into its own (watched) input directory
+cmd = "cat data/dir/a > {outputs}; date +%s%N > data/dir/stamp"
+inputs = ["data/dir"]
+outputs = ["build/loop.txt"]
+"""
+
+
+class _Gated(Screen):
+    """Holds the line of `first`'s end until `loop` has written its stamp again: `loop`
+    starts as `first` ends (-j 1), before `first` is recorded and told (runner
+    `_complete`), so its write lands before anything told after that line."""
+
+    def __init__(self, stamp: Path) -> None:
+        super().__init__()
+        self.stamp, self.last = stamp, ""
+
+    def write(self, text: str) -> int:
+        if "`first` has finished" in text:  # (when `loop` does not run: 1.5 s, once)
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                now = self.stamp.read_text() if self.stamp.exists() else ""
+                if now != self.last:
+                    self.last = now
+                    break
+                time.sleep(0.01)
+        return super().write(text)
+
+
+def test_a_step_started_as_the_last_one_ended_has_its_own_writes_told_apart(
+    tmp_path: Path,
+) -> None:
+    """`loop` starts (early, at -j 1) when `first` ends, and is told after `first`'s end
+    line: its inputs must still be taken before it runs, or its own write is taken for
+    an edit every time and `loop` (started after `first` again) never stops."""
+    write(tmp_path, "pipeline.toml", LOOP_AFTER)
+    write(tmp_path, "data/dir/a", "one\n")
+    with watching(tmp_path, screen=_Gated(tmp_path / "data/dir/stamp")) as w:
+        seen = w.wait_text("not rerunning `loop`")
+        assert (
+            "mlbuild watch: data/dir/stamp changed while `loop` ran (in its input data/dir);"
+            " running it again: if that run changes it too, that is the step's own write.\n"
+        ) in seen
+
+
+def test_a_step_started_as_the_last_one_ended_is_not_taken_for_its_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`first`'s inputs at its end are taken when its process exits, before `loop` starts in
+    its slot: taken later (at its end line, after it is hashed), `loop`'s write into their
+    shared input was `first`'s own, and watch stopped rerunning `first`, which writes
+    nothing there. Here its end is taken as late as `loop`'s write can make it."""
+    from mlbuild.watch import OwnWrites
+
+    stamp = tmp_path / "data/dir/stamp"
+    ended = OwnWrites.ended
+
+    def late_end(own: OwnWrites, graph: Graph, name: str) -> None:
+        if name == "first" and "loop" in own.at_start:  # `loop` runs: its write lands first
+            before = stamp.read_text() if stamp.exists() else ""
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if (stamp.read_text() if stamp.exists() else "") != before:
+                    break
+                time.sleep(0.01)
+        ended(own, graph, name)
+
+    monkeypatch.setattr(OwnWrites, "ended", late_end)
+    write(tmp_path, "pipeline.toml", LOOP_AFTER)
+    write(tmp_path, "data/dir/a", "one\n")
+    with watching(tmp_path) as w:
+        seen = w.wait_text("not rerunning `loop`")
+        assert "while `first` ran" not in seen
+        assert "not rerunning `first`" not in seen
 
 
 def test_the_inotify_limit_falls_back_to_polling(

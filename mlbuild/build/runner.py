@@ -612,7 +612,7 @@ class Build:
 
     def _start(self, name: str, *, announce: bool = True) -> None:
         """Spawn a stale target's step; `announce=False` leaves its "started" line to the
-        caller (`_start_freed`), which tells the step that ended first."""
+        caller (`_complete`), which tells the step that ended first."""
         target = self.graph.targets[name]
         for port in target.outputs:
             parent = (self.root / port.path).parent
@@ -636,6 +636,9 @@ class Build:
             self._running[name] = (now, decision, self._input_stats(target, now))
         if announce:
             self.reporter.started(name, decision, target.shown)
+        starting = getattr(self.reporter, "starting", None)
+        if starting is not None:  # before it runs, whenever its line comes (watch's OwnWrites)
+            starting(name)
         from mlbuild.exec.base import Step
 
         self._started[name] = time.monotonic()  # an interrupted step's duration
@@ -662,6 +665,9 @@ class Build:
         """
         target = self.graph.targets[name]
         before, decision, taken = self._running.pop(name)
+        ending = getattr(self.reporter, "ending", None)
+        if ending is not None:  # at its exit, before a step starts in its slot (watch)
+            ending(name)
         if result.remote_outputs is not None:
             result = self._bring_back(result)
         self.fp.expire()  # the step wrote files
@@ -676,13 +682,18 @@ class Build:
             except BaseException as exc:  # a file in the way, Ctrl-C: raised once this is told
                 stopped_by = exc
         try:
-            self._record_step(name, target, result, before, decision, taken, failure)
+            self._record_step(name, target, result, before, decision, taken, failure, early)
         finally:
-            for started in early:
-                shown = self.graph.targets[started].shown
-                self.reporter.started(started, self._running[started][1], shown)
+            self._tell_started(early)
         if stopped_by is not None:
             raise stopped_by
+
+    def _tell_started(self, early: list[str]) -> None:
+        """Tell the steps `_complete` started early (once: the list is emptied)."""
+        for started in early:
+            shown = self.graph.targets[started].shown
+            self.reporter.started(started, self._running[started][1], shown)
+        early.clear()
 
     def _record_step(
         self,
@@ -693,8 +704,13 @@ class Build:
         decision: Decision,
         taken: StatMap,
         failure: Failure | None,
+        early: list[str],
     ) -> None:
-        """The rest of `_complete`: record the step (or its failure), store its outputs."""
+        """The rest of `_complete`: record the step (or its failure), store its outputs.
+
+        A failure found here (a FIFO among the outputs) was found after the `early` steps
+        started: they are told first, as steps that were running, not started after it.
+        """
         known = self._keys.pop(name, None)  # the cache key `_restore` found, and of what
         if failure is None and target.kind is ActionKind.PYTHON:
             before, failure = self._take_observed(target, before, result)
@@ -717,6 +733,7 @@ class Build:
             self._finish(
                 TargetResult(name, Outcome.FAILED, decision.reasons, result.duration, failure)
             )
+            self._tell_started(early)
             self.reporter.failed(failure, result.duration)
             self.stopped = self.stopped or not self.options.keep_going
             return

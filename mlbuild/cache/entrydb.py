@@ -101,7 +101,7 @@ _INHERITED: list[_Connection] = []
 
 
 def _quiet(message: str) -> None:
-    """No reporter: a moved-aside database is still moved aside, silently."""
+    """No reporter: never called (such a reader leaves an unusable database alone)."""
 
 
 class Found(enum.Enum):
@@ -135,7 +135,12 @@ class EntryDB:
     def get(self, key: str) -> bytes | None:
         """The stored bytes of `key`'s entry, or None. CacheError when the file is unusable."""
         row = self._query("SELECT data FROM entries WHERE key = ?", (key,))
-        return None if row is None else bytes(row[0])
+        if row is None:
+            return None
+        data = row[0]  # a BLOB as written; TEXT as the sqlite3 shell writes a quoted JSON
+        if isinstance(data, str):
+            return data.encode()
+        return data if isinstance(data, bytes) else b""  # a number or NULL: no entry
 
     def has(self, key: str) -> bool:
         return self._query("SELECT 1 FROM entries WHERE key = ?", (key,)) is not None
@@ -332,7 +337,10 @@ class EntryDB:
 
     def _start_over(self, problem: str, opened: tuple[int, int]) -> None:
         """Move our unusable database, the file `opened` (device, inode), aside (warning
-        once), so that the next connect makes a new one."""
+        once), so that the next connect makes a new one. A reader with no reporter
+        (`status`, `exp show`) leaves it for the next build to move and say so."""
+        if self.warn is _quiet:
+            self._give_up(f"{display_path(self.path)} cannot be used because {problem}")
         with _LOCK:
             if self._inspect() != (Found.OURS, opened):
                 return  # moved already (by another thread or mlbuild), or not ours to move

@@ -150,9 +150,9 @@ def verify_objects(cache: Cache) -> VerifyReport:
         try:
             cache.lookup(key)  # deletes an entry that is not valid
         except BadEntry as exc:
-            path = cache.entry_path(key)
-            if path.exists() or path.is_symlink():  # a file of before entries.db
-                kept.append((key, f"{path}: {exc}"))
+            file = cache.legacy_file(key)
+            if file is not None and (file.exists() or file.is_symlink()):  # a file of before
+                kept.append((key, f"{file}: {exc}"))
             elif cache.has_entry(key):  # a row the database would not let go
                 kept.append((key, f"{cache.db.path}: {exc}"))
             else:

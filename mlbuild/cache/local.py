@@ -105,6 +105,11 @@ class Cache:
             self._legacy = self.runs_dir.is_dir()
         return self._legacy
 
+    def legacy_file(self, key: str) -> Path | None:
+        """`entry_path(key)` when entry files of before may exist and `key` is a digest: a
+        key read back from a row (gc, verify) is never made a path (`runs/xx//home/...`)."""
+        return self.entry_path(key) if is_digest(key) and self._has_legacy() else None
+
     # -- saving -------------------------------------------------------------
 
     def save(
@@ -185,6 +190,10 @@ class Cache:
         deleted too, quietly: it is a miss. A database that cannot be used is
         a miss here; the next save says why (CacheError).
         """
+        if not is_digest(key):  # a hostile row's key, read back by gc or verify
+            if delete:
+                self._delete_row(key)
+            raise BadEntry("its key is not a digest")
         try:
             raw = self.db.get(key)
         except (CacheError, OSError):
@@ -232,7 +241,8 @@ class Cache:
                 return True
         except (CacheError, OSError):
             return False
-        return self._has_legacy() and self.entry_path(key).exists()
+        path = self.legacy_file(key)
+        return path is not None and path.exists()
 
     def read_file(self, entry: Entry, digest: str) -> bytes | None:
         """The bytes of `entry`'s file `digest`, from the entry or its object (unverified)."""
@@ -248,8 +258,9 @@ class Cache:
         """Delete the entry of `key` (a database that cannot be written keeps it: a row is
         parsed whole when read, so one left behind is never a wrong restore)."""
         self._delete_row(key)
-        if self._has_legacy():
-            self.entry_path(key).unlink(missing_ok=True)
+        path = self.legacy_file(key)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     def restore(self, entry: Entry, project: Path, fp: Fingerprinter) -> dict[str, str]:
         """Put an entry's outputs in place, verified; return their fingerprints (restore.py)."""
