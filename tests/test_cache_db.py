@@ -550,3 +550,31 @@ def test_a_database_locked_past_the_busy_timeout_is_one_warning(
     (project.root / "out/c.txt").unlink()
     assert project.run("run", "c").started() == ["c"]  # once free, it caches again
     assert "c" in {data["target"] for _, data in rows(project.root)}
+
+
+@pytest.mark.parametrize("kind", ["blob", "text"])
+def test_a_row_larger_than_any_entry_is_not_read_whole(
+    project: Project, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A hostile row of a gigabyte was read into memory whole before its size was
+    checked: at most the limit (and one byte) is read now, refused, the row deleted."""
+    from mlbuild.cache import local
+
+    built(project)
+    monkeypatch.setattr(entrydb, "READ_LIMIT", 4000)
+    read: list[int] = []
+    load = local.load_entry
+
+    def spy(raw: bytes, key: str) -> Any:
+        read.append(len(raw))
+        return load(raw, key)
+
+    monkeypatch.setattr(local, "load_entry", spy)
+    big = "randomblob(100000)" if kind == "blob" else "printf('%.*c', 100000, 'x')"
+    with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn, conn:
+        conn.execute(f"UPDATE entries SET data = {big}")
+    result = project.run("run", "--set", "v=1")
+    assert result.code == 0, result.err
+    assert read and max(read) <= 4001
+    assert all("not used" in line and "running it" in line for line in warnings(result.err))
+    assert sorted(result.started()) == ["a", "b"]

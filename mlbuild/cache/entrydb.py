@@ -62,7 +62,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from mlbuild.cache.entry import CacheError
+from mlbuild.cache.entry import MAX_ENTRY_BYTES, CacheError
 from mlbuild.pipeline.schema import display_path
 from mlbuild.store import is_corrupt, move_database_aside
 
@@ -133,8 +133,17 @@ class EntryDB:
     # -- reading --------------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
-        """The stored bytes of `key`'s entry, or None. CacheError when the file is unusable."""
-        row = self._query("SELECT data FROM entries WHERE key = ?", (key,))
+        """The stored bytes of `key`'s entry, or None. CacheError when the file is unusable.
+
+        A row larger than any entry (a hostile one) is not read into memory: it comes
+        back as its first MAX_ENTRY_BYTES + 1 bytes, which `parse_entry` refuses."""
+        # substr() counts a BLOB's bytes, but TEXT's characters (up to 4 bytes each).
+        limit, text_limit = READ_LIMIT + 1, READ_LIMIT // 4 + 1
+        row = self._query(
+            f"SELECT CASE typeof(data) WHEN 'text' THEN substr(data, 1, {text_limit})"
+            f" WHEN 'blob' THEN substr(data, 1, {limit}) END FROM entries WHERE key = ?",
+            (key,),
+        )
         if row is None:
             return None
         data = row[0]  # a BLOB as written; TEXT as the sqlite3 shell writes a quoted JSON
@@ -382,6 +391,7 @@ class _Unusable(Exception):
 
 
 _KEYS = "SELECT key FROM entries ORDER BY key"
+READ_LIMIT = MAX_ENTRY_BYTES  # bytes of a row's data read back at most (then refused)
 _PUT = "INSERT OR REPLACE INTO entries (key, target, created, size, data) VALUES (?, ?, ?, ?, ?)"
 
 

@@ -544,7 +544,10 @@ class LocalExecutor:
 
     def _close_pipe(self, step: _Running) -> None:
         if step.pipe_open:
-            self.selector.unregister(step.proc.stdout)  # type: ignore[arg-type]
+            # Ctrl-C between the two lines below leaves it unregistered but still open:
+            # stop_all closes it again.
+            with contextlib.suppress(KeyError):
+                self.selector.unregister(step.proc.stdout)  # type: ignore[arg-type]
             step.pipe_open = False
         if step.proc.stdout is not None:
             step.proc.stdout.close()
