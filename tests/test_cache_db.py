@@ -558,18 +558,17 @@ def test_a_row_larger_than_any_entry_is_not_read_whole(
 ) -> None:
     """A hostile row of a gigabyte was read into memory whole before its size was
     checked: at most the limit (and one byte) is read now, refused, the row deleted."""
-    from mlbuild.cache import local
+    from mlbuild.cache.entry import load_entry as load
 
     built(project)
     monkeypatch.setattr(entrydb, "READ_LIMIT", 4000)
     read: list[int] = []
-    load = local.load_entry
 
     def spy(raw: bytes, key: str) -> Any:
         read.append(len(raw))
         return load(raw, key)
 
-    monkeypatch.setattr(local, "load_entry", spy)
+    monkeypatch.setattr("mlbuild.cache.local.load_entry", spy)
     big = "randomblob(100000)" if kind == "blob" else "printf('%.*c', 100000, 'x')"
     with contextlib.closing(sqlite3.connect(db_path(project.root))) as conn, conn:
         conn.execute(f"UPDATE entries SET data = {big}")
