@@ -200,15 +200,7 @@ class Cache:
             raw = None
         if raw is None:
             return self._lookup_file(key, delete) if self._has_legacy() else None
-        try:
-            entry = load_entry(raw, key)
-        except BadEntry:
-            if delete:
-                self._delete_row(key)
-            raise
-        if entry is None and delete and is_older_version(raw):
-            self._delete_row(key)
-        return entry
+        return _load(raw, key, functools.partial(self._delete_row, key) if delete else None)
 
     def _delete_row(self, key: str) -> None:
         with contextlib.suppress(CacheError, OSError):  # a miss all the same
@@ -224,15 +216,7 @@ class Cache:
             return None
         except OSError as exc:
             raise BadEntry(f"it cannot be read ({exc.strerror})") from None
-        try:
-            entry = load_entry(raw, key)
-        except BadEntry:
-            if delete:
-                path.unlink(missing_ok=True)
-            raise
-        if entry is None and delete and is_older_version(raw):
-            path.unlink(missing_ok=True)
-        return entry
+        return _load(raw, key, functools.partial(path.unlink, missing_ok=True) if delete else None)
 
     def has_entry(self, key: str) -> bool:
         """Whether an entry for `key` is stored (not parsed: `exp show` asks of every row)."""
@@ -311,6 +295,20 @@ class Cache:
                 for path in folder.iterdir():
                     if not path.name.startswith(".tmp-"):
                         yield folder.name + path.name, path
+
+
+def _load(raw: bytes, key: str, remove: Callable[[], None] | None) -> Entry | None:
+    """`load_entry`, with `remove()` (when given) for an entry that is invalid (before
+    BadEntry is raised) or of an older version (a miss): a row and a file alike."""
+    try:
+        entry = load_entry(raw, key)
+    except BadEntry:
+        if remove is not None:
+            remove()
+        raise
+    if entry is None and remove is not None and is_older_version(raw):
+        remove()
+    return entry
 
 
 def read_small(files: dict[str, tuple[str, int]]) -> dict[str, bytes]:
