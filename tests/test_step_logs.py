@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Project
 
 LOGS = ".mlbuild/logs"
@@ -62,37 +64,24 @@ def test_a_talking_failure_points_to_its_log(project: Project) -> None:
     assert "full log: " in result.err and f"{LOGS}/t.log" in result.err
 
 
-def test_a_log_replaced_by_a_symlink_is_not_followed_out_of_the_project(
-    project: Project, tmp_path: Path
+@pytest.mark.parametrize("link", ["ln -s", "ln"])
+def test_a_link_planted_at_the_log_is_neither_followed_nor_truncated(
+    project: Project, tmp_path: Path, link: str
 ) -> None:
-    """A step that plants a symlink at its own log's name before it prints fails; the
-    file the link names is not written."""
-    outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
-    outside.write_text("theirs\n")
-    project.pipeline(
-        f"[targets.t]\ncmd = 'ln -s {outside} {LOGS}/t.log; echo hi; touch {{outputs.o}}'\n"
-        'outputs = { o = "out.txt" }\n'
-    )
-    result = project.run("run")
-    assert result.code == 1
-    assert "its output could not be written to its log" in result.err
-    assert outside.read_text() == "theirs\n"
-    assert project.run("show", "t").code == 1  # nothing recorded
-
-
-def test_a_hard_link_planted_at_the_log_is_not_truncated(project: Project, tmp_path: Path) -> None:
-    """The log is made at the step's first output, so a step has time to plant a hard link
-    to a user's file at its name first: that file keeps its bytes, and the step fails."""
+    """The log is made at the step's first output, so a step has time to plant a symlink
+    or a hard link to a user's file at its name first: that file keeps its bytes (never
+    written through, nor truncated), the step fails, and nothing is recorded."""
     theirs = tmp_path.parent / f"{tmp_path.name}-theirs.txt"
     theirs.write_text("theirs\n")
     project.pipeline(
-        f"[targets.t]\ncmd = 'ln {theirs} {LOGS}/t.log; echo hi; touch {{outputs.o}}'\n"
+        f"[targets.t]\ncmd = '{link} {theirs} {LOGS}/t.log; echo hi; touch {{outputs.o}}'\n"
         'outputs = { o = "out.txt" }\n'
     )
     result = project.run("run")
     assert result.code == 1
     assert "its output could not be written to its log" in result.err
     assert theirs.read_text() == "theirs\n"
+    assert project.run("show", "t").code == 1  # nothing recorded
 
 
 def test_a_fifo_planted_at_the_log_does_not_hang_the_build(tmp_path: Path) -> None:
