@@ -24,6 +24,7 @@ import gc
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -230,7 +231,7 @@ class Build:
         self._bad_input: UserError | None = None  # found while steps ran: raised after them
         self.cache_broken = False  # set after a failed write: no more caching this run
         self._saver: Background | None = None  # background cache writes
-        self._saves: list[Job[Entry]] = []
+        self._saves: deque[Job[Entry]] = deque()  # in the order the writer runs them
         self._executor: Executor | None = None
         self._cache: Cache | None = None
         self._remote: RemoteCache | None = None  # opened on the first stale target
@@ -954,11 +955,11 @@ class Build:
             return
         from mlbuild.cache import CacheError, Uncacheable
 
-        pending: list[Job[Entry]] = []
-        for save in self._saves:
-            if not (wait or save.done()):
-                pending.append(save)
-                continue
+        # The writer saves in order: the first save not done yet ends the look (looking
+        # at every pending one per step was quadratic when the writer fell behind).
+        saves = self._saves
+        while saves and (wait or saves[0].done()):
+            save = saves.popleft()
             try:
                 entry = save.result()
             except Uncacheable as exc:  # this target's outputs only
@@ -971,7 +972,6 @@ class Build:
                 continue
             if self.remote is not None:
                 self.remote.upload_later(entry.target, entry)  # in the background too
-        self._saves = pending
         if wait and self._saver is not None:
             self._saver.shutdown()
             self._saver = None
